@@ -1,0 +1,70 @@
+"""The public functional API (SPEC section 4): `oca` and `nearl_layer`.
+
+`impl="reference"` runs the plain-PyTorch statement of the math (nearl/reference.py);
+`impl="triton"` runs the fused kernels in `kernels/`; `impl="auto"` picks Triton for CUDA tensors
+(or everywhere under TRITON_INTERPRET=1) and the reference otherwise.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Mapping, Optional
+
+import torch
+
+from . import reference
+from .validation import check_layer_args, check_oca_args
+
+IMPLS = ("auto", "reference", "triton")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _resolve(impl: str, x: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if (x.is_cuda or interpreting()) else "reference"
+    if impl == "triton" and not (x.is_cuda or interpreting()):
+        raise ValueError(f"impl='triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1 "
+                         "to run the kernels on the CPU interpreter")
+    return impl
+
+
+def _kernel(module: str, name: str):
+    """The fused op from kernels/, or a clear error while it does not exist yet."""
+    try:
+        return getattr(importlib.import_module(f"kernels.{module}"), name)
+    except (ImportError, AttributeError) as err:
+        raise NotImplementedError(f"impl='triton' for {name} is not available: kernels.{module}.{name} "
+                                  f"could not be loaded ({err}); use impl='reference'") from err
+
+
+def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *,
+        orth: str = "hard", impl: str = "auto"):
+    """Orthogonal cross-attention: x + gate * orth(softmax(LN(x) @ a, dim=-1) @ c, x).
+
+    x (B, N, d), a (B, d, M), c (B, M, d), gate () -> (B, N, d) in x's dtype.
+    With orth="soft" returns (out, cos2), cos2 (B, N) float32 (float64 for float64 inputs).
+    """
+    check_oca_args(x, a, c, gate, orth)
+    if _resolve(impl, x) == "triton":
+        return _kernel("oca", "oca")(x, a, c, gate, orth=orth)
+    return reference.oca(x, a, c, gate, orth=orth)
+
+
+def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Tensor], *,
+                mask: Optional[torch.Tensor] = None, orth: str = "hard", impl: str = "auto"):
+    """One NEARL layer: OCA on the tokens, then the USEformer query update (SPEC 3.1).
+
+    x (B, N, d), q (B, M, D) or (M, D), mask (B, N) bool (True = attend) or None.
+    params: the tensors named in validation.LAYER_PARAM_SHAPES, plus an optional int "heads" (4).
+    Returns (x_out (B, N, d) in x's dtype, q_out (B, M, D) in q's dtype), and cos2 (B, N) with
+    orth="soft".
+    """
+    sizes = check_layer_args(x, q, params, mask, orth)
+    if _resolve(impl, x) == "triton":
+        return _kernel("layer", "nearl_layer")(x, q, params, mask=mask, orth=orth, heads=sizes["H"])
+    return reference.nearl_layer(x, q, params, mask=mask, orth=orth, heads=sizes["H"])

@@ -1,0 +1,8 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels are tested on the CPU interpreter; it must be on before triton
+# decorates any kernel, so set it here, before the test modules import kernels/.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,178 @@
+"""NEARLCLIP around a frozen open_clip backbone: exactness at init, parameters, gradients, loading."""
+import json
+
+import open_clip
+import pytest
+import torch
+
+import nearl
+from nearl.model import create_backbone
+
+TINY = "NEARL-Tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return nearl.build(TINY)
+
+
+def batch(model, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    captions = ["a chest x-ray with a small left effusion", "axial ct of the abdomen", "fundus photograph"][:n]
+    return images, model.tokenizer()(captions)
+
+
+def test_fresh_model_computes_exactly_the_frozen_clip(tiny):
+    images, tokens = batch(tiny)
+    with torch.no_grad():
+        assert torch.equal(tiny.encode_image(images), tiny.backbone.encode_image(images))
+        assert torch.equal(tiny.encode_text(tokens), tiny.backbone.encode_text(tokens))
+    # With autograd on (adapters require grad, so attention takes its non-fast path on both sides).
+    images.requires_grad_()
+    assert torch.equal(tiny.encode_image(images), tiny.backbone.encode_image(images))
+    assert torch.equal(tiny(images, tokens).text_features, tiny.backbone.encode_text(tokens))
+
+
+@pytest.mark.parametrize("orth", ["soft", "none"])
+def test_every_orth_mode_starts_as_the_frozen_clip(orth):
+    model = nearl.build(TINY, orth=orth)
+    images, tokens = batch(model)
+    with torch.no_grad():
+        out = model(images, tokens)
+        assert torch.equal(out.image_features, model.backbone.encode_image(images))
+        assert torch.equal(out.text_features, model.backbone.encode_text(tokens))
+    assert (out.orth_penalty is not None) == (orth == "soft")
+
+
+def test_forward_returns_features_and_final_queries(tiny):
+    images, tokens = batch(tiny)
+    out = tiny(images, tokens)
+    assert out.image_features.shape == out.text_features.shape == (3, 32)
+    assert out.image_queries.shape == out.text_queries.shape == (3, 16, 128)
+    # The queries were updated by reading the tokens: they differ per sample.
+    assert not torch.allclose(out.image_queries[0], out.image_queries[1])
+    assert out.logit_scale.requires_grad is False
+
+
+def test_text_valid_mask_ends_at_end_of_text(tiny):
+    tokens = tiny.tokenizer()(["ct", "a much longer caption about a chest radiograph"])
+    valid = tiny._steps["text"].valid_mask(tokens)
+    eot = tokens.argmax(-1)
+    assert valid.sum(1).tolist() == (eot + 1).tolist()
+    assert valid[0, : eot[0] + 1].all() and not valid[0, eot[0] + 1:].any()
+
+
+def test_padding_after_end_of_text_never_reaches_the_text_queries(tiny):
+    # Train the adapters a little so OCA is active, then change tokens after the end of text.
+    model = nearl.build(TINY)
+    for p in model.adapters.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    tokens = model.tokenizer()(["axial ct of the abdomen"])
+    eot = tokens.argmax(-1).item()
+    other = tokens.clone()
+    other[0, eot + 1:] = 1234
+    with torch.no_grad():
+        a, b = model.text_tower(tokens), model.text_tower(other)
+    assert torch.equal(a.queries, b.queries)
+    assert torch.equal(a.features, b.features)
+
+
+def test_vit_b16_learnable_parameters_within_3_percent_of_paper(capsys):
+    model = nearl.build("ViT-B-16")
+    n = model.num_trainable_parameters()
+    assert abs(n - 1.46e6) / 1.46e6 < 0.03, n
+    rows = model.parameter_breakdown()
+    assert rows["OCA total"] + rows["USEformer total"] == n == rows["Total learnable"]
+    assert round(rows["OCA total"] / 1e6, 2) == 1.00 and round(rows["USEformer total"] / 1e6, 2) == 0.43
+    model.print_parameter_breakdown()
+    printed = capsys.readouterr().out
+    assert "OCA (vision)" in printed and "1,428,632" in printed
+
+
+def test_every_parameter_gets_a_gradient_in_two_steps_and_the_backbone_stays_bit_identical():
+    torch.manual_seed(0)
+    model = nearl.build(TINY, orth="soft").train()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    loss_fn = nearl.NEARLLoss.from_config(model.config)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    touched = {n: False for n, p in model.named_parameters() if p.requires_grad}
+    assert touched and not any(n.startswith("backbone.") for n in touched)
+    images, tokens = batch(model)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(images, tokens))["loss"].backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                touched[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+            else:
+                assert p.grad is None, n
+        opt.step()
+    assert [n for n, ok in touched.items() if not ok] == []
+    assert not model.backbone.training
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapted_layers_are_configurable():
+    model = nearl.build(TINY, vision_layers=[2], text_layers=[])
+    assert list(model.adapters) == ["vision"] and list(model.adapters["vision"].layers) == ["2"]
+    with pytest.raises(ValueError, match=r"vision_layers must hold block indices in 1..2"):
+        nearl.build(TINY, vision_layers=[0])
+    with pytest.raises(ValueError, match="heads=3 must divide query_dim=128"):
+        nearl.build(TINY, heads=3)
+
+
+def test_trainable_state_dict_holds_only_the_adapters(tiny):
+    state = tiny.trainable_state_dict()
+    assert state and not any(k.startswith("backbone.") for k in state)
+    assert sum(v.numel() for v in state.values()) == tiny.num_trainable_parameters()
+    other = nearl.build(TINY)
+    other.load_trainable_state_dict(state)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="adapter state does not match"):
+        other.load_trainable_state_dict({"queries.q0": state["queries.q0"]})
+
+
+def test_non_native_towers_raise_a_clear_error():
+    backbone = open_clip.create_model(TINY)
+    backbone.visual = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="image tower is Linear.*VisionTransformer"):
+        nearl.NEARLCLIP(backbone)
+    backbone = open_clip.create_model(TINY)
+    del backbone.token_embedding
+    with pytest.raises(ValueError, match="no open_clip text transformer"):
+        nearl.NEARLCLIP(backbone)
+
+
+def test_pretrained_checkpoint_file_and_local_dir_load_weights(tmp_path):
+    source = open_clip.create_model(TINY)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    from_file = nearl.build(TINY, pretrained=str(tmp_path / "weights.pt"))
+    assert torch.equal(from_file.backbone.visual.proj, source.visual.proj)
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    config = {"model_cfg": open_clip.get_model_config(TINY), "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
+    from_dir = nearl.build(TINY, pretrained=f"local-dir:{folder}")
+    assert torch.equal(from_dir.backbone.text_projection, source.text_projection)
+    assert from_dir.model_name == f"local-dir:{folder}"
+
+
+def test_hf_hub_source_is_passed_to_open_clip_as_the_model_name(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
+    assert create_backbone("ViT-B-16", "hf-hub:org/repo") == "m" and seen == {"name": "hf-hub:org/repo"}
+    create_backbone("ViT-B-16", "openai")
+    assert seen == {"name": "ViT-B-16", "pretrained": "openai"}
+
+
+def test_fused_model_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = nearl.build(TINY, fused=True)
+    images, _ = batch(model)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        model.encode_image(images)
