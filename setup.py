@@ -15,7 +15,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
-        "pydicom",
+        "pydicom>=3.0",
         "scikit-image",
         "matplotlib",
     ],

@@ -1,0 +1,131 @@
+"""Labelled (classification) sets: ImageFolder trees, CoOp/Dassl split JSON, few-shot sampling and
+the CoOp base-to-novel class split."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+from .records import LabelledRecord
+from .skips import MALFORMED, SkipCounter, check_image_file, logger
+
+PathLike = Union[str, Path]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def read_image_folder(root: PathLike) -> Tuple[List[LabelledRecord], List[str]]:
+    """ImageFolder layout root/<class>/<image> (images may sit in sub-folders of a class).
+
+    Classes are the sorted sub-folder names; a record's label is its class's index in that order.
+    Empty (0-byte) files are skipped and counted; an empty class folder keeps its label, with a
+    warning, so labels do not shift when one class happens to be empty.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classnames = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classnames:
+        raise ValueError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    counter = SkipCounter(root)
+    records: List[LabelledRecord] = []
+    for label, name in enumerate(classnames):
+        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
+        if not files:
+            logger.warning("%s: class %r has no images", root, name)
+        for p in files:
+            if check_image_file(p, counter):
+                records.append(LabelledRecord(image=p, label=label, classname=name))
+                counter.keep()
+    counter.finish()
+    return records, classnames
+
+
+def read_coop_split(json_path: PathLike, *, root: PathLike
+                    ) -> Tuple[Dict[str, List[LabelledRecord]], List[str]]:
+    """CoOp/Dassl split file {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}.
+
+    Images are at root/relpath. Returns ({split: records}, classnames) with classnames[label] the
+    class's name; labels must be 0..C-1 and name each class consistently across splits.
+    """
+    json_path, root = Path(json_path), Path(root)
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_path}: expected an object {{split: [[path, label, classname]]}}")
+    counter = SkipCounter(json_path)
+    names: Dict[int, str] = {}
+    splits: Dict[str, List[LabelledRecord]] = {}
+    for split, items in data.items():
+        splits[split] = []
+        for item in items:
+            try:
+                relpath, label, classname = item
+                label = int(label)
+            except (TypeError, ValueError):
+                counter.skip(MALFORMED)
+                continue
+            if names.setdefault(label, classname) != classname:
+                raise ValueError(f"{json_path}: label {label} is named both "
+                                 f"{names[label]!r} and {classname!r}")
+            image = root / relpath
+            if check_image_file(image, counter):
+                splits[split].append(LabelledRecord(image, label, classname, split=split))
+                counter.keep()
+    counter.finish()
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{json_path}: labels must be 0..C-1, got {sorted(names)}")
+    return splits, [names[i] for i in range(len(names))]
+
+
+def _sort_key(r: LabelledRecord):
+    return (r.label, str(r.image))
+
+
+def k_shot(records: Iterable[LabelledRecord], k: int, seed: int) -> List[LabelledRecord]:
+    """k random records per class, the same for a given seed whatever the input order.
+
+    A class with fewer than k records contributes all of them (with a warning). Each class draws
+    from its own RNG seeded by (seed, label), so one class's draw does not depend on the others.
+    Output is sorted by (label, image path).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    by_label: Dict[int, List[LabelledRecord]] = defaultdict(list)
+    for r in sorted(records, key=_sort_key):  # sorting first is what makes it order-independent
+        by_label[r.label].append(r)
+    out: List[LabelledRecord] = []
+    for label in sorted(by_label):
+        items = by_label[label]
+        if len(items) < k:
+            logger.warning("k_shot: class %d (%s) has %d images < k=%d; using all of them",
+                           label, items[0].classname, len(items), k)
+            chosen = items
+        else:
+            # random.Random(str) seeds via SHA-512: stable across runs and PYTHONHASHSEED.
+            chosen = random.Random(f"k_shot:{seed}:{label}").sample(items, k)
+        out.extend(sorted(chosen, key=_sort_key))
+    return out
+
+
+def base_novel_split(classnames: Sequence[str]) -> Tuple[List[int], List[int]]:
+    """CoOp's base-to-novel protocol: the first ceil(C/2) labels are base, the rest novel."""
+    n = len(classnames)
+    m = math.ceil(n / 2)
+    return list(range(m)), list(range(m, n))
+
+
+def subset_by_labels(records: Iterable[LabelledRecord], labels: Iterable[int],
+                     relabel: bool = True) -> List[LabelledRecord]:
+    """Records whose label is in `labels`; with relabel, labels become 0..K-1 in sorted label order
+    (so classnames of the subset are [classnames[l] for l in sorted(labels)])."""
+    keep = sorted(set(int(l) for l in labels))
+    new = {old: i for i, old in enumerate(keep)}
+    return [replace(r, label=new[r.label]) if relabel else r for r in records if r.label in new]

@@ -1,0 +1,148 @@
+"""Evaluation metrics: image-text retrieval Recall@k and classification accuracy / F1 / AUC.
+
+Every metric is reported in percent (0-100), like the papers this project compares against.
+Ties count against the query (a tied wrong item ranks above the right one), so a collapsed model
+whose embeddings are all equal scores 0 rather than 100.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("nearl.metrics")
+
+_CHUNK = 1024  # rows of the similarity matrix computed at a time (bounds memory on big test sets)
+
+
+def _check_2d(name: str, x: torch.Tensor) -> None:
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got {getattr(x, 'shape', type(x))}")
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                     text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Recall@k (percent) for image->text ("i2t_R@k") and text->image ("t2i_R@k"), plus
+    "mean_recall" (their mean).
+
+    image_emb (I, e), text_emb (T, e); text_to_image (T,) gives the image index of each text, so an
+    image may own several captions. Image->text: a hit if ANY of the image's captions is in its top
+    k. Text->image: a hit if its own image is in the top k. Embeddings are L2-normalised here.
+    """
+    _check_2d("image_emb", image_emb)
+    _check_2d("text_emb", text_emb)
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=text_emb.device).reshape(-1)
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"embedding sizes differ: image {tuple(image_emb.shape)}, "
+                         f"text {tuple(text_emb.shape)}")
+    if t2i.numel() != n_txt:
+        raise ValueError(f"text_to_image has {t2i.numel()} entries for {n_txt} texts")
+    if n_txt and (t2i.min() < 0 or t2i.max() >= n_img):
+        raise ValueError(f"text_to_image values must be in [0, {n_img}), got "
+                         f"[{int(t2i.min())}, {int(t2i.max())}]")
+    captions_per_image = torch.bincount(t2i, minlength=n_img)
+    if n_img == 0 or (captions_per_image == 0).any():
+        raise ValueError("every image needs at least one caption in text_to_image "
+                         f"(images without one: {torch.nonzero(captions_per_image == 0).flatten().tolist()[:10]})")
+
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float().to(img.device), dim=-1)
+    t2i = t2i.to(img.device)
+
+    # i2t rank of an image = number of wrong captions scoring >= its best right caption.
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=img.device)
+    for s in range(0, n_img, _CHUNK):
+        sim = img[s:s + _CHUNK] @ txt.T  # (c, T)
+        own = t2i.unsqueeze(0) == torch.arange(s, s + sim.shape[0], device=img.device).unsqueeze(1)
+        best_right = sim.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
+        i2t_rank[s:s + sim.shape[0]] = ((sim >= best_right) & ~own).sum(dim=1)
+
+    # t2i rank of a text = number of other images scoring >= its own image.
+    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=img.device)
+    for s in range(0, n_txt, _CHUNK):
+        sim = txt[s:s + _CHUNK] @ img.T  # (c, I)
+        own_idx = t2i[s:s + sim.shape[0]].unsqueeze(1)
+        right = sim.gather(1, own_idx)
+        others = torch.ones_like(sim, dtype=torch.bool).scatter_(1, own_idx, False)
+        t2i_rank[s:s + sim.shape[0]] = ((sim >= right) & others).sum(dim=1)
+
+    out: Dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+    for k in ks:
+        out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    out["mean_recall"] = mean_recall(out)
+    return out
+
+
+def mean_recall(metrics: Dict[str, float]) -> float:
+    """Mean of all the "i2t_R@k" and "t2i_R@k" entries of a retrieval_recall result."""
+    values = [v for k, v in metrics.items() if k.startswith(("i2t_R@", "t2i_R@"))]
+    if not values:
+        raise ValueError(f"no Recall@k entries in {sorted(metrics)}")
+    return float(sum(values) / len(values))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (what the Mann-Whitney AUC needs)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of the last member of each group of equal values
+    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC = P(score of a random positive > a random negative), ties counting one half."""
+    positive = positive.astype(bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores.astype(np.float64))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """accuracy, macro_f1 and macro_auc (all percent) of (n, C) logits against (n,) labels.
+
+    macro_f1 averages per-class F1 over the classes that occur in the labels or the predictions
+    (a class never predicted correctly scores 0), as scikit-learn's average="macro" does.
+    macro_auc averages one-vs-rest ROC AUC of the softmax probabilities over the classes present in
+    the labels, each of which then has positives and negatives. With a single class present the AUC
+    is undefined: macro_auc is nan, "auc_classes" is 0 and a warning says why.
+    """
+    _check_2d("logits", logits)
+    y = torch.as_tensor(labels).reshape(-1).long().cpu().numpy()
+    n, n_classes = logits.shape
+    if y.shape[0] != n:
+        raise ValueError(f"{n} rows of logits but {y.shape[0]} labels")
+    if n == 0:
+        raise ValueError("no samples")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"labels must be in [0, {n_classes}), got [{y.min()}, {y.max()}]")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contain NaN or inf")
+    probs = torch.softmax(logits.detach().double(), dim=1).cpu().numpy()
+    pred = probs.argmax(axis=1)
+
+    f1s = []
+    for c in np.union1d(np.unique(y), np.unique(pred)):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn))  # equals 2PR/(P+R); 0 when tp == 0
+
+    present = np.unique(y)
+    aucs = [binary_auc(probs[:, c], y == c) for c in present] if len(present) > 1 else []
+    if not aucs:
+        logger.warning("macro_auc is undefined: the labels contain a single class (%s), so no "
+                       "class has both positives and negatives", present.tolist())
+    return {
+        "accuracy": 100.0 * float((pred == y).mean()),
+        "macro_f1": 100.0 * float(np.mean(f1s)),
+        "macro_auc": 100.0 * float(np.mean(aucs)) if aucs else float("nan"),
+        "auc_classes": float(len(aucs)),
+    }
