@@ -68,23 +68,35 @@ def oca_factors(q, w_down, w_up, w_ok, w_ov):
     return a, c
 
 
-def query_update(q, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):
-    """USEformer: the queries (B, M, D) read the adapted, normalised tokens xa (B, N, d)."""
-    B, M, D = q.shape
+def query_attention(qn, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):
+    """concat_h softmax(S_h) @ (xa W_v[h]): the normalised queries qn (B, M, D) read xa (B, N, d)."""
+    B, M, D = qn.shape
     N = xa.shape[1]
     dh = D // heads
-    qn = F.layer_norm(q, (D,), params["ln_q_weight"], params["ln_q_bias"], eps=LN_EPS)
     qh = (qn @ params["w_q"]).view(B, M, heads, dh).transpose(1, 2)  # (B, H, M, dh)
     kh = (xa @ params["w_k"]).view(B, N, heads, dh).transpose(1, 2)  # (B, H, N, dh)
     vh = (xa @ params["w_v"]).view(B, N, heads, dh).transpose(1, 2)
     s = qh @ kh.transpose(-1, -2) / math.sqrt(dh)  # (B, H, M, N)
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    u = (torch.softmax(s, dim=-1) @ vh).transpose(1, 2).reshape(B, M, D)
+    return (torch.softmax(s, dim=-1) @ vh).transpose(1, 2).reshape(B, M, D)
+
+
+def layer_norm_q(q, params: Mapping[str, torch.Tensor]):
+    return F.layer_norm(q, q.shape[-1:], params["ln_q_weight"], params["ln_q_bias"], eps=LN_EPS)
+
+
+def query_tail(q, u, params: Mapping[str, torch.Tensor]):
+    """Q + U W_o, then the residual MLP on LN_f: the (B, M, D)-sized rest of the query update."""
     q = q + u @ params["w_o"]
-    h = F.layer_norm(q, (D,), params["ln_f_weight"], params["ln_f_bias"], eps=LN_EPS)
+    h = F.layer_norm(q, q.shape[-1:], params["ln_f_weight"], params["ln_f_bias"], eps=LN_EPS)
     h = F.gelu(h @ params["mlp_w1"] + params["mlp_b1"])
     return q + h @ params["mlp_w2"] + params["mlp_b2"]
+
+
+def query_update(q, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):
+    """USEformer: the queries (B, M, D) read the adapted, normalised tokens xa (B, N, d)."""
+    return query_tail(q, query_attention(layer_norm_q(q, params), xa, params, mask, heads), params)
 
 
 def nearl_layer(x, q, params: Mapping[str, torch.Tensor], *, mask=None, orth: str = "hard", heads: int = 4):

@@ -1,0 +1,259 @@
+"""Fused NEARL layer (SPEC 3.1): launchers, autograd Function and the public op.
+
+The (B, N, d)-sized work (OCA, the projection, the residual, LN(x_out) and the query attention
+over the tokens) runs in the Triton kernels of `layer_kernels.py`, one pass over each tile of x.
+What is (B, M, D)-sized or smaller (the OCA factors A and C, the queries' LayerNorm and heads, the
+output projection and the MLP) stays in plain torch, reusing `nearl.reference`, and autograd
+differentiates it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+import torch
+import triton
+
+from nearl import reference
+
+from . import layer_kernels as K
+from . import runtime
+from .runtime import interpreting, num_sms
+
+ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
+MAX_D = 4096  # chunked over d, so any multiple of 16 works; this only bounds the tests' promise
+MAX_M = 64
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    block_n: int
+    block_c: int
+    block_m: int
+    block_hm: int
+    block_d: int
+    splits: int
+    tiles_per_split: int
+    num_warps: int
+    precision: str
+
+
+def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.dtype,
+                 device: torch.device) -> LayerConfig:
+    """Block sizes for both layer kernels, chosen in one place.
+
+    - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
+      two >= 16 and masked.
+    - BLOCK_C = 64 columns of d per chunk: a (BLOCK_N x 64) chunk plus the (64 x H*M) and (64 x D)
+      weight chunks stay small, so nothing spills at d = 768 or 1024.
+    - BLOCK_N = 32 tokens a tile on the GPU: the running accumulator (H*M x D) and the score and
+      value tiles (BLOCK_N x H*M, BLOCK_N x D) must live in registers across the tile loop; with
+      H*M > 64 we halve it.
+    - Splits: enough programs to fill the GPU about twice (split-KV style), never more than the
+      tiles of a sample. The interpreter runs programs one by one, so there we take the largest
+      tiles and at most two splits (still exercising the combine).
+    - Precision: fp32 inputs get IEEE fp32 products (TF32 would cost the 1e-4 accuracy promise);
+      half inputs get TF32, whose error is well under their own rounding.
+    """
+    block_m = max(16, triton.next_power_of_2(M))
+    block_hm = max(16, triton.next_power_of_2(HM))
+    block_d = max(16, triton.next_power_of_2(D))
+    if interpreting():
+        block_n = min(128, max(16, triton.next_power_of_2(N)))
+        block_c = min(256, max(16, triton.next_power_of_2(d)))
+        n_tiles = triton.cdiv(N, block_n)
+        splits = min(2, n_tiles)
+        num_warps = 4
+    else:
+        block_n = 32 if block_hm <= 64 else 16
+        block_c = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+        n_tiles = triton.cdiv(N, block_n)
+        splits = max(1, min(n_tiles, triton.cdiv(2 * num_sms(device), B)))
+        num_warps = 4
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split, num_warps, precision)
+
+
+def _check_kernel_limits(x, a, kabs, w_v):
+    d, M = x.shape[2], a.shape[2]
+    if d % 16 or d > MAX_D:
+        raise ValueError(f"x: the fused layer needs d a multiple of 16 up to {MAX_D}, got x of shape {tuple(x.shape)}")
+    if M > MAX_M:
+        raise ValueError(f"q: the fused layer supports at most {MAX_M} queries, got M={M} (a of shape {tuple(a.shape)})")
+    if x.dtype == torch.float64:
+        raise ValueError("x: the fused layer runs float32, bfloat16 and float16; use impl='reference' for float64")
+
+
+def _mask_arg(mask, x):
+    if mask is None:
+        return x, False  # any pointer; HAS_MASK=False never reads it
+    return mask.to(torch.int8).contiguous(), True
+
+
+def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
+    """x_out (B, N, d) in x's dtype, cos2 (B, N) float32 or None, and the combined query attention
+    U_all (B, HM, D) float32 with its log-sum-exp (B, HM)."""
+    B, N, d = x.shape
+    M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
+    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    out = runtime.empty((B, N, d), device=x.device, dtype=x.dtype)
+    cos2 = runtime.empty((B, N), **f32) if orth == "soft" else out
+    m_part = runtime.empty((B, cfg.splits, HM), **f32)
+    l_part = runtime.empty((B, cfg.splits, HM), **f32)
+    acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
+    mask_arg, has_mask = _mask_arg(mask, x)
+    K.layer_fwd_kernel[(cfg.splits, B)](
+        x, *x.stride(), a, *a.stride(), c, *c.stride(),
+        gate, kabs, w_v, mask_arg,
+        out, cos2, m_part, l_part, acc_part,
+        N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
+        reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
+        ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
+        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
+        num_warps=cfg.num_warps,
+    )
+    # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
+    m_max = m_part.max(dim=1).values
+    w = torch.exp(m_part - m_max[:, None])
+    l_tot = (w * l_part).sum(dim=1)
+    u_all = (w[..., None] * acc_part).sum(dim=1) / l_tot[..., None]
+    lse = m_max + torch.log(l_tot)
+    return out, (cos2 if orth == "soft" else None), u_all, lse
+
+
+def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all):
+    """G = dL/dx_out (B, N, d) float32, dKABS (B, d, HM) and dW_v (d, D)."""
+    B, N, d = x.shape
+    M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
+    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dq_delta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dO * O) of flash-attention's backward
+    d_o = (du_all @ w_v.t()).contiguous()  # (B, HM, d): dU_all's pull on LN(x_out) through W_v
+    g = runtime.empty((B, N, d), **f32)
+    dk_part = torch.zeros((B, cfg.splits, d, HM), **f32)  # accumulated in place by their programs
+    ob_part = torch.zeros((B, cfg.splits, d, HM), **f32)
+    mask_arg, has_mask = _mask_arg(mask, x)
+    K.layer_bwd_query_kernel[(cfg.splits, B)](
+        x, *x.stride(), a, *a.stride(), c, *c.stride(),
+        gate, kabs, d_o, lse, dq_delta, mask_arg,
+        dout, *dout.stride(),
+        g, dk_part, ob_part,
+        N, d, M, HM, cfg.tiles_per_split, cfg.splits,
+        reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
+        ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
+        BLOCK_HM=cfg.block_hm, PREC=cfg.precision, num_warps=cfg.num_warps,
+    )
+    dkabs = dk_part.sum(dim=1)
+    obar = ob_part.sum(dim=1)  # (B, d, HM) = LN(x_out)^T P per sample
+    dw_v = torch.einsum("bdk,bkD->dD", obar, du_all)
+    return g, dkabs, dw_v
+
+
+def _oca_backward(x, a, c, gate, g, dcos2, orth):
+    """dx, da, dc, dgate of the OCA given G = dL/dx_out (and dL/dcos2 for soft)."""
+    from .oca import oca_bwd
+    return oca_bwd(g, dcos2, x, a, c, gate, orth)
+
+
+# The token part of the layer as torch custom ops, so torch.compile traces through the kernels
+# without a graph break; register_autograd ties the two together. The same ops run under the
+# interpreter, so the CPU tests exercise the GPU code path.
+@torch.library.custom_op("nearl::layer_tokens_fwd", mutates_args=())
+def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor,
+                     w_v: torch.Tensor, mask: Optional[torch.Tensor], orth: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, cos2, u_all, lse = layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+    if cos2 is None:  # fixed arity: an empty placeholder unless orth="soft"
+        cos2 = x.new_empty((0,), dtype=torch.float32)
+    return out, cos2, u_all, lse
+
+
+@layer_tokens_fwd.register_fake
+def _(x, a, c, gate, kabs, w_v, mask, orth):
+    B, N, _ = x.shape
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((B, N) if orth == "soft" else (0,), **f32),
+            x.new_empty((B, kabs.shape[2], w_v.shape[1]), **f32), x.new_empty((B, kabs.shape[2]), **f32))
+
+
+@torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
+def layer_tokens_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], du_all: torch.Tensor, x: torch.Tensor,
+                     a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor,
+                     mask: Optional[torch.Tensor], u_all: torch.Tensor, lse: torch.Tensor, orth: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all.float())
+    dx, da, dc, dgate = _oca_backward(x, a, c, gate, g, dcos2, orth)
+    return (dx.to(x.dtype), da.to(a.dtype), dc.to(c.dtype), dgate.to(gate.dtype),
+            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
+
+
+@layer_tokens_bwd.register_fake
+def _(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, a, c, gate, kabs, w_v))
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, c, gate, kabs, w_v, mask, orth = inputs
+    _, _, u_all, lse = output
+    ctx.save_for_backward(x, a, c, gate, kabs, w_v, mask, u_all, lse)
+    ctx.orth = orth
+
+
+def _backward(ctx, dout, dcos2, du_all, _dlse):
+    x, a, c, gate, kabs, w_v, mask, u_all, lse = ctx.saved_tensors
+    dout = torch.zeros_like(x) if dout is None else dout
+    du_all = torch.zeros_like(u_all) if du_all is None else du_all
+    dcos2 = dcos2 if ctx.orth == "soft" else None
+    grads = layer_tokens_bwd(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, ctx.orth)
+    return (*grads, None, None)
+
+
+layer_tokens_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def absorbed_keys(qh: torch.Tensor, w_k: torch.Tensor, heads: int) -> torch.Tensor:
+    """KABS (B, d, H*M): column h*M + m is W_k[:, head h] @ Qh[m, head h] / sqrt(dh), so that
+    LN(x_out) @ KABS gives every head's scores in one product."""
+    B, M, D = qh.shape
+    dh = D // heads
+    kabs = torch.einsum("dhe,bmhe->bdhm", w_k.view(-1, heads, dh), qh.view(B, M, heads, dh))
+    return (kabs / math.sqrt(dh)).reshape(B, -1, heads * M)
+
+
+def head_diagonal(u_all: torch.Tensor, heads: int) -> torch.Tensor:
+    """U (B, M, D) from U_all (B, H*M, D): row (h, m) keeps only head h's columns."""
+    B, HM, D = u_all.shape
+    M, dh = HM // heads, D // heads
+    diag = torch.diagonal(u_all.view(B, heads, M, heads, dh), dim1=1, dim2=3)  # (B, M, dh, H)
+    return diag.permute(0, 1, 3, 2).reshape(B, M, D)
+
+
+def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Tensor], *,
+                mask: Optional[torch.Tensor] = None, orth: str = "hard", heads: int = 4):
+    """Fused NEARL layer. x (B, N, d), q (B, M, D) or (M, D), mask (B, N) bool or None.
+
+    Returns (x_out (B, N, d) in x's dtype, q_out (B, M, D) in q's dtype), plus cos2 (B, N) float32
+    with orth="soft". Arguments are validated by `nearl.ops.nearl_layer`.
+    """
+    if any(t.dtype == torch.float64 for t in (x, q)):
+        return reference.nearl_layer(x, q, params, mask=mask, orth=orth, heads=heads)  # gradcheck runs here
+    B = x.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        p = {k: (v.float() if torch.is_tensor(v) else v) for k, v in params.items()}
+        qf = q.float()
+        if qf.dim() == 2:
+            qf = qf.unsqueeze(0).expand(B, -1, -1)
+        a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
+        qh = reference.layer_norm_q(qf, p) @ p["w_q"]
+        kabs = absorbed_keys(qh, p["w_k"], heads).contiguous()
+        _check_kernel_limits(x, a, kabs, p["w_v"])
+        x_out, cos2, u_all, _ = layer_tokens_fwd(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
+        q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
+    return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)

@@ -1,0 +1,305 @@
+"""Triton kernels of the fused NEARL layer (SPEC 3.1): OCA + the USEformer query attention.
+
+Layout of the work: a program owns one sample `b` and a contiguous range of its token tiles (a
+"split"); several splits per sample keep a small batch busy, and their partial softmax states are
+combined afterwards in torch, as split-KV decoding does.
+
+The token width d is walked in chunks of BLOCK_C columns, re-reading the tile from L1/L2 in each
+pass: the query update needs (tile x d) @ (d x D) products whose right operand cannot sit in shared
+memory whole at d = 768, and chunking keeps registers bounded for any d. HBM still sees one read of
+x per tile; every pass after the first hits the cache. What a pass needs from an earlier one (OCA
+probabilities, projection coefficient, LayerNorm statistics) is a (BLOCK_N,)- or
+(BLOCK_N, BLOCK_M)-sized register value; chunks of x_out and of LN(x_out) are recomputed from x,
+never stored.
+
+Keys are absorbed into the queries: KABS[b] = W_k (blockdiag_h Qh[b])^T / sqrt(dh) is (d, H*M), so
+the scores of all heads come from one product, LN(x_out) @ KABS[b]. Values are formed per tile,
+V = LN(x_out) @ W_v (BLOCK_N x D), so the running accumulator is (H*M, D), not (H*M, d). Row
+(h, m) of the accumulator holds P_h @ V for every column; the torch side keeps head h's columns.
+"""
+import triton
+import triton.language as tl
+
+from .casting import cast_out
+
+ORTH_HARD = 0
+ORTH_SOFT = 1
+ORTH_NONE = 2
+
+
+@triton.jit
+def _load_chunk(rows_ptr, stride, cols, row_ok, col_ok):
+    ptrs = rows_ptr[:, None] + cols[None, :] * stride
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_matrix(base, stride_r, stride_c, rows, cols, rows_ok, cols_ok):
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M, ln_eps, orth_eps, cos2_eps,
+              ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+              PREC: tl.constexpr):
+    """OCA of one token tile up to the projection: softmax probabilities p (BLOCK_N, BLOCK_M),
+    the hard projection's coefficient <delta, x> / (<x, x> + eps) (0 for soft / none) and cos^2."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        xc = _load_chunk(x_rows, sxd, cols, row_ok, cols < d)
+        total += tl.sum(xc, 1)
+        xx += tl.sum(xc * xc, 1)
+    mean = total / d
+    # Variance about the mean in a second pass: residual streams can have |mean| >> std.
+    var = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+        xm = tl.where(col_ok[None, :], xc - mean[:, None], 0.0)
+        var += tl.sum(xm * xm, 1)
+    rstd = 1.0 / tl.sqrt(var / d + ln_eps)
+    scores = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+        xn = tl.where(col_ok[None, :], (xc - mean[:, None]) * rstd[:, None], 0.0)
+        a_c = _load_matrix(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
+        scores += tl.dot(xn, a_c, input_precision=PREC)
+    scores = tl.where(m_ok[None, :], scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dd = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+        delta = tl.dot(p, _load_matrix(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+        dot += tl.sum(delta * xc, 1)
+        dd += tl.sum(delta * delta, 1)
+    if ORTH == 0:
+        coef = dot / (xx + orth_eps)
+    else:
+        coef = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cos2 = dot * dot / (dd * xx + cos2_eps)
+    return p, coef, cos2
+
+
+@triton.jit
+def _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
+               PREC: tl.constexpr):
+    """x_out on one chunk of columns, in float32: x + gate * (delta - coef * x)."""
+    xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+    delta = tl.dot(p, _load_matrix(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+    return xc + gate * (delta - coef[:, None] * xc)
+
+
+@triton.jit
+def _out_stats(x_rows, sxd, row_ok, p, c_base, scm, scd, gate, coef, d, M, ln_eps,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """LayerNorm statistics of x_out. Shifted by the row mean of x (x_out = x + a small update),
+    one pass is as accurate as two."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        total += tl.sum(_load_chunk(x_rows, sxd, cols, row_ok, cols < d), 1)
+    shift = total / d
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+        oc = tl.where(col_ok[None, :], oc - shift[:, None], 0.0)
+        s1 += tl.sum(oc, 1)
+        s2 += tl.sum(oc * oc, 1)
+    e1 = s1 / d
+    mean = shift + e1
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / d - e1 * e1, 0.0) + ln_eps)
+    return mean, rstd
+
+
+@triton.jit
+def layer_fwd_kernel(
+    X, sxb, sxn, sxd,
+    A, sab, sad, sam,
+    C, scb, scm, scd,
+    GATE, KABS, WV, MASK,
+    OUT, COS2, M_PART, L_PART, ACC_PART,
+    N, d, M, HM, D, tiles_per_split, n_splits,
+    ln_eps, orth_eps, cos2_eps,
+    ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+):
+    """x_out (written once) and, per (sample, split), the online-softmax state of the query
+    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D)."""
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_hm = tl.arange(0, BLOCK_HM)
+    offs_dq = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    hm_ok = offs_hm < HM
+    dq_ok = offs_dq < D
+    gate = tl.load(GATE).to(tl.float32)
+    a_base = A + b * sab
+    c_base = C + b * scb
+    kabs_base = KABS + b * d * HM
+    m_run = tl.full([BLOCK_HM], -1e30, dtype=tl.float32)  # finite: a fully masked tile adds exp(-inf) = 0
+    l_run = tl.zeros([BLOCK_HM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_HM, BLOCK_D], dtype=tl.float32)
+    tile_end = tl.minimum((split + 1) * tiles_per_split, tl.cdiv(N, BLOCK_N))
+    for tile in range(split * tiles_per_split, tile_end):
+        rows = tile * BLOCK_N + offs_n
+        row_ok = rows < N
+        x_rows = X + b * sxb + rows.to(tl.int64) * sxn
+        out_rows = OUT + (b * N + rows.to(tl.int64)) * d
+        p, coef, cos2 = _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M,
+                                  ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+        if ORTH == 1:
+            tl.store(COS2 + b * N + rows, cos2, mask=row_ok)
+        # x_out: the only write of a (B, N, d) tensor.
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+            tl.store(out_rows[:, None] + cols[None, :], cast_out(oc, OUT.dtype.element_ty, ROUND_BY_HAND),
+                     mask=row_ok[:, None] & col_ok[None, :])
+        mean2, rstd2 = _out_stats(x_rows, sxd, row_ok, p, c_base, scm, scd, gate, coef, d, M, ln_eps,
+                                  BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+        # Query scores (all heads at once) and values from LN(x_out), chunk by chunk.
+        s = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+        v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            v += tl.dot(xa, _load_matrix(WV, D, 1, cols, offs_dq, col_ok, dq_ok), input_precision=PREC)
+        valid = row_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
+        s = tl.where(valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(s, 0))
+        alpha = tl.exp(m_run - m_new)
+        pq = tl.exp(s - m_new[None, :])
+        l_run = l_run * alpha + tl.sum(pq, 0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
+        m_run = m_new
+    state = (b * n_splits + split) * HM
+    tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
+    tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)
+    tl.store(ACC_PART + (state + offs_hm[:, None]) * D + offs_dq[None, :], acc, mask=hm_ok[:, None] & dq_ok[None, :])
+
+
+@triton.jit
+def layer_bwd_query_kernel(
+    X, sxb, sxn, sxd,
+    A, sab, sad, sam,
+    C, scb, scm, scd,
+    GATE, KABS, DO, LSE, DELTA, MASK,
+    DOUT, sgb, sgn, sgd,
+    G, DK_PART, OB_PART,
+    N, d, M, HM, tiles_per_split, n_splits,
+    ln_eps, orth_eps, cos2_eps,
+    ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_HM: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward through LN(x_out) and the query attention. Writes G = dL/dx_out (the upstream
+    gradient plus what flows back from the queries) for the OCA backward, and per-program float32
+    partials of dKABS[b] = LN(x_out)^T dS and OBAR[b] = LN(x_out)^T P (from which dW_v follows).
+
+    DO[b] = dU_all[b] @ W_v^T (HM, d) and DELTA = rowsum(dU_all * U_all) come from torch; LSE is the
+    forward's log-sum-exp, so P = exp(S - LSE) needs no second softmax pass."""
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_hm = tl.arange(0, BLOCK_HM)
+    m_ok = offs_m < M
+    hm_ok = offs_hm < HM
+    gate = tl.load(GATE).to(tl.float32)
+    a_base = A + b * sab
+    c_base = C + b * scb
+    kabs_base = KABS + b * d * HM
+    do_base = DO + b * HM * d
+    lse = tl.load(LSE + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    dq_delta = tl.load(DELTA + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    part = (b * n_splits + split) * d * HM
+    tile_end = tl.minimum((split + 1) * tiles_per_split, tl.cdiv(N, BLOCK_N))
+    for tile in range(split * tiles_per_split, tile_end):
+        # The partials are read-modified-written by this program only, but by other threads of
+        # it than the ones that wrote them in the previous tile: order those accesses.
+        tl.debug_barrier()
+        rows = tile * BLOCK_N + offs_n
+        row_ok = rows < N
+        x_rows = X + b * sxb + rows.to(tl.int64) * sxn
+        dout_rows = DOUT + b * sgb + rows.to(tl.int64) * sgn
+        g_rows = G + (b * N + rows.to(tl.int64)) * d
+        p, coef, cos2 = _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M,
+                                  ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+        mean2, rstd2 = _out_stats(x_rows, sxd, row_ok, p, c_base, scm, scd, gate, coef, d, M, ln_eps,
+                                  BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+        s = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+        dp = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            dp += tl.dot(xa, _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+        valid = row_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
+        pq = tl.where(valid[:, None] & hm_ok[None, :], tl.exp(s - lse[None, :]), 0.0)
+        ds = pq * (dp - dq_delta[None, :])
+        # dLN(x_out) chunk by chunk: accumulate the partials and the LayerNorm-backward row sums.
+        sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
+            do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
+            dxa = tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
+            sum_g += tl.sum(dxa, 1)
+            sum_gx += tl.sum(dxa * xa, 1)
+            pmask = col_ok[:, None] & hm_ok[None, :]
+            dk_ptrs = DK_PART + part + cols[:, None] * HM + offs_hm[None, :]
+            ob_ptrs = OB_PART + part + cols[:, None] * HM + offs_hm[None, :]
+            xa_t = tl.trans(xa)
+            tl.store(dk_ptrs, tl.load(dk_ptrs, mask=pmask, other=0.0) + tl.dot(xa_t, ds, input_precision=PREC), mask=pmask)
+            tl.store(ob_ptrs, tl.load(ob_ptrs, mask=pmask, other=0.0) + tl.dot(xa_t, pq, input_precision=PREC), mask=pmask)
+        mean_g = sum_g / d
+        mean_gx = sum_gx / d
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
+            do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
+            dxa = tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
+            g = _load_chunk(dout_rows, sgd, cols, row_ok, col_ok)
+            g += rstd2[:, None] * (dxa - mean_g[:, None] - xa * mean_gx[:, None])
+            tl.store(g_rows[:, None] + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,158 @@
+"""The fused NEARL layer (impl="triton", CPU interpreter) against the float64 einsum statement:
+forward and every gradient, odd sizes, masks, strided inputs, NaN-poisoned outputs, determinism."""
+import pytest
+import torch
+
+import kernels.layer as fused
+import kernels.oca
+import kernels.runtime
+from einsum_math import layer64
+from factories import layer_inputs, padding_mask
+from nearl import ops
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
+    monkeypatch.setattr(kernels.runtime, "empty", lambda shape, *, device, dtype:
+                        torch.full(shape, float("nan"), device=device, dtype=dtype))
+    monkeypatch.setattr(kernels.oca, "POISON_OUTPUTS", True)
+
+
+def err(got, want):
+    """Norm-relative error. Where the reference is exactly zero (W_k, W_q and LN_q get no gradient
+    when every sample has a single key: its softmax weight is 1 whatever the score), the flash-style
+    backward computes dP - rowsum(dU * U) from two different products and leaves float32 noise, so
+    there the largest absolute value (inputs are O(1)) is the error."""
+    got, want = got.double(), want.double()
+    if not want.any():
+        return got.abs().max().item()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def run(impl, x, q, params, mask, orth, upstream):
+    """Outputs and the gradients of every input for a fixed upstream gradient."""
+    x = x.detach().requires_grad_()
+    q = q.detach().requires_grad_()
+    tensors = {k: v.detach().requires_grad_() for k, v in params.items() if torch.is_tensor(v)}
+    p = dict(tensors, heads=params["heads"])
+    if impl == "float64":
+        outs = layer64(x, q, p, mask=mask, orth=orth, heads=p["heads"])
+    else:
+        outs = ops.nearl_layer(x, q, p, mask=mask, orth=orth, impl=impl)
+    loss = sum((o.double() * u).sum() for o, u in zip(outs, upstream))
+    inputs = {"x": x, "q": q, **tensors}
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return [o.detach() for o in outs], dict(zip(inputs, grads))
+
+
+def upstream_for(B, N, d, M, D, orth, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, N, d), (B, M, D)] + ([(B, N)] if orth == "soft" else [])
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+CASES = [
+    # B, N, d, M, D, masked, orth, dtype, batched q
+    (2, 1, 80, 1, 32, False, "hard", torch.float32, True),
+    (3, 77, 80, 33, 32, True, "soft", torch.float32, True),
+    (2, 197, 48, 16, 128, True, "hard", torch.float32, False),
+    (2, 77, 64, 5, 128, True, "none", torch.float32, True),
+    (1, 197, 16, 16, 32, False, "soft", torch.float32, False),
+    (2, 77, 80, 16, 32, True, "hard", torch.bfloat16, True),
+    (2, 50, 48, 8, 32, False, "soft", torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("B,N,d,M,D,masked,orth,dtype,batched", CASES)
+def test_forward_and_every_gradient_match_float64(B, N, d, M, D, masked, orth, dtype, batched):
+    x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched)
+    mask = padding_mask(B, N) if masked else None  # sample 0 has a single valid token
+    up = upstream_for(B, N, d, M, D, orth)
+    want_out, want_grad = run("float64", x, q, params, mask, orth, up)
+    got_out, got_grad = run("triton", x, q, params, mask, orth, up)
+    assert got_out[0].dtype == dtype and got_out[1].dtype == torch.float32
+    if dtype == torch.float32:
+        tol = {name: 1e-4 for name in ["out0", "out1", "out2", *want_grad]}
+    else:  # twice the PyTorch reference's own error in this dtype, never tighter than fp32's bound
+        ref_out, ref_grad = run("reference", x, q, params, mask, orth, up)
+        tol = {f"out{i}": max(1e-4, 2 * err(r, w)) for i, (r, w) in enumerate(zip(ref_out, want_out))}
+        tol.update({k: max(1e-4, 2 * err(ref_grad[k], w)) for k, w in want_grad.items()})
+    for i, (g_, w_) in enumerate(zip(got_out, want_out)):
+        assert err(g_, w_) <= tol[f"out{i}"], (f"out{i}", err(g_, w_))
+    for k, w_ in want_grad.items():
+        assert got_grad[k].dtype == (dtype if k == "x" else torch.float32), k
+        assert err(got_grad[k], w_) <= tol[k], (k, err(got_grad[k], w_), tol[k])
+
+
+def test_strided_inputs():
+    B, N, d, M, D = 2, 77, 48, 5, 32
+    x, q, params = layer_inputs(B, N, d, M, D=D, r=8)
+    x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # d is the slow axis
+    q_strided = torch.cat([q, q], dim=2)[..., ::2]  # every other column of a wider buffer
+    q_strided.copy_(q)
+    params = dict(params, w_k=params["w_k"].t().contiguous().t(), w_down=params["w_down"].t().contiguous().t())
+    assert not x_strided.is_contiguous() and not q_strided.is_contiguous()
+    up = upstream_for(B, N, d, M, D, "hard")
+    want_out, want_grad = run("float64", x, q, params, None, "hard", up)
+    got_out, got_grad = run("triton", x_strided, q_strided, params, None, "hard", up)
+    for g_, w_ in zip(got_out, want_out):
+        assert err(g_, w_) < 1e-4
+    for k in want_grad:
+        assert err(got_grad[k], want_grad[k]) < 1e-4, k
+
+
+def test_two_backward_runs_are_bit_identical():
+    x, q, params = layer_inputs(2, 197, 48, 16, D=32, r=8)
+    mask = padding_mask(2, 197)
+    up = upstream_for(2, 197, 48, 16, 32, "soft")
+    _, first = run("triton", x, q, params, mask, "soft", up)
+    _, second = run("triton", x, q, params, mask, "soft", up)
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_masked_tokens_get_their_oca_update_but_never_reach_q_out():
+    x, q, params = layer_inputs(2, 40, 32, 4, D=32, r=8)
+    mask = padding_mask(2, 40)
+    x2 = torch.where(mask[..., None], x, x + 5 * torch.randn_like(x))
+    a = ops.nearl_layer(x, q, params, mask=mask, impl="triton")
+    b = ops.nearl_layer(x2, q, params, mask=mask, impl="triton")
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[0][~mask], b[0][~mask])
+
+
+def test_kernel_limits_raise_value_errors():
+    x, q, params = layer_inputs(1, 5, 72, 3, D=32, r=8)  # 72 is not a multiple of 16
+    with pytest.raises(ValueError, match=r"x: the fused layer needs d a multiple of 16.*\(1, 5, 72\)"):
+        ops.nearl_layer(x, q, params, impl="triton")
+    x, q, params = layer_inputs(1, 5, 32, 65, D=32, r=8)
+    with pytest.raises(ValueError, match="at most 64 queries, got M=65"):
+        ops.nearl_layer(x, q, params, impl="triton")
+
+
+def test_fake_implementations_give_the_right_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
+        a, c = torch.empty(2, 32, 3), torch.empty(2, 3, 32)
+        kabs, w_v = torch.empty(2, 32, 12), torch.empty(32, 16)
+        out, cos2, u_all, lse = fused.layer_tokens_fwd(x, a, c, torch.empty(()), kabs, w_v, None, "soft")
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
+
+
+def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():
+    B, M, D, d, H = 2, 3, 8, 5, 4
+    qh, w_k, xa = torch.randn(B, M, D), torch.randn(d, D), torch.randn(B, 6, d)
+    kabs = fused.absorbed_keys(qh, w_k, H)  # (B, d, H*M)
+    scores = xa @ kabs
+    dh = D // H
+    for h in range(H):
+        cols = slice(h * dh, (h + 1) * dh)
+        want = (xa @ w_k[:, cols]) @ qh[:, :, cols].transpose(1, 2) / dh ** 0.5
+        torch.testing.assert_close(scores[..., h * M:(h + 1) * M], want)
+    u_all = torch.randn(B, H * M, D)
+    u = fused.head_diagonal(u_all, H)
+    for h in range(H):
+        cols = slice(h * dh, (h + 1) * dh)
+        assert torch.equal(u[:, :, cols], u_all[:, h * M:(h + 1) * M, cols])
