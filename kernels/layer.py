@@ -36,24 +36,29 @@ class LayerConfig:
     splits: int
     tiles_per_split: int
     num_warps: int
+    num_stages: int
     precision: str
 
 
 def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.dtype,
-                 device: torch.device) -> LayerConfig:
-    """Block sizes for both layer kernels, chosen in one place.
+                 device: torch.device, backward: bool = False) -> LayerConfig:
+    """Launch parameters of both layer kernels, chosen in one place.
 
     - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
       two >= 16 and masked.
-    - BLOCK_C = 64 columns of d per chunk: a (BLOCK_N x 64) chunk plus the (64 x H*M) and (64 x D)
-      weight chunks stay small, so nothing spills at d = 768 or 1024.
-    - BLOCK_N = 32 tokens a tile on the GPU: the running accumulator (H*M x D) and the score and
-      value tiles (BLOCK_N x H*M, BLOCK_N x D) must live in registers across the tile loop; with
-      H*M > 64 we halve it.
+    - Registers decide the rest (measured with ptxas through tests/test_kernel_compile.py, sm_80
+      and sm_90): the running accumulator (H*M x D), the score and value tiles (BLOCK_N x H*M,
+      BLOCK_N x D) and the backward's dS and P live across a tile's passes. With 8 warps,
+      BLOCK_C = 32 columns a chunk and one pipeline stage, M = 16 (H*M = 64, D = 128) compiles
+      without spills: BLOCK_N = 32 in the forward, 16 in the backward (which holds dS, P and the
+      dLN row sums as well). Two stages or 4 warps spill; 16 warps cap registers at 128 and spill
+      more. Larger M (H*M up to 256) spills some stack whatever the tiles: the fix would split the
+      heads over programs; M = 16 is the paper's and our default.
     - Splits: enough programs to fill the GPU about twice (split-KV style), never more than the
-      tiles of a sample. The interpreter runs programs one by one, so there we take the largest
-      tiles and at most two splits (still exercising the combine).
-    - Precision: fp32 inputs get IEEE fp32 products (TF32 would cost the 1e-4 accuracy promise);
+      tiles of a sample.
+    - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
+      most two splits, which still exercises the combine.
+    - Precision: float32 inputs get IEEE float32 products (TF32 would break the 1e-4 promise);
       half inputs get TF32, whose error is well under their own rounding.
     """
     block_m = max(16, triton.next_power_of_2(M))
@@ -64,17 +69,16 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         block_c = min(256, max(16, triton.next_power_of_2(d)))
         n_tiles = triton.cdiv(N, block_n)
         splits = min(2, n_tiles)
-        num_warps = 4
     else:
-        block_n = 32 if block_hm <= 64 else 16
-        block_c = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+        block_n = 16 if (backward or block_hm > 64) else 32
+        block_c = 32 if d >= 32 else 16
         n_tiles = triton.cdiv(N, block_n)
         splits = max(1, min(n_tiles, triton.cdiv(2 * num_sms(device), B)))
-        num_warps = 4
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split, num_warps, precision)
+    return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
+                       num_warps=8, num_stages=1, precision=precision)
 
 
 def _check_kernel_limits(x, a, kabs, w_v):
@@ -115,7 +119,7 @@ def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
         ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
         BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
     m_max = m_part.max(dim=1).values
@@ -130,7 +134,7 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
     """G = dL/dx_out (B, N, d) float32, dKABS (B, d, HM) and dW_v (d, D)."""
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
-    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
+    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device, backward=True)
     f32 = dict(device=x.device, dtype=torch.float32)
     dq_delta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dO * O) of flash-attention's backward
     d_o = (du_all @ w_v.t()).contiguous()  # (B, HM, d): dU_all's pull on LN(x_out) through W_v
@@ -147,7 +151,7 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
         reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
         ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
-        BLOCK_HM=cfg.block_hm, PREC=cfg.precision, num_warps=cfg.num_warps,
+        BLOCK_HM=cfg.block_hm, PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dkabs = dk_part.sum(dim=1)
     obar = ob_part.sum(dim=1)  # (B, d, HM) = LN(x_out)^T P per sample

@@ -90,7 +90,10 @@ class NEARLCLIP(nn.Module):
             if adapter is None or str(k) not in adapter.layers:
                 continue
             params = layer_params(adapter, adapter.layers[str(k)], self.useformer)
-            out = ops.nearl_layer(x, q, params, mask=mask, orth=self.config.orth, impl=self.impl)
+            # The text mask always holds its first position (TextSteps.valid_mask), so the per-layer
+            # check that would synchronise with the GPU is skipped.
+            out = ops.nearl_layer(x, q, params, mask=mask, orth=self.config.orth, impl=self.impl,
+                                  check_mask_rows=False)
             x, q = out[0], out[1]
             if self.config.orth == "soft":
                 cos2 = out[2]

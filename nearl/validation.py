@@ -79,7 +79,9 @@ def check_oca_args(x, a, c, gate, orth: str) -> Dict[str, int]:
     return sizes
 
 
-def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> None:
+def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, rows: bool = True) -> None:
+    """Shape, dtype and device of the key mask; with rows=True also that every sample has a valid
+    position (this reads the mask, so on a GPU it waits for it)."""
     if mask is None:
         return
     if not torch.is_tensor(mask) or mask.dtype != torch.bool:
@@ -90,13 +92,15 @@ def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> None:
                          f"got {_fmt(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    if not rows:
+        return
     empty = (~mask.any(dim=1)).nonzero().flatten()
     if empty.numel():
         raise ValueError(f"mask of shape {_fmt(mask.shape)} has rows with no valid position "
                          f"(samples {empty[:8].tolist()}): the query update would read nothing")
 
 
-def check_layer_args(x, q, params: Mapping, mask, orth: str) -> Dict[str, int]:
+def check_layer_args(x, q, params: Mapping, mask, orth: str, check_mask_rows: bool = True) -> Dict[str, int]:
     """Checks for nearl_layer; returns the sizes B, N, d, M, D, r, h, H."""
     check_orth(orth)
     if not isinstance(params, Mapping):
@@ -118,5 +122,5 @@ def check_layer_args(x, q, params: Mapping, mask, orth: str) -> Dict[str, int]:
         raise ValueError(f"params['heads'] must be a positive int dividing the query width D={sizes['D']}, got {heads!r}")
     sizes["H"] = heads
     check_same_device(tensors)
-    check_mask(mask, x)
+    check_mask(mask, x, rows=check_mask_rows)
     return sizes

@@ -101,3 +101,13 @@ def test_params_must_be_a_mapping():
     x, q, _ = layer_inputs(2, 6, 32, 3, D=16, r=4)
     with pytest.raises(ValueError, match="params must be a mapping"):
         ops.nearl_layer(x, q, [1, 2], impl="reference")
+
+
+def test_mask_row_check_can_be_skipped_by_callers_that_guarantee_it():
+    x, q, params = layer_inputs(2, 6, 32, 3, D=16, r=4)
+    mask = torch.tensor([[True] * 6, [True] + [False] * 5])
+    a = ops.nearl_layer(x, q, params, mask=mask, impl="reference", check_mask_rows=False)
+    b = ops.nearl_layer(x, q, params, mask=mask, impl="reference")
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(ValueError, match="mask must have shape"):  # shapes are still checked
+        ops.nearl_layer(x, q, params, mask=mask[:, :5], impl="reference", check_mask_rows=False)
