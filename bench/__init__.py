@@ -1,0 +1,1 @@
+"""Benchmarks of NEARL-CLIP: `python -m bench.run --kernel oca | layer | model` (see bench/README.md)."""

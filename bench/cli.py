@@ -1,0 +1,145 @@
+"""Argument parsing and the main function of `python -m bench.run` (see bench/run.py for the docs)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from .providers import PROVIDERS
+
+KERNELS = ("oca", "layer", "model")
+
+EPILOG = """\
+without a GPU every provider runs at a small size on the CPU (the triton provider on the
+TRITON_INTERPRET=1 interpreter) for correctness; the table then carries CPU times, not GPU speed.
+
+profiling (see bench/README.md):
+  nsys profile -t cuda,nvtx -o oca python -m bench.run --kernel oca --nvtx
+  ncu --nvtx --nvtx-include "oca/triton/fwd/" --set full -c 1 -o oca \\
+      python -m bench.run --kernel oca --nvtx --providers triton --mode fwd --reps 3
+  python -m bench.run --kernel model --profile model_trace.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Benchmarks of NEARL-CLIP: the OCA op, one NEARL layer, or the whole model.")
+    p.add_argument("--kernel", choices=KERNELS, default="oca",
+                   help="oca: ops.oca; layer: ops.nearl_layer; model: NEARL-CLIP end to end (default: oca)")
+    g = p.add_argument_group("problem (oca / layer)")
+    g.add_argument("--shape", choices=("vit-b16", "text-b16"), default=None,
+                   help="vit-b16: B 256, N 197, d 768; text-b16: B 256, N 77, d 512 with a padding mask "
+                        "(default: vit-b16; on CPU they shrink to B 2, N 65 / 77, d 64)")
+    for name, help_text in (("B", "batch"), ("N", "tokens"), ("d", "width"), ("M", "queries (16)"),
+                            ("D", "query width, layer only (128)"), ("H", "query heads, layer only (4)"),
+                            ("r", "OCA rank, layer only (32)")):
+        g.add_argument(f"--{name}", type=int, default=None, metavar="INT", help=f"{help_text}; overrides --shape")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="input dtype (for --kernel model: the autocast dtype; fp32 = no autocast)")
+    g.add_argument("--mode", default=None,
+                   help="comma list of fwd, bwd, fwd+bwd, or 'all' (default: all)")
+    g.add_argument("--orth", choices=("hard", "soft", "none"), default="hard")
+    g.add_argument("--providers", default=",".join(PROVIDERS),
+                   help=f"comma list of {', '.join(PROVIDERS)} (default: all)")
+    g = p.add_argument_group("model (--kernel model)")
+    g.add_argument("--model", default=None, help="open_clip architecture (default: ViT-B-16; NEARL-Tiny on CPU)")
+    g.add_argument("--batch", type=int, default=None, help="batch size (default: 128; 8 on CPU)")
+    g = p.add_argument_group("run")
+    g.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: 100 on GPU, 20 for model; 5 / 3 on CPU)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 10 on GPU; 1 on CPU)")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--nvtx", action="store_true",
+                   help="NVTX ranges per provider and phase, e.g. oca > triton > fwd (needs the nvtx package)")
+    g.add_argument("--profile", metavar="FILE", default=None, help="write a torch profiler chrome trace")
+    g.add_argument("--out", metavar="FILE.json", default=None, help="write the results as JSON")
+    return p
+
+
+def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Defaults that depend on the kernel and the device, and parsed lists."""
+    from .kernel_bench import parse_modes
+    from .shapes import DTYPES
+
+    on_gpu = device.type == "cuda"
+    model = args.kernel == "model"
+    if args.shape is None:
+        args.shape = "vit-b16"
+    if args.mode is None:
+        args.mode = "all"
+    parse_modes(args.mode)  # validate early
+    if args.reps is None:
+        args.reps = (20 if model else 100) if on_gpu else (3 if model else 5)
+    if args.warmup is None:
+        args.warmup = (3 if model else 10) if on_gpu else 1
+    if args.reps < 1 or args.warmup < 0:
+        raise ValueError(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    bad = [n for n in names if n not in PROVIDERS]
+    if bad or not names:
+        raise ValueError(f"--providers takes a comma list of {', '.join(PROVIDERS)}, got {args.providers!r}")
+    args.provider_list = list(dict.fromkeys(names))
+    args.torch_dtype = DTYPES[args.dtype]
+    return args
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice, torch.cuda.current_device()) if choice == "cuda" else torch.device("cpu")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        finish_args(args, device)
+    except ValueError as err:
+        parser.error(str(err))
+
+    from .nvtx_ranges import Ranges
+
+    ranges = Ranges(args.nvtx)
+    if args.profile and device.type == "cpu":
+        print("note: --profile on CPU records CPU activity only", file=sys.stderr)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # The CPU problems are tiny; several intra-op threads on a shared machine turn a 0.3 ms op
+        # into 60 ms of scheduler waits. One thread keeps the CPU (correctness) run quick and steady.
+        torch.set_num_threads(1)
+    try:
+        return _run(parser, args, device, ranges)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(parser, args, device, ranges) -> int:
+    from .report import write_json
+
+    try:
+        if args.kernel == "model":
+            from .model_bench import run_model
+            payload, text = run_model(args, device, ranges)
+            rows = payload["inference"] + payload["train"]
+        else:
+            from .kernel_bench import run_kernel
+            payload, text = run_kernel(args.kernel, args, device, ranges)
+            rows = payload["rows"]
+    except ValueError as err:  # a bad size or option found while building the problem
+        parser.error(str(err))
+    print(text)
+    if args.out:
+        write_json(args.out, payload)
+        print(f"results written to {args.out}")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        print(f"{len(failed)} row(s) FAILED (see the table)", file=sys.stderr)
+        return 1
+    return 0
