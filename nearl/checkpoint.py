@@ -1,0 +1,214 @@
+"""Checkpoints: the learnable parameters only (never the frozen backbone), written atomically.
+
+A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pickled code):
+
+    format, version        "nearl-checkpoint", 1
+    model_name, pretrained the backbone to rebuild (open_clip name / tag, file or hf-hub:/local-dir:)
+    backbone_seed          the seed the model was built under (rebuilds a random backbone exactly)
+    config                 NEARLConfig.to_dict()
+    task, classnames       "retrieval" or "classification" (+ the class names it was trained on)
+    model                  model.trainable_state_dict()  (adapters, USEformer, queries)
+    optimizer, scheduler, scaler     their state_dicts (scaler None without fp16)
+    step, epoch, batch_in_epoch      optimizer steps done; where the data order resumes
+    rng                    python / numpy / torch / cuda generator states
+    data                   the sampler's state: seed, epoch, start batch, sizes
+    best, args, metrics    best validation score so far, the training arguments, last metrics
+
+Writing (`atomic_save`): the new file goes to a temporary name in the same directory, is flushed
+and fsync'ed, and only then `os.replace`d over the target; the previous `last.pt` is first linked
+(or copied) to `last.prev.pt`. At every instant `last.pt` is a complete checkpoint (old or new), so
+a crash or kill mid-write never loses the last good one; `load_checkpoint` on a directory falls
+back to `last.prev.pt` if `last.pt` is unreadable anyway (e.g. a disk that lied about fsync).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("nearl.checkpoint")
+
+FORMAT = "nearl-checkpoint"
+VERSION = 1
+LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, unreadable, or not a NEARL checkpoint)."""
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> Dict[str, Any]:
+    """Every global generator a training step could touch, in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"checkpoint holds {len(cuda)} CUDA generator states, this machine has "
+                          f"{torch.cuda.device_count()} GPUs: CUDA generators not restored")
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -> Path:
+    """torch.save `obj` to `path` so that `path` is always either the old or the new complete file.
+
+    previous: if given and `path` exists, the old file is kept there (hard link, else copy) before
+    the new one replaces it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            previous = Path(previous)
+            prev_tmp = previous.with_name(f".{previous.name}.tmp.{os.getpid()}")
+            if prev_tmp.exists():
+                prev_tmp.unlink()
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # no hard links on this file system
+                shutil.copy2(path, prev_tmp)
+            os.replace(prev_tmp, previous)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        for leftover in (tmp,):
+            if leftover.exists():
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
+    return path
+
+
+def save_checkpoint(state: Dict[str, Any], directory: PathLike, name: str = LAST) -> Path:
+    """Write `state` (see module docstring) as directory/name; `last.pt` keeps `last.prev.pt`."""
+    directory = Path(directory)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    previous = directory / PREVIOUS if name == LAST else None
+    return atomic_save(state, directory / name, previous)
+
+
+# ----------------------------------------------------------------------------- reading
+def _load_file(path: Path, map_location) -> Dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a NEARL-CLIP checkpoint (no format={FORMAT!r} entry)")
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {obj['version']}; this code reads <= {VERSION}")
+    obj["path"] = str(path)
+    return obj
+
+
+def resolve(path: PathLike) -> Path:
+    """A run directory means its last.pt (or last.prev.pt if only that exists)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (LAST, PREVIOUS):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no {LAST} or {PREVIOUS} in {path}")
+    return path
+
+
+def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint file, or a run directory's last.pt with a fallback to last.prev.pt.
+
+    The fallback also applies when `path` names a last.pt that cannot be read. The returned dict
+    has an extra "path" entry naming the file actually read.
+    """
+    path = Path(path)
+    target = resolve(path)
+    try:
+        return _load_file(target, map_location)
+    except CheckpointError as err:
+        fallback = target.with_name(PREVIOUS)
+        if target.name != LAST or not fallback.is_file():
+            raise
+        logger.warning("%s; falling back to %s", err, fallback)
+        warnings.warn(f"{err}; using the previous checkpoint {fallback}")
+        return _load_file(fallback, map_location)
+
+
+def build_model(model_name: str, pretrained: Optional[str] = None, *, fused: bool = False,
+                seed: int = 0, **config):
+    """nearl.build with the initial weights drawn from torch.manual_seed(seed), without touching
+    the global generator: a random backbone (no `pretrained`) is then a function of the seed, so a
+    checkpoint, which never stores backbone weights, can rebuild it exactly."""
+    from .model import build
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return build(model_name, pretrained=pretrained, fused=fused, **config)
+
+
+def build_from_checkpoint(ckpt: Union[PathLike, Dict[str, Any]], *, fused: bool = False,
+                          pretrained: Optional[str] = "checkpoint", model_name: Optional[str] = None):
+    """The NEARL-CLIP model a checkpoint describes, with its learnable parameters loaded.
+
+    pretrained: "checkpoint" (default) rebuilds the backbone the checkpoint names (a random
+    backbone from the recorded seed); pass another source (tag, file, hf-hub:, local-dir:) or None
+    (random) to override it.
+    """
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    name = model_name or ckpt["model_name"]
+    source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
+    model = build_model(name, source, fused=fused, seed=int(ckpt.get("backbone_seed", 0)), **ckpt["config"])
+    model.load_trainable_state_dict(ckpt["model"])
+    return model
+
+
+def describe(ckpt: Dict[str, Any]) -> str:
+    return (f"{ckpt.get('path', '?')}: {ckpt.get('model_name')} (pretrained={ckpt.get('pretrained')}), "
+            f"task={ckpt.get('task')}, step {ckpt.get('step')}, epoch {ckpt.get('epoch')}")

@@ -1,0 +1,302 @@
+"""Evaluate NEARL-CLIP: image-text retrieval Recall@1/5/10 and prompt-based classification.
+
+    python -m nearl.evaluate --checkpoint runs/demo                # a trained run (its last.pt)
+    python -m nearl.evaluate --checkpoint runs/demo/best.pt --data test.csv --out results/
+    python -m nearl.evaluate --model ViT-B-16 --pretrained openai --task classification \\
+        --data split.json --root images/                          # zero-shot: the frozen CLIP
+
+Without --checkpoint the model is freshly built, which computes exactly the frozen CLIP (W_up
+starts at zero), i.e. the zero-shot baseline. Without --data the embedded demo set is used.
+Results go to stdout as a Markdown table and, with --out DIR, to DIR/results.json and
+DIR/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .classify import TEMPLATES, zero_shot_classifier
+from .data.datasets import ImageTextDataset, LabelledDataset
+from .data.records import ImageTextRecord, LabelledRecord
+from .logging_utils import _clean, markdown_table
+
+logger = logging.getLogger("nearl.evaluate")
+
+VAL_SPLITS = ("val", "validation")
+
+
+# ----------------------------------------------------------------------------- helpers
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Indexed(Dataset):
+    """(index, item) pairs, so the records whose image failed to load can be told apart."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return None if item is None else (i, item[0])
+
+
+def _collate_indexed(batch):
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None
+    return torch.tensor([b[0] for b in kept]), torch.stack([b[1] for b in kept])
+
+
+@torch.no_grad()
+def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, workers: int = 0,
+                  precision: str = "fp32", progress: bool = True, desc: str = "images"
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...)."""
+    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate_indexed, pin_memory=torch.device(device).type == "cuda")
+    idx, feats = [], []
+    for batch in tqdm(loader, desc=f"encoding {desc}", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        i, images = batch
+        with autocast(torch.device(device), precision):
+            feats.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+        idx.append(i)
+    if not idx:
+        raise ValueError("no image of the evaluation set could be loaded")
+    return torch.cat(idx), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_texts(model, tokens: torch.Tensor, *, device, batch_size: int = 256, precision: str = "fp32",
+                 progress: bool = True) -> torch.Tensor:
+    out = []
+    for s in tqdm(range(0, tokens.shape[0], batch_size), desc="encoding texts", disable=not progress,
+                  leave=False):
+        with autocast(torch.device(device), precision):
+            out.append(model.encode_text(tokens[s:s + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    return was_training
+
+
+# ----------------------------------------------------------------------------- the two tasks
+def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, batch_size: int = 64,
+                       workers: int = 0, precision: str = "fp32", progress: bool = True) -> Dict[str, float]:
+    """Recall@1/5/10 both ways; every caption of every record counts (several per image)."""
+    was_training = _eval_mode(model)
+    try:
+        tokenizer = model.tokenizer()
+        ds = ImageTextDataset(records, model.image_transform(False), tokenizer, train=False)
+        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
+                                          precision=precision, progress=progress)
+        texts, owners = ds.captions()
+        # Drop the captions of images that could not be loaded; renumber owners to kept rows.
+        row = torch.full((len(ds),), -1, dtype=torch.long)
+        row[kept] = torch.arange(kept.numel())
+        keep_text = row[owners] >= 0
+        texts = [t for t, k in zip(texts, keep_text.tolist()) if k]
+        text_feats = encode_texts(model, tokenizer(texts), device=device, batch_size=max(batch_size, 64),
+                                  precision=precision, progress=progress)
+        out = M.retrieval_recall(image_feats, text_feats, row[owners][keep_text])
+        out["n_images"], out["n_texts"] = int(kept.numel()), len(texts)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def evaluate_classification(model, records: Sequence[LabelledRecord], classnames: Sequence[str], *,
+                            templates: Sequence[str] = TEMPLATES, device, batch_size: int = 64,
+                            workers: int = 0, precision: str = "fp32", progress: bool = True
+                            ) -> Dict[str, float]:
+    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class)."""
+    was_training = _eval_mode(model)
+    try:
+        ds = LabelledDataset(records, model.image_transform(False))
+        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
+                                          precision=precision, progress=progress)
+        with autocast(torch.device(device), precision):
+            classes = zero_shot_classifier(model, classnames, templates, device=device).float().cpu()
+        logits = model.logit_scale.float().cpu() * F.normalize(image_feats, dim=-1) @ classes.T
+        labels = ds.labels()[kept]
+        out = M.classification_metrics(logits, labels)
+        out["n_images"] = int(kept.numel())
+        return out
+    finally:
+        model.train(was_training)
+
+
+def headline(task: str, results: Dict[str, float]) -> float:
+    """The score best.pt is chosen by: mean recall (retrieval) or accuracy (classification)."""
+    return float(results["mean_recall"] if task == "retrieval" else results["accuracy"])
+
+
+# ----------------------------------------------------------------------------- data selection
+def _select_split(records: List[ImageTextRecord], split: str) -> Tuple[List[ImageTextRecord], str]:
+    wanted = VAL_SPLITS if split in VAL_SPLITS else (split,)
+    chosen = [r for r in records if r.split in wanted]
+    if chosen:
+        return chosen, split
+    for fallback in (("test",), VAL_SPLITS):
+        chosen = [r for r in records if r.split in fallback]
+        if chosen:
+            logger.warning("no records with split %r; using split %r", split, fallback[0])
+            return chosen, fallback[0]
+    logger.warning("no records with split %r (nor test/val); evaluating on all %d records", split, len(records))
+    return list(records), "all"
+
+
+def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: Optional[str] = None,
+                   split: str = "test"):
+    """(records, classnames or None, split actually used, source description)."""
+    from .data import demo
+    from .data.labelled import read_coop_split, read_image_folder
+    from .data.manifests import read_image_text
+
+    if task == "retrieval":
+        path = Path(data) if data else demo.demo_manifest()
+        kw = {"root": root} if root else {}
+        records = read_image_text(path, format=fmt, **kw)
+        chosen, used = _select_split(records, split)
+        return chosen, None, used, str(path)
+    path = Path(data) if data else demo.demo_split_json()
+    if path.suffix.lower() == ".json":
+        splits, classnames = read_coop_split(path, root=Path(root) if root else path.parent)
+        want = split if split in splits else next((s for s in (split, "test", "val") if splits.get(s)), None)
+        if want is None:
+            raise ValueError(f"{path}: no {split!r} split (splits: {sorted(splits)})")
+        if want != split:
+            logger.warning("%s: no %r split; using %r", path, split, want)
+        return splits[want], classnames, want, str(path)
+    if path.is_dir():
+        sub = path / split
+        if not sub.is_dir() and split in VAL_SPLITS:
+            sub = next((path / s for s in VAL_SPLITS if (path / s).is_dir()), sub)
+        if sub.is_dir():
+            records, classnames = read_image_folder(sub)
+            return records, classnames, split, str(sub)
+        records, classnames = read_image_folder(path)
+        return records, classnames, "all", str(path)
+    raise ValueError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nearl.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
+    p.add_argument("--model", help="open_clip architecture (default: the checkpoint's; without one, "
+                   "ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
+    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir: "
+                   "(default: the checkpoint's; without one: random)")
+    p.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
+    p.add_argument("--task", choices=("retrieval", "classification"),
+                   help="default: the checkpoint's task, else retrieval")
+    p.add_argument("--data", help="retrieval: manifest/ROCO/MedICaT; classification: ImageFolder dir or "
+                   "CoOp split .json (default: the embedded demo set)")
+    p.add_argument("--format", default="auto", help="retrieval source format: auto|manifest|roco|medicat")
+    p.add_argument("--root", help="image root (manifest / CoOp JSON)")
+    p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
+    p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
+    p.add_argument("--out", help="directory for results.json and results.md")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def default_model_name(pretrained: Optional[str] = None) -> str:
+    """The architecture when --model is not given: the one an hf-hub:/local-dir: source names;
+    ViT-B-16 when pretrained weights are asked for or a GPU is present; else the CPU-sized
+    NEARL-Tiny (a random backbone that runs the demo in seconds)."""
+    if pretrained and pretrained.startswith(("hf-hub:", "local-dir:")):
+        return pretrained
+    if pretrained or torch.cuda.is_available():
+        return "ViT-B-16"
+    return "NEARL-Tiny"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    from .checkpoint import build_from_checkpoint, build_model, describe, load_checkpoint
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nearl").setLevel(logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fused = args.fused
+    if fused and device.type != "cuda":
+        print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+        fused = False
+
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        print(f"checkpoint {describe(ckpt)}")
+        pretrained = args.pretrained if args.pretrained is not None else "checkpoint"
+        model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
+        task = args.task or ckpt.get("task", "retrieval")
+        source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
+        label = f"NEARL-CLIP ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
+    else:
+        ckpt = None
+        name = args.model or default_model_name(args.pretrained)
+        model = build_model(name, args.pretrained, fused=fused, seed=args.seed)
+        task = args.task or "retrieval"
+        source = args.pretrained
+        label = f"zero-shot {name}"
+    if source is None:
+        print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {args.seed if ckpt is None else ckpt.get('backbone_seed')}); "
+              "numbers only check the pipeline.")
+    model.to(device).eval()
+
+    records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
+                                                     split=args.split)
+    kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+              progress=not args.no_progress)
+    if task == "retrieval":
+        results = evaluate_retrieval(model, records, **kw)
+    else:
+        if ckpt is not None and ckpt.get("classnames") and list(ckpt["classnames"]) != list(classnames):
+            print(f"note: the checkpoint was trained on classes {ckpt['classnames']}; evaluating on "
+                  f"{classnames} by their prompts")
+        results = evaluate_classification(model, records, classnames, templates=args.templates or TEMPLATES, **kw)
+
+    report = {"task": task, "data": src, "split": split, "model": model.model_name, "pretrained": source,
+              "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results}
+    table = markdown_table({label: {k: v for k, v in results.items() if not k.startswith("n_") and k != "auc_classes"}},
+                           title=f"{task} on {src} ({split}, {results.get('n_images')} images)")
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(_clean(report), indent=2, default=str) + "\n")
+        (out / "results.md").write_text(table)
+        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""metrics.jsonl: one JSON object per line ({"kind": "train" | "val" | ..., "step": ..., ...})."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: tensors and numpy scalars to floats, NaN/inf to None."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def read_metrics(path: PathLike) -> List[Dict[str, Any]]:
+    """Every record of a metrics.jsonl (a torn last line from a crash is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl, flushing each line (a crash loses at most the line being
+    written). `truncate_after(step)` drops records past a resumed checkpoint's step, so the log of a
+    resumed run reads exactly like an uninterrupted one."""
+
+    def __init__(self, path: PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:  # one line per step: reopening is cheap
+            f.write(json.dumps(_clean(record)) + "\n")
+
+    def records(self) -> Iterator[Dict[str, Any]]:
+        return iter(read_metrics(self.path))
+
+    def close(self) -> None:
+        """Nothing is held open between writes; kept for symmetry."""
+
+
+def format_metrics(metrics: Dict[str, Any], digits: int = 2) -> str:
+    parts = []
+    for k, v in metrics.items():
+        parts.append(f"{k}={v:.{digits}f}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def markdown_table(rows: Dict[str, Dict[str, Any]], digits: int = 2, title: Optional[str] = None) -> str:
+    """{row name: {column: value}} -> a Markdown table (columns in first-seen order)."""
+    columns: List[str] = []
+    for r in rows.values():
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| | " + " | ".join(columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    for name, r in rows.items():
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            cells.append("" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,636 @@
+"""Train NEARL-CLIP's adapters on a frozen CLIP backbone (SPEC 3.2).
+
+    python -m nearl.train --max-steps 3 --out runs/demo            # embedded demo set, CPU-sized model
+    python -m nearl.train --model ViT-B-16 --pretrained openai --data roco/train/radiology \\
+        --val-data roco/validation/radiology --epochs 10 --batch-size 128 --precision bf16 --out runs/roco
+    python -m nearl.train --task classification --data split.json --root images/ --k-shot 16 --out runs/fs
+    python -m nearl.train --resume runs/roco                        # continue exactly where it stopped
+    torchrun --nproc_per_node=4 -m nearl.train ... --batch-size 64  # global batch 256
+
+Retrieval: the symmetric CLIP loss (gathered across ranks with gradient) + lambda_q * query
+alignment. Classification: cross-entropy over logit_scale * cos(image, class prompts), the prompts
+going through the adapted text tower every step, + lambda_q * query alignment (nearl/classify.py).
+
+Outputs in --out: metrics.jsonl (one line per optimizer step and per validation), curves.png,
+last.pt / last.prev.pt (resume points), best.pt (best validation mean recall or accuracy).
+Checkpoints hold the learnable parameters only (about 1.4M numbers for ViT-B-16), never the backbone.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
+from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, tokenize_prompts
+from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classification,
+                       evaluate_retrieval, headline)
+from .logging_utils import MetricsLog, format_metrics
+from .schedule import WarmupCosine, warmup_cosine
+
+logger = logging.getLogger("nearl.train")
+
+CONFIG_FLAGS = {  # CLI dest -> NEARLConfig field
+    "num_queries": "num_queries", "query_dim": "query_dim", "heads": "heads", "rank": "rank",
+    "orth": "orth", "lambda_q": "lambda_q", "lambda_orth": "lambda_orth",
+    "vision_layers": "vision_layers", "text_layers": "text_layers",
+}
+# Arguments a resumed run does not take from the checkpoint unless given again.
+NOT_RESTORED = {"resume"}
+
+
+# ============================================================================= arguments
+def _layers(text: str) -> Optional[List[int]]:
+    """'all' -> None (every block), 'none' -> [], '1,2,12' or '9-12' -> indices (1-based)."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    out: List[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nearl.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
+    g.add_argument("--pretrained", help="backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
+                   "checkpoint file, hf-hub:org/repo or local-dir:path (default: none = random backbone)")
+    g.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
+    g.add_argument("--num-queries", type=int, default=16, help="M")
+    g.add_argument("--query-dim", type=int, default=128, help="D")
+    g.add_argument("--heads", type=int, default=4, help="H (query heads)")
+    g.add_argument("--rank", type=int, default=32, help="r (OCA rank)")
+    g.add_argument("--orth", choices=("hard", "soft", "none"), default="hard")
+    g.add_argument("--lambda-q", type=float, default=0.1, help="query-alignment weight (0 ablates it)")
+    g.add_argument("--lambda-orth", type=float, default=1.0, help="weight of mean cos^2 with --orth soft")
+    g.add_argument("--vision-layers", type=_layers, default=None,
+                   help="adapted vision blocks, 1-based: 'all' (default), 'none', '1,2,3', '7-12'")
+    g.add_argument("--text-layers", type=_layers, default=None, help="adapted text blocks (as above)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
+    g.add_argument("--data", help="retrieval: a manifest (CSV/TSV/JSONL), ROCO folder/CSV or MedICaT JSONL; "
+                   "classification: an ImageFolder dir (with train/ val/ sub-dirs, or flat) or a CoOp split "
+                   ".json. Default: the embedded demo set")
+    g.add_argument("--val-data", help="a separate validation source (same kinds as --data)")
+    g.add_argument("--format", default="auto", help="retrieval source format: auto|manifest|roco|medicat")
+    g.add_argument("--root", help="image root for a manifest or CoOp JSON (default: the file's folder)")
+    g.add_argument("--k-shot", type=int, help="classification: k training images per class")
+    g.add_argument("--templates", nargs="+", help="classification prompt templates with '{}'")
+    g.add_argument("--seed", type=int, default=0, help="data order, augmentation, init, few-shot draw")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default 10, or as many as --max-steps needs")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (also the "
+                   "schedule's length when it ends before --epochs)")
+    g.add_argument("--batch-size", type=int, default=32, help="per process; global = this x processes")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05, help="on matrices only")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--warmup", type=int, help="warmup steps (default: 5%% of the run, at most 500)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype (fp16 adds a GradScaler)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/nearl", help="output directory")
+    g.add_argument("--resume", help="a run directory (its last.pt) or checkpoint file to continue from; "
+                   "arguments not given again are taken from the checkpoint")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0: only at the end)")
+    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The dests given on the command line (parse again with every default suppressed)."""
+    shadow = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kw = {"dest": action.dest}
+            if isinstance(action, argparse._StoreTrueAction):
+                shadow.add_argument(*action.option_strings, action="store_true", **kw)
+            else:
+                shadow.add_argument(*action.option_strings, nargs=action.nargs, type=action.type, **kw)
+    ns, _ = shadow.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        given = _explicit(parser, argv)
+        if "out" not in given:
+            res = Path(args.resume)
+            args.out = str(res if res.is_dir() else res.parent)
+            given.add("out")
+        for k, v in ckpt.get("args", {}).items():
+            if hasattr(args, k) and k not in given and k not in NOT_RESTORED:
+                setattr(args, k, v)
+    return args
+
+
+# ============================================================================= data
+class SeededAugment(Dataset):
+    """Makes random augmentation a function of (seed, epoch, index): each item is produced under
+    torch / python generators seeded from those three numbers, whatever the worker or the order.
+    A resumed run (or another world size) then sees exactly the same tensors."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed, self.epoch = base, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        s = D.mix_seed(self.seed, self.epoch, i)
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                return self.base[i]
+        finally:
+            random.setstate(py_state)
+
+
+@dataclass
+class TrainData:
+    task: str
+    train: list
+    val: list
+    classnames: Optional[List[str]]
+    source: str
+
+
+def _read_retrieval(path: str, fmt: str, root: Optional[str]):
+    from .data.manifests import read_image_text
+    return read_image_text(path, format=fmt, **({"root": root} if root else {}))
+
+
+def _read_labelled(path: Path, root: Optional[str]):
+    """({split: records}, classnames) from a CoOp JSON or an ImageFolder (split sub-dirs or flat)."""
+    from .data.labelled import read_coop_split, read_image_folder
+    if path.suffix.lower() == ".json":
+        return read_coop_split(path, root=Path(root) if root else path.parent)
+    if not path.is_dir():
+        raise ValueError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+    split_dirs = {s: path / s for s in ("train", "val", "validation", "test") if (path / s).is_dir()}
+    if "train" not in split_dirs:
+        records, classnames = read_image_folder(path)
+        return {"train": records}, classnames
+    splits, classnames = {}, None
+    for s, d in split_dirs.items():
+        records, names = read_image_folder(d)
+        if classnames is not None and names != classnames:
+            raise ValueError(f"{d}: classes {names} differ from train's {classnames}")
+        classnames = names
+        splits["val" if s == "validation" else s] = records
+    return splits, classnames
+
+
+def load_train_data(args) -> TrainData:
+    from .data import demo
+    if args.task == "retrieval":
+        if args.k_shot:
+            raise ValueError("--k-shot applies to --task classification only")
+        path = args.data or str(demo.demo_manifest())
+        records = _read_retrieval(path, args.format, args.root)
+        train = [r for r in records if r.split in (None, "train")]
+        if args.val_data:
+            val = _read_retrieval(args.val_data, args.format, None)
+        else:
+            val = [r for r in records if r.split in VAL_SPLITS]
+        if not train:
+            raise ValueError(f"{path}: no training records (split 'train' or no split column)")
+        return TrainData("retrieval", train, val, None, path)
+    path = Path(args.data) if args.data else demo.demo_split_json()
+    splits, classnames = _read_labelled(path, args.root)
+    train = splits.get("train", [])
+    if args.val_data:
+        vs, vnames = _read_labelled(Path(args.val_data), None)
+        if vnames != classnames:
+            raise ValueError(f"--val-data classes {vnames} differ from the training classes {classnames}")
+        val = vs.get("val") or vs.get("test") or vs.get("train", [])
+    else:
+        val = splits.get("val", [])
+    if not train:
+        raise ValueError(f"{path}: no training records")
+    if args.k_shot:
+        from .data.labelled import k_shot
+        train = k_shot(train, args.k_shot, args.seed)
+    return TrainData("classification", train, val, classnames, str(path))
+
+
+def make_dataset(data: TrainData, model, seed: int) -> Dataset:
+    from .data.datasets import ImageTextDataset, LabelledDataset
+    transform = model.image_transform(True)
+    if data.task == "retrieval":
+        base = ImageTextDataset(data.train, transform, model.tokenizer(), train=True, seed=seed)
+    else:
+        base = LabelledDataset(data.train, transform)
+    return SeededAugment(base, seed)
+
+
+# ============================================================================= pieces of the loop
+def param_groups(model, weight_decay: float):
+    """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.startswith("queries.") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def unused_parameters(module, model, loss_fn, task: str, device, image_size: int, tokenizer) -> List[str]:
+    """Names of learnable parameters that get no gradient from one probe step (zeros in, world 1).
+
+    DDP must be told about those (find_unused_parameters=True) or it waits for their gradients
+    forever; with every parameter used (the default config) it is left off, which saves a graph
+    traversal per step. Runs before training, touches no generator, leaves no gradients behind.
+    """
+    images = torch.zeros(2, 3, image_size, image_size, device=device)
+    if task == "retrieval":
+        terms = loss_fn(module(images, tokenizer(["a", "b"]).to(device)))
+    else:
+        terms = loss_fn(module(images), torch.zeros(2, dtype=torch.long, device=device))
+    terms["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for p in model.parameters():
+        p.grad = None
+    return unused
+
+
+def _sync_grads(params, info: D.DistInfo) -> None:
+    """Average gradients by hand (an accumulation group whose last micro-batch was empty)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= info.world_size
+
+
+def _image_size(model) -> int:
+    size = model.backbone.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+class Hooks:
+    """Callbacks for tests and tools: on_step(step, record) after each optimizer step (and after
+    that step's checkpoint, if any)."""
+
+    def on_step(self, step: int, record: Dict[str, Any]) -> None:
+        pass
+
+
+# ============================================================================= main loop
+def train(args: argparse.Namespace, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
+    info = D.init(args.device)
+    try:
+        return _train(args, info, hooks or Hooks())
+    finally:
+        D.cleanup(info)
+
+
+def _say(info: D.DistInfo, *msg) -> None:
+    if info.is_main:
+        print(*msg, flush=True)
+
+
+def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
+    main_rank = info.is_main
+    device = info.device
+    out = Path(args.out)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.accum_steps < 1 or args.batch_size < 1:
+        raise ValueError("--batch-size and --accum-steps must be >= 1")
+
+    # ---------------------------------------------------------------- model
+    fused = bool(args.fused)
+    if fused and device.type != "cuda":
+        _say(info, "--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+        fused = False
+    model_name = args.model or default_model_name(args.pretrained)
+    if not args.model:
+        args.model = model_name
+        why = ("named by --pretrained" if model_name == args.pretrained else "for --pretrained" if args.pretrained
+               else "GPU found" if torch.cuda.is_available() else "no GPU: a CPU-sized backbone")
+        _say(info, f"--model not given: using {model_name} ({why})")
+    if args.pretrained is None:
+        _say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
+                   "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
+    config = {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items()}
+    model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+    model.to(device)
+    cfg = model.config
+    tokenizer = model.tokenizer()
+
+    # ---------------------------------------------------------------- data
+    data = load_train_data(args)
+    dataset = make_dataset(data, model, args.seed)
+    per_rank = args.batch_size
+    if len(dataset) < per_rank * info.world_size:
+        new = max(1, len(dataset) // info.world_size)
+        _say(info, f"warning: {len(dataset)} training samples < global batch {per_rank * info.world_size}; "
+                   f"using --batch-size {new} per process")
+        per_rank = new
+    sampler = D.ShardedBatchSampler(len(dataset), per_rank, rank=info.rank, world_size=info.world_size,
+                                    seed=args.seed, shuffle=True, drop_last=True)
+    from .data.datasets import collate_skip_bad
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate_skip_bad,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    micro_per_epoch = sampler.batches_per_epoch()
+    steps_per_epoch = micro_per_epoch // args.accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(dataset)} samples make {micro_per_epoch} batches of {per_rank} x "
+                         f"{info.world_size} processes: fewer than --accum-steps {args.accum_steps}")
+    epochs = args.epochs or (math.ceil(args.max_steps / steps_per_epoch) if args.max_steps else 10)
+    total = epochs * steps_per_epoch
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = args.warmup if args.warmup is not None else min(500, math.ceil(0.05 * total))
+
+    # ---------------------------------------------------------------- objective
+    if data.task == "retrieval":
+        from .losses import NEARLLoss
+        module = model
+        loss_fn = NEARLLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
+        probe_loss = NEARLLoss.from_config(cfg)
+    else:
+        templates = args.templates or list(TEMPLATES)
+        prompts = tokenize_prompts(tokenizer, data.classnames, templates).to(device)
+        module = PromptClassifier(model, prompts, len(data.classnames)).to(device)
+        loss_fn = ClassificationLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
+        probe_loss = ClassificationLoss.from_config(cfg)
+    params = list(model.trainable_parameters())
+    if info.distributed:
+        unused = unused_parameters(module, model, probe_loss, data.task, device, _image_size(model), tokenizer)
+        if unused:
+            _say(info, f"DDP: {len(unused)} learnable tensors get no gradient with this config "
+                       f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): find_unused_parameters=True")
+        else:
+            _say(info, "DDP: every learnable tensor gets a gradient: find_unused_parameters=False")
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(unused), broadcast_buffers=False)
+        forward = ddp
+    else:
+        ddp, forward = None, module
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=args.eps)
+    scheduler = warmup_cosine(optimizer, warmup, total, args.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+
+    # ---------------------------------------------------------------- state / resume
+    step, epoch, pos, best = 0, 0, 0, None
+    log = MetricsLog(out / "metrics.jsonl", enabled=main_rank)
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        if ckpt.get("task", "retrieval") != data.task:
+            raise ValueError(f"checkpoint task {ckpt.get('task')} != --task {data.task}")
+        model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        schedule = WarmupCosine(warmup, total, args.min_lr_ratio)  # this run's length (may differ)
+        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, pos, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt.get("best")
+        saved = ckpt.get("data", {})
+        if saved and (saved.get("n"), saved.get("batch_size"), saved.get("world_size")) != (
+                sampler.n, sampler.batch_size, sampler.world_size):
+            _say(info, f"warning: data layout changed since the checkpoint ({saved}); the data order "
+                       "will not match an uninterrupted run")
+        set_rng_state(ckpt["rng"])
+        log.truncate_after(step)
+        _say(info, f"resumed from {ckpt['path']}: step {step}, epoch {epoch}, batch {pos} of the epoch")
+    else:
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        torch.manual_seed(args.seed)
+        if main_rank and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()  # a fresh run in a used directory starts a fresh log
+
+    if main_rank:
+        model.print_parameter_breakdown()
+        print(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from {data.source}")
+        print(f"{info.world_size} process(es) x batch {per_rank} x accumulation {args.accum_steps} = "
+              f"{per_rank * info.world_size * args.accum_steps} samples per step; {steps_per_epoch} steps per "
+              f"epoch; {total} steps ({epochs} epochs at most), warmup {warmup}; device {device}, "
+              f"precision {args.precision}{', fused kernels' if fused else ''}", flush=True)
+    if not data.val:
+        _say(info, "no validation records: no per-epoch evaluation and no best.pt "
+                   "(give the manifest a 'val' split or use --val-data)")
+
+    def state(tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> Dict[str, Any]:
+        return {
+            "model_name": model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
+            "config": cfg.to_dict(), "task": data.task, "classnames": data.classnames,
+            "templates": (args.templates or list(TEMPLATES)) if data.task == "classification" else None,
+            "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step, "epoch": tag_epoch, "batch_in_epoch": tag_pos, "best": best,
+            "rng": rng_state(), "data": {**sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "metrics": metrics or {},
+        }
+
+    saved_at = {"step": None, "best": None}
+
+    def save(name: str, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> None:
+        D.barrier(info)
+        if main_rank:
+            save_checkpoint(state(tag_epoch, tag_pos, metrics), out, name)
+        if name == LAST:
+            saved_at.update(step=step, best=best)
+        D.barrier(info)
+
+    last_eval_step = -1
+
+    def validate() -> Optional[Dict[str, float]]:
+        nonlocal best, last_eval_step
+        if not data.val or last_eval_step == step:
+            return None
+        last_eval_step = step
+        results = None
+        if main_rank:
+            kw = dict(device=device, batch_size=args.eval_batch_size or per_rank, workers=args.workers,
+                      precision=args.precision, progress=not args.no_progress)
+            if data.task == "retrieval":
+                results = evaluate_retrieval(model, data.val, **kw)
+            else:
+                results = evaluate_classification(model, data.val, data.classnames,
+                                                  templates=args.templates or TEMPLATES, **kw)
+            score = headline(data.task, results)
+            log.write({"kind": "val", "step": step, "epoch": epoch, **results, "score": score})
+            shown = {k: v for k, v in results.items() if k in ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy",
+                                                              "macro_f1", "macro_auc")}
+            print(f"validation at step {step}: {format_metrics(shown)}", flush=True)
+            if best is None or score > best:
+                best = score
+                save_checkpoint(state(epoch, pos, results), out, BEST)
+                print(f"new best {score:.2f}: {out / BEST}", flush=True)
+        best = D.broadcast_object(best, info)  # every rank takes the same save decisions
+        return results
+
+    def plot() -> None:
+        if main_rank:
+            try:
+                from .plots import plot_curves
+                plot_curves(out / "metrics.jsonl", out / "curves.png")
+            except Exception as e:  # a plot must never kill a run
+                logger.warning("could not draw curves.png: %s", e)
+
+    # ---------------------------------------------------------------- loop
+    module.train()
+    accum = args.accum_steps
+    amp = autocast(device, args.precision)
+    progress = not args.no_progress and main_rank
+    while step < total and epoch < epochs:
+        sampler.set_epoch(epoch, start=pos)
+        dataset.set_epoch(epoch)
+        bar = tqdm(total=steps_per_epoch, initial=pos // accum, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not progress, dynamic_ncols=True)
+        group: List[Dict[str, float]] = []
+        micro, seen, t0 = 0, 0, time.perf_counter()
+        for batch in loader:
+            if pos >= steps_per_epoch * accum:
+                break
+            pos += 1
+            micro += 1
+            n_local = 0 if batch is None else int(batch[0].shape[0])
+            n = D.all_reduce_min(n_local, info)  # equal sizes on every rank (gathered loss)
+            last_micro = micro == accum
+            if n > 0:
+                images, second = batch[0][:n].to(device, non_blocking=True), batch[1][:n].to(device, non_blocking=True)
+                sync = ddp.no_sync() if (ddp is not None and not last_micro) else nullcontext()
+                with sync:
+                    with amp:
+                        if data.task == "retrieval":
+                            terms = loss_fn(forward(images, second))
+                        else:
+                            terms = loss_fn(forward(images), second)
+                    loss = terms["loss"] / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                group.append({k: float(v.detach()) for k, v in terms.items()})
+                seen += n * info.world_size
+            elif ddp is not None and last_micro and group:
+                _sync_grads(params, info)  # the synced backward of this group never happened
+            if not last_micro:
+                continue
+
+            # ---- optimizer step
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if args.grad_clip and args.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            micro = 0
+            dt = time.perf_counter() - t0
+            keys = sorted({k for g in group for k in g})
+            mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
+            if mean:
+                reduced = D.all_reduce_mean(torch.tensor([mean[k] for k in keys], dtype=torch.float64), info)
+                mean = dict(zip(keys, reduced.tolist()))
+            record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **mean,
+                      "samples": seen, "samples_per_s": seen / dt if dt > 0 else None}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if scaler is not None:
+                record["loss_scale"] = float(scaler.get_scale())
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean.get('loss', float('nan')):.4f}",
+                            samples_s=f"{record['samples_per_s'] or 0:.1f}", lr=f"{lr:.2e}")
+            group, seen, t0 = [], 0, time.perf_counter()
+            at_epoch_end = pos >= steps_per_epoch * accum
+            if args.save_every and step % args.save_every == 0 and not at_epoch_end and step < total:
+                save(LAST, epoch, pos)
+            hooks.on_step(step, record)
+            if step >= total:
+                break
+        bar.close()
+        if pos >= steps_per_epoch * accum:  # a full epoch
+            epoch, pos = epoch + 1, 0
+            if args.eval_every and epoch % args.eval_every == 0 and validate() is not None:
+                plot()  # the curves are redrawn with each validation, and at the end
+            save(LAST, epoch, pos)
+
+    # ---------------------------------------------------------------- the end
+    final = validate()
+    if saved_at != {"step": step, "best": best}:
+        save(LAST, epoch, pos, final)
+    plot()
+    if main_rank:
+        print(f"done: {step} steps; checkpoints in {out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
+              f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
+    log.close()
+    return {"step": step, "epoch": epoch, "best": best, "out": str(out)}
+
+
+def setup_logging() -> None:
+    """nearl's own INFO lines (reader summaries) on rank 0; other libraries at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("nearl").setLevel(logging.INFO if main_rank else logging.WARNING)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    setup_logging()
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

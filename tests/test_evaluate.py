@@ -1,0 +1,78 @@
+"""python -m nearl.evaluate: retrieval with several captions per image, prompt classification,
+zero-shot (a fresh model is the frozen CLIP) and trained checkpoints."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nearl import evaluate as E
+from nearl import metrics as M
+from nearl.checkpoint import build_model
+from nearl.data.manifests import read_manifest
+from test_train import _one_thread, FAST, make_image_folder, make_manifest, run
+
+KW = dict(device="cpu", batch_size=4, workers=0, progress=False)
+
+
+def test_zero_shot_retrieval_is_frozen_clip(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n_train=0, n_val=6, captions_per_image=3)
+    records = read_manifest(manifest)
+    model = build_model("NEARL-Tiny", None, seed=1)
+    res = E.evaluate_retrieval(model, records, **KW)
+    assert res["n_images"] == 6 and res["n_texts"] == 18
+    # The same numbers straight from the open_clip backbone.
+    clip, tok, tf = model.backbone, model.tokenizer(), model.image_transform(False)
+    from nearl.data.images import load_image
+    with torch.no_grad():
+        img = clip.encode_image(torch.stack([tf(load_image(r.image)) for r in records]))
+        txt = clip.encode_text(tok([c for r in records for c in r.captions]))
+    ref = M.retrieval_recall(img, txt, torch.arange(6).repeat_interleave(3))
+    for k, v in ref.items():
+        assert res[k] == pytest.approx(v), k
+
+
+def test_bad_image_and_its_captions_are_dropped(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n_train=0, n_val=5, captions_per_image=2)
+    (tmp_path / "data" / "img2.png").write_bytes(b"\x89PNG broken")
+    res = E.evaluate_retrieval(build_model("NEARL-Tiny"), read_manifest(manifest), **KW)
+    assert (res["n_images"], res["n_texts"]) == (4, 8)
+
+
+def test_cli_zero_shot_outputs(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n_train=2, n_val=4)
+    report = E.main(["--model", "NEARL-Tiny", "--data", str(manifest), "--split", "val", "--out",
+                     str(tmp_path / "res"), "--workers", "0", "--no-progress"])
+    assert report["checkpoint"] is None and report["split"] == "val"
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert saved["metrics"]["n_images"] == 4 and saved["metrics"]["n_texts"] == 8
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "| zero-shot NEARL-Tiny |" in md and "t2i_R@10" in md
+    assert "RANDOM" in capsys.readouterr().out
+
+
+def test_classification_checkpoint_and_zero_shot(tmp_path):
+    root = make_image_folder(tmp_path / "folder", per_class=(2, 2))
+    out = tmp_path / "run"
+    run(["--task", "classification", "--model", "NEARL-Tiny", "--data", root, "--batch-size", 6,
+         "--max-steps", 2, "--lr", 1e-2, "--eval-every", 0, "--out", out, *FAST])
+    common = ["--data", str(root), "--split", "val", "--workers", "0", "--no-progress"]
+    trained = E.main(["--checkpoint", str(out), *common])  # task taken from the checkpoint
+    zero = E.main(["--model", "NEARL-Tiny", "--task", "classification", *common])
+    for rep in (trained, zero):
+        assert rep["task"] == "classification" and rep["metrics"]["n_images"] == 6
+        assert {"accuracy", "macro_f1", "macro_auc"} <= set(rep["metrics"])
+    # The trained run's own final validation used the same images, prompts and model.
+    last_val = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
+    assert last_val["kind"] == "val"
+    assert trained["metrics"]["accuracy"] == pytest.approx(last_val["accuracy"])
+    assert trained["metrics"]["macro_auc"] == pytest.approx(last_val["macro_auc"])
+
+
+def test_split_fallback(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n_train=3, n_val=2)
+    records, _, split, _ = E.load_eval_data("retrieval", str(manifest), split="test")
+    assert split == "val" and len(records) == 2  # no test split: the val split, with a warning
