@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Mapping, Optional
 
@@ -33,13 +32,18 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
-def _kernel(module: str, name: str):
-    """The fused op from kernels/, or a clear error while it does not exist yet."""
+def _kernel(name: str):
+    """The fused op from kernels/ (imported on first use, so TRITON_INTERPRET may be set late), or
+    a clear error when it cannot load. Plain import statements, which torch.compile traces."""
     try:
-        return getattr(importlib.import_module(f"kernels.{module}"), name)
-    except (ImportError, AttributeError) as err:
-        raise NotImplementedError(f"impl='triton' for {name} is not available: kernels.{module}.{name} "
-                                  f"could not be loaded ({err}); use impl='reference'") from err
+        if name == "oca":
+            from kernels.oca import oca as fn
+        else:
+            from kernels.layer import nearl_layer as fn
+    except ImportError as err:
+        raise NotImplementedError(f"impl='triton' is not available: the kernel for {name} could not be "
+                                  f"loaded ({err}); use impl='reference'") from err
+    return fn
 
 
 def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *,
@@ -51,7 +55,7 @@ def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *
     """
     check_oca_args(x, a, c, gate, orth)
     if _resolve(impl, x) == "triton":
-        return _kernel("oca", "oca")(x, a, c, gate, orth=orth)
+        return _kernel("oca")(x, a, c, gate, orth=orth)
     return reference.oca(x, a, c, gate, orth=orth)
 
 
@@ -69,5 +73,5 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
     """
     sizes = check_layer_args(x, q, params, mask, orth, check_mask_rows)
     if _resolve(impl, x) == "triton":
-        return _kernel("layer", "nearl_layer")(x, q, params, mask=mask, orth=orth, heads=sizes["H"])
+        return _kernel("nearl_layer")(x, q, params, mask=mask, orth=orth, heads=sizes["H"])
     return reference.nearl_layer(x, q, params, mask=mask, orth=orth, heads=sizes["H"])
