@@ -5,7 +5,8 @@ A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pi
     format, version        "nearl-checkpoint", 1
     model_name, pretrained the backbone to rebuild (open_clip name / tag, file or hf-hub:/local-dir:)
     backbone_seed          the seed the model was built under (rebuilds a random backbone exactly)
-    config                 NEARLConfig.to_dict()
+    method                 "nearl" (absent in older files) or a baseline of nearl/methods/
+    config                 NEARLConfig.to_dict() (the method's own config for a baseline)
     task, classnames       "retrieval" or "classification" (+ the class names it was trained on)
     model                  model.trainable_state_dict()  (adapters, USEformer, queries)
     optimizer, scheduler, scaler     their state_dicts (scaler None without fp16)
@@ -202,6 +203,9 @@ def build_from_checkpoint(ckpt: Union[PathLike, Dict[str, Any]], *, fused: bool 
     """
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
+    if (ckpt.get("method") or "nearl") != "nearl":  # a baseline of nearl/methods/: rebuild that method
+        from .methods import build_from_checkpoint as build_method_from_checkpoint
+        return build_method_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=model_name)
     name = model_name or ckpt["model_name"]
     source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
     model = build_model(name, source, fused=fused, seed=int(ckpt.get("backbone_seed", 0)), **ckpt["config"])

@@ -71,8 +71,32 @@ class ClassifierOutput(NamedTuple):
     orth_penalty: Optional[torch.Tensor]
 
 
+def class_prompt_tokens(model, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
+    """The token ids of a model's class prompts: its own `class_prompt_tokens` if it has one (CoOp:
+    learned context, one prompt per class), else the templates filled with the class names."""
+    own = getattr(model, "class_prompt_tokens", None)
+    if own is not None:
+        return own(classnames, templates)
+    return tokenize_prompts(model.tokenizer(), classnames, templates)
+
+
+def prompt_tower(model):
+    """The text path class prompts take: the model's `prompt_tower` if it has one, else its text tower."""
+    return getattr(model, "prompt_tower", None) or model.text_tower
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # (B, C): logit_scale * cos(image, class)
+    image_queries: Optional[torch.Tensor]  # (B, D): mean over M of the final Q_v (None: no queries)
+    class_queries: Optional[torch.Tensor]  # (C, D)
+    orth_penalty: Optional[torch.Tensor]
+
+
 class PromptClassifier(nn.Module):
-    """NEARL-CLIP + fixed class prompts as one module (so DDP sees a single forward per step)."""
+    """A model + fixed class prompts as one module (so DDP sees a single forward per step).
+
+    Works for every method with NEARLCLIP's interface; methods without queries (image_tower /
+    text_tower returning queries=None) give image_queries = class_queries = None."""
 
     def __init__(self, model: nn.Module, prompt_tokens: torch.Tensor, num_classes: int):
         super().__init__()
@@ -84,13 +108,14 @@ class PromptClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ClassifierOutput:
         image = self.model.image_tower(images)
-        text = self.model.text_tower(self.prompt_tokens)
+        text = prompt_tower(self.model)(self.prompt_tokens)
         classes = class_embeddings(text.features, self.num_classes)
         logits = self.model.logit_scale.float() * F.normalize(image.features.float(), dim=-1) @ classes.T
         penalties = [p for p in (image.orth_penalty, text.orth_penalty) if p is not None]
         penalty = torch.stack(penalties).mean() if penalties else None
-        return ClassifierOutput(logits, image.queries.float().mean(dim=1),
-                                class_queries(text.queries, self.num_classes), penalty)
+        image_q = image.queries.float().mean(dim=1) if image.queries is not None else None
+        class_q = class_queries(text.queries, self.num_classes) if text.queries is not None else None
+        return ClassifierOutput(logits, image_q, class_q, penalty)
 
 
 def _gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -140,7 +165,7 @@ class ClassificationLoss(nn.Module):
     def forward(self, out: ClassifierOutput, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         terms = {"cross_entropy": F.cross_entropy(out.logits.float(), labels)}
         total = terms["cross_entropy"]
-        if self.lambda_q:
+        if self.lambda_q and out.image_queries is not None and out.class_queries is not None:
             qv = _gather_with_grad(out.image_queries, self.world_size)
             y = _gather(labels, self.world_size)
             terms["query_alignment"] = query_alignment(qv, out.class_queries, y, self.q_temperature)
@@ -156,8 +181,23 @@ class ClassificationLoss(nn.Module):
 def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, *,
                          device=None, batch_size: int = 256) -> torch.Tensor:
     """(C, E) unit class embeddings from the (adapted) text tower, for evaluation."""
-    tokens = tokenize_prompts(model.tokenizer(), classnames, templates)
+    tokens = class_prompt_tokens(model, classnames, templates)
     device = device if device is not None else next(model.parameters()).device
-    feats = [model.encode_text(tokens[i:i + batch_size].to(device)).float()
-             for i in range(0, tokens.shape[0], batch_size)]
+    if getattr(model, "prompt_tower", None) is not None:
+        encode = lambda t: model.prompt_tower(t).features
+    else:
+        encode = model.encode_text
+    feats = [encode(tokens[i:i + batch_size].to(device)).float() for i in range(0, tokens.shape[0], batch_size)]
     return class_embeddings(torch.cat(feats), len(classnames))
+
+
+@torch.no_grad()
+def classification_logits(model, image_features: torch.Tensor, classnames: Sequence[str],
+                          templates: Sequence[str] = TEMPLATES, *, device=None) -> torch.Tensor:
+    """(n, C) logits for image features from model.encode_image: the model's own classifier if it has
+    one (linear-probe), else logit_scale * cos(image, prompt-ensembled class)."""
+    own = getattr(model, "classification_logits", None)
+    if own is not None:
+        return own(image_features, classnames, templates, device=device).float().cpu()
+    classes = zero_shot_classifier(model, classnames, templates, device=device).float().cpu()
+    return model.logit_scale.float().cpu() * F.normalize(image_features.float().cpu(), dim=-1) @ classes.T

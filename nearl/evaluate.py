@@ -6,7 +6,9 @@
         --data split.json --root images/                          # zero-shot: the frozen CLIP
 
 Without --checkpoint the model is freshly built, which computes exactly the frozen CLIP (W_up
-starts at zero), i.e. the zero-shot baseline. Without --data the embedded demo set is used.
+starts at zero), i.e. the zero-shot baseline (`--method zeroshot` says so by name). A checkpoint
+records its method (nearl, alta, clip-adapter, coop, linear-probe, zeroshot: nearl/methods/), and
+the same method is rebuilt from it. Without --data the embedded demo set is used.
 Results go to stdout as a Markdown table and, with --out DIR, to DIR/results.json and
 DIR/results.md.
 """
@@ -20,12 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .classify import TEMPLATES, zero_shot_classifier
+from .classify import TEMPLATES, classification_logits
 from .data.datasets import ImageTextDataset, LabelledDataset
 from .data.records import ImageTextRecord, LabelledRecord
 from .logging_utils import _clean, markdown_table
@@ -137,8 +138,7 @@ def evaluate_classification(model, records: Sequence[LabelledRecord], classnames
         kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
                                           precision=precision, progress=progress)
         with autocast(torch.device(device), precision):
-            classes = zero_shot_classifier(model, classnames, templates, device=device).float().cpu()
-        logits = model.logit_scale.float().cpu() * F.normalize(image_feats, dim=-1) @ classes.T
+            logits = classification_logits(model, image_feats, classnames, templates, device=device)
         labels = ds.labels()[kept]
         out = M.classification_metrics(logits, labels)
         out["n_images"] = int(kept.numel())
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
+    p.add_argument("--method", help="without --checkpoint: the method to build fresh (default nearl, which "
+                   "computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
     p.add_argument("--model", help="open_clip architecture (default: the checkpoint's; without one, "
                    "ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
     p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir: "
@@ -241,7 +243,8 @@ def default_model_name(pretrained: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    from .checkpoint import build_from_checkpoint, build_model, describe, load_checkpoint
+    from .checkpoint import describe, load_checkpoint
+    from .methods import build_from_checkpoint, build_method, canonical, check_task
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -254,19 +257,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
-        print(f"checkpoint {describe(ckpt)}")
+        method = canonical(ckpt.get("method") or "nearl")
+        if args.method and canonical(args.method) != method:
+            raise ValueError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
+        print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
         pretrained = args.pretrained if args.pretrained is not None else "checkpoint"
         model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
         task = args.task or ckpt.get("task", "retrieval")
         source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
-        label = f"NEARL-CLIP ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
+        label = ("NEARL-CLIP" if method == "nearl" else method) + f" ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
     else:
         ckpt = None
+        method = canonical(args.method or "nearl")
         name = args.model or default_model_name(args.pretrained)
-        model = build_model(name, args.pretrained, fused=fused, seed=args.seed)
+        model = build_method(method, name, args.pretrained, fused=fused, seed=args.seed)
         task = args.task or "retrieval"
         source = args.pretrained
-        label = f"zero-shot {name}"
+        label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
+        if method not in ("nearl", "zeroshot"):
+            print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
+    check_task(method, task)
     if source is None:
         print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {args.seed if ckpt is None else ckpt.get('backbone_seed')}); "
               "numbers only check the pipeline.")
@@ -284,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   f"{classnames} by their prompts")
         results = evaluate_classification(model, records, classnames, templates=args.templates or TEMPLATES, **kw)
 
-    report = {"task": task, "data": src, "split": split, "model": model.model_name, "pretrained": source,
+    report = {"task": task, "method": method, "data": src, "split": split, "model": model.model_name,
+              "pretrained": source, "learnable_parameters": model.num_trainable_parameters(),
               "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results}
     table = markdown_table({label: {k: v for k, v in results.items() if not k.startswith("n_") and k != "auc_classes"}},
                            title=f"{task} on {src} ({split}, {results.get('n_images')} images)")

@@ -6,6 +6,12 @@
     python -m nearl.train --task classification --data split.json --root images/ --k-shot 16 --out runs/fs
     python -m nearl.train --resume runs/roco                        # continue exactly where it stopped
     torchrun --nproc_per_node=4 -m nearl.train ... --batch-size 64  # global batch 256
+    python -m nearl.train --method alta --multiview --data studies.csv --out runs/alta   # a baseline
+
+--method picks the adaptation (nearl/methods/): nearl (default), alta, clip-adapter, coop,
+linear-probe, zeroshot. All share this data pipeline, loop, checkpoints (which record the method)
+and evaluation; linear-probe fits on cached features (one L-BFGS iteration per step) and zeroshot
+trains nothing (it validates and writes a checkpoint naming itself).
 
 Retrieval: the symmetric CLIP loss (gathered across ranks with gradient) + lambda_q * query
 alignment. Classification: cross-entropy over logit_scale * cos(image, class prompts), the prompts
@@ -37,10 +43,13 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, tokenize_prompts
+from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
 from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classification,
                        evaluate_retrieval, headline)
 from .logging_utils import MetricsLog, format_metrics
+from .methods import METHODS, build_method, canonical, check_task
+from .methods.linear_probe import DEFAULT_WEIGHT_DECAYS
+from .methods.multiview import VIEW_COLUMNS
 from .schedule import WarmupCosine, warmup_cosine
 
 logger = logging.getLogger("nearl.train")
@@ -76,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
+    g.add_argument("--method", default="nearl", help="adaptation method: " + ", ".join(METHODS) +
+                   " (default nearl; see nearl/methods/)")
     g.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
     g.add_argument("--pretrained", help="backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
                    "checkpoint file, hf-hub:org/repo or local-dir:path (default: none = random backbone)")
@@ -90,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision-layers", type=_layers, default=None,
                    help="adapted vision blocks, 1-based: 'all' (default), 'none', '1,2,3', '7-12'")
     g.add_argument("--text-layers", type=_layers, default=None, help="adapted text blocks (as above)")
+
+    g = p.add_argument_group("other methods' options (ignored by nearl)")
+    g.add_argument("--reduction", type=int, default=4, help="alta / clip-adapter: bottleneck d -> d/reduction")
+    g.add_argument("--alpha", type=float, default=0.2, help="clip-adapter: residual ratio")
+    g.add_argument("--n-ctx", type=int, default=16, help="coop: learned context vectors M")
+    g.add_argument("--multiview", action="store_true",
+                   help="alta: studies with up to 4 views (manifest columns of --view-columns) and learned "
+                        "view / time embeddings; evaluation uses the frontal image")
+    g.add_argument("--view-columns", default=",".join(VIEW_COLUMNS),
+                   help="alta --multiview: manifest columns of the frontal/current, lateral/current, "
+                        "frontal/prior and lateral/prior views (default %(default)s)")
+    g.add_argument("--probe-wd", default=",".join(str(w) for w in DEFAULT_WEIGHT_DECAYS),
+                   help="linear-probe: L2 weights searched on validation (default %(default)s)")
 
     g = p.add_argument_group("data")
     g.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
@@ -228,13 +252,26 @@ def _read_labelled(path: Path, root: Optional[str]):
     return splits, classnames
 
 
+def _view_columns(args) -> List[str]:
+    cols = [c.strip() for c in str(getattr(args, "view_columns", None) or ",".join(VIEW_COLUMNS)).split(",")]
+    if len(cols) != len(VIEW_COLUMNS) or not all(cols):
+        raise ValueError(f"--view-columns needs {len(VIEW_COLUMNS)} comma-separated names, got {cols}")
+    return cols
+
+
 def load_train_data(args) -> TrainData:
     from .data import demo
     if args.task == "retrieval":
         if args.k_shot:
             raise ValueError("--k-shot applies to --task classification only")
         path = args.data or str(demo.demo_manifest())
-        records = _read_retrieval(path, args.format, args.root)
+        if getattr(args, "multiview", False):
+            if args.format not in ("auto", "manifest"):
+                raise ValueError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {args.format}")
+            from .methods.multiview import read_multiview
+            records = read_multiview(path, root=args.root, columns=_view_columns(args))
+        else:
+            records = _read_retrieval(path, args.format, args.root)
         train = [r for r in records if r.split in (None, "train")]
         if args.val_data:
             val = _read_retrieval(args.val_data, args.format, None)
@@ -261,10 +298,14 @@ def load_train_data(args) -> TrainData:
     return TrainData("classification", train, val, classnames, str(path))
 
 
-def make_dataset(data: TrainData, model, seed: int) -> Dataset:
+def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> Dataset:
     from .data.datasets import ImageTextDataset, LabelledDataset
     transform = model.image_transform(True)
-    if data.task == "retrieval":
+    if multiview:
+        from .methods.multiview import MultiViewDataset
+        base = MultiViewDataset(data.train, transform, model.tokenizer(), train=True, seed=seed,
+                                num_views=model.num_views)
+    elif data.task == "retrieval":
         base = ImageTextDataset(data.train, transform, model.tokenizer(), train=True, seed=seed)
     else:
         base = LabelledDataset(data.train, transform)
@@ -272,13 +313,33 @@ def make_dataset(data: TrainData, model, seed: int) -> Dataset:
 
 
 # ============================================================================= pieces of the loop
+def method_config(method: str, args, data: Optional[TrainData] = None) -> Dict[str, Any]:
+    """The config fields of `method` from the command line (NEARLConfig's for nearl)."""
+    if method == "nearl":
+        return {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items()}
+    get = lambda name, default: getattr(args, name, default)
+    if method == "alta":
+        return {"reduction": get("reduction", 4), "multiview": bool(get("multiview", False))}
+    if method == "clip-adapter":
+        return {"alpha": get("alpha", 0.2), "reduction": get("reduction", 4)}
+    if method == "coop":
+        return {"n_ctx": get("n_ctx", 16)}
+    if method == "linear-probe":
+        wds = [float(w) for w in str(get("probe_wd", None) or "0.001").split(",") if w.strip()]
+        return {"weight_decays": wds, "num_classes": len(data.classnames) if data and data.classnames else 0}
+    return {}
+
+
 def param_groups(model, weight_decay: float):
-    """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank."""
+    """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank.
+    A method may say otherwise with `model.decays(name, p)` (e.g. ALTA: its adapter matrices only)."""
     decay, no_decay = [], []
+    rule = getattr(model, "decays", None)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.startswith("queries.") else no_decay).append(p)
+        decays = rule(name, p) if rule is not None else (p.ndim >= 2 and not name.startswith("queries."))
+        (decay if decays else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -360,15 +421,31 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     if args.pretrained is None:
         _say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
                    "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
-    config = {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items()}
-    model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
-    model.to(device)
-    cfg = model.config
-    tokenizer = model.tokenizer()
+    method = canonical(getattr(args, "method", None) or "nearl")
+    args.method = method
+    check_task(method, args.task)
+    if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
+        raise ValueError(f"--multiview is an option of method 'alta' with task 'retrieval' "
+                         f"(got method {method!r}, task {args.task!r})")
+    if method == "linear-probe" and info.distributed:
+        raise ValueError("method 'linear-probe' fits on cached features in one process; run it without torchrun")
+    if fused and method != "nearl":
+        _say(info, f"--fused: the Triton kernels are NEARL's; method {method} runs its PyTorch path.")
+        fused = False
 
     # ---------------------------------------------------------------- data
     data = load_train_data(args)
-    dataset = make_dataset(data, model, args.seed)
+    config = method_config(method, args, data)
+    if method == "nearl":
+        model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+    else:
+        model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+    model.to(device)
+    cfg = model.config
+    tokenizer = model.tokenizer()
+    if method == "linear-probe":
+        return _train_linear_probe(args, info, model, data, out)
+    dataset = make_dataset(data, model, args.seed, multiview=getattr(args, "multiview", False))
     per_rank = args.batch_size
     if len(dataset) < per_rank * info.world_size:
         new = max(1, len(dataset) // info.world_size)
@@ -399,12 +476,15 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         probe_loss = NEARLLoss.from_config(cfg)
     else:
         templates = args.templates or list(TEMPLATES)
-        prompts = tokenize_prompts(tokenizer, data.classnames, templates).to(device)
+        prompts = class_prompt_tokens(model, data.classnames, templates).to(device)
         module = PromptClassifier(model, prompts, len(data.classnames)).to(device)
         loss_fn = ClassificationLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
         probe_loss = ClassificationLoss.from_config(cfg)
     params = list(model.trainable_parameters())
-    if info.distributed:
+    if not params:  # zeroshot: nothing to learn; validate once and record a checkpoint naming the method
+        _say(info, f"method {method}: no learnable parameters; nothing is trained (validation and a checkpoint only)")
+        total = epochs = 0
+    if info.distributed and params:
         unused = unused_parameters(module, model, probe_loss, data.task, device, _image_size(model), tokenizer)
         if unused:
             _say(info, f"DDP: {len(unused)} learnable tensors get no gradient with this config "
@@ -418,10 +498,13 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     else:
         ddp, forward = None, module
 
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(args.beta1, args.beta2), eps=args.eps)
-    scheduler = warmup_cosine(optimizer, warmup, total, args.min_lr_ratio)
-    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    if params:
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                      betas=(args.beta1, args.beta2), eps=args.eps)
+        scheduler = warmup_cosine(optimizer, warmup, total, args.min_lr_ratio)
+    else:
+        optimizer = scheduler = None
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" and params else None
 
     # ---------------------------------------------------------------- state / resume
     step, epoch, pos, best = 0, 0, 0, None
@@ -430,11 +513,14 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         ckpt = load_checkpoint(args.resume, map_location="cpu")
         if ckpt.get("task", "retrieval") != data.task:
             raise ValueError(f"checkpoint task {ckpt.get('task')} != --task {data.task}")
+        if canonical(ckpt.get("method") or "nearl") != method:
+            raise ValueError(f"checkpoint method {ckpt.get('method')} != --method {method}")
         model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        schedule = WarmupCosine(warmup, total, args.min_lr_ratio)  # this run's length (may differ)
-        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            schedule = WarmupCosine(warmup, total, args.min_lr_ratio)  # this run's length (may differ)
+            scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, epoch, pos, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt.get("best")
@@ -455,6 +541,8 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
 
     if main_rank:
         model.print_parameter_breakdown()
+        if method != "nearl":
+            print(f"method {method}: {model.num_trainable_parameters():,} learnable parameters")
         print(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from {data.source}")
         print(f"{info.world_size} process(es) x batch {per_rank} x accumulation {args.accum_steps} = "
               f"{per_rank * info.world_size * args.accum_steps} samples per step; {steps_per_epoch} steps per "
@@ -467,10 +555,11 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     def state(tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> Dict[str, Any]:
         return {
             "model_name": model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
-            "config": cfg.to_dict(), "task": data.task, "classnames": data.classnames,
+            "method": method, "config": cfg.to_dict(), "task": data.task, "classnames": data.classnames,
             "templates": (args.templates or list(TEMPLATES)) if data.task == "classification" else None,
             "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": step, "epoch": tag_epoch, "batch_in_epoch": tag_pos, "best": best,
             "rng": rng_state(), "data": {**sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
@@ -545,12 +634,14 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
             n = D.all_reduce_min(n_local, info)  # equal sizes on every rank (gathered loss)
             last_micro = micro == accum
             if n > 0:
-                images, second = batch[0][:n].to(device, non_blocking=True), batch[1][:n].to(device, non_blocking=True)
+                # (images, tokens | labels), or (views, view_mask, tokens) with --multiview
+                images, second = batch[0][:n].to(device, non_blocking=True), batch[-1][:n].to(device, non_blocking=True)
+                extra = tuple(t[:n].to(device, non_blocking=True) for t in batch[1:-1])
                 sync = ddp.no_sync() if (ddp is not None and not last_micro) else nullcontext()
                 with sync:
                     with amp:
                         if data.task == "retrieval":
-                            terms = loss_fn(forward(images, second))
+                            terms = loss_fn(forward(images, second, *extra))
                         else:
                             terms = loss_fn(forward(images), second)
                     loss = terms["loss"] / accum
@@ -617,7 +708,94 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         print(f"done: {step} steps; checkpoints in {out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
               f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
-    return {"step": step, "epoch": epoch, "best": best, "out": str(out)}
+    return {"step": step, "epoch": epoch, "best": best, "out": str(out), "method": method,
+            "learnable_parameters": model.num_trainable_parameters()}
+
+
+def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Path) -> Dict[str, Any]:
+    """linear-probe: cache the frozen image features once, fit the head full-batch (nearl/methods/
+    linear_probe.py), validate and checkpoint like the main loop. A step is one L-BFGS iteration;
+    --max-steps (default 100) is the budget of each candidate of the weight-decay search."""
+    from .data.datasets import LabelledDataset
+    from .evaluate import encode_images
+    from .methods.linear_probe import fit_linear_probe
+
+    device = info.device
+    steps = int(args.max_steps or 100)
+    if args.resume:
+        print("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
+    log = MetricsLog(out / "metrics.jsonl")
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
+              precision=args.precision, progress=not args.no_progress)
+    transform = model.image_transform(False)  # cached features: no augmentation
+
+    def cache(records, desc):
+        ds = LabelledDataset(records, transform)
+        kept, feats = encode_images(model, ds, desc=desc, **kw)
+        return feats, ds.labels()[kept]
+
+    model.eval()
+    t0 = time.perf_counter()
+    train_x, train_y = cache(data.train, "train images")
+    val_x, val_y = cache(data.val, "val images") if data.val else (None, None)
+    feature_s = time.perf_counter() - t0
+    model.print_parameter_breakdown()
+    print(f"task classification: {len(data.train)} training / {len(data.val)} validation records from "
+          f"{data.source}; features cached in {feature_s:.1f}s; L-BFGS, {steps} iterations per candidate "
+          f"weight decay {list(model.config.weight_decays)}", flush=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+    n = int(train_y.numel())
+    last = {"t": time.perf_counter()}
+
+    def on_step(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        dt, last["t"] = now - last["t"], now
+        log.write({"kind": "train", "step": step, "epoch": 0, "loss": loss,
+                   "samples": n, "samples_per_s": n / dt if dt > 0 else None})
+
+    def on_search(rec: Dict[str, float]) -> None:
+        log.write({"kind": "search", "step": 0, **rec})
+        print(f"linear-probe: weight decay {rec['weight_decay']:g}: val accuracy {rec['val_accuracy']:.2f}", flush=True)
+        last["t"] = time.perf_counter()
+
+    chosen = fit_linear_probe(model, train_x.to(device), train_y.to(device),
+                              None if val_x is None else val_x.to(device),
+                              None if val_y is None else val_y.to(device), steps, seed=args.seed,
+                              on_step=on_step, on_search=on_search)
+    print(f"linear-probe: weight decay {chosen['weight_decay']:g}"
+          f"{' (chosen on validation)' if chosen['searched'] else ' (no validation data: not searched)'}", flush=True)
+    results, best = None, None
+    if data.val:
+        results = evaluate_classification(model, data.val, data.classnames,
+                                          templates=args.templates or TEMPLATES, **kw)
+        best = headline("classification", results)
+        log.write({"kind": "val", "step": steps, "epoch": 1, **results, "score": best})
+        print(f"validation at step {steps}: accuracy={results['accuracy']:.2f}", flush=True)
+    state = {
+        "model_name": model.model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
+        "method": "linear-probe", "config": model.config.to_dict(), "task": "classification",
+        "classnames": data.classnames, "templates": None,
+        "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
+        "optimizer": None, "scheduler": None, "scaler": None, "step": steps, "epoch": 1,
+        "batch_in_epoch": 0, "best": best, "rng": rng_state(), "data": {"n": n},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "metrics": results or {},
+    }
+    save_checkpoint(state, out, LAST)
+    if results is not None:
+        save_checkpoint(state, out, BEST)
+    try:
+        from .plots import plot_curves
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    except Exception as e:  # a plot must never kill a run
+        logger.warning("could not draw curves.png: %s", e)
+    print(f"done: {steps} steps; checkpoints in {out}", flush=True)
+    return {"step": steps, "epoch": 1, "best": best, "out": str(out), "method": "linear-probe",
+            "learnable_parameters": model.num_trainable_parameters(), "weight_decay": chosen["weight_decay"]}
 
 
 def setup_logging() -> None:

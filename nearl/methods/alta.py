@@ -1,0 +1,214 @@
+"""ALTA (IEEE TMI 2025, "Efficient Medical Vision-Language Alignment Through Adapting Masked Vision
+Models") on an open_clip backbone, as a baseline.
+
+In every block of both towers, two bottleneck adapters (AIM style: Linear d -> d/r, GELU,
+Linear d/r -> d, the up-projection zero-initialised, r = 4):
+
+    x = x + ls_1(attn(ln_1(x)))                      # the frozen block's attention
+    x = x + adapter_attn(x)                          # after the attention, with its own skip
+    h = ln_2(x)
+    x = x + ls_2(mlp(h)) + 0.5 * adapter_mlp(h)      # parallel to the frozen MLP, scaled by 0.5
+
+Every LayerNorm of the backbone and the final projections (visual.proj, text_projection; ln_post
+and ln_final are among the LayerNorms) are trained too; everything else stays frozen. Since the
+up-projections start at zero, a fresh model computes exactly the frozen CLIP.
+
+Multi-view (`multiview=True`): a study may give up to four views, in the slot order of
+`nearl.methods.multiview.VIEW_SLOTS` (frontal/current, lateral/current, frontal/prior,
+lateral/prior). Each view goes through the image tower with a learned view embedding (frontal,
+lateral) and time embedding (current, prior) added to its tokens after the stem (both
+zero-initialised), and the image embedding is the projection of the mean of the present views'
+pooled features (absent views are left out of the mean, by `view_mask`). A single frontal current
+view, as at evaluation, is the plain single-view model plus the (learned) frontal/current embeddings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from ..model import NEARLOutput, TowerResult
+from ..modules import count
+from ..towers import TextSteps, VisionSteps
+from .base import MethodConfig, MethodModel
+
+# slot -> (view: 0 frontal / 1 lateral, time: 0 current / 1 prior); the order of multiview.VIEW_SLOTS
+SLOT_VIEW = (0, 1, 0, 1)
+SLOT_TIME = (0, 0, 1, 1)
+
+
+@dataclass
+class ALTAConfig(MethodConfig):
+    reduction: int = 4  # adapter bottleneck d -> d / reduction
+    mlp_scale: float = 0.5  # weight of the adapter parallel to the MLP
+    multiview: bool = False  # learned view / time embeddings, mean over the views of a study
+
+    def __post_init__(self):
+        if not isinstance(self.reduction, int) or self.reduction < 1:
+            raise ValueError(f"reduction must be a positive int, got {self.reduction!r}")
+
+
+class Adapter(nn.Module):
+    """Linear d -> d/r, GELU, Linear d/r -> d; the up-projection starts at zero."""
+
+    def __init__(self, width: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(1, width // reduction)
+        self.down = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+class BlockAdapters(nn.Module):
+    def __init__(self, width: int, reduction: int):
+        super().__init__()
+        self.attn = Adapter(width, reduction)
+        self.mlp = Adapter(width, reduction)
+
+
+def adapted_block(block: ResidualAttentionBlock, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
+                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward (self-attention) with the two ALTA adapters."""
+    x = x + block.ls_1(block.attention(q_x=block.ln_1(x), attn_mask=attn_mask))
+    x = x + adapters.attn(x)
+    h = block.ln_2(x)
+    return x + block.ls_2(block.mlp(h)) + mlp_scale * adapters.mlp(h)
+
+
+def _check_blocks(blocks, tower: str) -> None:
+    bad = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
+    if bad:
+        raise ValueError(f"ALTA re-implements open_clip's ResidualAttentionBlock; the {tower} tower has "
+                         f"{sorted(bad)} blocks, which it does not support")
+
+
+class ALTA(MethodModel):
+    method = "alta"
+
+    def __init__(self, backbone: nn.Module, config: Optional[ALTAConfig] = None, **kw):
+        config = config or ALTAConfig()
+        super().__init__(backbone, config, **kw)
+        self._steps = {"vision": VisionSteps(backbone.visual), "text": TextSteps(backbone)}
+        self.adapters = nn.ModuleDict()
+        for tower, steps in self._steps.items():
+            _check_blocks(steps.blocks, tower)
+            self.adapters[tower] = nn.ModuleList(BlockAdapters(steps.width, config.reduction) for _ in steps.blocks)
+        # The backbone parts ALTA trains: every LayerNorm and the two final projections.
+        self._unfrozen_norms: List[nn.Parameter] = []
+        for m in backbone.modules():
+            if isinstance(m, nn.LayerNorm):
+                for p in m.parameters():
+                    p.requires_grad_(True)
+                    self._unfrozen_norms.append(p)
+        self._unfrozen_proj: List[nn.Parameter] = []
+        text_proj = self._steps["text"].src.text_projection
+        for proj in (backbone.visual.proj, text_proj):
+            for p in ([proj] if isinstance(proj, nn.Parameter) else list(proj.parameters()) if proj is not None else []):
+                p.requires_grad_(True)
+                self._unfrozen_proj.append(p)
+        if config.multiview:
+            width = self._steps["vision"].width
+            self.view_embed = nn.Parameter(torch.zeros(2, width))  # frontal, lateral
+            self.time_embed = nn.Parameter(torch.zeros(2, width))  # current, prior
+            self.register_buffer("slot_view", torch.tensor(SLOT_VIEW), persistent=False)
+            self.register_buffer("slot_time", torch.tensor(SLOT_TIME), persistent=False)
+        else:
+            self.view_embed = self.time_embed = None
+
+    @property
+    def num_views(self) -> int:
+        return len(SLOT_VIEW) if self.config.multiview else 1
+
+    # ----------------------------------------------------------------- towers
+    def _run(self, tower: str, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        steps, adapters, scale = self._steps[tower], self.adapters[tower], self.config.mlp_scale
+        transformer = steps.visual.transformer if tower == "vision" else steps.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block, ad in zip(steps.blocks, adapters):
+            x = adapted_block(block, x, ad, scale, attn_mask)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        return x
+
+    def _slot_embedding(self, slots: torch.Tensor) -> torch.Tensor:
+        """(P,) slot indices -> (P, 1, width) view + time embedding."""
+        return (self.view_embed[self.slot_view[slots]] + self.time_embed[self.slot_time[slots]]).unsqueeze(1)
+
+    def _pooled(self, images: torch.Tensor, slots: Optional[torch.Tensor]) -> torch.Tensor:
+        steps = self._steps["vision"]
+        x = steps.stem(images)
+        if self.view_embed is not None:
+            if slots is None:
+                slots = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+            x = x + self._slot_embedding(slots).to(x.dtype)
+        x = self._run("vision", x, None)
+        pooled, _ = steps.visual._pool(x)
+        return pooled
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = self._steps["vision"].visual.proj
+        return pooled @ proj if proj is not None else pooled
+
+    def image_tower(self, images: torch.Tensor, view_mask: Optional[torch.Tensor] = None) -> TowerResult:
+        """images (B, 3, H, W): one frontal current view; or (B, V, 3, H, W) with view_mask (B, V)."""
+        if images.dim() == 4:
+            return TowerResult(self._project(self._pooled(images, None)), None, None)
+        if images.dim() != 5:
+            raise ValueError(f"images must be (B, 3, H, W) or (B, V, 3, H, W), got {tuple(images.shape)}")
+        B, V = images.shape[:2]
+        if V > self.num_views:
+            raise ValueError(f"{V} views per sample, but this model takes at most {self.num_views} "
+                             f"({'multiview=True' if self.config.multiview else 'build it with multiview=True'})")
+        if view_mask is None:
+            view_mask = torch.ones(B, V, dtype=torch.bool, device=images.device)
+        if view_mask.shape != (B, V):
+            raise ValueError(f"view_mask must be {(B, V)}, got {tuple(view_mask.shape)}")
+        view_mask = view_mask.to(device=images.device, dtype=torch.bool)
+        counts = view_mask.sum(dim=1)
+        if bool((counts == 0).any()):
+            raise ValueError("a sample has no view at all (view_mask row all False)")
+        present = view_mask.reshape(-1).nonzero().squeeze(1)  # flat (b * V + v) of the present views
+        slots = present % V
+        pooled = self._pooled(images.reshape(B * V, *images.shape[2:])[present], slots)
+        total = pooled.new_zeros(B, pooled.shape[-1]).index_add_(0, present // V, pooled)
+        mean = total / counts.to(pooled.dtype).unsqueeze(1)
+        return TowerResult(self._project(mean), None, None)
+
+    def text_tower(self, tokens: torch.Tensor) -> TowerResult:
+        steps = self._steps["text"]
+        x, attn_mask = steps.stem(tokens)
+        x = self._run("text", x, attn_mask)
+        return TowerResult(steps.head(x, tokens), None, None)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False,
+                     view_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        features = self.image_tower(images, view_mask).features
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, view_mask: Optional[torch.Tensor] = None):
+        return NEARLOutput(self.image_tower(images, view_mask).features, self.text_tower(tokens).features,
+                           None, None, None, self.logit_scale)
+
+    # ----------------------------------------------------------------- parameters
+    def decays(self, name: str, p: torch.Tensor) -> bool:
+        # adapter matrices only: the unfrozen LayerNorms / projections keep their pretrained values as
+        # the prior (decaying them toward zero would fight the backbone), embeddings start at zero
+        return name.startswith("adapters.") and p.ndim >= 2
+
+    def _breakdown(self) -> Dict[str, int]:
+        rows = {f"Adapters ({t})": count(a.parameters()) for t, a in self.adapters.items()}
+        rows["LayerNorms (unfrozen)"] = count(self._unfrozen_norms)
+        rows["Projections (unfrozen)"] = count(self._unfrozen_proj)
+        if self.view_embed is not None:
+            rows["View / time embeddings"] = self.view_embed.numel() + self.time_embed.numel()
+        return rows

@@ -1,0 +1,102 @@
+"""CoOp (Zhou et al., IJCV 2022) as a baseline: learned context vectors in the class prompt.
+
+A class c is represented by the prompt "[SOS] v_1 ... v_M <class name>. [EOS]": the M learned
+context vectors (M = 16, shared by all classes, "unified context", class token at the end) replace
+the embeddings of a hand-written prefix such as "a photo of a", and the class-name tokens follow
+them. The prompt goes through the frozen text transformer; the image tower is the frozen CLIP.
+Classification only: the prompts describe classes, not free text.
+
+The prompt is tokenised as "X X ... X <class name>." and the embeddings of the M placeholder
+positions (1..M) are replaced, position embeddings kept, as in the published code. If the
+backbone's context is too short for M = 16 (e.g. NEARL-Tiny's 16 tokens), M is reduced to half the
+context length and the model says so.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..classify import prompt_name
+from ..model import TowerResult
+from ..towers import TextSteps
+from .base import MethodConfig, MethodModel
+
+logger = logging.getLogger("nearl.methods")
+
+PLACEHOLDER = "X"
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    n_ctx: int = 16  # M, the number of learned context vectors
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive int, got {self.n_ctx!r}")
+
+
+class CoOp(MethodModel):
+    method = "coop"
+    tasks = ("classification",)
+
+    def __init__(self, backbone: nn.Module, config: Optional[CoOpConfig] = None, **kw):
+        config = config or CoOpConfig()
+        super().__init__(backbone, config, **kw)
+        self._text = TextSteps(backbone)
+        context = int(self._text.src.positional_embedding.shape[0])
+        n_ctx = config.n_ctx
+        if n_ctx + 3 > context:  # SOS + context + >= 1 class token + EOS
+            n_ctx = max(1, context // 2)
+            logger.warning("coop: %d context vectors do not fit the %d-token text context; using %d",
+                           config.n_ctx, context, n_ctx)
+            config.n_ctx = n_ctx
+        self.context_length = context
+        self.ctx = nn.Parameter(torch.randn(n_ctx, self._text.width) * config.init_std)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ctx.shape[0])
+
+    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        # free text (not a class prompt) goes through the frozen text tower unchanged
+        return self.backbone.encode_text(tokens)
+
+    # ----------------------------------------------------------------- classification protocol
+    def class_prompt_tokens(self, classnames: Sequence[str], templates=None) -> torch.Tensor:
+        """(C, context_length) ids of "X ... X <class>." (templates are not used: the context is learned)."""
+        tok = self.tokenizer()
+        prefix = " ".join([PLACEHOLDER] * self.n_ctx)
+        names = [prompt_name(c) + "." for c in classnames]
+        encode = getattr(tok, "encode", None)
+        if encode is not None:
+            for c, n in zip(classnames, names):
+                used = 2 + self.n_ctx + len(encode(n))
+                if used > self.context_length:
+                    raise ValueError(f"coop: the prompt for class {c!r} needs {used} tokens with {self.n_ctx} "
+                                     f"context vectors; the text context holds {self.context_length} "
+                                     "(use a shorter class name or a smaller --n-ctx)")
+        tokens = tok([f"{prefix} {n}" for n in names])
+        if encode is not None:
+            x_id = encode(PLACEHOLDER)
+            if len(x_id) == 1 and not bool((tokens[:, 1:1 + self.n_ctx] == x_id[0]).all()):
+                raise ValueError("coop: the context placeholders did not land on positions 1..M")
+        return tokens
+
+    def prompt_tower(self, tokens: torch.Tensor) -> TowerResult:
+        """Class prompts with the learned context: positions 1..M hold ctx (+ their position embedding)."""
+        steps, n = self._text, self.n_ctx
+        x, attn_mask = steps.stem(tokens)
+        pos = steps.src.positional_embedding[1:1 + n].to(x.dtype)
+        ctx = (self.ctx.to(x.dtype) + pos).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :1], ctx, x[:, 1 + n:]], dim=1)
+        for k in range(len(steps.blocks)):
+            x = steps.block(k, x, attn_mask)
+        return TowerResult(steps.head(x, tokens), None, None)
+
+    def _breakdown(self) -> Dict[str, int]:
+        return {f"Context vectors ({self.n_ctx} x {self._text.width})": self.ctx.numel()}

@@ -1,0 +1,23 @@
+"""Zero-shot: the frozen CLIP, no learnable parameter; classification by prompt templates
+(nearl.classify.TEMPLATES or --templates), retrieval by cosine similarity. Nothing is trained:
+`python -m nearl.train --method zeroshot` only validates and writes a checkpoint that names it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from .base import MethodConfig, MethodModel
+
+
+@dataclass
+class ZeroShotConfig(MethodConfig):
+    pass
+
+
+class ZeroShot(MethodModel):
+    method = "zeroshot"
+
+    def __init__(self, backbone: nn.Module, config: Optional[ZeroShotConfig] = None, **kw):
+        super().__init__(backbone, config or ZeroShotConfig(), **kw)
