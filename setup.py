@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="nearl-clip",
     version="0.1.0",
     description="NEARL-CLIP: frozen open_clip + USEformer queries + orthogonal cross-attention, with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["nearl", "nearl.data", "kernels", "bench"],
+    packages=find_packages(include=["nearl", "nearl.*", "kernels", "bench"]),
     package_data={"nearl": ["model_configs/*.json"]},
     install_requires=[
         "torch>=2.4",
