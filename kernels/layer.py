@@ -19,7 +19,7 @@ from nearl import reference
 
 from . import layer_kernels as K
 from . import runtime
-from .runtime import interpreting, num_sms
+from .runtime import interpreting
 
 ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
 MAX_D = 4096  # chunked over d, so any multiple of 16 works; this only bounds the tests' promise
@@ -51,7 +51,7 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       BLOCK_N x D) and the backward's dS and P live across a tile's passes. With 8 warps,
       BLOCK_C = 32 columns a chunk and one pipeline stage, M = 16 (H*M = 64, D = 128) compiles
       without spills: BLOCK_N = 32 in the forward, 16 in the backward (which holds dS, P and the
-      dLN row sums as well). Two stages or 4 warps spill; 16 warps cap registers at 128 and spill
+      dLN row sums as well); the backward with float32 inputs takes 16-column chunks. Two stages or 4 warps spill; 16 warps cap registers at 128 and spill
       more. Larger M (H*M up to 256) spills some stack whatever the tiles: the fix would split the
       heads over programs; M = 16 is the paper's and our default.
     - Splits: enough programs to fill the GPU about twice (split-KV style), never more than the
@@ -64,6 +64,7 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     block_m = max(16, triton.next_power_of_2(M))
     block_hm = max(16, triton.next_power_of_2(HM))
     block_d = max(16, triton.next_power_of_2(D))
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     if interpreting():
         block_n = min(128, max(16, triton.next_power_of_2(N)))
         block_c = min(256, max(16, triton.next_power_of_2(d)))
@@ -71,12 +72,12 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         splits = min(2, n_tiles)
     else:
         block_n = 16 if (backward or block_hm > 64) else 32
-        block_c = 32 if d >= 32 else 16
+        # IEEE float32 products (no tensor cores) need more registers: the backward spilled at 32.
+        block_c = 32 if d >= 32 and not (backward and precision == "ieee") else 16
         n_tiles = triton.cdiv(N, block_n)
-        splits = max(1, min(n_tiles, triton.cdiv(2 * num_sms(device), B)))
+        splits = max(1, min(n_tiles, triton.cdiv(2 * runtime.device_info(device)[0], B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
                        num_warps=8, num_stages=1, precision=precision)
 
@@ -110,7 +111,7 @@ def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
     l_part = runtime.empty((B, cfg.splits, HM), **f32)
     acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
-    K.layer_fwd_kernel[(cfg.splits, B)](
+    runtime.launch(K.layer_fwd_kernel, (cfg.splits, B),
         x, *x.stride(), a, *a.stride(), c, *c.stride(),
         gate, kabs, w_v, mask_arg,
         out, cos2, m_part, l_part, acc_part,
@@ -142,7 +143,7 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
     dk_part = torch.zeros((B, cfg.splits, d, HM), **f32)  # accumulated in place by their programs
     ob_part = torch.zeros((B, cfg.splits, d, HM), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
-    K.layer_bwd_query_kernel[(cfg.splits, B)](
+    runtime.launch(K.layer_bwd_query_kernel, (cfg.splits, B),
         x, *x.stride(), a, *a.stride(), c, *c.stride(),
         gate, kabs, d_o, lse, dq_delta, mask_arg,
         dout, *dout.stride(),
@@ -187,15 +188,23 @@ def _(x, a, c, gate, kabs, w_v, mask, orth):
             x.new_empty((B, kabs.shape[2], w_v.shape[1]), **f32), x.new_empty((B, kabs.shape[2]), **f32))
 
 
+def layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth):
+    """Gradients of (x, a, c, gate, kabs, w_v): the query-attention backward kernel gives
+    G = dL/dx_out, then the OCA backward kernels take G as their upstream."""
+    dout = torch.zeros_like(x) if dout is None else dout
+    du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
+    g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all)
+    dx, da, dc, dgate = _oca_backward(x, a, c, gate, g, dcos2 if orth == "soft" else None, orth)
+    return (dx.to(x.dtype), da.to(a.dtype), dc.to(c.dtype), dgate.to(gate.dtype),
+            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
+
+
 @torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
 def layer_tokens_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], du_all: torch.Tensor, x: torch.Tensor,
                      a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor,
                      mask: Optional[torch.Tensor], u_all: torch.Tensor, lse: torch.Tensor, orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all.float())
-    dx, da, dc, dgate = _oca_backward(x, a, c, gate, g, dcos2, orth)
-    return (dx.to(x.dtype), da.to(a.dtype), dc.to(c.dtype), dgate.to(gate.dtype),
-            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
+    return layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth)
 
 
 @layer_tokens_bwd.register_fake
@@ -220,6 +229,32 @@ def _backward(ctx, dout, dcos2, du_all, _dlse):
 
 
 layer_tokens_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerTokensFunction(torch.autograd.Function):
+    """The eager path: the same launchers without the custom-op dispatch cost (as kernels/oca.py)."""
+
+    @staticmethod
+    def forward(ctx, x, a, c, gate, kabs, w_v, mask, orth):
+        out, cos2, u_all, lse = layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+        ctx.save_for_backward(x, a, c, gate, kabs, w_v, mask, u_all, lse)
+        ctx.orth = orth
+        ctx.mark_non_differentiable(lse)
+        return out, (x.new_empty((0,), dtype=torch.float32) if cos2 is None else cos2), u_all, lse
+
+    @staticmethod
+    def backward(ctx, dout, dcos2, du_all, _dlse):
+        x, a, c, gate, kabs, w_v, mask, u_all, lse = ctx.saved_tensors
+        return (*layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, ctx.orth),
+                None, None)
+
+
+def layer_tokens(x, a, c, gate, kabs, w_v, mask, orth):
+    """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
+    fake and autograd rules), the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return layer_tokens_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+    return _LayerTokensFunction.apply(x, a, c, gate, kabs, w_v, mask, orth)
 
 
 def absorbed_keys(qh: torch.Tensor, w_k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -258,6 +293,6 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         qh = reference.layer_norm_q(qf, p) @ p["w_q"]
         kabs = absorbed_keys(qh, p["w_k"], heads).contiguous()
         _check_kernel_limits(x, a, kabs, p["w_v"])
-        x_out, cos2, u_all, _ = layer_tokens_fwd(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
+        x_out, cos2, u_all, _ = layer_tokens(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
         q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
     return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)

@@ -1,6 +1,7 @@
-"""Small runtime facts the launchers share: interpreter mode, SM count, output allocation."""
-import functools
+"""What the launchers of every kernel share: interpreter mode, device facts, output allocation and
+the launch itself (with a hook that lets the compile check capture launches instead of running them)."""
 import os
+from typing import Tuple
 
 import torch
 
@@ -10,16 +11,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_DEVICE_INFO = {}
 
 
-def num_sms(device: torch.device) -> int:
-    return _sm_count(device.index or 0) if device.type == "cuda" else 1
+def device_info(device: torch.device) -> Tuple[int, int]:
+    """(SM count, compute capability as 10 * major + minor); (132, 90), an H100, off CUDA."""
+    if device.type != "cuda":
+        return 132, 90
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_INFO:
+        prop = torch.cuda.get_device_properties(idx)
+        _DEVICE_INFO[idx] = (prop.multi_processor_count, 10 * prop.major + prop.minor)
+    return _DEVICE_INFO[idx]
+
+
+# Tests set this to True so that every buffer starts as NaN: an element a kernel fails to write
+# then shows up as a NaN in the result.
+POISON_OUTPUTS = False
 
 
 def empty(shape, *, device, dtype) -> torch.Tensor:
-    """torch.empty for kernel outputs; tests swap in a NaN-filled allocation so an element the
-    kernel forgets to write shows up as NaN."""
-    return torch.empty(shape, device=device, dtype=dtype)
+    """torch.empty for kernel outputs and scratch (NaN-filled while POISON_OUTPUTS is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# When set, `launch` hands (kernel, grid, args, kwargs) to it instead of running the kernel.
+# tests/kernel_compile_check.py uses it to compile, for a GPU target, exactly the launches
+# (constexprs, argument types and specialisations) the launchers make.
+LAUNCH_HOOK = None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    if LAUNCH_HOOK is not None:
+        LAUNCH_HOOK(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)

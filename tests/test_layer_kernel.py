@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kernels.layer as fused
-import kernels.oca
 import kernels.runtime
 from einsum_math import layer64
 from factories import layer_inputs, padding_mask
@@ -13,9 +12,7 @@ from nearl import ops
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
-    monkeypatch.setattr(kernels.runtime, "empty", lambda shape, *, device, dtype:
-                        torch.full(shape, float("nan"), device=device, dtype=dtype))
-    monkeypatch.setattr(kernels.oca, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels.runtime, "POISON_OUTPUTS", True)
 
 
 def err(got, want):
@@ -156,3 +153,42 @@ def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():
     for h in range(H):
         cols = slice(h * dh, (h + 1) * dh)
         assert torch.equal(u[:, :, cols], u_all[:, h * M:(h + 1) * M, cols])
+
+
+def test_custom_op_path_equals_the_eager_path_forward_and_backward():
+    x, q, params = layer_inputs(2, 40, 48, 5, D=32, r=8)
+    mask = padding_mask(2, 40)
+    up = upstream_for(2, 40, 48, 5, 32, "soft")
+    eager_out, eager_grad = run("triton", x, q, params, mask, "soft", up)
+    real = fused.torch.compiler.is_compiling
+    try:  # force the branch torch.compile takes, without compiling
+        fused.torch.compiler.is_compiling = lambda: True
+        op_out, op_grad = run("triton", x, q, params, mask, "soft", up)
+    finally:
+        fused.torch.compiler.is_compiling = real
+    for u, v in zip(eager_out, op_out):
+        assert torch.equal(u, v)
+    for k in eager_grad:
+        assert torch.equal(eager_grad[k], op_grad[k]), k
+
+
+def test_torch_compile_traces_the_layer_without_a_graph_break():
+    x, q, params = layer_inputs(2, 20, 32, 4, D=32, r=8)
+    mask = padding_mask(2, 20)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, q, mask, params):  # check_mask_rows=False: the row check reads the mask (a sync)
+        return ops.nearl_layer(x, q, params, mask=mask, impl="triton", check_mask_rows=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(x, q, mask, params)
+    want = f(x, q, mask, params)
+    assert len(graphs) == 1
+    assert sum("layer_tokens_fwd" in str(n.target) for n in graphs[0].graph.nodes) == 1
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)

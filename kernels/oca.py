@@ -1,0 +1,657 @@
+"""Fused Triton kernels for the OCA step of SPEC 3.1 (`ops.oca`), forward and backward.
+
+    out = x + gate * orth(softmax(LN(x) @ a[b]) @ c[b], x)
+
+Layers, from the bottom up:
+
+1. `@triton.jit` kernels. No kernel holds a whole row in registers: rows are streamed in
+   BLOCK_DC-column chunks, so registers do not grow with d and any d (multiple of 16 or not) works.
+   - `_oca_fwd_kernel`, grid (token tiles, B). A program owns BLOCK_N tokens of one sample and
+     makes three passes over their columns: LayerNorm statistics (chunk-wise, merged with Chan's
+     formula); the scores S = LN(x) @ A and x @ C^T (tl.dot, accumulated over chunks; M padded to
+     BLOCK_M >= 16, masked to -inf before the softmax); then Delta = P @ C, the projection (hard:
+     <Delta, x> = rowsum(P * xC) is known before the pass; soft: |Delta|^2 accumulated in it) and
+     out = x + gate * update, written chunk by chunk. HBM traffic: one read of x (the second and
+     third passes re-read a tile that is still in L1/L2), one write of out.
+   - `_oca_bwd_rows_kernel`, grid (token tiles, B): recomputes the forward's row quantities from
+     x (saved tensors are the inputs only: no (B, N, M) or (B, N, d) intermediate is kept by the
+     forward) in two passes, reduces every row-level backward quantity to M-sized products (see
+     its docstring), and writes P and rstd*dS (B, N, M) fp32, eight row scalars (B, 8, N) and a
+     dgate partial per tile.
+   - `_oca_bwd_cols_kernel`, grid (d chunks, token splits, B): with those, dx is column-local:
+     a program owns BLOCK_DC columns of one sample, loops over the token tiles of its split,
+     writes dx and accumulates fp32 (BLOCK_DC x BLOCK_M) partials of dA = LN(x)^T dS and
+     dC = P^T dDelta, stored once into its own slot of a (B, splits, ...) buffer that the launcher
+     sums with torch (deterministic: no atomics anywhere).
+   Why two backward kernels: the token reductions dA and dC need a (d x M) accumulator pair per
+   program (2 x 768 x 16 fp32 for ViT-B/16) next to the row work; that does not fit in registers
+   without spilling. The split costs one more read of x and dout (backward HBM traffic: x and
+   dout read twice, dx written once, about 5 passes over (B, N, d) instead of the minimum 3) and
+   a small (B, N, M) scratch.
+2. Plain-Python launchers `oca_fwd` / `oca_bwd`; every block size, warp count and split count
+   comes from `_oca_config`, the dot precision from `_precision`.
+3. `_OcaFunction`, a thin `torch.autograd.Function`.
+4. `oca(...)`, the public entry point. Under `torch.compile` it calls the torch custom ops
+   `nearl::oca_fwd` / `nearl::oca_bwd` (`torch.library.custom_op` + `register_fake` +
+   `register_autograd`, present since torch 2.4), so dynamo puts one opaque node in the graph
+   instead of breaking it; in eager mode (GPU, or the CPU interpreter) it calls `_OcaFunction`
+   directly, which skips the custom-op dispatch overhead.
+
+All arithmetic is float32 whatever the input dtypes; tl.dot multiplies fp32 tiles in tf32 on the
+GPU, three times on a hi/lo split ("tf32x3", about fp32 accuracy) unless x is bfloat16 (see
+`_precision`). float64 inputs (gradcheck) are not run by the kernels: they go to the reference.
+Only long-stable Triton APIs are used (tl.dot with input_precision "tf32", tl.trans, masked
+tl.load/tl.store, bitcasts): the kernels target Triton 3.6 on an H100 as well as 3.9 here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nearl import reference
+
+from . import runtime
+from .casting import cast_out
+from .runtime import interpreting
+
+MAX_D = 8192  # rows are streamed in column chunks, nothing but loop trip counts depends on d (tested to 2048)
+MAX_M = 64
+ORTH_CODES = {"none": 0, "hard": 1, "soft": 2}
+
+_LN_EPS = tl.constexpr(reference.LN_EPS)
+_ORTH_EPS = tl.constexpr(reference.ORTH_EPS)
+_COS2_EPS = tl.constexpr(reference.COS2_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Per-token mean, 1/std (LayerNorm, biased variance) and <x, x> over d, one column chunk at a
+    time; chunk statistics are merged with Chan's formula, so no E[x^2] - E[x]^2 cancellation."""
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DC):
+        offs_d = k0 + tl.arange(0, BLOCK_DC)
+        xmask = mask_n[:, None] & (offs_d < D)[None, :]
+        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=xmask, other=0.0).to(tl.float32)
+        nk = tl.minimum(D - k0, BLOCK_DC).to(tl.float32)  # valid columns in this chunk
+        n0 = k0 * 1.0  # columns merged so far (float)
+        mk = tl.sum(x, axis=1) / nk
+        xc = tl.where(xmask, x - mk[:, None], 0.0)
+        dl = mk - mean
+        mean += dl * (nk / (n0 + nk))
+        m2 += tl.sum(xc * xc, axis=1) + dl * dl * (n0 * nk / (n0 + nk))
+        xx += tl.sum(x * x, axis=1)
+    rstd = 1.0 / tl.sqrt(m2 / D + _LN_EPS)
+    return mean, rstd, xx
+
+
+@triton.jit
+def _softmax_rows(s, mask_m):
+    s = tl.where(mask_m[None, :], s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _tf32_hi(v):
+    """v rounded to tf32's 10 mantissa bits (round half up on the magnitude, exact in tf32);
+    v - _tf32_hi(v) is the rest, |rest| <= 2^-11 |v|, of either sign (so the dropped lo*lo terms
+    do not pile up with one sign)."""
+    return ((v.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b for fp32 tiles. PREC "tf32x3": three tf32 products on a hi/lo split done here,
+    in the tiles' own layout (Triton's built-in "tf32x3" splits inside the dot-operand layout,
+    which spilled registers in these kernels); the dropped lo*lo term is <= 2^-22 relative."""
+    if PREC == "tf32x3":
+        a_hi = _tf32_hi(a)
+        b_hi = _tf32_hi(b)
+        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
+                    N, D, M,
+                    s_xb, s_xn, s_xd, s_ab, s_ad, s_am, s_cb, s_cm, s_cd, s_ob, s_on, s_od,
+                    ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mean, rstd, xx = _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_DC)
+    # pass 2: scores S = LN(x) @ A and, for the projection, x @ C^T (so <Delta, x> = rowsum(P * xC))
+    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    xc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DC):
+        offs_d = k0 + tl.arange(0, BLOCK_DC)
+        mask_d = offs_d < D
+        xmask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=xmask, other=0.0).to(tl.float32)
+        xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
+                    mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        s = _mm(xn, a, s, PREC)
+        if ORTH != 0:
+            c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            xc = _mm(x, tl.trans(c), xc, PREC)
+    p = _softmax_rows(s, mask_m)
+    dot = tl.sum(p * xc, axis=1)  # <Delta, x>
+    k = dot / (xx + _ORTH_EPS)  # hard: Delta - k x
+    g = tl.load(G).to(tl.float32)
+    dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # pass 3: Delta = P @ C, the projection and the residual, chunk by chunk
+    for k0 in range(0, D, BLOCK_DC):
+        offs_d = k0 + tl.arange(0, BLOCK_DC)
+        mask_d = offs_d < D
+        xmask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=xmask, other=0.0).to(tl.float32)
+        c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        delta = _mm(p, c, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)
+        if ORTH == 1:
+            out = x + g * (delta - k[:, None] * x)
+        else:
+            out = x + g * delta
+        if ORTH == 2:
+            dd += tl.sum(delta * delta, axis=1)
+        tl.store(OUT + b * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od,
+                 cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=xmask)
+    if ORTH == 2:  # soft: cos^2(Delta, x) per token
+        tl.store(COS2 + b * N + offs_n, dot * dot / (dd * xx + _COS2_EPS), mask=mask_n)
+
+
+# Row scalars the rows kernel hands to the column kernel, (B, N_ROWS, N) fp32.
+_R_MEAN, _R_ALPHA, _R_BETA, _R_KDO = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+_R_KDL, _R_KX, _R_Q, _R_K0 = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+N_ROWS = 8
+
+
+@triton.jit
+def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART,
+                         N, D, M,
+                         s_xb, s_xn, s_xd, s_ab, s_ad, s_am, s_cb, s_cm, s_cd,
+                         s_gb, s_gn, s_gd, s_eb, s_en,
+                         ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """Backward, per token: everything that needs whole rows, reduced to M-sized quantities.
+
+    Writes P and rstd * dS (B, N, M), eight row scalars (B, 8, N) and a dgate partial per tile;
+    dx, dA and dC are then column-local (see _oca_bwd_cols_kernel). Every row quantity reduces
+    to products with M columns, accumulated over d chunks in pass 2:
+      <Delta, x> = rowsum(P * xC), <dout, Delta> = rowsum(P * oC), |Delta|^2 = rowsum(P * (P G)),
+      dP = dDelta @ C^T = g oC + alpha xC + beta P G,
+      mean(dLN) = dS . colsum(A) / d, mean(dLN * LN(x)) = dS . S / d,
+    with xC = x @ C^T, oC = dout @ C^T, G = C C^T (from the launcher), dLN = dS @ A^T.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mean, rstd, xx = _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_DC)
+    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    xc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    oc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    cola = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    do_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DC):
+        offs_d = k0 + tl.arange(0, BLOCK_DC)
+        mask_d = offs_d < D
+        xmask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=xmask, other=0.0).to(tl.float32)
+        do = tl.load(DOUT + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
+                     mask=xmask, other=0.0).to(tl.float32)
+        xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
+                    mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        s = _mm(xn, a, s, PREC)
+        oc = _mm(do, tl.trans(c), oc, PREC)
+        cola += tl.sum(a, axis=0)
+        if ORTH != 0:
+            xc = _mm(x, tl.trans(c), xc, PREC)
+        if ORTH == 1:
+            do_x += tl.sum(do * x, axis=1)
+    p = _softmax_rows(s, mask_m)
+    g = tl.load(G).to(tl.float32)
+    dot = tl.sum(p * xc, axis=1)
+    do_delta = tl.sum(p * oc, axis=1)
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # dDelta = g dout + alpha x + beta Delta; dx_direct = c_do dout + c_dl Delta + c_x x
+    if ORTH == 1:
+        inv = 1.0 / (xx + _ORTH_EPS)
+        k = dot * inv
+        sc = g * do_x * inv  # <x, g dout> / (<x, x> + eps)
+        dg = do_delta - k * do_x  # dout . u
+        alpha = -sc
+        beta = zero
+        dp = g * oc + alpha[:, None] * xc
+        c_do = -k * g
+        c_dl = -sc
+        c_x = 2.0 * k * sc
+    elif ORTH == 2:
+        gm = tl.load(GRAM + b * M * M + offs_m[:, None] * M + offs_m[None, :],
+                     mask=mask_m[:, None] & mask_m[None, :], other=0.0)
+        pg = _mm(p, gm, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), PREC)  # Delta @ C^T
+        dd = tl.sum(p * pg, axis=1)  # |Delta|^2
+        den = dd * xx + _COS2_EPS
+        cos2 = dot * dot / den
+        gc = tl.load(DCOS2 + b * s_eb + offs_n * s_en, mask=mask_n, other=0.0).to(tl.float32)
+        dg = do_delta
+        alpha = gc * 2.0 * dot / den
+        beta = -gc * 2.0 * cos2 * xx / den
+        dp = g * oc + alpha[:, None] * xc + beta[:, None] * pg
+        c_do = zero
+        c_dl = alpha
+        c_x = -gc * 2.0 * cos2 * dd / den
+    else:
+        dg = do_delta
+        alpha = zero
+        beta = zero
+        dp = g * oc
+        c_do = zero
+        c_dl = zero
+        c_x = zero
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    m1 = tl.sum(ds * cola[None, :], axis=1) / D
+    m2 = tl.sum(ds * s, axis=1) / D  # s: the unmasked scores (0 in padded columns)
+    # dx = dout + dx_direct + rstd (dLN - m1 - (x - mean) rstd m2)
+    #    = k_do dout + k_dl Delta + c_x x - q (x - mean) + k_0 + (rstd dS) @ A^T
+    tl.store(DG_PART + b * tl.num_programs(0) + pid, tl.sum(tl.where(mask_n, dg, 0.0), axis=0))
+    smask = mask_n[:, None] & mask_m[None, :]
+    soffs = offs_n[:, None] * M + offs_m[None, :]
+    tl.store(P_S + b * N * M + soffs, p, mask=smask)
+    tl.store(DS_S + b * N * M + soffs, ds * rstd[:, None], mask=smask)
+    rows = ROWS + b * 8 * N + offs_n
+    tl.store(rows + _R_MEAN * N, mean, mask=mask_n)
+    tl.store(rows + _R_ALPHA * N, alpha, mask=mask_n)
+    tl.store(rows + _R_BETA * N, beta, mask=mask_n)
+    tl.store(rows + _R_KDO * N, 1.0 + c_do, mask=mask_n)
+    tl.store(rows + _R_KDL * N, c_dl, mask=mask_n)
+    tl.store(rows + _R_KX * N, c_x, mask=mask_n)
+    tl.store(rows + _R_Q * N, rstd * rstd * m2, mask=mask_n)
+    tl.store(rows + _R_K0 * N, -rstd * m1, mask=mask_n)
+
+
+@triton.jit
+def _oca_bwd_cols_kernel(X, DOUT, A, C, G, P_S, DS_S, ROWS, DX, DA_PART, DC_PART,
+                         N, D, M, n_tiles,
+                         s_xb, s_xn, s_xd, s_gb, s_gn, s_gd, s_ab, s_ad, s_am, s_cb, s_cm, s_cd,
+                         s_dxb, s_dxn, s_dxd,
+                         ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+    """Backward, per column chunk: dx, and the token reductions dA = LN(x)^T dS, dC = P^T dDelta.
+
+    Grid (d chunks, token splits, B): a program owns BLOCK_DC columns of one sample and loops
+    over the token tiles of its split, writing dx for them and accumulating (BLOCK_DC x BLOCK_M)
+    fp32 partials of dA and dC^T, stored once at the end to its own slot of (B, splits, ...).
+    Tiles are held transposed, (BLOCK_DC x BLOCK_N): every product then has BLOCK_DC (>= 64 on
+    the GPU for d >= 64) as its M dimension, with the small per-sample A and C chunks as the
+    first operand (on sm_90 a warpgroup MMA reading the token-side operand from shared memory,
+    instead of every warp keeping a copy of A and C in registers).
+    LN(x)^T dS = (x - mean)^T (rstd dS), so rstd never needs its own load.
+    """
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_d = offs_d < D
+    mask_m = offs_m < M
+    dm = mask_d[:, None] & mask_m[None, :]
+    g = tl.load(G).to(tl.float32)
+    acc_a = tl.zeros((BLOCK_DC, BLOCK_M), dtype=tl.float32)
+    acc_ct = tl.zeros((BLOCK_DC, BLOCK_M), dtype=tl.float32)
+    for t in range(pid_s, n_tiles, n_splits):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        tmask = mask_d[:, None] & mask_n[None, :]  # (BLOCK_DC, BLOCK_N)
+        xt = tl.load(X + b * s_xb + offs_n[None, :] * s_xn + offs_d[:, None] * s_xd,
+                     mask=tmask, other=0.0).to(tl.float32)
+        dot_ = tl.load(DOUT + b * s_gb + offs_n[None, :] * s_gn + offs_d[:, None] * s_gd,
+                       mask=tmask, other=0.0).to(tl.float32)
+        nm = mask_n[:, None] & mask_m[None, :]
+        mn = mask_m[:, None] & mask_n[None, :]
+        sbase = b * N * M
+        p = tl.load(P_S + sbase + offs_n[:, None] * M + offs_m[None, :], mask=nm, other=0.0)
+        pt = tl.load(P_S + sbase + offs_n[None, :] * M + offs_m[:, None], mask=mn, other=0.0)
+        dsr = tl.load(DS_S + sbase + offs_n[:, None] * M + offs_m[None, :], mask=nm, other=0.0)
+        dsrt = tl.load(DS_S + sbase + offs_n[None, :] * M + offs_m[:, None], mask=mn, other=0.0)
+        rows = ROWS + b * 8 * N + offs_n
+        mean = tl.load(rows + _R_MEAN * N, mask=mask_n, other=0.0)
+        k_do = tl.load(rows + _R_KDO * N, mask=mask_n, other=0.0)
+        k_x = tl.load(rows + _R_KX * N, mask=mask_n, other=0.0)
+        q = tl.load(rows + _R_Q * N, mask=mask_n, other=0.0)
+        k_0 = tl.load(rows + _R_K0 * N, mask=mask_n, other=0.0)
+        alpha = tl.load(rows + _R_ALPHA * N, mask=mask_n, other=0.0)
+        xm = tl.where(tmask, xt - mean[None, :], 0.0)
+        # the A and C^T chunks (BLOCK_DC, BLOCK_M) are re-read per tile (L1 hits): held across
+        # the loop they would stay in registers (twice, hi and lo, with tf32x3)
+        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
+                    mask=dm, other=0.0).to(tl.float32)
+        dx = _mm(a, dsrt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # (rstd dS A^T)^T
+        dx += k_do[None, :] * dot_ + k_x[None, :] * xt - q[None, :] * xm + k_0[None, :]
+        ddelta = g * dot_ + alpha[None, :] * xt
+        if ORTH != 0:
+            ct = tl.load(C + b * s_cb + offs_m[None, :] * s_cm + offs_d[:, None] * s_cd,
+                         mask=dm, other=0.0).to(tl.float32)
+            delta = _mm(ct, pt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # Delta^T
+            k_dl = tl.load(rows + _R_KDL * N, mask=mask_n, other=0.0)
+            dx += k_dl[None, :] * delta
+            if ORTH == 2:
+                beta = tl.load(rows + _R_BETA * N, mask=mask_n, other=0.0)
+                ddelta += beta[None, :] * delta
+        tl.store(DX + b * s_dxb + offs_n[None, :] * s_dxn + offs_d[:, None] * s_dxd,
+                 cast_out(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=tmask)
+        acc_a = _mm(xm, dsr, acc_a, PREC)  # sum over tokens of (x - mean) (rstd dS)^T
+        acc_ct = _mm(ddelta, p, acc_ct, PREC)  # (P^T dDelta)^T
+    part = b * n_splits + pid_s
+    tl.store(DA_PART + part * D * M + offs_d[:, None] * M + offs_m[None, :], acc_a, mask=dm)
+    tl.store(DC_PART + part * M * D + offs_m[None, :] * D + offs_d[:, None], acc_ct, mask=dm)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. launchers
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OcaConfig:
+    BLOCK_M: int          # M padded: max(16, next_power_of_2(M)), masked
+    BLOCK_DC: int         # column chunk of the forward kernel
+    rows_block_dc: int    # column chunk of the backward rows kernel
+    fwd_block_n: int      # tokens per program, forward
+    fwd_warps: int
+    rows_block_n: int     # tokens per program, backward rows kernel
+    rows_warps: int
+    cols_block_n: int     # backward column kernel: tokens per loop step
+    cols_block_d: int     # ... and columns per program
+    cols_warps: int
+    cols_splits: int      # token splits per sample: dA/dC partials are (B, cols_splits, d, M)
+    num_stages: int
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _chunk(d: int, cap: int) -> int:
+    """The widest power-of-two chunk <= cap that divides d (no masked waste for d % 16 == 0),
+    at least 16 (the tl.dot minimum); other d get a masked last chunk."""
+    for w in (128, 64, 32, 16):
+        if w <= cap and d % w == 0:
+            return w
+    return max(16, min(cap, _pow2(d)))
+
+
+def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
+                n_sm: int = 132, cc: int = 90) -> OcaConfig:
+    """Every launch parameter of the three kernels, chosen in one place.
+
+    tl.dot needs every tile dimension >= 16 on the GPU, so M is padded to BLOCK_M >= 16 (masked
+    to -inf before the softmax) and token tiles have >= 16 rows (masked).
+
+    GPU. No kernel holds a whole row. The forward and the backward-rows kernel stream x (and
+    dout) in column chunks (statistics pass, then scores pass, then, forward only, the output
+    pass; the second and third reads of a tile are meant to hit L1/L2, so HBM sees one read).
+    Their registers are a few (BLOCK_N x BLOCK_DC) fp32 chunk tiles plus (BLOCK_N x BLOCK_M)
+    accumulators, independent of d: 64 tokens x 32 columns at 4 warps is 16 fp32 values per
+    thread per chunk tile, and 64 tokens per program re-read the per-sample A and C (2 d M
+    values, from L2) once per 64 tokens; 64 rows is also the M of one sm_90 warpgroup MMA. The
+    chunk width is the widest of 32/16 dividing d (no masked columns for d % 16 == 0).
+    The backward-column kernel holds a (BLOCK_DC x BLOCK_M) dA and a dC^T accumulator across its
+    token loop, plus (BLOCK_DC x 32) tiles of x, dout, Delta, dx: 128 columns (64 when
+    BLOCK_M = 64) at 8 warps. Smaller tiles where registers ran out: tf32x3 with BLOCK_M >= 32
+    (three products per dot on hi/lo operands), and sm_80, whose MMA keeps a copy of the second
+    operand in every warp. All of this was chosen by compiling every configuration for sm_90 and
+    sm_80 and reading ptxas's register/spill report (tests/kernel_compile_check.py --full):
+    none spills at the register cap; shared memory stays under 57 KB.
+    cols_splits: a sample's tokens are split over several programs only when B * (d chunks) is
+    too small to fill the GPU (target: four programs per SM), so at large B the fp32 partial
+    buffers are just (B, 1, d, M) and (B, 1, M, d). `prec` and `cc` are arguments because the
+    tiles depend on them; x's dtype does not matter beyond `prec` (all arithmetic is fp32).
+
+    Interpreter: each program is a sequence of numpy steps, so the fewest and largest programs
+    are fastest: a whole sample (up to 256 tokens) per program, one column chunk, one split.
+    """
+    if d > MAX_D:
+        raise ValueError(f"d={d} > {MAX_D} is not supported by the fused OCA kernel")
+    if M > MAX_M:
+        raise ValueError(f"M={M} > {MAX_M} is not supported by the fused OCA kernel")
+    BM = max(16, _pow2(M))
+    if interpret:
+        bn = min(256, max(16, _pow2(N)))
+        bd = max(16, _pow2(d))
+        return OcaConfig(BM, bd, bd, bn, 4, bn, 4, bn, bd, 4, 1, 1)
+    # tf32x3 triples the dot operands held in registers; the heavy cases get smaller tiles.
+    # Before sm_90 (no warpgroup MMA) every warp keeps its own copy of a dot's second operand in
+    # registers, so BLOCK_M = 64 needs smaller tiles there too.
+    x3 = prec == "tf32x3"
+    heavy = x3 and BM >= 32
+    fwd_bn = 32 if (cc < 90 and x3 and BM == 64) else 64
+    rows_bn, rows_warps = (32, 8) if (BM == 64 and (x3 or cc < 90)) else (64, 4)
+    cols_bn = 16 if (heavy or (cc < 90 and BM == 64)) else 32
+    cols_bd = (32 if BM == 64 else 64) if heavy else (64 if (BM == 64 or (cc < 90 and x3)) else 128)
+    cols_bd = min(cols_bd, max(16, _pow2(d)))
+    cols_warps = 4 if (_pow2(d) <= 32 and BM <= 32) else 8  # d <= 32: a tiny tile
+    rows_dc = _chunk(d, 16 if (cc < 90 and heavy) else 32)
+    chunks = triton.cdiv(d, cols_bd)
+    splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
+    return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
+                     fwd_block_n=fwd_bn, fwd_warps=4,
+                     rows_block_n=rows_bn, rows_warps=rows_warps,
+                     cols_block_n=cols_bn, cols_block_d=cols_bd, cols_warps=cols_warps,
+                     cols_splits=splits, num_stages=1)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot input precision on the GPU.
+
+    bfloat16 x: "tf32". x is exact in tf32 (8 exponent bits, 11 significant bits) and the
+    operands computed in fp32 (LN(x), P, dS, A, C) are rounded to a unit roundoff of 2^-11, eight
+    times finer than the 2^-8 of the bf16 output, so the result stays within the bf16 error.
+    float32 and float16 x: "tf32x3" (three tf32 products on a hi/lo split, about fp32 accuracy):
+    the tests ask 1e-4 of fp32, and fp16's own unit roundoff is 2^-11, as coarse as tf32's, so
+    plain tf32 could double the error of an fp16 result. The a/c/gate dtypes do not matter:
+    their gradients carry the accuracy of the x path (bf16 x with fp32 a: tf32, about 5e-4
+    relative in dA). Under the interpreter every product is exact fp32, and "tf32x3" still runs
+    its three-product split, so the split's algebra is tested on the CPU.
+    """
+    return "tf32" if x.dtype == torch.bfloat16 else "tf32x3"
+
+
+def _check_sizes(x: torch.Tensor, a: torch.Tensor) -> Tuple[int, int, int, int]:
+    B, N, d = x.shape
+    M = a.shape[-1]
+    if d > MAX_D:
+        raise ValueError(f"x has shape {tuple(x.shape)}: the fused OCA kernel supports d <= {MAX_D} "
+                         f"; use impl='reference'")
+    if M > MAX_M:
+        raise ValueError(f"a has shape {tuple(a.shape)}: the fused OCA kernel supports M <= {MAX_M} "
+                         f"queries; use impl='reference'")
+    return B, N, d, M
+
+
+def oca_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor,
+            orth: str = "hard") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward launch. x (B, N, d), a (B, d, M), c (B, M, d), gate () -> out (B, N, d) in x's
+    dtype and, for orth="soft", cos2 (B, N) float32 (else None). Inputs may be strided views."""
+    B, N, d, M = _check_sizes(x, a)
+    prec = _precision(x)
+    cfg = _oca_config(B, N, d, M, prec, interpreting(), *runtime.device_info(x.device))
+    out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
+    cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
+    runtime.launch(_oca_fwd_kernel, (triton.cdiv(N, cfg.fwd_block_n), B),
+            x, a, c, gate, out, cos2, N, d, M,
+            *x.stride(), *a.stride(), *c.stride(), *out.stride(),
+            ORTH=ORTH_CODES[orth], BLOCK_N=cfg.fwd_block_n, BLOCK_DC=cfg.BLOCK_DC,
+            BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), num_warps=cfg.fwd_warps,
+            num_stages=cfg.num_stages)
+    return out, (cos2 if orth == "soft" else None)
+
+
+def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor,
+            c: torch.Tensor, gate: torch.Tensor, orth: str = "hard"):
+    """Backward launch: (dx, da, dc, dgate), each in its input's dtype. dout (B, N, d) and dcos2
+    (B, N) (or None) may be strided views.
+
+    Buffers besides the gradients, all fp32: dgate partials (B, token tiles); the scratch the rows
+    kernel hands to the column kernel, P and rstd*dS (B, N, M) and eight row scalars (B, 8, N);
+    for orth="soft" the Gram matrix C C^T (B, M, M); dA/dC partials (B, cols_splits, d, M) and
+    (B, cols_splits, M, d), summed here with torch (deterministic: no atomics anywhere).
+    """
+    B, N, d, M = _check_sizes(x, a)
+    prec = _precision(x)
+    cfg = _oca_config(B, N, d, M, prec, interpreting(), *runtime.device_info(x.device))
+    dev = x.device
+    n_tiles = triton.cdiv(N, cfg.rows_block_n)
+    dg_part = runtime.empty((B, n_tiles), dtype=torch.float32, device=dev)
+    p_s = runtime.empty((B, N, M), dtype=torch.float32, device=dev)
+    ds_s = runtime.empty((B, N, M), dtype=torch.float32, device=dev)
+    rows = runtime.empty((B, N_ROWS, N), dtype=torch.float32, device=dev)
+    if orth != "soft" or dcos2 is None:  # no upstream cos^2 gradient: read a zero, stride 0
+        dcos2 = torch.zeros((1, 1), dtype=torch.float32, device=dev).expand(B, N)
+    if orth == "soft":  # |Delta|^2 = P G P^T per token, G = C C^T (B, M, M)
+        cf = c.float()
+        gram = torch.matmul(cf, cf.transpose(1, 2)).contiguous()
+    else:
+        gram = dg_part  # not read
+    runtime.launch(_oca_bwd_rows_kernel, (n_tiles, B),
+            x, a, c, gate, gram, dout, dcos2, p_s, ds_s, rows, dg_part, N, d, M,
+            *x.stride(), *a.stride(), *c.stride(), *dout.stride(), *dcos2.stride(),
+            ORTH=ORTH_CODES[orth], BLOCK_N=cfg.rows_block_n, BLOCK_DC=cfg.rows_block_dc,
+            BLOCK_M=cfg.BLOCK_M, PREC=prec, num_warps=cfg.rows_warps, num_stages=cfg.num_stages)
+    S = cfg.cols_splits
+    dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
+    da_part = runtime.empty((B, S, d, M), dtype=torch.float32, device=dev)
+    dc_part = runtime.empty((B, S, M, d), dtype=torch.float32, device=dev)
+    runtime.launch(_oca_bwd_cols_kernel, (triton.cdiv(d, cfg.cols_block_d), S, B),
+            x, dout, a, c, gate, p_s, ds_s, rows, dx, da_part, dc_part, N, d, M,
+            triton.cdiv(N, cfg.cols_block_n),
+            *x.stride(), *dout.stride(), *a.stride(), *c.stride(), *dx.stride(),
+            ORTH=ORTH_CODES[orth], BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d,
+            BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), num_warps=cfg.cols_warps,
+            num_stages=cfg.num_stages)
+    dgate = dg_part.sum().to(gate.dtype).reshape(gate.shape)
+    da = (da_part[:, 0] if S == 1 else da_part.sum(1)).to(a.dtype)
+    dc = (dc_part[:, 0] if S == 1 else dc_part.sum(1)).to(c.dtype)
+    return dx, da, dc, dgate
+
+
+# --------------------------------------------------------------------------------------------
+# 3. autograd
+# --------------------------------------------------------------------------------------------
+
+class _OcaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, c, gate, orth):
+        out, cos2 = oca_fwd(x, a, c, gate, orth)
+        ctx.save_for_backward(x, a, c, gate)
+        ctx.orth = orth
+        if cos2 is None:
+            return out
+        return out, cos2
+
+    @staticmethod
+    def backward(ctx, dout, dcos2=None):
+        x, a, c, gate = ctx.saved_tensors
+        dx, da, dc, dgate = oca_bwd(dout, dcos2, x, a, c, gate, ctx.orth)
+        return dx, da, dc, dgate, None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. custom ops (torch.compile) and the public entry point
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("nearl::oca_fwd", mutates_args=())
+def _oca_fwd_op(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor,
+                orth: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, cos2 = oca_fwd(x, a, c, gate, orth)
+    if cos2 is None:  # the schema has a fixed arity: an empty placeholder when not "soft"
+        cos2 = x.new_empty((0,), dtype=torch.float32)
+    return out, cos2
+
+
+@_oca_fwd_op.register_fake
+def _(x, a, c, gate, orth):
+    B, N, _d = x.shape
+    cos2 = x.new_empty((B, N) if orth == "soft" else (0,), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), cos2
+
+
+@torch.library.custom_op("nearl::oca_bwd", mutates_args=())
+def _oca_bwd_op(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor,
+                c: torch.Tensor, gate: torch.Tensor, orth: str
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return oca_bwd(dout, dcos2, x, a, c, gate, orth)
+
+
+@_oca_bwd_op.register_fake
+def _(dout, dcos2, x, a, c, gate, orth):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(c, memory_format=torch.contiguous_format),
+            torch.empty_like(gate))
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, c, gate, orth = inputs
+    ctx.save_for_backward(x, a, c, gate)
+    ctx.orth = orth
+
+
+def _backward(ctx, dout, dcos2):
+    x, a, c, gate = ctx.saved_tensors
+    if ctx.orth != "soft":
+        dcos2 = None
+    dx, da, dc, dgate = _oca_bwd_op(dout, dcos2, x, a, c, gate, ctx.orth)
+    return dx, da, dc, dgate, None
+
+
+_oca_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *, orth: str = "hard"):
+    """Fused OCA: x + gate * orth(softmax(LN(x) @ a, dim=-1) @ c, x).
+
+    x (B, N, d) float32/bfloat16/float16 with d <= MAX_D (8192), a (B, d, M) and c (B, M, d)
+    with M <= 64, gate () -> out (B, N, d) in x's dtype; with orth="soft" returns (out, cos2), cos2
+    (B, N) float32. a, c, gate may have another float dtype than x; gradients come back in each
+    input's dtype. float64 inputs run the float64 reference instead (the kernels are float32).
+    Arguments are assumed validated by `nearl.ops.oca`; only the kernel's own limits (d, M) are
+    checked here, with a ValueError.
+    """
+    if any(t.dtype == torch.float64 for t in (x, a, c, gate)):
+        return reference.oca(x, a, c, gate, orth=orth)
+    _check_sizes(x, a)
+    if torch.compiler.is_compiling():
+        # traced: the custom op, opaque to dynamo, with its fake (shape) and autograd rules
+        out, cos2 = _oca_fwd_op(x, a, c, gate, orth)
+        return (out, cos2) if orth == "soft" else out
+    # eager (GPU or interpreter): the autograd.Function, without the custom-op dispatch cost
+    return _OcaFunction.apply(x, a, c, gate, orth)

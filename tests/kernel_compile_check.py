@@ -1,0 +1,240 @@
+"""Compile the OCA kernels for GPU targets without a GPU (run in a subprocess by
+tests/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are interpreter objects).
+
+The launchers in kernels/oca.py and kernels/layer.py run for real on small CPU tensors with
+`kernels.runtime.LAUNCH_HOOK`
+set, so each launch they would make is captured instead of run: kernel, constexprs, num_warps,
+num_stages and the arguments. Each argument is specialised exactly as the Triton JIT would
+(`native_specialize_impl`: pointer dtypes, 16-divisibility, integers equal to 1 as constexprs),
+distinct launches are compiled once per target with `triton.compile(ASTSource(...))`, and the
+shared memory (`metadata.shared`) plus the ptxas register / spill report is printed as one JSON line
+per (target, launch). Nothing is cached across runs (a fresh TRITON_CACHE_DIR per run).
+
+    python tests/kernel_compile_check.py [--full] [--targets 90,80] [--jobs 2]
+
+Default: a covering set (every value of every constexpr of each kernel at least once, both dot
+precisions, every orth mode, and the heaviest tiles: BLOCK_M = 64 with 64-column chunks).
+--full: every configuration `_oca_config` can choose over d in multiples of 16 (represented by
+d in {16, 32, 48, 64, 80, 96, 768}, which realise every chunk width), M in 1..64 (represented by
+M in {16, 32, 64}, one per BLOCK_M), every orth mode, and x / parameter dtypes bf16/bf16,
+bf16/fp32 (dot precision tf32), fp32/fp32 and fp16/fp16 (tf32x3).
+Exit status 1 if any compile fails, exceeds shared memory, or spills registers under pressure
+(see `pressure_spill` and the test for why).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nearl_compile_check_")
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spills
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+try:  # the JIT's own argument specialisation (triton >= 3.4)
+    from triton._C.libtriton import native_specialize_impl  # noqa: E402
+
+    def specialize(val):
+        return native_specialize_impl(BaseBackend, val, False, True, True)
+except ImportError:  # older triton: the same rules, written out
+    _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+
+    def specialize(val):
+        if isinstance(val, torch.Tensor):
+            return _PTR[val.dtype], ("D" if val.data_ptr() % 16 == 0 else "")
+        if isinstance(val, bool):
+            return "i1", ""
+        if isinstance(val, int):
+            if val == 1:
+                return "constexpr", 1
+            return ("i32" if -2 ** 31 <= val < 2 ** 31 else "i64"), ("D" if val % 16 == 0 else "")
+        raise TypeError(f"cannot specialise {type(val).__name__}")
+
+from kernels import layer as L  # noqa: E402
+from kernels import layer_kernels as LK  # noqa: E402
+from kernels import oca as K  # noqa: E402
+from kernels import runtime  # noqa: E402
+
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
+KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
+                                   LK.layer_fwd_kernel, LK.layer_bwd_query_kernel)}
+
+LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's launches
+    (768, 16, 128, 4, torch.bfloat16, "hard", False),  # ViT-B/16 vision: the default, must not spill
+    (512, 16, 128, 4, torch.bfloat16, "soft", True),   # text tower, key mask
+    (512, 16, 128, 4, torch.float32, "none", True),    # IEEE products
+    (80, 5, 32, 4, torch.float16, "hard", True),       # small d: 16-column chunks
+    (768, 64, 128, 4, torch.bfloat16, "hard", True),   # H*M = 256: known to spill (see below)
+]
+
+COVER = [  # (d, M, x dtype, a/c/gate dtype, orth)
+    (768, 16, torch.bfloat16, torch.float32, "hard"),   # ViT-B/16 vision, tf32x3
+    (768, 16, torch.bfloat16, torch.bfloat16, "soft"),  # tf32
+    (512, 16, torch.float16, torch.float16, "none"),
+    (768, 64, torch.bfloat16, torch.float32, "soft"),   # heaviest: BLOCK_M 64, 64-column chunks
+    (768, 64, torch.float32, torch.float32, "hard"),
+    (96, 33, torch.bfloat16, torch.float32, "none"),    # 32-column chunks, BLOCK_M 64
+    (80, 5, torch.float32, torch.float32, "soft"),      # 16-column chunks, dA/dC chunk 128
+    (48, 17, torch.bfloat16, torch.bfloat16, "hard"),   # BLOCK_M 32, dA/dC chunk 64
+    (32, 32, torch.float16, torch.float16, "soft"),     # dA/dC chunk 32
+    (16, 1, torch.float32, torch.float32, "none"),      # dA/dC chunk 16
+]
+
+
+def full_cases():
+    dts = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),  # tf32
+           (torch.float32, torch.float32), (torch.float16, torch.float16)]    # tf32x3
+    for d, M, (xd, pd), orth in itertools.product((16, 32, 48, 64, 80, 96, 768), (16, 32, 64), dts,
+                                                 ("none", "hard", "soft")):
+        yield d, M, xd, pd, orth
+
+
+def capture(cases, cc=90, B=8, N=197, layer=True):
+    """Run the launchers with LAUNCH_HOOK set, as on a GPU of compute capability `cc` (the
+    configuration depends on it); return the distinct launches as compile specs."""
+    specs = {}
+
+    def hook(kernel, grid, args, kwargs):
+        names = kernel.arg_names
+        sig, consts, attrs = {}, {}, {}
+        opts = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k not in opts})
+        for i, (name, param) in enumerate(zip(names, kernel.params)):
+            val = bound[name]
+            if param.is_constexpr:
+                sig[name] = "constexpr"
+                consts[name] = val
+                continue
+            ty, attr = specialize(val)
+            sig[name] = ty
+            if ty == "constexpr":
+                consts[name] = attr if attr is not None else val
+            elif attr:
+                attrs[i] = attr
+        key = json.dumps([kernel.__name__, sig, {k: str(v) for k, v in consts.items()}, attrs, opts],
+                         sort_keys=True)
+        specs[key] = (kernel.__name__, sig, consts, attrs, opts)
+
+    runtime.LAUNCH_HOOK = hook
+    device_info = runtime.device_info
+    runtime.device_info = lambda device: (132, cc)
+    try:
+        for d, M, xd, pd, orth in cases:
+            x = torch.empty(B, N, d, dtype=xd)
+            a = torch.empty(B, d, M, dtype=pd)
+            c = torch.empty(B, M, d, dtype=pd)
+            gate = torch.empty((), dtype=pd)
+            K.oca_fwd(x, a, c, gate, orth)
+            dcos2 = torch.empty(B, N) if orth == "soft" else None
+            K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
+        for d, M, D, H, xd, orth, masked in (LAYER_COVER if layer else []):
+            x = torch.empty(B, N, d, dtype=xd)
+            a, c = torch.empty(B, d, M), torch.empty(B, M, d)
+            kabs, w_v, gate = torch.empty(B, d, H * M), torch.empty(d, D), torch.empty(())
+            mask = torch.ones(B, N, dtype=torch.bool) if masked else None
+            _, _, u_all, lse = L.layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+            L.layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, torch.empty_like(x), u_all)
+    finally:
+        runtime.LAUNCH_HOOK = None
+        runtime.device_info = device_info
+    return list(specs.values())
+
+
+def compile_one(job):
+    (name, sig, consts, attrs, opts), cc = job
+    kernel = KERNELS[name]
+    target = GPUTarget("cuda", cc, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options(dict(opts))
+    parse = getattr(backend, "parse_attr", lambda v: [["tt.divisibility", 16]] if "D" in v else [])
+    attrs = {(i,): parse(v) for i, v in attrs.items()}
+    row = {"cc": cc, "kernel": name, **{k: (v if isinstance(v, (int, str)) else str(v))
+                                         for k, v in consts.items() if k.isupper()}, **opts}
+    log = io.StringIO()
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                      target=target, options=options.__dict__)
+    except Exception as err:  # a compile failure is a result to report, not a crash
+        row.update(ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
+        return row
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    n_regs = int(regs.group(1)) if regs else None
+    stores = int(spill.group(1)) if spill else None
+    loads = int(spill.group(2)) if spill else None
+    if regs is None and torch.cuda.is_available() and cc == 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]:
+        try:  # no ptxas log (older triton): load the module, the driver reports both
+            compiled._init_handles()
+            n_regs, stores = compiled.n_regs, compiled.n_spills
+        except Exception:
+            pass
+    row.update(ok=True, seconds=round(time.time() - t0, 1), shared=compiled.metadata.shared,
+               n_regs=n_regs, spill_stores=stores, spill_loads=loads,
+               sig={k: v for k, v in sig.items() if v != "constexpr" and not v.startswith("*")})
+    row["shared_ok"] = compiled.metadata.shared <= SHARED_LIMIT[cc]
+    return row
+
+
+REG_CAP = 240  # ptxas's cap is 255 registers per thread at these block sizes
+
+
+def known_spill(row) -> bool:
+    """The fused layer with H*M > 64 (M > 16 queries at 4 heads): its (H*M x D) accumulator and
+    (BLOCK_N x H*M) score tiles exceed the register file whatever the tiles (layer_config's
+    docstring); reported, not failed. M = 16, the default, must compile without spills."""
+    return row["kernel"].startswith("layer_") and int(row.get("BLOCK_HM", 0)) > 64
+
+
+def pressure_spill(row) -> bool:
+    """A spill caused by register pressure: spill stores with the registers (nearly) all used.
+    ptxas sometimes spills a few bytes while using far fewer registers than allowed (seen on
+    sm_80 with ptxas 12.9 at 80 and 128 registers, 8 and 12 bytes, fp16 x with 16-column
+    chunks); that is its own scheduling choice, not a tile too big for the register file, and is
+    reported without failing."""
+    return (row["spill_stores"] or 0) > 0 and (row["n_regs"] is None or row["n_regs"] >= REG_CAP)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--targets", default="90,80")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    cases = list(full_cases()) if args.full else COVER
+    jobs = [(spec, int(cc)) for cc in args.targets.split(",") for spec in capture(cases, int(cc))]
+    print(json.dumps({"cases": len(cases), "compiles": len(jobs)}), flush=True)
+    bad = 0
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for row in pool.map(compile_one, jobs):
+            if row["ok"]:
+                row["known_spill"] = known_spill(row) and (row["spill_stores"] or 0) > 0
+                row["pressure_spill"] = pressure_spill(row) and not row["known_spill"]
+            if not row["ok"] or not row["shared_ok"] or row["pressure_spill"]:
+                bad += 1
+            print(json.dumps(row), flush=True)
+    print(json.dumps({"failed": bad, "total_seconds": round(time.time() - t0, 1)}), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
