@@ -6,12 +6,12 @@ from typing import Dict, NamedTuple, Optional
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .config import NEARLConfig
-from .modules import QueryBank, TowerAdapter, USEformer, count, layer_params
+from .frozen import FrozenCLIPWrapper, count
+from .modules import QueryBank, TowerAdapter, USEformer, layer_params
 from .towers import TextSteps, VisionSteps
 
 # Small architectures of our own (NEARL-Tiny: a CPU-sized ViT for tests and smoke runs).
@@ -46,16 +46,17 @@ def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs)
     return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
-class NEARLCLIP(nn.Module):
+class NEARLCLIP(FrozenCLIPWrapper):
+    title = "NEARL-CLIP"
+
     def __init__(self, backbone: nn.Module, config: Optional[NEARLConfig] = None, *, fused: bool = False,
                  model_name: str = ""):
-        super().__init__()
-        self.config = config or NEARLConfig()
-        self.model_name = model_name
-        self.fused = fused
         # Steppers are plain objects, not submodules: they hold references into the backbone.
-        self._steps = {"vision": VisionSteps(backbone.visual), "text": TextSteps(backbone)}
-        self.backbone = backbone.requires_grad_(False).eval()
+        steppers = {"vision": VisionSteps(backbone.visual), "text": TextSteps(backbone)}
+        super().__init__(backbone, model_name=model_name)
+        self._steps = steppers
+        self.config = config or NEARLConfig()
+        self.fused = fused
         cfg = self.config
         self.queries = QueryBank(cfg.num_queries, cfg.query_dim, ("vision", "text"))
         self.useformer = USEformer(cfg.query_dim, cfg.heads, cfg.mlp_ratio)
@@ -65,19 +66,9 @@ class NEARLCLIP(nn.Module):
             if layers:
                 self.adapters[tower] = TowerAdapter(steps.width, cfg.query_dim, cfg.rank, layers)
 
-    # ----------------------------------------------------------------- frozen backbone
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()  # frozen: dropout and friends stay off whatever the adapters do
-        return self
-
     @property
     def impl(self) -> str:
         return "triton" if self.fused else "reference"
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.backbone.logit_scale.detach().exp()
 
     # ----------------------------------------------------------------- towers
     def _adapt(self, tower: str, x: torch.Tensor, blocks, mask: Optional[torch.Tensor]):
@@ -116,14 +107,6 @@ class NEARLCLIP(nn.Module):
         x, q, penalty = self._adapt("text", x, blocks, steps.valid_mask(tokens))
         return TowerResult(steps.head(x, tokens), q, penalty)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.image_tower(images).features
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.text_tower(tokens).features
-        return F.normalize(features, dim=-1) if normalize else features
-
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> NEARLOutput:
         image, text = self.image_tower(images), self.text_tower(tokens)
         penalties = [p for p in (image.orth_penalty, text.orth_penalty) if p is not None]
@@ -131,12 +114,6 @@ class NEARLCLIP(nn.Module):
         return NEARLOutput(image.features, text.features, image.queries, text.queries, penalty, self.logit_scale)
 
     # ----------------------------------------------------------------- parameters
-    def trainable_parameters(self):
-        return (p for p in self.parameters() if p.requires_grad)
-
-    def num_trainable_parameters(self) -> int:
-        return count(self.trainable_parameters())
-
     def parameter_breakdown(self) -> Dict[str, int]:
         rows = {f"OCA ({t})": count(a.oca_parameters()) for t, a in self.adapters.items()}
         rows.update({f"USEformer keys/values ({t})": count(a.useformer_parameters()) for t, a in self.adapters.items()})
@@ -144,40 +121,8 @@ class NEARLCLIP(nn.Module):
         rows["Queries (Q0, e_v, e_t)"] = count(self.queries.parameters())
         rows["OCA total"] = sum(v for k, v in rows.items() if k.startswith("OCA ("))
         rows["USEformer total"] = sum(v for k, v in rows.items() if k.startswith(("USEformer", "Queries")))
-        rows["Total learnable"] = self.num_trainable_parameters()
-        rows["Frozen backbone"] = count(self.backbone.parameters())
+        rows.update(super().parameter_breakdown())
         return rows
-
-    def format_parameter_breakdown(self) -> str:
-        rows = self.parameter_breakdown()
-        width = max(len(k) for k in rows)
-        lines = [f"NEARL-CLIP parameters ({self.model_name or type(self.backbone).__name__})"]
-        lines += [f"  {k:<{width}}  {v:>12,}" for k, v in rows.items()]
-        return "\n".join(lines)
-
-    def print_parameter_breakdown(self) -> None:
-        print(self.format_parameter_breakdown())
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The learnable parameters only: what a checkpoint needs besides the backbone's name."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"adapter state does not match this model: missing {missing[:5]}, unexpected {extra[:5]}")
-        self.load_state_dict(state, strict=False)
-
-    # ----------------------------------------------------------------- data helpers
-    def image_transform(self, train: bool = False):
-        """open_clip's own preprocessing for this backbone."""
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        return image_transform_v2(PreprocessCfg(**self.backbone.visual.preprocess_cfg), is_train=train)
-
-    def tokenizer(self):
-        return open_clip.get_tokenizer(self.model_name)
 
 
 def build(model_name: str, pretrained: Optional[str] = None, fused: bool = False, **config) -> NEARLCLIP:

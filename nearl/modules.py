@@ -94,7 +94,3 @@ def layer_params(tower: TowerAdapter, layer: OCALayer, useformer: USEformer) -> 
     return params
 
 
-def count(params) -> int:
-    return sum(p.numel() for p in params)
-
-

@@ -32,7 +32,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from ..model import NEARLOutput, TowerResult
-from ..modules import count
+from ..frozen import count
 from ..towers import TextSteps, VisionSteps
 from .base import MethodConfig, MethodModel
 

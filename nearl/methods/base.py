@@ -14,13 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict
 
-import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..frozen import FrozenCLIPWrapper
 from ..model import NEARLOutput, TowerResult
-from ..modules import count
 
 
 @dataclass
@@ -35,7 +33,7 @@ class MethodConfig:
         return asdict(self)
 
 
-class MethodModel(nn.Module):
+class MethodModel(FrozenCLIPWrapper):
     """A frozen open_clip CLIP model; subclasses add their learnable parts.
 
     Subclasses override `_image_features` / `_text_features` (unnormalised final features) and
@@ -46,22 +44,14 @@ class MethodModel(nn.Module):
     tasks = ("retrieval", "classification")
 
     def __init__(self, backbone: nn.Module, config: MethodConfig, *, model_name: str = "", fused: bool = False):
-        super().__init__()
+        super().__init__(backbone, model_name=model_name)
         self.config = config
-        self.model_name = model_name
         self.fused = False  # the fused Triton kernels exist for NEARL's layer only
         self.requested_fused = fused
-        self.backbone = backbone.requires_grad_(False).eval()
-
-    # ----------------------------------------------------------------- frozen backbone
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()  # dropout and friends stay off, whatever the learnable parts do
-        return self
 
     @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.backbone.logit_scale.detach().exp()
+    def title(self) -> str:
+        return self.method
 
     # ----------------------------------------------------------------- features
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,14 +66,6 @@ class MethodModel(nn.Module):
     def text_tower(self, tokens: torch.Tensor) -> TowerResult:
         return TowerResult(self._text_features(tokens), None, None)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.image_tower(images).features
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.text_tower(tokens).features
-        return F.normalize(features, dim=-1) if normalize else features
-
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> NEARLOutput:
         self.check_task("retrieval")
         return NEARLOutput(self.image_tower(images).features, self.text_tower(tokens).features,
@@ -96,12 +78,6 @@ class MethodModel(nn.Module):
                              f"{' and '.join(cls.tasks)} only")
 
     # ----------------------------------------------------------------- parameters
-    def trainable_parameters(self):
-        return (p for p in self.parameters() if p.requires_grad)
-
-    def num_trainable_parameters(self) -> int:
-        return count(self.trainable_parameters())
-
     def decays(self, name: str, p: torch.Tensor) -> bool:
         """AdamW weight decay for this learnable tensor? (matrices of the method's own modules)."""
         return p.ndim >= 2 and not name.startswith("backbone.")
@@ -111,37 +87,5 @@ class MethodModel(nn.Module):
 
     def parameter_breakdown(self) -> Dict[str, int]:
         rows = dict(self._breakdown())
-        rows["Total learnable"] = self.num_trainable_parameters()
-        rows["Frozen backbone"] = count(p for p in self.backbone.parameters() if not p.requires_grad)
+        rows.update(super().parameter_breakdown())
         return rows
-
-    def format_parameter_breakdown(self) -> str:
-        rows = self.parameter_breakdown()
-        width = max(len(k) for k in rows)
-        lines = [f"{self.method} parameters ({self.model_name or type(self.backbone).__name__})"]
-        lines += [f"  {k:<{width}}  {v:>12,}" for k, v in rows.items()]
-        return "\n".join(lines)
-
-    def print_parameter_breakdown(self) -> None:
-        print(self.format_parameter_breakdown())
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{self.method} state does not match this model: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
-        self.load_state_dict(state, strict=False)
-
-    # ----------------------------------------------------------------- data helpers
-    def image_transform(self, train: bool = False):
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        return image_transform_v2(PreprocessCfg(**self.backbone.visual.preprocess_cfg), is_train=train)
-
-    def tokenizer(self):
-        return open_clip.get_tokenizer(self.model_name)
-

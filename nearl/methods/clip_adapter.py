@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..modules import count
+from ..frozen import count
 from .base import MethodConfig, MethodModel
 
 

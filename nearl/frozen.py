@@ -1,0 +1,88 @@
+"""What every adapted model shares: a frozen open_clip backbone and the plumbing around its
+learnable parts (trainable parameters and their state, the parameter table, data helpers).
+
+NEARLCLIP (nearl/model.py) and the comparison methods (nearl/methods/) subclass it; the training
+loop, the evaluation and the checkpoints rely only on this interface plus forward / image_tower /
+text_tower.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+class FrozenCLIPWrapper(nn.Module):
+    title = "adapted CLIP"  # the parameter table's heading
+
+    def __init__(self, backbone: nn.Module, *, model_name: str = ""):
+        super().__init__()
+        self.model_name = model_name
+        self.backbone = backbone.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: dropout and friends stay off whatever the adapters do
+        return self
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.backbone.logit_scale.detach().exp()
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.image_tower(images).features
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text_tower(tokens).features
+        return F.normalize(features, dim=-1) if normalize else features
+
+    # ----------------------------------------------------------------- parameters
+    def trainable_parameters(self):
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def num_trainable_parameters(self) -> int:
+        return count(self.trainable_parameters())
+
+    def parameter_breakdown(self) -> Dict[str, int]:
+        return {"Total learnable": self.num_trainable_parameters(),
+                "Frozen backbone": count(p for p in self.backbone.parameters() if not p.requires_grad)}
+
+    def format_parameter_breakdown(self) -> str:
+        rows = self.parameter_breakdown()
+        width = max(len(k) for k in rows)
+        lines = [f"{self.title} parameters ({self.model_name or type(self.backbone).__name__})"]
+        lines += [f"  {k:<{width}}  {v:>12,}" for k, v in rows.items()]
+        return "\n".join(lines)
+
+    def print_parameter_breakdown(self) -> None:
+        print(self.format_parameter_breakdown())
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The learnable parameters only: what a checkpoint needs besides the backbone's name."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{self.title} adapter state does not match this model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    # ----------------------------------------------------------------- data helpers
+    def image_transform(self, train: bool = False):
+        """open_clip's own preprocessing for this backbone."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        return image_transform_v2(PreprocessCfg(**self.backbone.visual.preprocess_cfg), is_train=train)
+
+    def tokenizer(self):
+        return open_clip.get_tokenizer(self.model_name)
