@@ -131,6 +131,22 @@ def _out_stats(x_rows, sxd, row_ok, p, c_base, scm, scd, gate, coef, d, M, ln_ep
 
 
 @triton.jit
+def _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, mean2, rstd2,
+              PREC: tl.constexpr):
+    """LN(x_out) on one chunk of columns, recomputed from x (0 outside the row)."""
+    oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
+    return tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+
+
+@triton.jit
+def _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC: tl.constexpr):
+    """dL/dLN(x_out) on one chunk: through the keys (dS KABS^T) and the values (P DO)."""
+    kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
+    do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
+    return tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
+
+
+@triton.jit
 def layer_fwd_kernel(
     X, sxb, sxn, sxd,
     A, sab, sad, sam,
@@ -187,8 +203,8 @@ def layer_fwd_kernel(
         for c0 in range(0, d, BLOCK_C):
             cols = c0 + offs_c
             col_ok = cols < d
-            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
-            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
+                           mean2, rstd2, PREC)
             s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
             v += tl.dot(xa, _load_matrix(WV, D, 1, cols, offs_dq, col_ok, dq_ok), input_precision=PREC)
         valid = row_ok
@@ -262,8 +278,8 @@ def layer_bwd_query_kernel(
         for c0 in range(0, d, BLOCK_C):
             cols = c0 + offs_c
             col_ok = cols < d
-            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
-            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
+            xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
+                           mean2, rstd2, PREC)
             s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
             dp += tl.dot(xa, _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
         valid = row_ok
@@ -277,11 +293,9 @@ def layer_bwd_query_kernel(
         for c0 in range(0, d, BLOCK_C):
             cols = c0 + offs_c
             col_ok = cols < d
-            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
-            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
-            kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
-            do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
-            dxa = tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
+            xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
+                           mean2, rstd2, PREC)
+            dxa = _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC)
             sum_g += tl.sum(dxa, 1)
             sum_gx += tl.sum(dxa * xa, 1)
             pmask = col_ok[:, None] & hm_ok[None, :]
@@ -295,11 +309,9 @@ def layer_bwd_query_kernel(
         for c0 in range(0, d, BLOCK_C):
             cols = c0 + offs_c
             col_ok = cols < d
-            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
-            xa = tl.where(col_ok[None, :], (oc - mean2[:, None]) * rstd2[:, None], 0.0)
-            kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
-            do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
-            dxa = tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
+            xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
+                           mean2, rstd2, PREC)
+            dxa = _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC)
             g = _load_chunk(dout_rows, sgd, cols, row_ok, col_ok)
             g += rstd2[:, None] * (dxa - mean_g[:, None] - xa * mean_gx[:, None])
             tl.store(g_rows[:, None] + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
