@@ -9,6 +9,9 @@ from einsum_math import layer64
 from factories import layer_inputs, padding_mask
 from nearl import ops
 
+# On a GPU the kernels run for real; without one conftest.py turned the interpreter on.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
@@ -45,7 +48,7 @@ def run(impl, x, q, params, mask, orth, upstream):
 def upstream_for(B, N, d, M, D, orth, seed=7):
     g = torch.Generator().manual_seed(seed)
     shapes = [(B, N, d), (B, M, D)] + ([(B, N)] if orth == "soft" else [])
-    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(DEV) for s in shapes]
 
 
 CASES = [
@@ -62,8 +65,8 @@ CASES = [
 
 @pytest.mark.parametrize("B,N,d,M,D,masked,orth,dtype,batched", CASES)
 def test_forward_and_every_gradient_match_float64(B, N, d, M, D, masked, orth, dtype, batched):
-    x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched)
-    mask = padding_mask(B, N) if masked else None  # sample 0 has a single valid token
+    x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched, device=DEV)
+    mask = padding_mask(B, N).to(DEV) if masked else None  # sample 0 has a single valid token
     up = upstream_for(B, N, d, M, D, orth)
     want_out, want_grad = run("float64", x, q, params, mask, orth, up)
     got_out, got_grad = run("triton", x, q, params, mask, orth, up)
@@ -83,7 +86,7 @@ def test_forward_and_every_gradient_match_float64(B, N, d, M, D, masked, orth, d
 
 def test_strided_inputs():
     B, N, d, M, D = 2, 77, 48, 5, 32
-    x, q, params = layer_inputs(B, N, d, M, D=D, r=8)
+    x, q, params = layer_inputs(B, N, d, M, D=D, r=8, device=DEV)
     x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # d is the slow axis
     q_strided = torch.cat([q, q], dim=2)[..., ::2]  # every other column of a wider buffer
     q_strided.copy_(q)
@@ -99,8 +102,8 @@ def test_strided_inputs():
 
 
 def test_two_backward_runs_are_bit_identical():
-    x, q, params = layer_inputs(2, 197, 48, 16, D=32, r=8)
-    mask = padding_mask(2, 197)
+    x, q, params = layer_inputs(2, 197, 48, 16, D=32, r=8, device=DEV)
+    mask = padding_mask(2, 197).to(DEV)
     up = upstream_for(2, 197, 48, 16, 32, "soft")
     _, first = run("triton", x, q, params, mask, "soft", up)
     _, second = run("triton", x, q, params, mask, "soft", up)
@@ -109,8 +112,8 @@ def test_two_backward_runs_are_bit_identical():
 
 
 def test_masked_tokens_get_their_oca_update_but_never_reach_q_out():
-    x, q, params = layer_inputs(2, 40, 32, 4, D=32, r=8)
-    mask = padding_mask(2, 40)
+    x, q, params = layer_inputs(2, 40, 32, 4, D=32, r=8, device=DEV)
+    mask = padding_mask(2, 40).to(DEV)
     x2 = torch.where(mask[..., None], x, x + 5 * torch.randn_like(x))
     a = ops.nearl_layer(x, q, params, mask=mask, impl="triton")
     b = ops.nearl_layer(x2, q, params, mask=mask, impl="triton")
@@ -119,10 +122,10 @@ def test_masked_tokens_get_their_oca_update_but_never_reach_q_out():
 
 
 def test_kernel_limits_raise_value_errors():
-    x, q, params = layer_inputs(1, 5, 72, 3, D=32, r=8)  # 72 is not a multiple of 16
+    x, q, params = layer_inputs(1, 5, 72, 3, D=32, r=8, device=DEV)  # 72 is not a multiple of 16
     with pytest.raises(ValueError, match=r"x: the fused layer needs d a multiple of 16.*\(1, 5, 72\)"):
         ops.nearl_layer(x, q, params, impl="triton")
-    x, q, params = layer_inputs(1, 5, 32, 65, D=32, r=8)
+    x, q, params = layer_inputs(1, 5, 32, 65, D=32, r=8, device=DEV)
     with pytest.raises(ValueError, match="at most 64 queries, got M=65"):
         ops.nearl_layer(x, q, params, impl="triton")
 
@@ -156,8 +159,8 @@ def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():
 
 
 def test_custom_op_path_equals_the_eager_path_forward_and_backward():
-    x, q, params = layer_inputs(2, 40, 48, 5, D=32, r=8)
-    mask = padding_mask(2, 40)
+    x, q, params = layer_inputs(2, 40, 48, 5, D=32, r=8, device=DEV)
+    mask = padding_mask(2, 40).to(DEV)
     up = upstream_for(2, 40, 48, 5, 32, "soft")
     eager_out, eager_grad = run("triton", x, q, params, mask, "soft", up)
     real = fused.torch.compiler.is_compiling
@@ -173,8 +176,8 @@ def test_custom_op_path_equals_the_eager_path_forward_and_backward():
 
 
 def test_torch_compile_traces_the_layer_without_a_graph_break():
-    x, q, params = layer_inputs(2, 20, 32, 4, D=32, r=8)
-    mask = padding_mask(2, 20)
+    x, q, params = layer_inputs(2, 20, 32, 4, D=32, r=8, device=DEV)
+    mask = padding_mask(2, 20).to(DEV)
     graphs = []
 
     def backend(gm, example_inputs):

@@ -4,6 +4,8 @@ import torch
 
 import nearl
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: the interpreter (conftest.py)
+
 
 def trained_like(orth="hard"):
     """A tiny model whose adapters are no longer at init (W_up != 0), so OCA really acts."""
@@ -12,19 +14,19 @@ def trained_like(orth="hard"):
     with torch.no_grad():
         for p in model.adapters.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return model.to(DEV)
 
 
 def batch(model):
     g = torch.Generator().manual_seed(1)
     tokens = model.tokenizer()(["chest x-ray", "axial ct of the abdomen with contrast"])
-    return torch.randn(2, 3, 32, 32, generator=g), tokens
+    return torch.randn(2, 3, 32, 32, generator=g).to(DEV), tokens.to(DEV)
 
 
 def features_and_grads(model, images, tokens, fused, autocast=None):
     model.fused = fused
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+    with torch.autocast(DEV, dtype=autocast, enabled=autocast is not None):
         out = model(images, tokens)
         loss = nearl.NEARLLoss.from_config(model.config)(out)["loss"]
     loss.backward()
@@ -67,7 +69,7 @@ def test_fused_model_under_bf16_autocast_is_as_accurate_as_the_reference():
 
 
 def test_fresh_fused_model_is_still_the_frozen_clip():
-    model = nearl.build("NEARL-Tiny", fused=True)
+    model = nearl.build("NEARL-Tiny", fused=True).to(DEV)
     images, tokens = batch(model)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), model.backbone.encode_image(images), rtol=0, atol=1e-6)
