@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_out
+from .tiles import load_tile
 
 ORTH_HARD = 0
 ORTH_SOFT = 1
@@ -31,12 +32,6 @@ ORTH_NONE = 2
 def _load_chunk(rows_ptr, stride, cols, row_ok, col_ok):
     ptrs = rows_ptr[:, None] + cols[None, :] * stride
     return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_matrix(base, stride_r, stride_c, rows, cols, rows_ok, cols_ok):
-    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
-    return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -71,7 +66,7 @@ def _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M, ln_
         col_ok = cols < d
         xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
         xn = tl.where(col_ok[None, :], (xc - mean[:, None]) * rstd[:, None], 0.0)
-        a_c = _load_matrix(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
+        a_c = load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
         scores += tl.dot(xn, a_c, input_precision=PREC)
     scores = tl.where(m_ok[None, :], scores, float("-inf"))
     p = tl.exp(scores - tl.max(scores, 1)[:, None])
@@ -82,7 +77,7 @@ def _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M, ln_
         cols = c0 + offs_c
         col_ok = cols < d
         xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
-        delta = tl.dot(p, _load_matrix(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+        delta = tl.dot(p, load_tile(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
         dot += tl.sum(delta * xc, 1)
         dd += tl.sum(delta * delta, 1)
     if ORTH == 0:
@@ -98,7 +93,7 @@ def _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m
                PREC: tl.constexpr):
     """x_out on one chunk of columns, in float32: x + gate * (delta - coef * x)."""
     xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
-    delta = tl.dot(p, _load_matrix(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+    delta = tl.dot(p, load_tile(c_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
     return xc + gate * (delta - coef[:, None] * xc)
 
 
@@ -141,8 +136,8 @@ def _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_
 @triton.jit
 def _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC: tl.constexpr):
     """dL/dLN(x_out) on one chunk: through the keys (dS KABS^T) and the values (P DO)."""
-    kabs_c = _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
-    do_c = _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
+    kabs_c = load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
+    do_c = load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
     return tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
 
 
@@ -205,8 +200,8 @@ def layer_fwd_kernel(
             col_ok = cols < d
             xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
                            mean2, rstd2, PREC)
-            s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
-            v += tl.dot(xa, _load_matrix(WV, D, 1, cols, offs_dq, col_ok, dq_ok), input_precision=PREC)
+            s += tl.dot(xa, load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            v += tl.dot(xa, load_tile(WV, D, 1, cols, offs_dq, col_ok, dq_ok), input_precision=PREC)
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
@@ -280,8 +275,8 @@ def layer_bwd_query_kernel(
             col_ok = cols < d
             xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
                            mean2, rstd2, PREC)
-            s += tl.dot(xa, _load_matrix(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
-            dp += tl.dot(xa, _load_matrix(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            s += tl.dot(xa, load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            dp += tl.dot(xa, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)

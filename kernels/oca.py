@@ -56,6 +56,7 @@ from nearl import reference
 
 from . import runtime
 from .casting import cast_out
+from .tiles import load_tile
 from .runtime import interpreting
 
 MAX_D = 8192  # rows are streamed in column chunks, nothing but loop trip counts depends on d (tested to 2048)
@@ -80,9 +81,9 @@ def _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr,
     xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_DC):
         offs_d = k0 + tl.arange(0, BLOCK_DC)
-        xmask = mask_n[:, None] & (offs_d < D)[None, :]
-        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=xmask, other=0.0).to(tl.float32)
+        mask_d = offs_d < D
+        xmask = mask_n[:, None] & mask_d[None, :]
+        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
         nk = tl.minimum(D - k0, BLOCK_DC).to(tl.float32)  # valid columns in this chunk
         n0 = k0 * 1.0  # columns merged so far (float)
         mk = tl.sum(x, axis=1) / nk
@@ -145,15 +146,12 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
         offs_d = k0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
         xmask = mask_n[:, None] & mask_d[None, :]
-        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=xmask, other=0.0).to(tl.float32)
+        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
         xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
-                    mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
         s = _mm(xn, a, s, PREC)
         if ORTH != 0:
-            c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
             xc = _mm(x, tl.trans(c), xc, PREC)
     p = _softmax_rows(s, mask_m)
     dot = tl.sum(p * xc, axis=1)  # <Delta, x>
@@ -165,10 +163,8 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
         offs_d = k0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
         xmask = mask_n[:, None] & mask_d[None, :]
-        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=xmask, other=0.0).to(tl.float32)
-        c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
+        c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
         delta = _mm(p, c, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)
         if ORTH == 1:
             out = x + g * (delta - k[:, None] * x)
@@ -221,15 +217,11 @@ def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART
         offs_d = k0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
         xmask = mask_n[:, None] & mask_d[None, :]
-        x = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=xmask, other=0.0).to(tl.float32)
-        do = tl.load(DOUT + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
-                     mask=xmask, other=0.0).to(tl.float32)
+        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
+        do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
         xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
-                    mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
-        c = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
+        c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
         s = _mm(xn, a, s, PREC)
         oc = _mm(do, tl.trans(c), oc, PREC)
         cola += tl.sum(a, axis=0)
