@@ -19,6 +19,7 @@ from nearl import reference
 
 from . import layer_kernels as K
 from . import runtime
+from .oca import oca_bwd
 from .runtime import interpreting
 
 ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
@@ -82,14 +83,12 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
                        num_warps=8, num_stages=1, precision=precision)
 
 
-def _check_kernel_limits(x, a, kabs, w_v):
-    d, M = x.shape[2], a.shape[2]
+def _check_kernel_limits(x, q):
+    d, M = x.shape[2], q.shape[-2]
     if d % 16 or d > MAX_D:
         raise ValueError(f"x: the fused layer needs d a multiple of 16 up to {MAX_D}, got x of shape {tuple(x.shape)}")
     if M > MAX_M:
-        raise ValueError(f"q: the fused layer supports at most {MAX_M} queries, got M={M} (a of shape {tuple(a.shape)})")
-    if x.dtype == torch.float64:
-        raise ValueError("x: the fused layer runs float32, bfloat16 and float16; use impl='reference' for float64")
+        raise ValueError(f"q: the fused layer supports at most {MAX_M} queries, got M={M} (q of shape {tuple(q.shape)})")
 
 
 def _mask_arg(mask, x):
@@ -160,15 +159,9 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
     return g, dkabs, dw_v
 
 
-def _oca_backward(x, a, c, gate, g, dcos2, orth):
-    """dx, da, dc, dgate of the OCA given G = dL/dx_out (and dL/dcos2 for soft)."""
-    from .oca import oca_bwd
-    return oca_bwd(g, dcos2, x, a, c, gate, orth)
-
-
 # The token part of the layer as torch custom ops, so torch.compile traces through the kernels
-# without a graph break; register_autograd ties the two together. The same ops run under the
-# interpreter, so the CPU tests exercise the GPU code path.
+# without a graph break; register_autograd ties the two together. Eager calls take the
+# autograd.Function below; both run the same launchers and layer_tokens_backward.
 @torch.library.custom_op("nearl::layer_tokens_fwd", mutates_args=())
 def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor,
                      w_v: torch.Tensor, mask: Optional[torch.Tensor], orth: str
@@ -194,13 +187,14 @@ def layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u
     dout = torch.zeros_like(x) if dout is None else dout
     du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
     g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all)
-    dx, da, dc, dgate = _oca_backward(x, a, c, gate, g, dcos2 if orth == "soft" else None, orth)
+    dx, da, dc, dgate = oca_bwd(g, dcos2 if orth == "soft" else None, x, a, c, gate, orth)
     return (dx.to(x.dtype), da.to(a.dtype), dc.to(c.dtype), dgate.to(gate.dtype),
             dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
 
 
 @torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
-def layer_tokens_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], du_all: torch.Tensor, x: torch.Tensor,
+def layer_tokens_bwd(dout: Optional[torch.Tensor], dcos2: Optional[torch.Tensor], du_all: Optional[torch.Tensor],
+                     x: torch.Tensor,
                      a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor,
                      mask: Optional[torch.Tensor], u_all: torch.Tensor, lse: torch.Tensor, orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,9 +215,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dcos2, du_all, _dlse):
     x, a, c, gate, kabs, w_v, mask, u_all, lse = ctx.saved_tensors
-    dout = torch.zeros_like(x) if dout is None else dout
-    du_all = torch.zeros_like(u_all) if du_all is None else du_all
-    dcos2 = dcos2 if ctx.orth == "soft" else None
     grads = layer_tokens_bwd(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, ctx.orth)
     return (*grads, None, None)
 
@@ -283,6 +274,7 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
     """
     if any(t.dtype == torch.float64 for t in (x, q)):
         return reference.nearl_layer(x, q, params, mask=mask, orth=orth, heads=heads)  # gradcheck runs here
+    _check_kernel_limits(x, q)
     B = x.shape[0]
     with torch.autocast(x.device.type, enabled=False):
         p = {k: (v.float() if torch.is_tensor(v) else v) for k, v in params.items()}
@@ -292,7 +284,6 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
         qh = reference.layer_norm_q(qf, p) @ p["w_q"]
         kabs = absorbed_keys(qh, p["w_k"], heads).contiguous()
-        _check_kernel_limits(x, a, kabs, p["w_v"])
         x_out, cos2, u_all, _ = layer_tokens(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
         q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
     return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)
