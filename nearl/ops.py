@@ -6,19 +6,17 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
 import torch
+
+# kernels.runtime imports no Triton, so this decorates no kernel (TRITON_INTERPRET may be set later).
+from kernels.runtime import interpreting
 
 from . import reference
 from .validation import check_layer_args, check_oca_args
 
 IMPLS = ("auto", "reference", "triton")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _resolve(impl: str, x: torch.Tensor) -> str:
