@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import finish_terms
+
 TEMPLATES = (
     "a medical image of {}.",
     "a photo of {}.",
@@ -170,11 +172,7 @@ class ClassificationLoss(nn.Module):
             y = _gather(labels, self.world_size)
             terms["query_alignment"] = query_alignment(qv, out.class_queries, y, self.q_temperature)
             total = total + self.lambda_q * terms["query_alignment"]
-        if out.orth_penalty is not None:
-            terms["orth"] = out.orth_penalty.float()
-            total = total + self.lambda_orth * terms["orth"]
-        terms["loss"] = total
-        return terms
+        return finish_terms(terms, total, out.orth_penalty, self.lambda_orth)
 
 
 @torch.no_grad()

@@ -11,6 +11,15 @@ from torch import nn
 from .model import NEARLOutput
 
 
+def finish_terms(terms: Dict[str, torch.Tensor], total: torch.Tensor, orth_penalty, lambda_orth: float):
+    """Add lambda_orth * mean cos^2 (orth="soft" only) and record the total as terms["loss"]."""
+    if orth_penalty is not None:
+        terms["orth"] = orth_penalty.float()
+        total = total + lambda_orth * terms["orth"]
+    terms["loss"] = total
+    return terms
+
+
 class NEARLLoss(nn.Module):
     """CLIP contrastive loss + lambda_q * query alignment (+ lambda_orth * mean cos^2 with orth="soft").
 
@@ -33,11 +42,7 @@ class NEARLLoss(nn.Module):
             qt = F.normalize(out.text_queries.float().mean(dim=1), dim=-1)
             terms["query_alignment"] = self.clip(qv, qt, torch.tensor(1.0 / self.q_temperature, device=qv.device))
             total = total + self.lambda_q * terms["query_alignment"]
-        if out.orth_penalty is not None:
-            terms["orth"] = out.orth_penalty.float()
-            total = total + self.lambda_orth * terms["orth"]
-        terms["loss"] = total
-        return terms
+        return finish_terms(terms, total, out.orth_penalty, self.lambda_orth)
 
     @classmethod
     def from_config(cls, config, rank: int = 0, world_size: int = 1) -> "NEARLLoss":
