@@ -4,11 +4,41 @@ import os
 from typing import Tuple
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1, where kernels run on the CPU, one program at a time."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreter_numpy_fix() -> None:
+    """Make triton < 3.7's interpreter work with numpy >= 2.4.
+
+    The interpreter turns a scalar (a one-element array) into a Python int with `int(array)`, for
+    every `range(0, D, ...)` over a kernel argument; numpy 2.4 refuses that for arrays of rank > 0
+    ("only 0-dimensional arrays can be converted to Python scalars"). triton 3.7 and later squeeze
+    the array first; this does the same for older triton, through the interpreter's own patch
+    scope, so it is undone with the rest after every launch. Nothing changes on a GPU.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "nearl_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.nearl_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting() and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _interpreter_numpy_fix()
 
 
 _DEVICE_INFO = {}
