@@ -1,6 +1,6 @@
 """Output casts shared by the kernels.
 
-The triton 3.9 interpreter converts float32 to bfloat16 by truncation, the GPU by rounding to
+The triton interpreter (3.6, 3.8 and 3.9 seen) converts float32 to bfloat16 by truncation, the GPU by rounding to
 nearest even (and the interpreter ignores `fp_downcast_rounding`). Truncation doubles the rounding
 error, which would make the CPU tests measure the interpreter rather than the kernel, so under the
 interpreter we round to nearest even by hand before the (then exact) truncating cast. On the GPU

@@ -19,12 +19,22 @@ from nearl import reference
 
 from . import layer_kernels as K
 from . import runtime
-from .oca import oca_bwd
+from .oca import oca, oca_bwd
 from .runtime import interpreting
 
 ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
 MAX_D = 4096  # chunked over d, so any multiple of 16 works; this only bounds the tests' promise
 MAX_M = 64
+# The fused kernels hold the (H*M x D) query accumulator and (BLOCK_N x H*M) score tiles in
+# registers; past 64 x 128 they spill whatever the tiles (ptxas, sm_80 and sm_90). Larger query
+# banks take the split path: the fused OCA kernels, then the query update in torch.
+MAX_FUSED_HM = 64
+MAX_FUSED_D = 128
+
+
+def fused_supported(hm: int, D: int) -> bool:
+    """True when the fused layer kernels take H*M = `hm` query rows of width `D` without spilling."""
+    return hm <= MAX_FUSED_HM and D <= MAX_FUSED_D
 
 
 @dataclass(frozen=True)
@@ -47,14 +57,20 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
 
     - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
       two >= 16 and masked.
-    - Registers decide the rest (measured with ptxas through tests/test_kernel_compile.py, sm_80
-      and sm_90): the running accumulator (H*M x D), the score and value tiles (BLOCK_N x H*M,
-      BLOCK_N x D) and the backward's dS and P live across a tile's passes. With 8 warps,
-      BLOCK_C = 32 columns a chunk and one pipeline stage, M = 16 (H*M = 64, D = 128) compiles
-      without spills: BLOCK_N = 32 in the forward, 16 in the backward (which holds dS, P and the
-      dLN row sums as well); the backward with float32 inputs takes 16-column chunks. Two stages or 4 warps spill; 16 warps cap registers at 128 and spill
-      more. Larger M (H*M up to 256) spills some stack whatever the tiles: the fix would split the
-      heads over programs; M = 16 is the paper's and our default.
+    - Registers decide the rest (measured with ptxas through tests/kernel_compile_check.py, sm_80
+      and sm_90, triton 3.6 and 3.8): the running accumulator (H*M x D), the score and value
+      tiles (BLOCK_N x H*M, BLOCK_N x D) and the backward's dS and P live across a tile's passes.
+      With 8 warps, BLOCK_C = 32 columns a chunk and one pipeline stage, H*M <= 64 and D <= 128
+      (M = 16 at 4 heads, the default) fit: BLOCK_N = 32 in the forward on sm_90 (16 on sm_80,
+      whose MMA keeps the second operand in every warp), 16 in the backward (which holds dS, P
+      and the dLN row sums as well). IEEE float32 products (no tensor cores)
+      need more: 16 tokens and 16-column chunks in both kernels. Two stages or 4 warps spill; 16
+      warps cap registers at 128 and spill more. Larger H*M or D never reach these kernels
+      (`fused_supported`: the split path).
+    - Headroom: every configuration compiles without a spill with ptxas capped at 224 of the 255
+      registers it may use (REG_BUDGET in the compile check): triton 3.8 tipped a configuration
+      that fitted at 255 under 3.6 into an 8-byte spill, so fitting with nothing to spare is
+      treated as a failure.
     - Splits: enough programs to fill the GPU about twice (split-KV style), never more than the
       tiles of a sample.
     - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
@@ -72,11 +88,13 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         n_tiles = triton.cdiv(N, block_n)
         splits = min(2, n_tiles)
     else:
-        block_n = 16 if (backward or block_hm > 64) else 32
-        # IEEE float32 products (no tensor cores) need more registers: the backward spilled at 32.
-        block_c = 32 if d >= 32 and not (backward and precision == "ieee") else 16
+        n_sm, cc = runtime.device_info(device)
+        ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
+        # sm_80's MMA keeps a copy of the second operand in every warp: 16 tokens there as well
+        block_n = 16 if (backward or ieee or cc < 90) else 32
+        block_c = 32 if d >= 32 and not ieee else 16
         n_tiles = triton.cdiv(N, block_n)
-        splits = max(1, min(n_tiles, triton.cdiv(2 * runtime.device_info(device)[0], B)))
+        splits = max(1, min(n_tiles, triton.cdiv(2 * n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
@@ -282,8 +300,22 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         if qf.dim() == 2:
             qf = qf.unsqueeze(0).expand(B, -1, -1)
         a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
+        if not fused_supported(heads * q.shape[-2], q.shape[-1]):
+            return _split_layer(x, q, qf, a, c, p, mask, orth, heads)
         qh = reference.layer_norm_q(qf, p) @ p["w_q"]
         kabs = absorbed_keys(qh, p["w_k"], heads).contiguous()
         x_out, cos2, u_all, _ = layer_tokens(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
         q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
+    return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)
+
+
+def _split_layer(x, q, qf, a, c, p, mask, orth, heads):
+    """The layer for query banks too large for the fused kernels: x_out from the fused OCA kernels,
+    then the query update in torch. The OCA runs on a float32 copy of x so that the query update
+    reads the un-rounded x_out, as the fused kernels and the reference do (one more pass over x:
+    this is the slower path)."""
+    res = oca(x.float(), a, c, p["gate"], orth=orth)
+    x_out, cos2 = res if orth == "soft" else (res, None)
+    q_out = reference.query_update(qf, reference.layer_norm(x_out), p, mask, heads).to(q.dtype)
+    x_out = x_out.to(x.dtype)
     return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)

@@ -8,13 +8,11 @@ precisions, every orth mode, the heaviest tiles); NEARL_COMPILE_ALL=1 compiles e
 configuration the launcher can choose (about 280 compiles, several minutes on 2 cores).
 
 A launch fails the test when it does not compile, when its shared memory exceeds the target's
-per-block limit (227 KB sm_90, 163 KB sm_80), or when ptxas spills registers under pressure
-(spill stores with >= 240 of the 255 registers in use). Such spills fail rather than warn: the
-kernels are memory-bound, a spill puts local-memory traffic into every chunk of the hot loops,
-and the launcher's tile sizes were chosen so that none spills; a Triton/ptxas change that makes
-one spill should be seen, not logged. Spills of a few bytes that ptxas makes while using far
-fewer registers than allowed (its own scheduling choice; seen only on sm_80 for fp16 x with
-16-column chunks, 8-12 bytes) are printed as warnings.
+per-block limit (227 KB sm_90, 163 KB sm_80), or when ptxas spills a single byte, either as the
+launcher makes it (255 registers available) or capped at REG_BUDGET = 224 registers: the kernels
+are memory-bound, a spill puts local-memory traffic into every chunk of the hot loops, and a
+configuration that fits only at the 255 ceiling is one ptxas release away from spilling (triton
+3.6 -> 3.8 did exactly that to two of them). The cap keeps 31 registers (12%) of headroom.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ SCRIPT = os.path.join(ROOT, "tests", "kernel_compile_check.py")
 
 def _table(rows):
     head = f"{'cc':>3} {'kernel':<22} {'orth':>4} {'BN':>3} {'BDC':>4} {'BM':>3} {'prec':<7} {'w':>2} " \
-           f"{'shared':>7} {'regs':>4} {'spill':>5} {'s':>5}"
+           f"{'cap':>4} {'shared':>7} {'regs':>4} {'spill':>5} {'s':>5}"
     lines = [head]
     for r in rows:
         if not r.get("ok"):
@@ -41,7 +39,7 @@ def _table(rows):
             continue
         lines.append(f"{r['cc']:>3} {r['kernel'].replace('_oca_', ''):<22} {r.get('ORTH', '-'):>4} "
                      f"{r['BLOCK_N']:>3} {r.get('BLOCK_DC', r.get('BLOCK_C')):>4} {r['BLOCK_M']:>3} {r['PREC']:<7} "
-                     f"{r['num_warps']:>2} {r['shared']:>7} {str(r['n_regs']):>4} "
+                     f"{r['num_warps']:>2} {str(r.get('maxnreg') or '-'):>4} {r['shared']:>7} {str(r['n_regs']):>4} "
                      f"{str(r['spill_stores']):>5} {r['seconds']:>5}")
     return "\n".join(lines)
 
@@ -74,15 +72,12 @@ def test_kernels_compile_for_sm90_and_sm80():
     assert not failed, f"compile failures: {failed[:3]}"
     too_big = [r for r in rows if not r["shared_ok"]]
     assert not too_big, f"shared memory over the limit: {too_big[:3]}"
-    spills = [r for r in rows if r["pressure_spill"]]
-    assert not spills, "register spills under pressure:\n" + _table(spills)
-    known = [r for r in rows if r.get("known_spill")]
-    if known:
-        warnings.warn("fused layer with H*M > 64 spills (documented in kernels/layer.py):\n" + _table(known))
-    assert not [r for r in known if int(r["BLOCK_HM"]) <= 64], "the default layer (M = 16) must not spill"
-    small = [r for r in rows if (r["spill_stores"] or 0) > 0 and not r["pressure_spill"] and not r.get("known_spill")]
-    if small:
-        warnings.warn("ptxas spilled a few bytes below the register cap:\n" + _table(small))
+    spills = [r for r in rows if r["spilled"]]
+    assert not spills, "register spills (as launched, or capped at the headroom budget):\n" + _table(spills)
+    assert {r["maxnreg"] for r in rows} == {None, 224}, "every launch is compiled uncapped and capped"
+    tightest = max((r for r in rows if r["maxnreg"] is None and r["n_regs"]), key=lambda r: r["n_regs"], default=None)
+    if tightest:
+        print("most registers used without a cap:\n" + _table([tightest]))
     unknown = [r for r in rows if r["n_regs"] is None]
     if unknown:
         warnings.warn(f"{len(unknown)} compiles without a register/spill report")
