@@ -7,12 +7,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nearl", "nearl.*", "kernels", "bench"]),
     package_data={"nearl": ["model_configs/*.json"]},
+    # Supported range (README, "Supported versions"): CI runs the whole suite at both ends, the
+    # newest pip resolves and the floors below (.ci/oldest.txt). triton < 3.7's interpreter
+    # breaks on numpy >= 2.4; kernels/runtime.py mends it, and CI runs the kernel tests on that pair.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "open_clip_torch>=2.24",
+        "torch>=2.11",
+        "triton>=3.6",
+        "open_clip_torch>=3.1",  # nearl/towers.py steps tower internals 3.1 introduced
         "nvtx",
-        "numpy",
+        "numpy>=2.0",
         "pillow",
         "tqdm",
         "pydicom>=3.0",
