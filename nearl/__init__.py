@@ -1,8 +1,25 @@
 """NEARL-CLIP: a frozen open_clip backbone adapted with USEformer queries and orthogonal cross-attention."""
+import importlib
+
 from . import ops, reference
 from .config import NEARLConfig
-from .losses import NEARLLoss
-from .model import NEARLCLIP, NEARLOutput, build
+
+# The model and the loss import open_clip; loading them on first use keeps `from nearl import ops`
+# (the kernels, their tests and `bench.run --kernel oca | layer`) working where open_clip is absent.
+_LAZY = {"build": "model", "NEARLCLIP": "model", "NEARLOutput": "model", "NEARLLoss": "losses"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["ops", "reference", "build", "NEARLCLIP", "NEARLConfig", "NEARLLoss", "NEARLOutput"]
 __version__ = "0.1.0"

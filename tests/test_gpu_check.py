@@ -1,0 +1,263 @@
+"""`python -m bench.gpu_check`: the dry run end to end on the CPU, the budget, missing packages, the
+goals' verdicts, and the kernel path without open_clip."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import check_env, gpu_check
+from bench.goals import GOALS, Goal, evaluate, speedup_over
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSION_KEYS = ("device", "driver", "torch", "triton", "cuda", "command", "started", "seconds", "status")
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_dry_run_end_to_end(tmp_path):
+    """The command as a user runs it on a machine without a GPU: every step runs, tiny, and passes."""
+    out = tmp_path / "results"
+    flags = ["--dry-run"] if torch.cuda.is_available() else []  # without CUDA the dry run is automatic
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--budget-s", "600", *flags],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert gpu_check.DRY_NOTE in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert f"**{gpu_check.DRY_NOTE}.**" in summary.splitlines()[2]  # in bold, at the top
+    assert "no GPU figure was measured" in summary
+    run = json.loads((out / "gpu_check.json").read_text())
+    assert run["dry_run"] is True and run["note"] == gpu_check.DRY_NOTE
+    assert len(run["goals"]) == len(GOALS)
+    assert all(g["status"] == "not measured" and g["measured"] is None for g in run["goals"])
+    assert "**met**" not in summary and "NOT MET" not in summary
+    names = [s.name for s in gpu_check.plan(dry_run=True)]
+    assert [s["step"] for s in run["steps"]] == names
+    for name in names:
+        rec = json.loads((out / f"{name}.json").read_text())
+        for key in VERSION_KEYS:
+            assert rec[key] is not None, (name, key)
+        assert rec["status"] == "ok", rec
+        assert rec["command"][:2] == [sys.executable, "-m"] and rec["dry_run"] is True
+        assert (out / rec["log"]).exists()
+    tests = json.loads((out / "kernel-tests.json").read_text())["payload"]
+    assert tests["tests"] >= 10 and tests["failures"] == tests["errors"] == tests["skipped"] == 0
+    oca = json.loads((out / "oca-vit-b16.json").read_text())
+    assert "--device" in oca["command"] and oca["payload"]["cpu_only"] is True
+    assert {r["provider"] for r in oca["payload"]["rows"]} >= {"reference", "triton"}
+    model = json.loads((out / "model.json").read_text())["payload"]
+    assert model["model"] == "NEARL-Tiny" and model["batch"] == 2
+
+
+def test_kernel_path_needs_no_open_clip(tmp_path):
+    """Where open_clip is absent, `import nearl`, the kernel tests and `bench.run --kernel oca` work."""
+    code = (
+        "import sys, runpy; sys.modules['open_clip'] = None\n"
+        "import nearl, pytest\n"
+        "from nearl import ops, reference\n"
+        "try:\n"
+        "    nearl.build\n"
+        "    raise SystemExit('nearl.build imported without open_clip?')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "assert pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/test_oca_kernel.py',\n"
+        "                    'tests/test_layer_kernel.py']) == 0\n"
+        f"sys.argv = ['bench.run', '--kernel', 'oca', '--B', '1', '--N', '5', '--d', '16', '--M', '2', '--reps', '1',\n"
+        f"            '--warmup', '0', '--mode', 'fwd', '--providers', 'reference,triton', '--out', {str(tmp_path / 'o.json')!r}]\n"
+        "runpy.run_module('bench.run', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_lazy_names_still_import():
+    import nearl
+    import nearl.losses
+    import nearl.model
+
+    assert nearl.build is nearl.model.build and nearl.NEARLLoss is nearl.losses.NEARLLoss
+    assert {"build", "NEARLCLIP", "NEARLLoss", "NEARLOutput", "ops"} <= set(dir(nearl))
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        nearl.no_such_thing
+
+
+# ------------------------------------------------------------------------------------ the budget
+def sleeper(name, seconds, share=1.0, min_s=1.0, pid_file=None):
+    """A step whose command sleeps (and, with pid_file, leaves a sleeping child of its own)."""
+    child = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); ") if pid_file else ""
+    return gpu_check.Step(name, f"sleep {seconds}", "bench", [child + f"import time; time.sleep({seconds})"],
+                          share=share, min_s=min_s)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie waiting for its reaper has ended
+
+
+def make_check(tmp_path, steps, budget, available=lambda m: True):
+    ctx = gpu_check.Context(False, clean_env(), tmp_path / "logs", None, [])
+    return gpu_check.Check(steps, tmp_path, budget, False, {"device": "test"}, available, ctx)
+
+
+def test_budget_stops_a_step_and_skips_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "command_for",
+                        lambda step, ctx: ([sys.executable, "-c", step.args[0]], None, ctx.env))
+    pid_file = tmp_path / "child.pid"
+    steps = [sleeper("quick", 0), sleeper("hang", 60, pid_file=pid_file), sleeper("later", 0, min_s=3)]
+    t0 = time.monotonic()
+    records = make_check(tmp_path, steps, budget=gpu_check.RESERVE_S + 8).run()
+    assert time.monotonic() - t0 < 30
+    assert [r["status"] for r in records] == ["ok", "timed out", "skipped"]
+    assert "the budget ran out" in records[1]["reason"]
+    assert records[2]["reason"].startswith("budget: ") and "needs at least 3 s" in records[2]["reason"]
+    assert not alive(int(pid_file.read_text()))  # the step's own child went with it
+    for name in ("quick", "hang", "later"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["step"] == name
+
+
+def test_a_step_is_stopped_at_its_share(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "command_for",
+                        lambda step, ctx: ([sys.executable, "-c", step.args[0]], None, ctx.env))
+    records = make_check(tmp_path, [sleeper("hang", 60, share=0.05), sleeper("next", 0)], budget=60).run()
+    assert [r["status"] for r in records] == ["timed out", "ok"]
+    assert "its share of the budget (5%)" in records[0]["reason"]
+
+
+def test_tiny_budget_skips_every_step_and_says_so(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget-s", "2"]) == 0
+    run = json.loads((out / "gpu_check.json").read_text())
+    assert [s["status"] for s in run["steps"]] == ["skipped"] * len(gpu_check.plan(True))
+    assert all(s["reason"].startswith("budget: ") for s in run["steps"])
+    summary = (out / "summary.md").read_text()
+    assert "**oca-vit-b16**: skipped: budget: " in summary
+    assert "step skipped: budget" in summary  # the goals say why they were not measured
+    assert "skipped: budget" in capsys.readouterr().out
+
+
+def test_missing_open_clip_is_reported_and_its_steps_skipped(tmp_path, capsys):
+    absent = {"open_clip", "ftfy", "wcwidth", "nvtx"}
+    out = tmp_path / "r"
+    rc = gpu_check.main(["--dry-run", "--out", str(out), "--only", "model-tests,model"],
+                        available=lambda m: m not in absent)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "missing: open_clip_torch (import open_clip)" in text and "missing: nvtx" in text
+    assert "pip install --no-index --find-links wheels open_clip_torch nvtx" in text
+    run = json.loads((out / "gpu_check.json").read_text())
+    assert [(s["step"], s["status"]) for s in run["steps"]] == [("model-tests", "skipped"), ("model", "skipped")]
+    assert all("needs open_clip" in s["reason"] for s in run["steps"])
+    summary = (out / "summary.md").read_text()
+    assert "## Missing packages" in summary
+    download = next(line for line in summary.splitlines() if "pip download" in line)
+    for name in ("open_clip_torch", "ftfy", "wcwidth", "nvtx"):
+        assert name in download
+    assert {g["step"] for g in run["goals"]} == {"model"}
+
+
+def test_missing_packages_lists_requirements():
+    assert check_env.missing_packages(lambda m: True) == []
+    missing = check_env.missing_packages(lambda m: m not in {"open_clip", "huggingface_hub"})
+    assert [m["pip"] for m in missing] == ["open_clip_torch"]
+    assert missing[0]["missing_requirements"] == ["huggingface-hub"]
+
+
+def test_rejects_bad_options(tmp_path, capsys):
+    for argv in (["--only", "kernels"], ["--budget-s", "0"], ["--out", __file__]):
+        with pytest.raises(SystemExit) as exc:
+            gpu_check.main(["--dry-run", *argv])
+        assert exc.value.code == 2
+    assert "--only takes a comma list of kernel-tests" in capsys.readouterr().err
+
+
+def test_unsupported_sanitizer_device_is_a_skip(tmp_path):
+    log = tmp_path / "m.log"
+    log.write_text("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n")
+    step = next(s for s in gpu_check.plan(False) if s.kind == "memcheck")
+    ctx = gpu_check.Context(False, {}, tmp_path, "/usr/bin/compute-sanitizer", [])
+    status, reason, _ = gpu_check.outcome(step, 1, tmp_path / "none.json", log, ctx)
+    assert status == "skipped" and "Device not supported" in reason
+    log.write_text("========= ERROR SUMMARY: 2 errors\n")
+    status, reason, payload = gpu_check.outcome(step, 3, tmp_path / "none.json", log, ctx)
+    assert status == "failed" and "2 errors" in reason and payload["error_summary"] == "========= ERROR SUMMARY: 2 errors"
+
+
+# ------------------------------------------------------------------------------------- the goals
+def kernel_payload(compile_status="ok"):
+    def row(provider, mode, ms, pct=None, status="ok"):
+        return {"provider": provider, "mode": mode, "status": status, "reason": None if status == "ok" else "why",
+                "timing": {"median_ms": ms} if status == "ok" else None, "pct_copy": pct}
+    return {"cpu_only": False, "rows": [
+        row("reference", "fwd", 0.31), row("reference", "fwd+bwd", 1.00),
+        row("compile", "fwd", 0.12, status=compile_status), row("compile", "fwd+bwd", 0.5, status=compile_status),
+        row("triton", "fwd", 0.10, pct=61.0), row("triton", "fwd+bwd", 0.50, pct=40.0)]}
+
+
+def model_payload():
+    return {"cpu_only": False,
+            "inference": [{"variant": "clip", "status": "ok", "images_per_s": 1000.0},
+                          {"variant": "nearl-fused", "status": "ok", "images_per_s": 850.0}],
+            "train": [{"variant": "limit", "status": "ok", "timing": {"median_ms": 100.0}},
+                      {"variant": "nearl-reference", "status": "ok", "timing": {"median_ms": 150.0}, "peak_mib": 1000.0},
+                      {"variant": "nearl-fused", "status": "ok", "timing": {"median_ms": 105.0}, "peak_mib": 700.0}]}
+
+
+def verdicts(payloads, dry_run=False):
+    return {(g["step"], g["goal"]): g for g in evaluate(payloads, {"oca-text-b16": "step skipped: budget"}, dry_run)}
+
+
+def test_goal_verdicts_from_payloads():
+    got = verdicts({"oca-vit-b16": kernel_payload(), "layer-vit-b16": kernel_payload("skipped"),
+                    "model": model_payload()})
+    oca = {goal: v for (step, goal), v in got.items() if step == "oca-vit-b16"}
+    assert oca["triton forward: % of copy bandwidth"]["status"] == "met"
+    assert oca["triton forward: % of copy bandwidth"]["shown"] == "61%"
+    assert oca["triton forward vs reference"]["status"] == "met"  # 3.1x
+    assert oca["triton forward vs compile"]["status"] == "not met"  # 1.2x
+    assert oca["triton forward vs compile"]["measured"] == pytest.approx(1.2)
+    assert oca["triton fwd+bwd vs reference"]["status"] == "not met"  # 2.0x
+    compile_goal = got[("layer-vit-b16", "triton forward vs compile")]
+    assert compile_goal["status"] == "not measured" and "compile fwd skipped: why" in compile_goal["why"]
+    assert got[("oca-text-b16", "triton forward vs reference")]["why"] == "step skipped: budget"
+    model = {goal: v for (step, goal), v in got.items() if step == "model"}
+    assert [v["status"] for v in model.values()] == ["met", "met", "not met"]  # 1.05x, 0.70x, 0.85x
+    # The same numbers in a dry run are never a verdict.
+    dry = verdicts({"oca-vit-b16": kernel_payload(), "model": model_payload()}, dry_run=True)
+    assert {v["status"] for v in dry.values()} == {"not measured"}
+
+
+def test_goal_table_takes_a_new_provider():
+    goal = Goal("oca-vit-b16", "triton forward vs split", speedup_over("split", "fwd"), ">=", 1.2)
+    payload = kernel_payload()
+    payload["rows"].append({"provider": "split", "mode": "fwd", "status": "ok", "timing": {"median_ms": 0.13}})
+    (v,) = evaluate({"oca-vit-b16": payload}, {}, False, (goal,))
+    assert v["status"] == "met" and v["measured"] == pytest.approx(1.3)
+
+
+def test_gpu_commands(tmp_path):
+    """What a GPU run starts: full-size benchmarks with every provider, all the tests, the sanitizer."""
+    ctx = gpu_check.Context(False, {"PATH": "/bin"}, tmp_path, "/cuda/bin/compute-sanitizer", [])
+    cmds = {s.name: gpu_check.command_for(s, ctx) for s in gpu_check.plan(dry_run=False)}
+    cmd, raw, _ = cmds["oca-vit-b16"]
+    assert cmd == [sys.executable, "-m", "bench.run", "--kernel", "oca", "--shape", "vit-b16", "--dtype", "bf16",
+                   "--mode", "all", "--out", str(raw)]
+    assert cmds["model"][0][2:6] == ["bench.run", "--kernel", "model", "--dtype"]
+    cmd, raw, _ = cmds["kernel-tests"]
+    assert cmd[2] == "pytest" and "-k" not in cmd and f"--junitxml={raw}" in cmd
+    assert cmd[-2:] == ["tests/test_oca_kernel.py", "tests/test_layer_kernel.py"]
+    cmd, raw, env = cmds["memcheck"]
+    assert cmd[:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
+    assert cmd[-5:] == [sys.executable, "-m", "bench.memcheck_case", "--out", str(raw)] and "--device" not in cmd
+    assert env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" and "PYTORCH_NO_CUDA_MEMORY_CACHING" not in ctx.env
