@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
+from ..errors import UserError
+
 logger = logging.getLogger("nearl.data")
 
 # Reasons shared by the readers (free text is allowed too; these keep the log lines uniform).
@@ -21,7 +23,7 @@ class SkipCounter:
     """Counts kept and skipped records of one source file, by reason.
 
     Every reader ends with `counter.finish()`, which logs one line
-    "<file>: kept K records, skipped S (missing image: a, empty caption: b)" and raises ValueError
+    "<file>: kept K records, skipped S (missing image: a, empty caption: b)" and raises UserError
     when nothing was kept.
     """
 
@@ -54,10 +56,10 @@ class SkipCounter:
         return line
 
     def finish(self, log: Optional[logging.Logger] = None) -> None:
-        """Log the summary line; raise ValueError naming the file if no record was kept."""
+        """Log the summary line; raise UserError naming the file if no record was kept."""
         (log or logger).info(self.summary())
         if self.kept == 0:
-            raise ValueError(f"no usable records in {self.summary()}")
+            raise UserError(f"no usable records in {self.summary()}")
 
 
 def _fmt(counts: Counter) -> str:
