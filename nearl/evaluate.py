@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .classify import TEMPLATES, classification_logits
-from .data.datasets import ImageTextDataset, LabelledDataset
+from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
+from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
+from .errors import UserError
 from .logging_utils import _clean, markdown_table
 
 logger = logging.getLogger("nearl.evaluate")
@@ -67,9 +69,17 @@ def _collate_indexed(batch):
 
 @torch.no_grad()
 def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, workers: int = 0,
-                  precision: str = "fp32", progress: bool = True, desc: str = "images"
+                  precision: str = "fp32", progress: bool = True, desc: str = "images",
+                  source: Optional[str] = None, what: str = "evaluation"
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...)."""
+    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...).
+
+    For a dataset of nearl.data.datasets: a UserError naming `source` (the data file) and the first
+    images when none of them loads, and one log line counting by reason those that did not load.
+    """
+    counted = isinstance(dataset, SkipsBadImages)
+    if counted:
+        require_loadable(dataset, source, what=what)  # stops at the first image that loads
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate_indexed, pin_memory=torch.device(device).type == "cuda")
     idx, feats = [], []
@@ -81,7 +91,11 @@ def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, work
             feats.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
         idx.append(i)
     if not idx:
-        raise ValueError("no image of the evaluation set could be loaded")
+        if counted:
+            raise UserError(describe_failures(dataset, dataset.failed(), what, source))
+        raise UserError(f"{source or 'the ' + what + ' set'}: none of its {len(dataset)} images could be loaded")
+    if counted:
+        report_skips(dataset, source=source, what=what)
     return torch.cat(idx), torch.cat(feats)
 
 
@@ -104,14 +118,16 @@ def _eval_mode(model):
 
 # ----------------------------------------------------------------------------- the two tasks
 def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, batch_size: int = 64,
-                       workers: int = 0, precision: str = "fp32", progress: bool = True) -> Dict[str, float]:
-    """Recall@1/5/10 both ways; every caption of every record counts (several per image)."""
+                       workers: int = 0, precision: str = "fp32", progress: bool = True,
+                       source: Optional[str] = None) -> Dict[str, float]:
+    """Recall@1/5/10 both ways; every caption of every record counts (several per image).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
     was_training = _eval_mode(model)
     try:
         tokenizer = model.tokenizer()
         ds = ImageTextDataset(records, model.image_transform(False), tokenizer, train=False)
         kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
-                                          precision=precision, progress=progress)
+                                          precision=precision, progress=progress, source=source)
         texts, owners = ds.captions()
         # Drop the captions of images that could not be loaded; renumber owners to kept rows.
         row = torch.full((len(ds),), -1, dtype=torch.long)
@@ -121,7 +137,7 @@ def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, bat
         text_feats = encode_texts(model, tokenizer(texts), device=device, batch_size=max(batch_size, 64),
                                   precision=precision, progress=progress)
         out = M.retrieval_recall(image_feats, text_feats, row[owners][keep_text])
-        out["n_images"], out["n_texts"] = int(kept.numel()), len(texts)
+        out["n_images"], out["n_texts"], out["n_skipped"] = int(kept.numel()), len(texts), ds.bad_count
         return out
     finally:
         model.train(was_training)
@@ -129,19 +145,20 @@ def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, bat
 
 def evaluate_classification(model, records: Sequence[LabelledRecord], classnames: Sequence[str], *,
                             templates: Sequence[str] = TEMPLATES, device, batch_size: int = 64,
-                            workers: int = 0, precision: str = "fp32", progress: bool = True
-                            ) -> Dict[str, float]:
-    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class)."""
+                            workers: int = 0, precision: str = "fp32", progress: bool = True,
+                            source: Optional[str] = None) -> Dict[str, float]:
+    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
     was_training = _eval_mode(model)
     try:
         ds = LabelledDataset(records, model.image_transform(False))
         kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
-                                          precision=precision, progress=progress)
+                                          precision=precision, progress=progress, source=source)
         with autocast(torch.device(device), precision):
             logits = classification_logits(model, image_feats, classnames, templates, device=device)
         labels = ds.labels()[kept]
         out = M.classification_metrics(logits, labels)
-        out["n_images"] = int(kept.numel())
+        out["n_images"], out["n_skipped"] = int(kept.numel()), ds.bad_count
         return out
     finally:
         model.train(was_training)

@@ -18,6 +18,15 @@ EMPTY_CAPTION = "empty caption"
 MALFORMED = "malformed line"
 NO_MATCH = "no matching entry"
 
+# Why an image could not be decoded when a dataset loaded it (BadImageError.kind). The order is
+# fixed: datasets store a failure as its 1-based position here, in one byte per record.
+NOT_AN_IMAGE = "not an image"
+TRUNCATED_IMAGE = "truncated image"
+CORRUPT_DICOM = "corrupt DICOM"
+UNDECODABLE_IMAGE = "undecodable image"
+IMAGE_FAILURES = (MISSING_IMAGE, EMPTY_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE, CORRUPT_DICOM,
+                  UNDECODABLE_IMAGE)
+
 
 class SkipCounter:
     """Counts kept and skipped records of one source file, by reason.
@@ -60,6 +69,11 @@ class SkipCounter:
         (log or logger).info(self.summary())
         if self.kept == 0:
             raise UserError(f"no usable records in {self.summary()}")
+
+
+def format_counts(counts) -> str:
+    """'reason: n, ...' sorted by reason (the form every skip line uses)."""
+    return _fmt(counts)
 
 
 def _fmt(counts: Counter) -> str:
