@@ -200,22 +200,45 @@ def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: O
     path = Path(data) if data else demo.demo_split_json()
     if path.suffix.lower() == ".json":
         splits, classnames = read_coop_split(path, root=Path(root) if root else path.parent)
-        want = split if split in splits else next((s for s in (split, "test", "val") if splits.get(s)), None)
+        want = next((s for s in (split, "test", "val") if splits.get(s)), None)  # an empty split is none
         if want is None:
-            raise ValueError(f"{path}: no {split!r} split (splits: {sorted(splits)})")
+            raise UserError(f"{path}: no {split!r} split with records (splits: "
+                            f"{', '.join(f'{k} ({len(v)})' for k, v in sorted(splits.items()))})")
         if want != split:
             logger.warning("%s: no %r split; using %r", path, split, want)
         return splits[want], classnames, want, str(path)
     if path.is_dir():
-        sub = path / split
-        if not sub.is_dir() and split in VAL_SPLITS:
-            sub = next((path / s for s in VAL_SPLITS if (path / s).is_dir()), sub)
-        if sub.is_dir():
-            records, classnames = read_image_folder(sub)
-            return records, classnames, split, str(sub)
-        records, classnames = read_image_folder(path)
-        return records, classnames, "all", str(path)
-    raise ValueError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+        sub = _split_folder(path, split)
+        if sub is None:  # root/<class>/<image>: every image is evaluated
+            records, classnames = read_image_folder(path)
+            return records, classnames, "all", str(path)
+        records, classnames = read_image_folder(sub)
+        return records, classnames, sub.name, str(sub)
+    raise UserError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+
+
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+
+
+def _split_folder(root: Path, split: str) -> Optional[Path]:
+    """The folder of `split` in root/<split>/<class>/<image>, None for a flat root/<class>/<image>.
+
+    Split folders are never taken for classes: without the one asked for, test falls back to
+    val/validation (as for manifests and split files), and anything else is a UserError."""
+    found = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    if not found:
+        return None
+    if split in found:
+        return root / split
+    fallback = VAL_SPLITS if split in ("test", *VAL_SPLITS) else ()
+    for name in fallback:
+        if name in found:
+            logger.warning("%s: no %s/ folder; using %s/ (split folders: %s)", root, split, name,
+                           ", ".join(f + "/" for f in found))
+            return root / name
+    tried = f"{split}/ (nor val/)" if fallback else f"{split}/"
+    raise UserError(f"{root}: no {tried} folder to evaluate on; split folders found: "
+                    f"{', '.join(f + '/' for f in found)}. Pass --split {found[0]} to evaluate on it")
 
 
 # ----------------------------------------------------------------------------- CLI
