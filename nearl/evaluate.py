@@ -30,7 +30,8 @@ from .classify import TEMPLATES, classification_logits
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
-from .errors import UserError
+from .cli_args import check_backbone, nonnegative_int, positive_int, resolve_device, user_errors
+from .errors import UserError, run_cli
 from .logging_utils import _clean, markdown_table
 
 logger = logging.getLogger("nearl.evaluate")
@@ -261,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="image root (manifest / CoOp JSON)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
@@ -283,13 +284,15 @@ def default_model_name(pretrained: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The command line; returns the report. User mistakes raise UserError (see cli())."""
     from .checkpoint import describe, load_checkpoint
     from .methods import build_from_checkpoint, build_method, canonical, check_task
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("nearl").setLevel(logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    check_templates(args.templates)
     fused = args.fused
     if fused and device.type != "cuda":
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
@@ -297,26 +300,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
-        method = canonical(ckpt.get("method") or "nearl")
-        if args.method and canonical(args.method) != method:
-            raise ValueError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
+        with user_errors(f"checkpoint {ckpt['path']}: "):
+            method = canonical(ckpt.get("method") or "nearl")
+        if args.method:
+            with user_errors("--method: "):
+                wanted = canonical(args.method)
+            if wanted != method:
+                raise UserError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
         print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
         pretrained = args.pretrained if args.pretrained is not None else "checkpoint"
-        model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
+        if args.model or args.pretrained is not None:
+            check_backbone(args.model or ckpt.get("model_name") or "",
+                           ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained)
+        with user_errors(f"checkpoint {ckpt['path']} does not fit the model asked for: "):
+            model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
         task = args.task or ckpt.get("task", "retrieval")
         source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
         label = ("NEARL-CLIP" if method == "nearl" else method) + f" ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
     else:
         ckpt = None
-        method = canonical(args.method or "nearl")
+        with user_errors("--method: "):
+            method = canonical(args.method or "nearl")
         name = args.model or default_model_name(args.pretrained)
+        check_backbone(name, args.pretrained)
         model = build_method(method, name, args.pretrained, fused=fused, seed=args.seed)
         task = args.task or "retrieval"
         source = args.pretrained
         label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
         if method not in ("nearl", "zeroshot"):
             print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
-    check_task(method, task)
+    with user_errors():
+        check_task(method, task)
     if source is None:
         print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {args.seed if ckpt is None else ckpt.get('backbone_seed')}); "
               "numbers only check the pipeline.")
@@ -325,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
                                                      split=args.split)
     kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-              progress=not args.no_progress)
+              progress=not args.no_progress, source=src)
     if task == "retrieval":
         results = evaluate_retrieval(model, records, **kw)
     else:
@@ -349,5 +363,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return report
 
 
+def check_templates(templates: Optional[Sequence[str]]) -> None:
+    """--templates: each needs one '{}' for the class name (else every class gets the same prompt)."""
+    bad = [t for t in templates or () if t.count("{}") != 1]
+    if bad:
+        raise UserError(f"--templates: each template needs exactly one '{{}}' for the class name, got {bad}")
+
+
+def cli() -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2."""
+    sys.exit(run_cli(main, sys.argv[1:], prog="nearl.evaluate"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()
