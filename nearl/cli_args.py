@@ -53,6 +53,12 @@ def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
     return device
 
 
+def check_out_dir(path: Optional[str], flag: str = "--out") -> None:
+    """An output folder must be a folder (or not exist yet): found out before the work, not after."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+
+
 def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
     """--model must be an open_clip architecture, --pretrained a file or a tag open_clip knows for
     it (hf-hub: / local-dir: sources are left to open_clip). Raises UserError otherwise."""

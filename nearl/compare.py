@@ -41,7 +41,8 @@ import torch
 from . import evaluate as E
 from . import train as T
 from .checkpoint import LAST, load_checkpoint
-from .cli_args import check_backbone, nonnegative_int, positive_int, resolve_device, user_errors
+from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
+                       user_errors)
 from .errors import UserError, run_cli
 from .logging_utils import _clean, read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
@@ -347,6 +348,7 @@ def compare(args) -> Dict[str, Any]:
         raise UserError("--max-steps must be >= 1")
     device = resolve_device(args.device)
     E.check_templates(args.templates)
+    check_out_dir(args.out)
     model_name = args.model or E.default_model_name(args.pretrained)
     check_backbone(model_name, args.pretrained)
     out = Path(args.out)

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .classify import TEMPLATES, classification_logits
+from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
+                       user_errors)
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
-from .cli_args import check_backbone, nonnegative_int, positive_int, resolve_device, user_errors
 from .errors import UserError, run_cli
 from .logging_utils import _clean, markdown_table
 
@@ -293,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.getLogger("nearl").setLevel(logging.INFO)
     device = resolve_device(args.device)
     check_templates(args.templates)
+    check_out_dir(args.out)
     fused = args.fused
     if fused and device.type != "cuda":
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")

@@ -1,7 +1,6 @@
 """Undecodable images: counted by reason once per data set (workers included), warned about once per
 file, reported once in the log and metrics.jsonl, and a set with no loadable image stops before
 training (or evaluation) with the files named."""
-import json
 import logging
 
 import numpy as np

@@ -99,6 +99,7 @@ def test_unknown_model_method_and_templates(tmp_path, capsys):
         (["--model", "NEARL-Tiny", "--pretrained", "nope.pt"], "--pretrained 'nope.pt' is neither a file nor a tag"),
         (["--method", "lora"], "--method: unknown method 'lora'"),
         (["--templates", "a photo"], "--templates: each template needs exactly one '{}'"),
+        (["--out", __file__], f"--out {__file__} is a file, not a folder"),
     ]:
         assert run_cli(E.main, [*argv, "--device", "cpu"], prog="nearl.evaluate") == 2
         err = capsys.readouterr().err.strip().splitlines()
