@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -34,6 +35,8 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from .errors import UserError
+
 logger = logging.getLogger("nearl.checkpoint")
 
 FORMAT = "nearl-checkpoint"
@@ -42,7 +45,7 @@ LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, unreadable, or not a NEARL checkpoint)."""
 
 
@@ -141,13 +144,32 @@ def _load_file(path: Path, map_location) -> Dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # truncated zip, not a torch file, unpickling refused ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise _unreadable(path, e) from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a NEARL-CLIP checkpoint (no format={FORMAT!r} entry)")
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {obj['version']}; this code reads <= {VERSION}")
     obj["path"] = str(path)
     return obj
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """Why torch.load failed, in words: never torch's own advice to retry with weights_only=False,
+    which would run whatever code a pickle in the file holds."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}")
+    is_zip = head == b"PK\x03\x04"  # torch.save's format since 1.6
+    is_legacy = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle (older torch.save)
+    if not (is_zip or is_legacy):
+        return CheckpointError(f"{path} is not a NEARL-CLIP checkpoint (not a file written by torch.save)")
+    if isinstance(err, pickle.UnpicklingError):
+        return CheckpointError(f"{path} is not a NEARL-CLIP checkpoint (it holds pickled Python objects, "
+                               "not only tensors and plain data; such files are not loaded, for safety)")
+    first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"cannot read checkpoint {path}: the file is truncated or damaged ({first})")
 
 
 def resolve(path: PathLike) -> Path:

@@ -41,6 +41,9 @@ import torch
 from . import evaluate as E
 from . import train as T
 from .checkpoint import LAST, load_checkpoint
+from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
+                       user_errors)
+from .errors import UserError, run_cli
 from .logging_utils import _clean, read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
 
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated, from " + ", ".join(METHODS) +
                    " (default: every method that applies to --task)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
-    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps per run (L-BFGS iterations "
+    p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps per run (L-BFGS iterations "
                    "per candidate for linear-probe); default %(default)s")
     p.add_argument("--task", choices=("retrieval", "classification"), default="classification")
     p.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU or --pretrained, "
@@ -71,20 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", help="evaluation source (default: --data, split --split)")
     p.add_argument("--format", default="auto")
     p.add_argument("--root")
-    p.add_argument("--k-shot", type=int)
+    p.add_argument("--k-shot", type=positive_int)
     p.add_argument("--templates", nargs="+")
     p.add_argument("--split", default="test", help="evaluated split (default test; falls back to val)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int)
+    p.add_argument("--warmup", type=nonnegative_int)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--fused", action="store_true", help="nearl's Triton kernels (CUDA only)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--bench-batch", type=int, default=32, help="batch of the inference throughput probe")
-    p.add_argument("--bench-iters", type=int, default=10, help="timed iterations of that probe (after 2 warm-up)")
+    p.add_argument("--workers", type=nonnegative_int, default=2)
+    p.add_argument("--bench-batch", type=positive_int, default=32, help="batch of the inference throughput probe")
+    p.add_argument("--bench-iters", type=positive_int, default=10, help="timed iterations of that probe (after 2 warm-up)")
     p.add_argument("--train-args", default="", help="extra nearl.train arguments for every run, one string "
                    "(e.g. \"--grad-clip 0.5\")")
     p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
@@ -98,22 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _methods(args) -> List[str]:
     if not args.methods:
         return list(methods_for(args.task))
-    chosen = [canonical(m) for m in args.methods.split(",") if m.strip()]
+    with user_errors("--methods: "):
+        chosen = [canonical(m) for m in args.methods.split(",") if m.strip()]
+    if not chosen:
+        raise UserError(f"--methods {args.methods!r} names no method")
     bad = [m for m in chosen if m not in methods_for(args.task)]
     if bad:
-        raise ValueError(f"method(s) {', '.join(bad)} do not apply to task {args.task!r} "
+        raise UserError(f"method(s) {', '.join(bad)} do not apply to task {args.task!r} "
                          f"(it takes: {', '.join(methods_for(args.task))}); drop them or change --task")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"a method is listed twice: {chosen}")
+        raise UserError(f"--methods: a method is listed twice: {chosen}")
     return chosen
 
 
 def _seeds(text: str) -> List[int]:
-    seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise ValueError("--seeds needs at least one seed")
+        raise UserError("--seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"a seed is listed twice: {seeds}")
+        raise UserError(f"--seeds: a seed is listed twice: {seeds}")
     return seeds
 
 
@@ -143,9 +152,11 @@ def method_args(args) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for item in args.method_args or []:
         if "=" not in item:
-            raise ValueError(f"--method-args takes METHOD=ARGS, got {item!r}")
+            raise UserError(f"--method-args takes METHOD=ARGS, got {item!r}")
         name, rest = item.split("=", 1)
-        out.setdefault(canonical(name), []).extend(rest.split())
+        with user_errors("--method-args: "):
+            name = canonical(name)
+        out.setdefault(name, []).extend(rest.split())
     return out
 
 
@@ -329,15 +340,19 @@ def compare(args) -> Dict[str, Any]:
     methods, seeds = _methods(args), _seeds(args.seeds)
     unknown = sorted(set(method_args(args)) - set(methods))
     if unknown:
-        raise ValueError(f"--method-args for {unknown}, which are not among --methods {methods}")
-    for m in methods:
-        check_task(m, args.task)
+        raise UserError(f"--method-args for {unknown}, which are not among --methods {methods}")
+    with user_errors():
+        for m in methods:
+            check_task(m, args.task)
     if args.max_steps < 1:
-        raise ValueError("--max-steps must be >= 1")
+        raise UserError("--max-steps must be >= 1")
+    device = resolve_device(args.device)
+    E.check_templates(args.templates)
+    check_out_dir(args.out)
+    model_name = args.model or E.default_model_name(args.pretrained)
+    check_backbone(model_name, args.pretrained)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_name = args.model or E.default_model_name(args.pretrained)
     why = []
     if args.pretrained is None:
         why.append(f"the {model_name} backbone is RANDOM (no --pretrained), not CLIP")
@@ -391,9 +406,15 @@ def compare(args) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The command line; returns the report. User mistakes raise UserError (see cli())."""
     T.setup_logging()
     return compare(build_parser().parse_args(argv))
 
 
+def cli() -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2."""
+    sys.exit(run_cli(main, sys.argv[1:], prog="nearl.compare"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

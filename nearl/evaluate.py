@@ -27,8 +27,12 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .classify import TEMPLATES, classification_logits
-from .data.datasets import ImageTextDataset, LabelledDataset
+from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
+                       user_errors)
+from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
+from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
+from .errors import UserError, run_cli
 from .logging_utils import _clean, markdown_table
 
 logger = logging.getLogger("nearl.evaluate")
@@ -67,9 +71,17 @@ def _collate_indexed(batch):
 
 @torch.no_grad()
 def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, workers: int = 0,
-                  precision: str = "fp32", progress: bool = True, desc: str = "images"
+                  precision: str = "fp32", progress: bool = True, desc: str = "images",
+                  source: Optional[str] = None, what: str = "evaluation"
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...)."""
+    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...).
+
+    For a dataset of nearl.data.datasets: a UserError naming `source` (the data file) and the first
+    images when none of them loads, and one log line counting by reason those that did not load.
+    """
+    counted = isinstance(dataset, SkipsBadImages)
+    if counted:
+        require_loadable(dataset, source, what=what)  # stops at the first image that loads
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate_indexed, pin_memory=torch.device(device).type == "cuda")
     idx, feats = [], []
@@ -81,7 +93,11 @@ def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, work
             feats.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
         idx.append(i)
     if not idx:
-        raise ValueError("no image of the evaluation set could be loaded")
+        if counted:
+            raise UserError(describe_failures(dataset, dataset.failed(), what, source))
+        raise UserError(f"{source or 'the ' + what + ' set'}: none of its {len(dataset)} images could be loaded")
+    if counted:
+        report_skips(dataset, source=source, what=what)
     return torch.cat(idx), torch.cat(feats)
 
 
@@ -104,14 +120,16 @@ def _eval_mode(model):
 
 # ----------------------------------------------------------------------------- the two tasks
 def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, batch_size: int = 64,
-                       workers: int = 0, precision: str = "fp32", progress: bool = True) -> Dict[str, float]:
-    """Recall@1/5/10 both ways; every caption of every record counts (several per image)."""
+                       workers: int = 0, precision: str = "fp32", progress: bool = True,
+                       source: Optional[str] = None) -> Dict[str, float]:
+    """Recall@1/5/10 both ways; every caption of every record counts (several per image).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
     was_training = _eval_mode(model)
     try:
         tokenizer = model.tokenizer()
         ds = ImageTextDataset(records, model.image_transform(False), tokenizer, train=False)
         kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
-                                          precision=precision, progress=progress)
+                                          precision=precision, progress=progress, source=source)
         texts, owners = ds.captions()
         # Drop the captions of images that could not be loaded; renumber owners to kept rows.
         row = torch.full((len(ds),), -1, dtype=torch.long)
@@ -121,7 +139,7 @@ def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, bat
         text_feats = encode_texts(model, tokenizer(texts), device=device, batch_size=max(batch_size, 64),
                                   precision=precision, progress=progress)
         out = M.retrieval_recall(image_feats, text_feats, row[owners][keep_text])
-        out["n_images"], out["n_texts"] = int(kept.numel()), len(texts)
+        out["n_images"], out["n_texts"], out["n_skipped"] = int(kept.numel()), len(texts), ds.bad_count
         return out
     finally:
         model.train(was_training)
@@ -129,19 +147,20 @@ def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, bat
 
 def evaluate_classification(model, records: Sequence[LabelledRecord], classnames: Sequence[str], *,
                             templates: Sequence[str] = TEMPLATES, device, batch_size: int = 64,
-                            workers: int = 0, precision: str = "fp32", progress: bool = True
-                            ) -> Dict[str, float]:
-    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class)."""
+                            workers: int = 0, precision: str = "fp32", progress: bool = True,
+                            source: Optional[str] = None) -> Dict[str, float]:
+    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
     was_training = _eval_mode(model)
     try:
         ds = LabelledDataset(records, model.image_transform(False))
         kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
-                                          precision=precision, progress=progress)
+                                          precision=precision, progress=progress, source=source)
         with autocast(torch.device(device), precision):
             logits = classification_logits(model, image_feats, classnames, templates, device=device)
         labels = ds.labels()[kept]
         out = M.classification_metrics(logits, labels)
-        out["n_images"] = int(kept.numel())
+        out["n_images"], out["n_skipped"] = int(kept.numel()), ds.bad_count
         return out
     finally:
         model.train(was_training)
@@ -183,22 +202,45 @@ def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: O
     path = Path(data) if data else demo.demo_split_json()
     if path.suffix.lower() == ".json":
         splits, classnames = read_coop_split(path, root=Path(root) if root else path.parent)
-        want = split if split in splits else next((s for s in (split, "test", "val") if splits.get(s)), None)
+        want = next((s for s in (split, "test", "val") if splits.get(s)), None)  # an empty split is none
         if want is None:
-            raise ValueError(f"{path}: no {split!r} split (splits: {sorted(splits)})")
+            raise UserError(f"{path}: no {split!r} split with records (splits: "
+                            f"{', '.join(f'{k} ({len(v)})' for k, v in sorted(splits.items()))})")
         if want != split:
             logger.warning("%s: no %r split; using %r", path, split, want)
         return splits[want], classnames, want, str(path)
     if path.is_dir():
-        sub = path / split
-        if not sub.is_dir() and split in VAL_SPLITS:
-            sub = next((path / s for s in VAL_SPLITS if (path / s).is_dir()), sub)
-        if sub.is_dir():
-            records, classnames = read_image_folder(sub)
-            return records, classnames, split, str(sub)
-        records, classnames = read_image_folder(path)
-        return records, classnames, "all", str(path)
-    raise ValueError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+        sub = _split_folder(path, split)
+        if sub is None:  # root/<class>/<image>: every image is evaluated
+            records, classnames = read_image_folder(path)
+            return records, classnames, "all", str(path)
+        records, classnames = read_image_folder(sub)
+        return records, classnames, sub.name, str(sub)
+    raise UserError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+
+
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+
+
+def _split_folder(root: Path, split: str) -> Optional[Path]:
+    """The folder of `split` in root/<split>/<class>/<image>, None for a flat root/<class>/<image>.
+
+    Split folders are never taken for classes: without the one asked for, test falls back to
+    val/validation (as for manifests and split files), and anything else is a UserError."""
+    found = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    if not found:
+        return None
+    if split in found:
+        return root / split
+    fallback = VAL_SPLITS if split in ("test", *VAL_SPLITS) else ()
+    for name in fallback:
+        if name in found:
+            logger.warning("%s: no %s/ folder; using %s/ (split folders: %s)", root, split, name,
+                           ", ".join(f + "/" for f in found))
+            return root / name
+    tried = f"{split}/ (nor val/)" if fallback else f"{split}/"
+    raise UserError(f"{root}: no {tried} folder to evaluate on; split folders found: "
+                    f"{', '.join(f + '/' for f in found)}. Pass --split {found[0]} to evaluate on it")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -221,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="image root (manifest / CoOp JSON)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
@@ -243,13 +285,16 @@ def default_model_name(pretrained: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The command line; returns the report. User mistakes raise UserError (see cli())."""
     from .checkpoint import describe, load_checkpoint
     from .methods import build_from_checkpoint, build_method, canonical, check_task
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("nearl").setLevel(logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    check_templates(args.templates)
+    check_out_dir(args.out)
     fused = args.fused
     if fused and device.type != "cuda":
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
@@ -257,26 +302,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
-        method = canonical(ckpt.get("method") or "nearl")
-        if args.method and canonical(args.method) != method:
-            raise ValueError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
+        with user_errors(f"checkpoint {ckpt['path']}: "):
+            method = canonical(ckpt.get("method") or "nearl")
+        if args.method:
+            with user_errors("--method: "):
+                wanted = canonical(args.method)
+            if wanted != method:
+                raise UserError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
         print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
         pretrained = args.pretrained if args.pretrained is not None else "checkpoint"
-        model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
+        if args.model or args.pretrained is not None:
+            check_backbone(args.model or ckpt.get("model_name") or "",
+                           ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained)
+        with user_errors(f"checkpoint {ckpt['path']} does not fit the model asked for: "):
+            model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
         task = args.task or ckpt.get("task", "retrieval")
         source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
         label = ("NEARL-CLIP" if method == "nearl" else method) + f" ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
     else:
         ckpt = None
-        method = canonical(args.method or "nearl")
+        with user_errors("--method: "):
+            method = canonical(args.method or "nearl")
         name = args.model or default_model_name(args.pretrained)
+        check_backbone(name, args.pretrained)
         model = build_method(method, name, args.pretrained, fused=fused, seed=args.seed)
         task = args.task or "retrieval"
         source = args.pretrained
         label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
         if method not in ("nearl", "zeroshot"):
             print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
-    check_task(method, task)
+    with user_errors():
+        check_task(method, task)
     if source is None:
         print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {args.seed if ckpt is None else ckpt.get('backbone_seed')}); "
               "numbers only check the pipeline.")
@@ -285,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
                                                      split=args.split)
     kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-              progress=not args.no_progress)
+              progress=not args.no_progress, source=src)
     if task == "retrieval":
         results = evaluate_retrieval(model, records, **kw)
     else:
@@ -309,5 +365,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return report
 
 
+def check_templates(templates: Optional[Sequence[str]]) -> None:
+    """--templates: each needs one '{}' for the class name (else every class gets the same prompt)."""
+    bad = [t for t in templates or () if t.count("{}") != 1]
+    if bad:
+        raise UserError(f"--templates: each template needs exactly one '{{}}' for the class name, got {bad}")
+
+
+def cli() -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2."""
+    sys.exit(run_cli(main, sys.argv[1:], prog="nearl.evaluate"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

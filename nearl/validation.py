@@ -66,15 +66,32 @@ def check_nonempty(x: torch.Tensor) -> None:
         raise ValueError(f"x must have B >= 1, N >= 1 and d >= 1, got shape {_fmt(x.shape)}")
 
 
+# What each size symbol means, for the message when it is 0 (SPEC: M in 1..64, every size >= 1;
+# the kernels cannot launch on an empty size, and the reference would return empty tensors).
+SIZE_NAMES = {"M": "queries", "D": "(the query width)", "r": "(the adapter rank)",
+              "h": "(the query MLP's hidden width)"}
+
+
+def check_positive_sizes(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Sequence[Dim]],
+                         sizes: Mapping[str, int]) -> None:
+    """Every size in SIZE_NAMES must be >= 1; the error names the first tensor that carries it."""
+    for sym, what in SIZE_NAMES.items():
+        if sizes.get(sym, 1) >= 1:
+            continue
+        name = next(n for n in tensors if sym in spec[n])
+        raise ValueError(f"{name} must have {sym} >= 1 {what}, got shape {_fmt(tensors[name].shape)} "
+                         f"({_fmt(spec[name])})")
+
+
 def check_oca_args(x, a, c, gate, orth: str) -> Dict[str, int]:
     check_orth(orth)
     tensors = {"x": x, "a": a, "c": c, "gate": gate}
     for name, t in tensors.items():
         check_float(name, t)
-    sizes = check_shapes(tensors, {"x": ("B", "N", "d"), "a": ("B", "d", "M"), "c": ("B", "M", "d"), "gate": ()}, {})
+    spec = {"x": ("B", "N", "d"), "a": ("B", "d", "M"), "c": ("B", "M", "d"), "gate": ()}
+    sizes = check_shapes(tensors, spec, {})
     check_nonempty(x)
-    if sizes["M"] < 1:
-        raise ValueError(f"a must have M >= 1 queries, got shape {_fmt(a.shape)}")
+    check_positive_sizes(tensors, spec, sizes)
     check_same_device(tensors)
     return sizes
 
@@ -117,6 +134,7 @@ def check_layer_args(x, q, params: Mapping, mask, orth: str, check_mask_rows: bo
     spec = {"x": ("B", "N", "d"), "q": q_spec}
     spec.update({f"params[{k!r}]": v for k, v in LAYER_PARAM_SHAPES.items()})
     sizes = check_shapes(tensors, spec, {})
+    check_positive_sizes(tensors, spec, sizes)
     heads = params.get("heads", 4)
     if isinstance(heads, torch.Tensor) or not isinstance(heads, int) or heads < 1 or sizes["D"] % heads:
         raise ValueError(f"params['heads'] must be a positive int dividing the query width D={sizes['D']}, got {heads!r}")

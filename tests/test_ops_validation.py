@@ -111,3 +111,23 @@ def test_mask_row_check_can_be_skipped_by_callers_that_guarantee_it():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     with pytest.raises(ValueError, match="mask must have shape"):  # shapes are still checked
         ops.nearl_layer(x, q, params, mask=mask[:, :5], impl="reference", check_mask_rows=False)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("sizes,pattern", [
+    (dict(M=0), r"q must have M >= 1 queries, got shape \(2, 0, 16\)"),
+    (dict(M=0, batched_q=False), r"q must have M >= 1 queries, got shape \(0, 16\)"),
+    (dict(B=0), r"x must have B >= 1, N >= 1 and d >= 1, got shape \(0, 6, 32\)"),
+    (dict(N=0), r"x must have B >= 1, N >= 1 and d >= 1, got shape \(2, 0, 32\)"),
+    (dict(r=0), r"params\['w_down'\] must have r >= 1.*got shape \(32, 0\)"),
+    (dict(D=0, heads=1), r"q must have D >= 1.*got shape \(2, 3, 0\)"),
+])
+def test_layer_rejects_empty_sizes_on_both_paths(impl, sizes, pattern):
+    """SPEC: M in 1..64, B, N >= 1. An empty size is a ValueError naming the argument on both
+    paths (the Triton kernels used to raise a RuntimeError at M = 0, the reference returned an
+    empty q)."""
+    kw = dict(B=2, N=6, d=32, M=3, D=16, r=4)
+    kw.update(sizes)
+    x, q, params = layer_inputs(kw.pop("B"), kw.pop("N"), kw.pop("d"), kw.pop("M"), **kw)
+    with pytest.raises(ValueError, match=pattern):
+        ops.nearl_layer(x, q, params, impl=impl)

@@ -4,15 +4,17 @@ A record whose image turns out to be undecodable (BadImageError) makes `__getite
 use `collate_skip_bad` (or `collate_skip_bad_with_count`) as the DataLoader's collate_fn so those
 entries are dropped from the batch.
 
-Counting bad images: `dataset.bad_count` / `dataset.bad_paths` are updated by `__getitem__`, which
-is exact with num_workers=0 only (each worker process has its own copy of the dataset). With
-workers, use `collate_skip_bad_with_count`, which returns (batch, n_dropped) so the main process
-can add up the drops per batch.
+Counting bad images: each dataset keeps one byte per record, in shared memory, saying why its image
+failed (0: it did not). DataLoader workers hold copies of the dataset but write to the same bytes,
+so `skip_counts()` (by reason), `bad_count` and `bad_paths` are exact in the main process, with or
+without workers. A record that failed once is not decoded again, nor warned about again, in later
+epochs. nearl/data/loadable.py reports the counts (log and metrics.jsonl) and checks that a set has
+an image to use at all.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .images import BadImageError, load_image
 from .records import ImageTextRecord, LabelledRecord
+from .skips import IMAGE_FAILURES
 
 logger = logging.getLogger("nearl.data")
 
@@ -27,24 +30,74 @@ Transform = Callable[[Any], torch.Tensor]  # PIL image -> tensor (open_clip's pr
 Tokenizer = Callable[[str], torch.Tensor]  # str -> (1, context_length) ids (open_clip tokenizer)
 
 
-class _SkipsBadImages:
-    """Shared image loading that turns a BadImageError into None and remembers it."""
+# Paths this process has warned about: a validation set rebuilt for every evaluation (and the
+# workers forked from this process) does not warn about the same file again.
+_WARNED: Set[str] = set()
+
+
+def warn_once(err: BadImageError) -> None:
+    if str(err.path) not in _WARNED:
+        _WARNED.add(str(err.path))
+        logger.warning("skipping bad image %s", err)
+
+
+class SkipsBadImages:
+    """Shared image loading that turns a BadImageError into None and remembers why, per record."""
+
+    records: list
 
     def _init_bad(self) -> None:
-        self.bad_count = 0
-        self.bad_paths: List[str] = []
+        # 0 = not failed; k = failed with IMAGE_FAILURES[k - 1]. share_memory_ makes the workers'
+        # copies of this tensor (fork or spawn) write to the same memory as the main process's.
+        self.failures = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
 
-    def _load(self, path, transform: Transform) -> Optional[torch.Tensor]:
+    def _fail(self, index: Optional[int], err: BadImageError) -> None:
+        if index is not None:
+            self.failures[index] = IMAGE_FAILURES.index(err.kind) + 1
+        warn_once(err)
+
+    def _load(self, path, transform: Transform, index: Optional[int] = None) -> Optional[torch.Tensor]:
+        """transform(image at `path`), or None if it cannot be loaded; `index` (the record's) lets
+        the failure be counted once and the file not be decoded again."""
+        if index is not None and int(self.failures[index]):
+            return None
         try:
             return transform(load_image(path))
         except BadImageError as e:
-            self.bad_count += 1
-            self.bad_paths.append(str(e.path))
-            logger.warning("skipping bad image %s", e)
+            self._fail(index, e)
             return None
 
+    def probe(self, index: int) -> Optional[str]:
+        """Decode record `index`'s image (no transform): None if it loads, else why (an entry of
+        skips.IMAGE_FAILURES); a failure is counted as one met in training would be."""
+        if int(self.failures[index]):
+            return IMAGE_FAILURES[int(self.failures[index]) - 1]
+        try:
+            load_image(self.records[index].image)
+            return None
+        except BadImageError as e:
+            self._fail(index, e)
+            return e.kind
 
-class ImageTextDataset(_SkipsBadImages, Dataset):
+    def skip_counts(self) -> Dict[str, int]:
+        """{reason: number of records} over every record whose image failed so far."""
+        codes = torch.bincount(self.failures.long(), minlength=len(IMAGE_FAILURES) + 1).tolist()
+        return {IMAGE_FAILURES[k - 1]: n for k, n in enumerate(codes) if k and n}
+
+    def failed(self) -> List[Tuple[int, str]]:
+        """(record index, reason) of every failed record, in record order."""
+        return [(i, IMAGE_FAILURES[int(self.failures[i]) - 1]) for i in self.failures.nonzero().flatten().tolist()]
+
+    @property
+    def bad_count(self) -> int:
+        return int(torch.count_nonzero(self.failures))
+
+    @property
+    def bad_paths(self) -> List[str]:
+        return [str(self.records[i].image) for i, _ in self.failed()]
+
+
+class ImageTextDataset(SkipsBadImages, Dataset):
     """(image_tensor, token_ids) pairs from ImageTextRecords.
 
     Training picks one of a record's captions at random, from a generator seeded by
@@ -88,7 +141,7 @@ class ImageTextDataset(_SkipsBadImages, Dataset):
 
     def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         record = self.records[i]
-        image = self._load(record.image, self.transform)
+        image = self._load(record.image, self.transform, i)
         if image is None:
             return None
         return image, self.tokenize(record.captions[self.caption_index(i)])
@@ -104,7 +157,7 @@ class ImageTextDataset(_SkipsBadImages, Dataset):
         return texts, torch.tensor(owners, dtype=torch.long)
 
 
-class LabelledDataset(_SkipsBadImages, Dataset):
+class LabelledDataset(SkipsBadImages, Dataset):
     """(image_tensor, label) pairs from LabelledRecords."""
 
     def __init__(self, records: Sequence[LabelledRecord], transform: Transform):
@@ -117,7 +170,7 @@ class LabelledDataset(_SkipsBadImages, Dataset):
 
     def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, int]]:
         record = self.records[i]
-        image = self._load(record.image, self.transform)
+        image = self._load(record.image, self.transform, i)
         return None if image is None else (image, record.label)
 
     def labels(self) -> torch.Tensor:

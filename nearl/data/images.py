@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .skips import (CORRUPT_DICOM, EMPTY_IMAGE, MISSING_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE,
+                    UNDECODABLE_IMAGE)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -23,12 +26,25 @@ _DICOM_MAGIC_OFFSET = 128
 
 
 class BadImageError(ValueError):
-    """An image that cannot be used: missing, empty, or undecodable. Carries `path` and `reason`."""
+    """An image that cannot be used: missing, empty, or undecodable. Carries `path`, `reason` (the
+    details) and `kind`, one of skips.IMAGE_FAILURES, by which the datasets count failures."""
 
-    def __init__(self, path: PathLike, reason: str):
+    def __init__(self, path: PathLike, reason: str, kind: str = UNDECODABLE_IMAGE):
         self.path = Path(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{self.path}: {reason}")
+
+
+def failure_kind(err: Exception, dicom: bool) -> str:
+    """Sort a decoder's exception into one of skips.IMAGE_FAILURES."""
+    if dicom:
+        return CORRUPT_DICOM
+    if isinstance(err, UnidentifiedImageError):  # PIL found no format it knows: a text file, HTML...
+        return NOT_AN_IMAGE
+    if "truncated" in str(err).lower() or isinstance(err, EOFError):
+        return TRUNCATED_IMAGE
+    return UNDECODABLE_IMAGE
 
 
 def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -97,7 +113,7 @@ def _load_dicom(path: Path) -> Image.Image:
 
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise BadImageError(path, "DICOM file has no pixel data")
+        raise BadImageError(path, "DICOM file has no pixel data", CORRUPT_DICOM)
     arr = ds.pixel_array  # pydicom converts YBR colour to RGB here
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]  # multi-frame: the first frame stands for the series
@@ -150,12 +166,13 @@ def load_image(path: PathLike) -> Image.Image:
     """
     p = Path(path)
     if not p.is_file():
-        raise BadImageError(p, "file not found")
+        raise BadImageError(p, "file not found", MISSING_IMAGE)
     if p.stat().st_size == 0:
-        raise BadImageError(p, "file is empty (0 bytes)")
+        raise BadImageError(p, "file is empty (0 bytes)", EMPTY_IMAGE)
+    dicom = is_dicom(p)
     try:
-        return _load_dicom(p) if is_dicom(p) else _load_pil(p)
+        return _load_dicom(p) if dicom else _load_pil(p)
     except BadImageError:
         raise
     except Exception as e:  # PIL and pydicom raise many types (OSError, SyntaxError, ValueError...)
-        raise BadImageError(p, f"cannot decode image: {type(e).__name__}: {e}") from e
+        raise BadImageError(p, f"cannot decode image: {type(e).__name__}: {e}", failure_kind(e, dicom)) from e

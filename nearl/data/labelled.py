@@ -2,7 +2,6 @@
 the CoOp base-to-novel class split."""
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -10,8 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
+from ..errors import UserError
 from .records import LabelledRecord
 from .skips import MALFORMED, SkipCounter, check_image_file, logger
+from .textfiles import read_json
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
@@ -30,10 +31,10 @@ def read_image_folder(root: PathLike) -> Tuple[List[LabelledRecord], List[str]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise UserError(f"image folder not found: {root}")
     classnames = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classnames:
-        raise ValueError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+        raise UserError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
     counter = SkipCounter(root)
     records: List[LabelledRecord] = []
     for label, name in enumerate(classnames):
@@ -56,14 +57,17 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
     class's name; labels must be 0..C-1 and name each class consistently across splits.
     """
     json_path, root = Path(json_path), Path(root)
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(json_path, "split file")
     if not isinstance(data, dict):
-        raise ValueError(f"{json_path}: expected an object {{split: [[path, label, classname]]}}")
+        raise UserError(f"{json_path}: expected an object {{split: [[path, label, classname]]}}, "
+                        f"got a JSON {type(data).__name__}")
     counter = SkipCounter(json_path)
     names: Dict[int, str] = {}
     splits: Dict[str, List[LabelledRecord]] = {}
     for split, items in data.items():
+        if not isinstance(items, list):
+            raise UserError(f"{json_path}: split {split!r} must be a list of [path, label, classname], "
+                            f"got a JSON {type(items).__name__}")
         splits[split] = []
         for item in items:
             try:
@@ -73,7 +77,7 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
                 counter.skip(MALFORMED)
                 continue
             if names.setdefault(label, classname) != classname:
-                raise ValueError(f"{json_path}: label {label} is named both "
+                raise UserError(f"{json_path}: label {label} is named both "
                                  f"{names[label]!r} and {classname!r}")
             image = root / relpath
             if check_image_file(image, counter):
@@ -81,7 +85,7 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
                 counter.keep()
     counter.finish()
     if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{json_path}: labels must be 0..C-1, got {sorted(names)}")
+        raise UserError(f"{json_path}: labels must be 0..C-1, got {sorted(names)}")
     return splits, [names[i] for i in range(len(names))]
 
 
@@ -97,7 +101,7 @@ def k_shot(records: Iterable[LabelledRecord], k: int, seed: int) -> List[Labelle
     Output is sorted by (label, image path).
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k (--k-shot) must be >= 1, got {k}")
     by_label: Dict[int, List[LabelledRecord]] = defaultdict(list)
     for r in sorted(records, key=_sort_key):  # sorting first is what makes it order-independent
         by_label[r.label].append(r)

@@ -2,7 +2,7 @@
 
 Every reader returns a list of ImageTextRecord, drops records with no usable caption or no image
 file, and logs one line "<file>: kept K records, skipped S (reason: n, ...)" on the "nearl.data"
-logger (see SkipCounter). A reader that keeps nothing raises ValueError naming the file.
+logger (see SkipCounter). A reader that keeps nothing raises UserError (a ValueError) naming the file.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..errors import UserError
 from .records import ImageTextRecord
 from .skips import (EMPTY_CAPTION, MALFORMED, NO_IMAGE_PATH, NO_MATCH, SkipCounter,
                     check_image_file, logger)
+from .textfiles import open_text
 from .tabular import (JSONL_SUFFIXES, captions_from, clean_text, csv_header, first_existing,
                       first_json_record, read_rows, resolve, table_kind)
 
@@ -56,7 +58,7 @@ def read_manifest(path: PathLike, *, root: Optional[PathLike] = None, image_colu
     if table_kind(path) == "csv":  # a CSV header is explicit: a wrong column name is a user error
         missing = [c for c in (image_column, *caption_columns) if c not in columns]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {columns}")
+            raise UserError(f"{path}: missing column(s) {missing}; columns are {columns}")
     has_split = split_column in columns
     if split is not None and not has_split:
         logger.warning("%s: no %r column, so split=%r selects every row", path, split_column, split)
@@ -97,7 +99,7 @@ def _find_one(directory: Path, name: str, pattern: str) -> Optional[Path]:
 def _read_tab_lines(path: Path, min_fields: int, counter: SkipCounter) -> Dict[str, List[str]]:
     """id -> remaining tab-separated fields, for ROCO's captions.txt / dlinks.txt."""
     out: Dict[str, List[str]] = {}
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, "ROCO file") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -117,7 +119,7 @@ def _read_roco_dir(directory: Path, root: Path, split: Optional[str]) -> List[Im
     captions_file = _find_one(directory, "captions.txt", "captions*.txt")
     dlinks_file = _find_one(directory, "dlinks.txt", "dlinks*.txt")
     if captions_file is None or dlinks_file is None:
-        raise ValueError(f"{directory}: ROCO folder needs captions.txt and dlinks.txt")
+        raise UserError(f"{directory}: ROCO folder needs captions.txt and dlinks.txt")
     counter = SkipCounter(captions_file)
     captions = _read_tab_lines(captions_file, 2, counter)
     links = _read_tab_lines(dlinks_file, 3, counter)
@@ -147,7 +149,7 @@ def _read_roco_csv(path: Path, root: Path, split: Optional[str]) -> List[ImageTe
     rows, columns = read_rows(path, counter)
     missing = [c for c in ("name", "caption") if c not in columns]
     if missing:
-        raise ValueError(f"{path}: ROCO CSV needs columns id,name,caption; missing {missing}")
+        raise UserError(f"{path}: ROCO CSV needs columns id,name,caption; missing {missing}")
     records: List[ImageTextRecord] = []
     for _, row in rows:
         name = clean_text(row.get("name"))
@@ -177,7 +179,7 @@ def read_roco(path: PathLike, *, root: Optional[PathLike] = None,
         return _read_roco_dir(path, Path(root) if root is not None else path / "images", split)
     if path.suffix.lower() in (".csv", ".tsv"):
         return _read_roco_csv(path, Path(root) if root is not None else path.parent, split)
-    raise ValueError(f"{path}: expected a ROCO folder (captions.txt + dlinks.txt) or a .csv file")
+    raise UserError(f"{path}: expected a ROCO folder (captions.txt + dlinks.txt) or a .csv file")
 
 
 def read_medicat(path: PathLike, *, root: Optional[PathLike] = None) -> List[ImageTextRecord]:
@@ -217,7 +219,7 @@ def detect_format(path: PathLike) -> str:
     if path.is_dir():
         if _find_one(path, "captions.txt", "captions*.txt") is not None:
             return "roco"
-        raise ValueError(f"{path}: a folder is only understood in ROCO's layout (captions.txt)")
+        raise UserError(f"{path}: a folder is only understood in ROCO's layout (captions.txt)")
     if path.suffix.lower() in JSONL_SUFFIXES and path.is_file():
         first = first_json_record(path)
         if first is not None and "pdf_hash" in first:
@@ -232,7 +234,7 @@ def detect_format(path: PathLike) -> str:
 def read_image_text(path: PathLike, *, format: str = "auto", **kw) -> List[ImageTextRecord]:
     """Read any supported image-text source; `format` is one of FORMATS, `kw` go to the reader."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "auto":
         format = detect_format(path)
     reader = {"manifest": read_manifest, "roco": read_roco, "medicat": read_medicat}[format]

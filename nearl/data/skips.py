@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
+from ..errors import UserError
+
 logger = logging.getLogger("nearl.data")
 
 # Reasons shared by the readers (free text is allowed too; these keep the log lines uniform).
@@ -16,12 +18,21 @@ EMPTY_CAPTION = "empty caption"
 MALFORMED = "malformed line"
 NO_MATCH = "no matching entry"
 
+# Why an image could not be decoded when a dataset loaded it (BadImageError.kind). The order is
+# fixed: datasets store a failure as its 1-based position here, in one byte per record.
+NOT_AN_IMAGE = "not an image"
+TRUNCATED_IMAGE = "truncated image"
+CORRUPT_DICOM = "corrupt DICOM"
+UNDECODABLE_IMAGE = "undecodable image"
+IMAGE_FAILURES = (MISSING_IMAGE, EMPTY_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE, CORRUPT_DICOM,
+                  UNDECODABLE_IMAGE)
+
 
 class SkipCounter:
     """Counts kept and skipped records of one source file, by reason.
 
     Every reader ends with `counter.finish()`, which logs one line
-    "<file>: kept K records, skipped S (missing image: a, empty caption: b)" and raises ValueError
+    "<file>: kept K records, skipped S (missing image: a, empty caption: b)" and raises UserError
     when nothing was kept.
     """
 
@@ -54,10 +65,15 @@ class SkipCounter:
         return line
 
     def finish(self, log: Optional[logging.Logger] = None) -> None:
-        """Log the summary line; raise ValueError naming the file if no record was kept."""
+        """Log the summary line; raise UserError naming the file if no record was kept."""
         (log or logger).info(self.summary())
         if self.kept == 0:
-            raise ValueError(f"no usable records in {self.summary()}")
+            raise UserError(f"no usable records in {self.summary()}")
+
+
+def format_counts(counts) -> str:
+    """'reason: n, ...' sorted by reason (the form every skip line uses)."""
+    return _fmt(counts)
 
 
 def _fmt(counts: Counter) -> str:

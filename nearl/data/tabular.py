@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from ..errors import UserError
 from .skips import MALFORMED, SkipCounter
+from .textfiles import open_text
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
@@ -21,7 +23,7 @@ def table_kind(path: Path) -> str:
         return "csv"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
-    raise ValueError(
+    raise UserError(
         f"{path}: unknown manifest format {suffix!r}; expected one of "
         f"{sorted(CSV_SUFFIXES) + list(JSONL_SUFFIXES)}"
     )
@@ -33,17 +35,19 @@ def read_rows(path: Path, counter: SkipCounter) -> Tuple[List[Row], List[str]]:
     Unparseable JSON lines are counted as skipped ("malformed line") rather than aborting the read.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if table_kind(path) == "csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
+    kind = table_kind(path)
+    if kind == "csv":
+        with open_text(path, "manifest", newline="") as f:
             reader = csv.DictReader(f, delimiter=CSV_SUFFIXES[path.suffix.lower()])
-            columns = list(reader.fieldnames or [])
-            # DictReader puts surplus cells under the key None; they belong to no column.
-            rows = [(i + 2, {k: v for k, v in r.items() if k is not None}) for i, r in enumerate(reader)]
+            try:
+                columns = list(reader.fieldnames or [])
+                # DictReader puts surplus cells under the key None; they belong to no column.
+                rows = [(i + 2, {k: v for k, v in r.items() if k is not None}) for i, r in enumerate(reader)]
+            except csv.Error as err:  # e.g. a NUL byte, or a quote left open for megabytes
+                raise UserError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
         return rows, columns
     rows, columns = [], {}
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, "manifest") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -62,7 +66,7 @@ def read_rows(path: Path, counter: SkipCounter) -> Tuple[List[Row], List[str]]:
 
 def first_json_record(path: Path) -> Optional[dict]:
     """The first parseable object of a JSONL file (used to sniff its layout), or None."""
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, "manifest") as f:
         for line in f:
             if line.strip():
                 try:
@@ -74,7 +78,7 @@ def first_json_record(path: Path) -> Optional[dict]:
 
 
 def csv_header(path: Path) -> List[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, "manifest", newline="") as f:
         return next(csv.reader(f, delimiter=CSV_SUFFIXES[path.suffix.lower()]), [])
 
 

@@ -90,7 +90,7 @@ class MultiViewDataset(ImageTextDataset):
 
     def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         paths = self.views_of(i)
-        frontal = self._load(paths[0], self.transform)
+        frontal = self._load(paths[0], self.transform, i)
         if frontal is None:
             return None
         images = [frontal]

@@ -1,0 +1,95 @@
+"""Checks shared by the command lines (evaluate, compare; train may use them too): argparse types
+for counts and sizes, the --device, the backbone flags, and a way to say that the ValueErrors of a
+library call are about the user's input."""
+from __future__ import annotations
+
+import argparse
+import difflib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import UserError
+
+
+def _int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, step counts); argparse reports a bad value."""
+    return _int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker counts, warm-up steps)."""
+    return _int(text, 0)
+
+
+def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
+    """The torch.device a --device value names (None or "auto": CUDA when available, else CPU).
+    A CUDA device without a GPU, or past the GPUs present, is a UserError, not torch's own error
+    at the first tensor moved there."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {name}: torch sees no CUDA GPU on this machine; use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def check_out_dir(path: Optional[str], flag: str = "--out") -> None:
+    """An output folder must be a folder (or not exist yet): found out before the work, not after."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+
+
+def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
+    """--model must be an open_clip architecture, --pretrained a file or a tag open_clip knows for
+    it (hf-hub: / local-dir: sources are left to open_clip). Raises UserError otherwise."""
+    import open_clip
+
+    from .model import SCHEMAS  # sources that name their own architecture
+
+    if model_name.startswith(SCHEMAS) or (pretrained is not None and pretrained.startswith(SCHEMAS)):
+        return
+    if model_name not in open_clip.list_models():
+        near = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else " (see open_clip.list_models())"
+        raise UserError(f"--model {model_name!r} is not an open_clip architecture{hint}")
+    if pretrained is None or Path(pretrained).expanduser().is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        known = f"its tags are {', '.join(tags)}" if tags else "it has no published weights"
+        raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag open_clip knows for "
+                        f"{model_name} ({known})")
+
+
+@contextmanager
+def user_errors(context: str = "") -> Iterator[None]:
+    """Re-raise the ValueErrors of the calls inside as UserErrors, prefixed with `context`.
+
+    Only for calls whose ValueErrors all describe the user's input (a method name, a method's
+    options, a checkpoint that does not fit the model asked for): wrapping more would hide bugs."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(f"{context}{err}") from err
