@@ -17,13 +17,14 @@ class UserError(ValueError):
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
             prog: str = "nearl") -> int:
-    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    """Call `main(argv)` and return its exit status (an int it returns, else 0); a UserError becomes
+    one line on stderr and exit status 2."""
     try:
-        main(argv)
+        status = main(argv)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0

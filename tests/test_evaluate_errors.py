@@ -116,3 +116,8 @@ def test_a_bug_keeps_its_traceback():
     with pytest.raises(RuntimeError, match="a bug"):  # not swallowed: Python prints the traceback
         run_cli(buggy, [])
     assert run_cli(mistake, []) == 2
+
+
+def test_run_cli_passes_on_an_integer_exit_status():
+    assert run_cli(lambda argv: 1, []) == 1
+    assert run_cli(lambda argv: {"metrics": {}}, []) == 0  # library mains return their results
