@@ -19,7 +19,7 @@ setup(
         "scikit-image",
         "matplotlib",
     ],
-    entry_points={"console_scripts": ["nearl-train=nearl.train:main", "nearl-evaluate=nearl.evaluate:main"]},
+    entry_points={"console_scripts": ["nearl-train=nearl.train:cli", "nearl-evaluate=nearl.evaluate:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "gpu": ["xformers"],
