@@ -54,10 +54,10 @@ def resume_optimizer(optimizer, scheduler, ckpt: Dict[str, Any], warmup: int, to
         schedule = old
     else:
         schedule = old.changed_at(step, warmup, total, min_ratio)
+        how = (f"reached from the current multiplier {old(step):.3g} linearly over the next {schedule.ramp_steps} steps"
+               if schedule.ramp_steps > 1 else "followed from the next step (warmup <= 1: no ramp)")
         notes.append(f"schedule changed from (warmup {old.warmup}, {old.total} steps, floor {old.min_ratio:g}) to "
-                     f"(warmup {warmup}, {total} steps, floor {min_ratio:g}): warmup + cosine over {total} steps, "
-                     f"reached from the current multiplier {old(step):.3g} linearly over the next "
-                     f"{schedule.ramp_steps} step(s)")
+                     f"(warmup {warmup}, {total} steps, floor {min_ratio:g}): warmup + cosine over {total} steps, {how}")
     scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
