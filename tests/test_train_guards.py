@@ -124,7 +124,7 @@ def test_resume_with_more_steps_continues_smoothly(tmp_path, capsys):
     expected = WarmupCosine(1, 2).changed_at(2, 2, 6, 0.0)
     assert lrs[2:] == pytest.approx([1e-3 * expected(s) for s in range(2, 6)])
     assert 0 < lrs[2] < lrs[3] and max(lrs[2:]) <= 1e-3 and lrs[3] == pytest.approx(1e-3 * expected.curve(3))
-    # Resumed again mid-ramp with the same length: the ramp is part of the checkpoint, nothing jumps.
+    # The ramp is part of the checkpoint, so a resume in the middle of it continues it (no jump).
     assert C.load_checkpoint(out)["scheduler"]["lr_lambdas"][0]["ramp_steps"] == 2
 
 
