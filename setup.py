@@ -22,8 +22,8 @@ setup(
         "scikit-image",
         "matplotlib",
     ],
-    entry_points={"console_scripts": ["nearl-train=nearl.train:main", "nearl-evaluate=nearl.evaluate:cli",
-                                     "nearl-compare=nearl.compare:cli"]},
+    entry_points={"console_scripts": ["nearl-train=nearl.train:cli", "nearl-evaluate=nearl.evaluate:cli",
+                                      "nearl-compare=nearl.compare:cli"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "gpu": ["xformers"],

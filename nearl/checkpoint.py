@@ -17,9 +17,12 @@ A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pi
 
 Writing (`atomic_save`): the new file goes to a temporary name in the same directory, is flushed
 and fsync'ed, and only then `os.replace`d over the target; the previous `last.pt` is first linked
-(or copied) to `last.prev.pt`. At every instant `last.pt` is a complete checkpoint (old or new), so
-a crash or kill mid-write never loses the last good one; `load_checkpoint` on a directory falls
-back to `last.prev.pt` if `last.pt` is unreadable anyway (e.g. a disk that lied about fsync).
+(or copied) to `last.prev.pt`, if it can be read: an unreadable `last.pt` is never promoted, so
+`last.prev.pt` keeps the last good checkpoint. At every instant `last.pt` is a complete checkpoint
+(old or new), so a crash or kill mid-write never loses the last good one; `load_checkpoint` on a
+directory falls back to `last.prev.pt` if `last.pt` is unreadable anyway (e.g. a disk that lied
+about fsync). A kill mid-write leaves a `.<name>.tmp.<pid>` file; `remove_stale_temporaries` clears
+them (the training does, under its folder lock). A state whose model holds NaN or inf is refused.
 """
 from __future__ import annotations
 
@@ -27,15 +30,17 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .nonfinite import check_finite_state
 
 logger = logging.getLogger("nearl.checkpoint")
 
@@ -107,7 +112,10 @@ def atomic_save(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        if previous is not None and path.exists():
+        if previous is not None and path.exists() and not _readable(path):
+            logger.warning("%s cannot be read: not kept as %s, which keeps the last good checkpoint",
+                           path, Path(previous).name)
+        elif previous is not None and path.exists():
             previous = Path(previous)
             prev_tmp = previous.with_name(f".{previous.name}.tmp.{os.getpid()}")
             if prev_tmp.exists():
@@ -129,9 +137,41 @@ def atomic_save(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -
     return path
 
 
-def save_checkpoint(state: Dict[str, Any], directory: PathLike, name: str = LAST) -> Path:
-    """Write `state` (see module docstring) as directory/name; `last.pt` keeps `last.prev.pt`."""
+def _readable(path: Path) -> bool:
+    """Whether `path` opens as a NEARL checkpoint (memory-mapped: a truncated or foreign file fails
+    without reading the tensors)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+_TEMPORARY = re.compile(r"^\.(%s)\.tmp\.\d+$" % "|".join(re.escape(n) for n in (LAST, PREVIOUS, BEST)))
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[str]:
+    """Delete the `.<name>.tmp.<pid>` files a killed save left in `directory`; returns their names.
+    Only while no other process writes there (the training holds the folder's lock)."""
     directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if _TEMPORARY.match(path.name) and path.is_file():
+                try:
+                    path.unlink()
+                    removed.append(path.name)
+                except OSError:
+                    pass
+    return removed
+
+
+def save_checkpoint(state: Dict[str, Any], directory: PathLike, name: str = LAST) -> Path:
+    """Write `state` (see module docstring) as directory/name; `last.pt` keeps `last.prev.pt`.
+    A model holding NaN or inf raises NonFiniteError and nothing is written."""
+    directory = Path(directory)
+    if isinstance(state.get("model"), dict):
+        check_finite_state(state["model"], f"checkpoint {directory / name}")
     state = {"format": FORMAT, "version": VERSION, **state}
     previous = directory / PREVIOUS if name == LAST else None
     return atomic_save(state, directory / name, previous)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -50,7 +52,7 @@ def init(device: Optional[str] = None, timeout_minutes: float = 30.0) -> DistInf
     """
     want_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU")
+        raise UserError(f"--device {device} asked for CUDA, but torch sees no GPU")
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -2,7 +2,10 @@
 
 Every metric is reported in percent (0-100), like the papers this project compares against.
 Ties count against the query (a tied wrong item ranks above the right one), so a collapsed model
-whose embeddings are all equal scores 0 rather than 100.
+whose embeddings are all equal scores 0 rather than 100. NaN and inf never help either: a
+non-finite score ranks last, so a query whose right answer has one is a miss at every k, and a
+non-finite logit row is a wrong prediction; the count of such rows is returned as
+"nonfinite_rows" (only when there are any) and logged as a warning.
 """
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ import torch.nn.functional as F
 logger = logging.getLogger("nearl.metrics")
 
 _CHUNK = 1024  # rows of the similarity matrix computed at a time (bounds memory on big test sets)
+_MISS = torch.iinfo(torch.long).max  # the rank of a query whose right answer has no finite score
+
+
+def _warn_nonfinite(what: str, n_bad: int, n: int, counted: str) -> None:
+    logger.warning("%d of %d %s hold NaN or inf (a diverged model?): %s", n_bad, n, what, counted)
 
 
 def _check_2d(name: str, x: torch.Tensor) -> None:
@@ -50,26 +58,32 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor,
         raise ValueError("every image needs at least one caption in text_to_image "
                          f"(images without one: {torch.nonzero(captions_per_image == 0).flatten().tolist()[:10]})")
 
+    bad_rows = int((~torch.isfinite(image_emb).all(dim=1)).sum()) + int((~torch.isfinite(text_emb).all(dim=1)).sum())
     img = F.normalize(image_emb.float(), dim=-1)
     txt = F.normalize(text_emb.float().to(img.device), dim=-1)
     t2i = t2i.to(img.device)
 
+    def scores(a, b):  # NaN (from a NaN or inf embedding) -> -inf: ranked below everything
+        return torch.nan_to_num(a @ b.T, nan=-math.inf)
+
     # i2t rank of an image = number of wrong captions scoring >= its best right caption.
     i2t_rank = torch.empty(n_img, dtype=torch.long, device=img.device)
     for s in range(0, n_img, _CHUNK):
-        sim = img[s:s + _CHUNK] @ txt.T  # (c, T)
+        sim = scores(img[s:s + _CHUNK], txt)  # (c, T)
         own = t2i.unsqueeze(0) == torch.arange(s, s + sim.shape[0], device=img.device).unsqueeze(1)
         best_right = sim.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
-        i2t_rank[s:s + sim.shape[0]] = ((sim >= best_right) & ~own).sum(dim=1)
+        rank = ((sim >= best_right) & ~own).sum(dim=1)
+        i2t_rank[s:s + sim.shape[0]] = rank.masked_fill(best_right.squeeze(1) == -math.inf, _MISS)
 
     # t2i rank of a text = number of other images scoring >= its own image.
     t2i_rank = torch.empty(n_txt, dtype=torch.long, device=img.device)
     for s in range(0, n_txt, _CHUNK):
-        sim = txt[s:s + _CHUNK] @ img.T  # (c, I)
+        sim = scores(txt[s:s + _CHUNK], img)  # (c, I)
         own_idx = t2i[s:s + sim.shape[0]].unsqueeze(1)
         right = sim.gather(1, own_idx)
         others = torch.ones_like(sim, dtype=torch.bool).scatter_(1, own_idx, False)
-        t2i_rank[s:s + sim.shape[0]] = ((sim >= right) & others).sum(dim=1)
+        rank = ((sim >= right) & others).sum(dim=1)
+        t2i_rank[s:s + sim.shape[0]] = rank.masked_fill(right.squeeze(1) == -math.inf, _MISS)
 
     out: Dict[str, float] = {}
     for k in ks:
@@ -77,6 +91,9 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor,
     for k in ks:
         out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
     out["mean_recall"] = mean_recall(out)
+    if bad_rows:
+        _warn_nonfinite("embeddings", bad_rows, n_img + n_txt, "their pairs are counted as misses")
+        out["nonfinite_rows"] = float(bad_rows)
     return out
 
 
@@ -123,26 +140,32 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
         raise ValueError("no samples")
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must be in [0, {n_classes}), got [{y.min()}, {y.max()}]")
-    if not torch.isfinite(logits).all():
-        raise ValueError("logits contain NaN or inf")
-    probs = torch.softmax(logits.detach().double(), dim=1).cpu().numpy()
-    pred = probs.argmax(axis=1)
+    bad = (~torch.isfinite(logits).all(dim=1)).cpu().numpy()
+    probs = torch.softmax(logits.detach().double().nan_to_num(0.0, 0.0, 0.0), dim=1).cpu().numpy()
+    pred = np.where(bad, -1, probs.argmax(axis=1))  # a non-finite row predicts no class: always wrong
 
     f1s = []
-    for c in np.union1d(np.unique(y), np.unique(pred)):
+    for c in np.union1d(np.unique(y), np.unique(pred[pred >= 0])):
         tp = int(((pred == c) & (y == c)).sum())
         fp = int(((pred == c) & (y != c)).sum())
         fn = int(((pred != c) & (y == c)).sum())
         f1s.append(2 * tp / (2 * tp + fp + fn))  # equals 2PR/(P+R); 0 when tp == 0
 
     present = np.unique(y)
-    aucs = [binary_auc(probs[:, c], y == c) for c in present] if len(present) > 1 else []
+    # A non-finite row scores worst for every class: below all others where it is a positive, above
+    # all others where it is a negative.
+    auc_scores = lambda c: np.where(bad, np.where(y == c, -np.inf, np.inf), probs[:, c])
+    aucs = [binary_auc(auc_scores(c), y == c) for c in present] if len(present) > 1 else []
     if not aucs:
         logger.warning("macro_auc is undefined: the labels contain a single class (%s), so no "
                        "class has both positives and negatives", present.tolist())
-    return {
+    out = {
         "accuracy": 100.0 * float((pred == y).mean()),
         "macro_f1": 100.0 * float(np.mean(f1s)),
         "macro_auc": 100.0 * float(np.mean(aucs)) if aucs else float("nan"),
         "auc_classes": float(len(aucs)),
     }
+    if bad.any():
+        _warn_nonfinite("logit rows", int(bad.sum()), n, "counted as wrong predictions")
+        out["nonfinite_rows"] = float(bad.sum())
+    return out

@@ -20,6 +20,15 @@ going through the adapted text tower every step, + lambda_q * query alignment (n
 Outputs in --out: metrics.jsonl (one line per optimizer step and per validation), curves.png,
 last.pt / last.prev.pt (resume points), best.pt (best validation mean recall or accuracy).
 Checkpoints hold the learnable parameters only (about 1.4M numbers for ViT-B-16), never the backbone.
+
+One run per folder: a folder holding a run is refused unless --resume continues it or --overwrite
+deletes it; train.lock (pid, host) keeps a second process out while the run lives. A non-finite
+loss or gradient stops the run (exit 2) without applying or saving it, unless --skip-nonfinite N.
+On --resume, settings given again take effect (optimiser, schedule, data); the model's shape
+(--model, --num-queries, ...) stays the checkpoint's. A changed schedule (--max-steps, --epochs,
+--warmup, --min-lr-ratio) is laid out again over the new length, as if the run had started with it,
+and the learning rate moves there linearly from its current value over the next max(1, warmup)
+steps: it never jumps, and a finished run given more steps warms up again from its floor.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -40,17 +49,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import argtypes as A
 from . import distributed as D
 from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
 from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classification,
                        evaluate_retrieval, headline)
+from .errors import UserError, run_cli
 from .logging_utils import MetricsLog, format_metrics
 from .methods import METHODS, build_method, canonical, check_task
 from .methods.linear_probe import DEFAULT_WEIGHT_DECAYS
 from .methods.multiview import VIEW_COLUMNS
-from .schedule import WarmupCosine, warmup_cosine
+from .nonfinite import NonFiniteError, check_finite_state
+from .resume import changed_settings, load_adapters, resume_optimizer, show as _show
+from .run_dir import RunLock, prepare as prepare_run_dir
+from .schedule import warmup_cosine
 
 logger = logging.getLogger("nearl.train")
 
@@ -59,8 +73,12 @@ CONFIG_FLAGS = {  # CLI dest -> NEARLConfig field
     "orth": "orth", "lambda_q": "lambda_q", "lambda_orth": "lambda_orth",
     "vision_layers": "vision_layers", "text_layers": "text_layers",
 }
-# Arguments a resumed run does not take from the checkpoint unless given again.
-NOT_RESTORED = {"resume"}
+# Arguments a resumed run does not take from the checkpoint unless given again (one-shot actions).
+NOT_RESTORED = {"resume", "overwrite", "force_unlock", "resume_notes"}
+# Arguments that fix the model a checkpoint holds: given again with another value on --resume, they
+# are reported and the checkpoint's value is kept (its parameters would not fit otherwise).
+FIXED_ON_RESUME = ("method", "task", "model", "seed", "num_queries", "query_dim", "heads",
+                   "rank", "vision_layers", "text_layers", "reduction", "n_ctx", "multiview")
 
 
 # ============================================================================= arguments
@@ -73,39 +91,56 @@ def _layers(text: str) -> Optional[List[int]]:
         return []
     out: List[int] = []
     for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise argparse.ArgumentTypeError(f"the range {part!r} is empty ({a} > {b}); write {b}-{a}")
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'all', 'none' or 1-based block numbers and ranges "
+                                             f"such as '1,2,12' or '9-12', got {text!r}") from None
+    if any(k < 1 for k in out):
+        raise argparse.ArgumentTypeError(f"block numbers are 1-based (>= 1), got {text!r}")
     return out
 
 
+def _method(text: str) -> str:
+    try:
+        return canonical(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nearl.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = A.Parser(prog="python -m nearl.train", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    A.allow_negative_numbers(p)
     g = p.add_argument_group("model")
-    g.add_argument("--method", default="nearl", help="adaptation method: " + ", ".join(METHODS) +
+    g.add_argument("--method", type=_method, default="nearl", help="adaptation method: " + ", ".join(METHODS) +
                    " (default nearl; see nearl/methods/)")
     g.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
     g.add_argument("--pretrained", help="backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
                    "checkpoint file, hf-hub:org/repo or local-dir:path (default: none = random backbone)")
     g.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
-    g.add_argument("--num-queries", type=int, default=16, help="M")
-    g.add_argument("--query-dim", type=int, default=128, help="D")
-    g.add_argument("--heads", type=int, default=4, help="H (query heads)")
-    g.add_argument("--rank", type=int, default=32, help="r (OCA rank)")
+    g.add_argument("--num-queries", type=A.positive_int, default=16, help="M")
+    g.add_argument("--query-dim", type=A.positive_int, default=128, help="D")
+    g.add_argument("--heads", type=A.positive_int, default=4, help="H (query heads)")
+    g.add_argument("--rank", type=A.positive_int, default=32, help="r (OCA rank)")
     g.add_argument("--orth", choices=("hard", "soft", "none"), default="hard")
-    g.add_argument("--lambda-q", type=float, default=0.1, help="query-alignment weight (0 ablates it)")
-    g.add_argument("--lambda-orth", type=float, default=1.0, help="weight of mean cos^2 with --orth soft")
+    g.add_argument("--lambda-q", type=A.non_negative_float, default=0.1, help="query-alignment weight (0 ablates it)")
+    g.add_argument("--lambda-orth", type=A.non_negative_float, default=1.0, help="weight of mean cos^2 with --orth soft")
     g.add_argument("--vision-layers", type=_layers, default=None,
                    help="adapted vision blocks, 1-based: 'all' (default), 'none', '1,2,3', '7-12'")
     g.add_argument("--text-layers", type=_layers, default=None, help="adapted text blocks (as above)")
 
     g = p.add_argument_group("other methods' options (ignored by nearl)")
-    g.add_argument("--reduction", type=int, default=4, help="alta / clip-adapter: bottleneck d -> d/reduction")
-    g.add_argument("--alpha", type=float, default=0.2, help="clip-adapter: residual ratio")
-    g.add_argument("--n-ctx", type=int, default=16, help="coop: learned context vectors M")
+    g.add_argument("--reduction", type=A.positive_int, default=4, help="alta / clip-adapter: bottleneck d -> d/reduction")
+    g.add_argument("--alpha", type=A.unit_interval, default=0.2, help="clip-adapter: residual ratio")
+    g.add_argument("--n-ctx", type=A.positive_int, default=16, help="coop: learned context vectors M")
     g.add_argument("--multiview", action="store_true",
                    help="alta: studies with up to 4 views (manifest columns of --view-columns) and learned "
                         "view / time embeddings; evaluation uses the frontal image")
@@ -123,43 +158,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-data", help="a separate validation source (same kinds as --data)")
     g.add_argument("--format", default="auto", help="retrieval source format: auto|manifest|roco|medicat")
     g.add_argument("--root", help="image root for a manifest or CoOp JSON (default: the file's folder)")
-    g.add_argument("--k-shot", type=int, help="classification: k training images per class")
+    g.add_argument("--k-shot", type=A.positive_int, help="classification: k training images per class")
     g.add_argument("--templates", nargs="+", help="classification prompt templates with '{}'")
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation, init, few-shot draw")
+    g.add_argument("--seed", type=A.non_negative_int, default=0, help="data order, augmentation, init, few-shot draw")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="default 10, or as many as --max-steps needs")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (also the "
-                   "schedule's length when it ends before --epochs)")
-    g.add_argument("--batch-size", type=int, default=32, help="per process; global = this x processes")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05, help="on matrices only")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
-    g.add_argument("--warmup", type=int, help="warmup steps (default: 5%% of the run, at most 500)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--epochs", type=A.positive_int, help="default 10, or as many as --max-steps needs")
+    g.add_argument("--max-steps", type=A.positive_int, help="stop after this many optimizer steps (also the "
+                   "schedule's length when it ends before --epochs). Changed on --resume, the warmup + cosine "
+                   "is laid out again over the new length and the lr moves onto it linearly over max(1, warmup) "
+                   "steps, so it never jumps (a finished run warms up again from its floor)")
+    g.add_argument("--batch-size", type=A.positive_int, default=32, help="per process; global = this x processes")
+    g.add_argument("--accum-steps", type=A.positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=A.positive_float, default=1e-3, help="peak learning rate (given again on "
+                   "--resume: applies from the next step)")
+    g.add_argument("--weight-decay", type=A.non_negative_float, default=0.05, help="on matrices only")
+    g.add_argument("--beta1", type=A.adam_beta, default=0.9)
+    g.add_argument("--beta2", type=A.adam_beta, default=0.98)
+    g.add_argument("--eps", type=A.positive_float, default=1e-6)
+    g.add_argument("--warmup", type=A.non_negative_int, help="warmup steps (default: 5%% of the run, at most 500)")
+    g.add_argument("--min-lr-ratio", type=A.unit_interval, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--grad-clip", type=A.non_negative_float, default=1.0, help="max global grad norm (0: off)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
+    g.add_argument("--skip-nonfinite", type=A.non_negative_int, default=0, metavar="N",
+                   help="skip up to N optimizer steps whose loss or gradients are NaN/inf (the parameters are "
+                        "left as they were; each is logged with its running count); one more stops the run. "
+                        "Default 0: the first one stops it, and nothing of it is saved")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/nearl", help="output directory")
+    g.add_argument("--out", default="runs/nearl", help="output directory (default %(default)s). A folder that "
+                   "holds a run is refused unless --resume continues it or --overwrite replaces it")
     g.add_argument("--resume", help="a run directory (its last.pt) or checkpoint file to continue from; "
-                   "arguments not given again are taken from the checkpoint")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
-    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0: only at the end)")
-    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+                   "arguments not given again are taken from the checkpoint, those given again take effect "
+                   "(the model's shape excepted: --model, --num-queries, ... stay the checkpoint's)")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, "
+                   "deleting its last.pt, last.prev.pt, best.pt, metrics.jsonl and curves.png first")
+    g.add_argument("--force-unlock", action="store_true", help="take over --out's train.lock even though it "
+                   "was written on another host (whether that run still lives cannot be checked from here)")
+    g.add_argument("--save-every", type=A.non_negative_int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    g.add_argument("--eval-every", type=A.non_negative_int, default=1, help="validate every N epochs (0: only at the end)")
+    g.add_argument("--eval-batch-size", type=A.positive_int, help="default: --batch-size")
+    g.add_argument("--workers", type=A.non_negative_int, default=2, help="DataLoader worker processes")
+    g.add_argument("--device", type=A.device, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
 
 def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
     """The dests given on the command line (parse again with every default suppressed)."""
-    shadow = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    shadow = A.allow_negative_numbers(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             kw = {"dest": action.dest}
@@ -171,21 +219,44 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
     return set(vars(ns))
 
 
+def resume_dir(resume) -> Path:
+    """The run folder a --resume value names (a folder, or a checkpoint file's folder)."""
+    res = Path(resume)
+    return res if res.is_dir() else res.parent
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The arguments; with --resume, those not given again come from the checkpoint, and those
+    fixing the model's shape (FIXED_ON_RESUME) keep the checkpoint's value, with a note in
+    `args.resume_notes` (printed by the run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.resume_notes = []
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         given = _explicit(parser, argv)
         if "out" not in given:
-            res = Path(args.resume)
-            args.out = str(res if res.is_dir() else res.parent)
+            args.out = str(resume_dir(args.resume))
             given.add("out")
-        for k, v in ckpt.get("args", {}).items():
+        saved = ckpt.get("args", {})
+        for k, v in saved.items():
             if hasattr(args, k) and k not in given and k not in NOT_RESTORED:
                 setattr(args, k, v)
+        kept = []
+        for k in FIXED_ON_RESUME:
+            if k in given and k in saved and getattr(args, k) != saved[k]:
+                kept.append(f"--{k.replace('_', '-')} {_show(getattr(args, k))} (checkpoint: {_show(saved[k])})")
+                setattr(args, k, saved[k])
+        if kept:
+            args.resume_notes.append(f"warning: --resume keeps the model the checkpoint holds; ignored: "
+                                     f"{', '.join(kept)}. Start a new run (another --out) to change them")
     return args
+
+
+def saved_args(args) -> Dict[str, Any]:
+    """The arguments a checkpoint records (what a resume restores)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "resume_notes"}
 
 
 # ============================================================================= data
@@ -237,7 +308,7 @@ def _read_labelled(path: Path, root: Optional[str]):
     if path.suffix.lower() == ".json":
         return read_coop_split(path, root=Path(root) if root else path.parent)
     if not path.is_dir():
-        raise ValueError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
+        raise UserError(f"classification data must be an ImageFolder directory or a CoOp split .json, got {path}")
     split_dirs = {s: path / s for s in ("train", "val", "validation", "test") if (path / s).is_dir()}
     if "train" not in split_dirs:
         records, classnames = read_image_folder(path)
@@ -246,7 +317,7 @@ def _read_labelled(path: Path, root: Optional[str]):
     for s, d in split_dirs.items():
         records, names = read_image_folder(d)
         if classnames is not None and names != classnames:
-            raise ValueError(f"{d}: classes {names} differ from train's {classnames}")
+            raise UserError(f"{d}: classes {names} differ from train's {classnames}")
         classnames = names
         splits["val" if s == "validation" else s] = records
     return splits, classnames
@@ -255,7 +326,7 @@ def _read_labelled(path: Path, root: Optional[str]):
 def _view_columns(args) -> List[str]:
     cols = [c.strip() for c in str(getattr(args, "view_columns", None) or ",".join(VIEW_COLUMNS)).split(",")]
     if len(cols) != len(VIEW_COLUMNS) or not all(cols):
-        raise ValueError(f"--view-columns needs {len(VIEW_COLUMNS)} comma-separated names, got {cols}")
+        raise UserError(f"--view-columns needs {len(VIEW_COLUMNS)} comma-separated names, got {cols}")
     return cols
 
 
@@ -263,11 +334,11 @@ def load_train_data(args) -> TrainData:
     from .data import demo
     if args.task == "retrieval":
         if args.k_shot:
-            raise ValueError("--k-shot applies to --task classification only")
+            raise UserError("--k-shot applies to --task classification only")
         path = args.data or str(demo.demo_manifest())
         if getattr(args, "multiview", False):
             if args.format not in ("auto", "manifest"):
-                raise ValueError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {args.format}")
+                raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {args.format}")
             from .methods.multiview import read_multiview
             records = read_multiview(path, root=args.root, columns=_view_columns(args))
         else:
@@ -278,7 +349,7 @@ def load_train_data(args) -> TrainData:
         else:
             val = [r for r in records if r.split in VAL_SPLITS]
         if not train:
-            raise ValueError(f"{path}: no training records (split 'train' or no split column)")
+            raise UserError(f"{path}: no training records (split 'train' or no split column)")
         return TrainData("retrieval", train, val, None, path)
     path = Path(args.data) if args.data else demo.demo_split_json()
     splits, classnames = _read_labelled(path, args.root)
@@ -286,12 +357,12 @@ def load_train_data(args) -> TrainData:
     if args.val_data:
         vs, vnames = _read_labelled(Path(args.val_data), None)
         if vnames != classnames:
-            raise ValueError(f"--val-data classes {vnames} differ from the training classes {classnames}")
+            raise UserError(f"--val-data classes {vnames} differ from the training classes {classnames}")
         val = vs.get("val") or vs.get("test") or vs.get("train", [])
     else:
         val = splits.get("val", [])
     if not train:
-        raise ValueError(f"{path}: no training records")
+        raise UserError(f"{path}: no training records")
     if args.k_shot:
         from .data.labelled import k_shot
         train = k_shot(train, args.k_shot, args.seed)
@@ -325,7 +396,13 @@ def method_config(method: str, args, data: Optional[TrainData] = None) -> Dict[s
     if method == "coop":
         return {"n_ctx": get("n_ctx", 16)}
     if method == "linear-probe":
-        wds = [float(w) for w in str(get("probe_wd", None) or "0.001").split(",") if w.strip()]
+        text = str(get("probe_wd", None) or "0.001")
+        try:
+            wds = [float(w) for w in text.split(",") if w.strip()]
+        except ValueError:
+            raise UserError(f"--probe-wd takes comma-separated numbers, got {text!r}") from None
+        if not wds or any(not math.isfinite(w) or w < 0 for w in wds):
+            raise UserError(f"--probe-wd takes weights >= 0, got {text!r}")
         return {"weight_decays": wds, "num_classes": len(data.classnames) if data and data.classnames else 0}
     return {}
 
@@ -376,6 +453,39 @@ def _image_size(model) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _user_error(what: str, fn, *a, **kw):
+    """fn(*a, **kw), its ValueError (a check of what the user asked for: a config field, a method that
+    does not fit the task, a tower it cannot step) reported as a UserError."""
+    try:
+        return fn(*a, **kw)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from e
+
+
+def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
+    """--model names an open_clip architecture and --pretrained a tag of it or an existing file
+    (open_clip would say so only in a long traceback)."""
+    import difflib
+
+    import open_clip
+    from .model import SCHEMAS
+    if pretrained is not None and pretrained.startswith(SCHEMAS):
+        return  # the source names its own architecture and weights
+    known = open_clip.list_models()
+    if model_name not in known and not model_name.startswith(SCHEMAS):
+        close = difflib.get_close_matches(model_name, known, n=3)
+        raise UserError(f"--model {model_name!r} is not an open_clip architecture"
+                        f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''}")
+    if pretrained is None or Path(pretrained).is_file() or model_name not in known:
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own normalisation of a tag
+        raise UserError(f"--pretrained {pretrained!r} is neither a file nor a weight tag of {model_name} "
+                        f"(tags: {', '.join(tags) or 'none'}; or hf-hub:org/repo, local-dir:path)")
+
+
 class Hooks:
     """Callbacks for tests and tools: on_step(step, record) after each optimizer step (and after
     that step's checkpoint, if any)."""
@@ -388,9 +498,46 @@ class Hooks:
 def train(args: argparse.Namespace, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
     info = D.init(args.device)
     try:
-        return _train(args, info, hooks or Hooks())
+        with claim_out(args, info):
+            return _train(args, info, hooks or Hooks())
     finally:
         D.cleanup(info)
+
+
+@contextmanager
+def claim_out(args, info: D.DistInfo):
+    """Hold --out for this run (nearl/run_dir.py): rank 0 takes the lock and checks that the folder may
+    take this run; every rank learns the verdict, so none is left waiting for a rank that gave up."""
+    out = Path(args.out)
+    lock, error, notes = None, None, []
+    if info.is_main:
+        try:
+            lock = RunLock(out).acquire(force=bool(getattr(args, "force_unlock", False)))
+            if lock.stale:
+                notes.append(f"found a stale {lock.path.name} of a run that ended without removing it "
+                             f"(pid {lock.stale.get('pid', '?')} on host {lock.stale.get('host', '?')}): taken over")
+            overwrite = bool(getattr(args, "overwrite", False))
+            here = bool(args.resume) and resume_dir(args.resume).resolve() == out.resolve()
+            if here and overwrite:
+                raise UserError(f"--overwrite would delete the run that --resume {args.resume} continues; "
+                                "give one of them")
+            notes += prepare_run_dir(out, resuming_here=here, overwrite=overwrite)
+        except UserError as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    verdict = D.broadcast_object(None if error is None else str(error), info)
+    if error is not None:
+        raise error
+    if verdict is not None:
+        raise UserError(verdict)
+    for line in notes:
+        _say(info, line)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _say(info: D.DistInfo, *msg) -> None:
@@ -402,10 +549,10 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     main_rank = info.is_main
     device = info.device
     out = Path(args.out)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
     if args.accum_steps < 1 or args.batch_size < 1:
-        raise ValueError("--batch-size and --accum-steps must be >= 1")
+        raise UserError("--batch-size and --accum-steps must be >= 1")
+    for line in getattr(args, "resume_notes", None) or []:
+        _say(info, line)
 
     # ---------------------------------------------------------------- model
     fused = bool(args.fused)
@@ -421,14 +568,15 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     if args.pretrained is None:
         _say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
                    "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
-    method = canonical(getattr(args, "method", None) or "nearl")
+    method = _user_error("--method", canonical, getattr(args, "method", None) or "nearl")
     args.method = method
-    check_task(method, args.task)
+    _user_error("--method", check_task, method, args.task)
+    check_backbone(model_name, args.pretrained)
     if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
-        raise ValueError(f"--multiview is an option of method 'alta' with task 'retrieval' "
+        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' "
                          f"(got method {method!r}, task {args.task!r})")
     if method == "linear-probe" and info.distributed:
-        raise ValueError("method 'linear-probe' fits on cached features in one process; run it without torchrun")
+        raise UserError("method 'linear-probe' fits on cached features in one process; run it without torchrun")
     if fused and method != "nearl":
         _say(info, f"--fused: the Triton kernels are NEARL's; method {method} runs its PyTorch path.")
         fused = False
@@ -437,9 +585,11 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     data = load_train_data(args)
     config = method_config(method, args, data)
     if method == "nearl":
-        model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+        model = _user_error("model settings", build_model, model_name, args.pretrained, fused=fused,
+                            seed=args.seed, **config)
     else:
-        model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+        model = _user_error("model settings", build_method, method, model_name, args.pretrained, fused=fused,
+                            seed=args.seed, **config)
     model.to(device)
     cfg = model.config
     tokenizer = model.tokenizer()
@@ -460,7 +610,7 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     micro_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = micro_per_epoch // args.accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} samples make {micro_per_epoch} batches of {per_rank} x "
+        raise UserError(f"{len(dataset)} samples make {micro_per_epoch} batches of {per_rank} x "
                          f"{info.world_size} processes: fewer than --accum-steps {args.accum_steps}")
     epochs = args.epochs or (math.ceil(args.max_steps / steps_per_epoch) if args.max_steps else 10)
     total = epochs * steps_per_epoch
@@ -507,23 +657,25 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" and params else None
 
     # ---------------------------------------------------------------- state / resume
-    step, epoch, pos, best = 0, 0, 0, None
+    step, epoch, pos, best, skipped = 0, 0, 0, None, 0
     log = MetricsLog(out / "metrics.jsonl", enabled=main_rank)
     if args.resume:
         ckpt = load_checkpoint(args.resume, map_location="cpu")
         if ckpt.get("task", "retrieval") != data.task:
-            raise ValueError(f"checkpoint task {ckpt.get('task')} != --task {data.task}")
+            raise UserError(f"checkpoint task {ckpt.get('task')} != --task {data.task}")
         if canonical(ckpt.get("method") or "nearl") != method:
-            raise ValueError(f"checkpoint method {ckpt.get('method')} != --method {method}")
-        model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
+            raise UserError(f"checkpoint method {ckpt.get('method')} != --method {method}")
+        load_adapters(model, ckpt, device)
+        changed = changed_settings(ckpt.get("args", {}), args)
+        if changed:
+            _say(info, "resume: settings given again take effect: " + ", ".join(changed))
         if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            schedule = WarmupCosine(warmup, total, args.min_lr_ratio)  # this run's length (may differ)
-            scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+            for line in resume_optimizer(optimizer, scheduler, ckpt, warmup, total, args.min_lr_ratio):
+                _say(info, "resume: " + line)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, epoch, pos, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt.get("best")
+        skipped = int(ckpt.get("nonfinite_skipped", 0))
         saved = ckpt.get("data", {})
         if saved and (saved.get("n"), saved.get("batch_size"), saved.get("world_size")) != (
                 sampler.n, sampler.batch_size, sampler.world_size):
@@ -536,8 +688,6 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
         torch.manual_seed(args.seed)
-        if main_rank and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run in a used directory starts a fresh log
 
     if main_rank:
         model.print_parameter_breakdown()
@@ -563,18 +713,29 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": step, "epoch": tag_epoch, "batch_in_epoch": tag_pos, "best": best,
             "rng": rng_state(), "data": {**sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "args": saved_args(args),
             "metrics": metrics or {},
         }
 
     saved_at = {"step": None, "best": None}
+    last_good = step if args.resume and (out / LAST).exists() else None  # what out/last.pt holds
+
+    def kept() -> str:
+        """Where the last good checkpoint is, for the message that stops a diverged run."""
+        if last_good is None:
+            return "No checkpoint was written"
+        return f"Nothing after step {last_good} was saved: {out / LAST} holds step {last_good}"
 
     def save(name: str, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> None:
+        nonlocal last_good
+        # Every rank holds the same parameters, so every rank reaches the same verdict.
+        check_finite_state(model.trainable_state_dict(), f"step {step}: {out / name}")
         D.barrier(info)
         if main_rank:
-            save_checkpoint(state(tag_epoch, tag_pos, metrics), out, name)
+            save_checkpoint({**state(tag_epoch, tag_pos, metrics), "nonfinite_skipped": skipped}, out, name)
         if name == LAST:
             saved_at.update(step=step, best=best)
+            last_good = step
         D.barrier(info)
 
     last_eval_step = -1
@@ -584,7 +745,7 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         if not data.val or last_eval_step == step:
             return None
         last_eval_step = step
-        results = None
+        results, broken = None, None
         if main_rank:
             kw = dict(device=device, batch_size=args.eval_batch_size or per_rank, workers=args.workers,
                       precision=args.precision, progress=not args.no_progress)
@@ -598,11 +759,18 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
             shown = {k: v for k, v in results.items() if k in ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy",
                                                               "macro_f1", "macro_auc")}
             print(f"validation at step {step}: {format_metrics(shown)}", flush=True)
-            if best is None or score > best:
+            bad = int(results.get("nonfinite_rows", 0))
+            if bad:  # the metrics counted them as misses; the model itself is broken
+                broken = (f"validation at step {step}: the model's outputs hold NaN or inf for {bad} inputs: "
+                          f"it has diverged, so training stopped and it was not saved. {kept()}. Lower --lr "
+                          f"(now {args.lr:g}) and resume from that checkpoint, or start again")
+            elif math.isfinite(score) and (best is None or score > best):
                 best = score
-                save_checkpoint(state(epoch, pos, results), out, BEST)
+                save_checkpoint({**state(epoch, pos, results), "nonfinite_skipped": skipped}, out, BEST)
                 print(f"new best {score:.2f}: {out / BEST}", flush=True)
-        best = D.broadcast_object(best, info)  # every rank takes the same save decisions
+        best, broken = D.broadcast_object((best, broken), info)  # every rank takes the same decisions
+        if broken:
+            raise NonFiniteError(broken)
         return results
 
     def plot() -> None:
@@ -653,35 +821,55 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
             if not last_micro:
                 continue
 
-            # ---- optimizer step
+            # ---- optimizer step, unless the loss or the gradients are not finite
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = None
-            if args.grad_clip and args.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+            clip = args.grad_clip if args.grad_clip and args.grad_clip > 0 else math.inf  # inf: the norm only
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            keys = sorted({k for g in group for k in g})
+            mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
+            # One collective gives every rank the mean losses and whether any rank's gradients were
+            # non-finite, so all ranks take the same decision below (none waits for another).
+            reduced = D.all_reduce_mean(torch.tensor([float(not math.isfinite(grad_norm))] + [mean[k] for k in keys],
+                                                     dtype=torch.float64), info).tolist()
+            bad_grad, mean = reduced[0] > 0, dict(zip(keys, reduced[1:]))
+            bad_loss = not all(math.isfinite(v) for v in mean.values())
+            # With fp16, inf gradients are the GradScaler's to handle: it skips the step and lowers the scale.
+            nonfinite = bad_loss or (bad_grad and scaler is None)
             lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if nonfinite:  # the parameters and the optimizer's moments stay as they were
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
             else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             micro = 0
             dt = time.perf_counter() - t0
-            keys = sorted({k for g in group for k in g})
-            mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
-            if mean:
-                reduced = D.all_reduce_mean(torch.tensor([mean[k] for k in keys], dtype=torch.float64), info)
-                mean = dict(zip(keys, reduced.tolist()))
             record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **mean,
-                      "samples": seen, "samples_per_s": seen / dt if dt > 0 else None}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+                      "samples": seen, "samples_per_s": seen / dt if dt > 0 else None, "grad_norm": grad_norm}
             if scaler is not None:
                 record["loss_scale"] = float(scaler.get_scale())
+            if nonfinite:
+                record["nonfinite_skipped"] = skipped
             log.write(record)
+            if nonfinite and skipped > args.skip_nonfinite:
+                what = f"loss is {mean.get('loss')}" if bad_loss else f"gradient norm is {grad_norm}"
+                earlier = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {args.skip_nonfinite})"
+                           if args.skip_nonfinite else "")
+                raise NonFiniteError(f"step {step}: the {what}{earlier}; training stopped without applying it. "
+                                     f"{kept()}. Lower --lr (now {args.lr:g}), check the data, or pass "
+                                     f"--skip-nonfinite N to skip up to N such steps")
+            if nonfinite:
+                _say(info, f"step {step}: non-finite {'loss' if bad_loss else 'gradients'}: step skipped "
+                           f"({skipped} of at most {args.skip_nonfinite})")
             bar.update(1)
             bar.set_postfix(loss=f"{mean.get('loss', float('nan')):.4f}",
                             samples_s=f"{record['samples_per_s'] or 0:.1f}", lr=f"{lr:.2e}")
@@ -705,11 +893,12 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         save(LAST, epoch, pos, final)
     plot()
     if main_rank:
-        print(f"done: {step} steps; checkpoints in {out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
+        print(f"done: {step} steps{f' ({skipped} skipped as non-finite)' if skipped else ''}; checkpoints in "
+              f"{out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
               f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
     return {"step": step, "epoch": epoch, "best": best, "out": str(out), "method": method,
-            "learnable_parameters": model.num_trainable_parameters()}
+            "learnable_parameters": model.num_trainable_parameters(), "nonfinite_skipped": skipped}
 
 
 def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Path) -> Dict[str, Any]:
@@ -726,7 +915,7 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
         print("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
     log = MetricsLog(out / "metrics.jsonl")
     if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+        (out / "metrics.jsonl").unlink()  # --resume of this folder: the fit starts again (claim_out allowed it)
     kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
               precision=args.precision, progress=not args.no_progress)
     transform = model.image_transform(False)  # cached features: no augmentation
@@ -756,6 +945,9 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
         dt, last["t"] = now - last["t"], now
         log.write({"kind": "train", "step": step, "epoch": 0, "loss": loss,
                    "samples": n, "samples_per_s": n / dt if dt > 0 else None})
+        if not math.isfinite(loss):  # L-BFGS has no step to skip: the fit has diverged
+            raise NonFiniteError(f"linear-probe: the loss is {loss} at L-BFGS iteration {step}; the fit stopped "
+                                 f"and nothing was saved. Check the features (--pretrained) and --probe-wd")
 
     def on_search(rec: Dict[str, float]) -> None:
         log.write({"kind": "search", "step": 0, **rec})
@@ -775,6 +967,9 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
         best = headline("classification", results)
         log.write({"kind": "val", "step": steps, "epoch": 1, **results, "score": best})
         print(f"validation at step {steps}: accuracy={results['accuracy']:.2f}", flush=True)
+        if results.get("nonfinite_rows"):
+            raise NonFiniteError(f"linear-probe: {int(results['nonfinite_rows'])} validation logit rows hold NaN "
+                                 "or inf: the head has diverged; nothing was saved")
     state = {
         "model_name": model.model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
         "method": "linear-probe", "config": model.config.to_dict(), "task": "classification",
@@ -782,7 +977,7 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
         "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
         "optimizer": None, "scheduler": None, "scaler": None, "step": steps, "epoch": 1,
         "batch_in_epoch": 0, "best": best, "rng": rng_state(), "data": {"n": n},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": saved_args(args),
         "metrics": results or {},
     }
     save_checkpoint(state, out, LAST)
@@ -806,9 +1001,15 @@ def setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train from a command line; user mistakes raise UserError (see `cli` for the one-line report)."""
     setup_logging()
     return train(parse_args(argv))
 
 
+def cli() -> None:
+    """The `nearl-train` console script: a user error is one line on stderr and exit status 2."""
+    sys.exit(run_cli(main, prog="nearl.train"))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

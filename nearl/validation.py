@@ -125,6 +125,10 @@ def check_layer_args(x, q, params: Mapping, mask, orth: str, check_mask_rows: bo
     missing = [k for k in LAYER_PARAM_SHAPES if k not in params]
     if missing:
         raise ValueError(f"params is missing {missing}; it has {sorted(params)}")
+    unknown = sorted(str(k) for k in params if k not in LAYER_PARAM_SHAPES and k != "heads")
+    if unknown:  # a misspelt key ('head') would otherwise be ignored and its default used
+        raise ValueError(f"params has unknown key(s) {unknown}; the known ones are "
+                         f"{sorted([*LAYER_PARAM_SHAPES, 'heads'])}")
     tensors = {"x": check_float("x", x), "q": check_float("q", q)}
     tensors.update({f"params[{k!r}]": check_float(f"params[{k!r}]", params[k]) for k in LAYER_PARAM_SHAPES})
     if x.dim() != 3:

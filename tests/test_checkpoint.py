@@ -111,3 +111,40 @@ def test_training_crash_during_checkpoint_then_resume(tmp_path, monkeypatch):
     assert len(train_losses(out)[0]) == 3  # step 3 was logged before its checkpoint failed
     assert run(["--resume", out, "--no-progress"])["step"] == 4
     assert [r["step"] for r in train_losses(out)[1]] == [1, 2, 3, 4]  # step 3 redone, logged once
+
+
+# ----------------------------------------------------------------------------- issue 10, item 6
+def test_save_after_fallback_keeps_the_good_previous(tmp_path):
+    """last.pt corrupt -> load falls back to last.prev.pt; the next save must not move the corrupt
+    file into last.prev.pt (that would throw away the only good copy)."""
+    C.save_checkpoint(_state(1), tmp_path)
+    C.save_checkpoint(_state(2), tmp_path)
+    data = (tmp_path / C.LAST).read_bytes()
+    (tmp_path / C.LAST).write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        assert C.load_checkpoint(tmp_path)["step"] == 1
+    C.save_checkpoint(_state(3), tmp_path)  # the resumed run's next save
+    assert C.load_checkpoint(tmp_path / C.PREVIOUS)["step"] == 1
+    assert C.load_checkpoint(tmp_path)["step"] == 3
+    C.save_checkpoint(_state(4), tmp_path)  # and from now on the usual rotation
+    assert C.load_checkpoint(tmp_path / C.PREVIOUS)["step"] == 3
+
+
+def test_stale_temporaries_removed(tmp_path):
+    C.save_checkpoint(_state(1), tmp_path)
+    for name in (".last.pt.tmp.123", ".last.prev.pt.tmp.99", ".best.pt.tmp.7", ".other.tmp.1", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert C.remove_stale_temporaries(tmp_path) == [".best.pt.tmp.7", ".last.prev.pt.tmp.99", ".last.pt.tmp.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp.1", C.LAST, "notes.txt"]
+
+
+def test_nonfinite_model_is_never_written(tmp_path):
+    from nearl.nonfinite import NonFiniteError
+    C.save_checkpoint(_state(1), tmp_path)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError, match="1 of 1 parameter tensors hold NaN or inf"):
+            C.save_checkpoint({"step": 2, "model": {"w": torch.tensor([1.0, bad])}}, tmp_path)
+        with pytest.raises(NonFiniteError):
+            C.save_checkpoint({"step": 2, "model": {"w": torch.tensor([bad])}}, tmp_path, C.BEST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [C.LAST]
+    assert C.load_checkpoint(tmp_path)["step"] == 1

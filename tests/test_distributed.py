@@ -56,3 +56,24 @@ def test_unused_parameter_probe(task):
     unused = T.unused_parameters(model, model, nearl.NEARLLoss.from_config(model.config), "retrieval",
                                  "cpu", 32, tok)
     assert "useformer.w_q" in unused and "adapters.vision.w_k" in unused
+
+
+def test_torchrun_nonfinite_stops_every_rank(tmp_path):
+    """--lr 1e6 under two processes: every rank takes the same stop decision (no rank is left in a
+    collective), the run fails with the one-line message, and no checkpoint holds the broken model."""
+    manifest = make_manifest(tmp_path / "data", n_train=16, n_val=4)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "nan"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                        "-m", "nearl.train", "--model", "NEARL-Tiny", "--data", str(manifest), "--max-steps", "4",
+                        "--lr", "1e6", "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert "nearl.train: error: " in r.stderr and ("diverged" in r.stderr or "not finite" in r.stderr
+                                                   or "is nan" in r.stderr), r.stderr[-3000:]
+    assert not (out / "train.lock").exists()
+    from nearl.checkpoint import load_checkpoint
+    from nearl.nonfinite import nonfinite_tensors
+    for name in ("last.pt", "best.pt"):
+        if (out / name).exists():
+            assert not nonfinite_tensors(load_checkpoint(out / name)["model"]), name

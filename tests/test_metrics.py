@@ -137,5 +137,51 @@ def test_classification_input_errors():
         classification_metrics(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="labels"):
         classification_metrics(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="NaN"):
-        classification_metrics(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------- NaN is never a hit
+NAN = float("nan")
+
+
+def test_recall_nan_embeddings_are_misses(caplog):
+    """A diverged model (every embedding NaN) scores 0 at every k, not 100 (issue 10, item 1)."""
+    caplog.set_level(logging.WARNING, logger="nearl.metrics")
+    images, texts = embeddings()
+    result = retrieval_recall(torch.full_like(images, NAN), torch.full_like(texts, NAN), TEXT_TO_IMAGE,
+                              ks=(1, 2, 3, 10))
+    assert all(v == 0.0 for k, v in result.items() if "_R@" in k), result
+    assert result["mean_recall"] == 0.0 and result["nonfinite_rows"] == 8
+    assert "NaN or inf" in caplog.text
+    inf = retrieval_recall(images * math.inf, texts, TEXT_TO_IMAGE, ks=(1, 10))
+    assert inf["i2t_R@10"] == 0.0 and inf["t2i_R@10"] == 0.0
+
+
+def test_recall_nan_rows_rank_last():
+    """One NaN text: its own queries miss, and it never outranks a right answer elsewhere."""
+    images, texts = embeddings()
+    texts = texts.clone()
+    texts[2] = NAN  # the only caption of image 1
+    result = retrieval_recall(images, texts, TEXT_TO_IMAGE, ks=(1, 2, 3))
+    # i2t: I0 rank 0, I2 rank 0 as before; I1's only caption is NaN -> a miss at every k.
+    assert result["i2t_R@1"] == pytest.approx(200 / 3) and result["i2t_R@3"] == pytest.approx(200 / 3)
+    # t2i: T2 misses at every k; the others keep their hand-worked ranks (0, 1, 1, 0).
+    assert result["t2i_R@1"] == pytest.approx(40.0) and result["t2i_R@2"] == pytest.approx(80.0)
+    assert result["t2i_R@3"] == pytest.approx(80.0)
+    assert "nonfinite_rows" in result and "nonfinite_rows" not in retrieval_recall(*embeddings(), TEXT_TO_IMAGE)
+
+
+def test_classification_nan_rows_are_wrong():
+    m = classification_metrics(torch.tensor([[NAN, 0.0]]), torch.tensor([0]))
+    assert m["accuracy"] == 0.0 and m["macro_f1"] == 0.0 and m["nonfinite_rows"] == 1
+    everything_nan = classification_metrics(torch.full_like(P, NAN), LABELS)
+    assert everything_nan["accuracy"] == 0.0 and everything_nan["macro_f1"] == 0.0
+    assert everything_nan["macro_auc"] == 0.0  # each NaN row scores worst for every class
+    # One NaN row among the hand-worked ones: row 0 (label 0, predicted right before) becomes wrong.
+    logits = P.log().clone()
+    logits[0, 1] = NAN
+    m = classification_metrics(logits, LABELS)
+    assert m["accuracy"] == pytest.approx(100 * 3 / 6)
+    # class 0: tp0 fn2 -> 0 (row 5 predicted 0 wrongly: fp1); class 1: 4/5; class 2: 2/3
+    assert m["macro_f1"] == pytest.approx(100 * (0 + 4 / 5 + 2 / 3) / 3)
+    # AUC class 0: positive row 0 now below every negative: pos .35 vs .10,.10,.10,.50 -> 3 of 8
+    assert m["macro_auc"] < classification_metrics(P.log(), LABELS)["macro_auc"]

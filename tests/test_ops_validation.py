@@ -74,6 +74,7 @@ def layer_call(mask=None, **override):
     (dict(w_v=torch.ones(32, 16, dtype=torch.int32)), r"params\['w_v'\] must be float.*int32"),
     (dict(heads=3), r"params\['heads'\] must be a positive int dividing the query width D=16, got 3"),
     (dict(heads=torch.tensor(4)), r"params\['heads'\]"),
+    (dict(head=8), r"params has unknown key\(s\) \['head'\]; the known ones are .*'heads'"),  # a typo, not ignored
 ])
 def test_layer_rejects_bad_input(override, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -1,0 +1,100 @@
+"""argparse value types that refuse what would silently mean something else.
+
+argparse prints a type's `ArgumentTypeError` as "argument --flag: <message>" and exits 2, so every
+message here names the value seen and the flag is named by argparse. `allow_negative_numbers`
+lets "--lr -1e-3" reach its type (and its clear message) instead of failing as "expected one
+argument": argparse only recognises "-1" and "-.5" as numbers, not "-1e-3".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A fraction in [0, 1]."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+def adam_beta(text: str) -> float:
+    """An Adam moment decay in [0, 1) (1 would never forget the first gradient)."""
+    value = _finite(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
+def device(text: str) -> str:
+    """cpu, cuda, cuda:N or auto (anything else used to run on the CPU without a word)."""
+    if not _DEVICE.match(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or auto, got {text!r}")
+    return text.strip().lower()
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse's default prints the whole usage first,
+    which for a command with forty options buries the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Numbers argparse must take as values, not options: 5, -5, -.5, -1e-3, -1.5E+2.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def allow_negative_numbers(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let values such as -1e-3 reach their type (argparse's own matcher misses scientific notation).
+    Safe while the parser has no option that itself looks like a negative number."""
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
+    return parser

@@ -1,0 +1,72 @@
+"""Resuming a run with settings given again (nearl.train --resume): what changed is applied and said,
+the optimiser's hyper-parameters from the command line win over the checkpoint's, the schedule is
+re-laid for a changed length without a jump (schedule.WarmupCosine.changed_at), and a checkpoint
+that does not fit the model names the settings that differ."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from .errors import UserError
+from .schedule import WarmupCosine
+
+OPTIMISER_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the command line sets in each group
+NOT_REPORTED = {"resume", "overwrite", "force_unlock", "workers", "no_progress"}
+
+
+def changed_settings(saved: Dict[str, Any], args) -> List[str]:
+    """'--flag old -> new' for each setting of this run that differs from the checkpoint's."""
+    return [f"--{k.replace('_', '-')} {show(old)} -> {show(getattr(args, k))}" for k, old in saved.items()
+            if k not in NOT_REPORTED and hasattr(args, k) and getattr(args, k) != old]
+
+
+def load_adapters(model, ckpt: Dict[str, Any], device) -> None:
+    """The checkpoint's learnable parameters into `model`; a checkpoint that does not fit says which
+    settings differ rather than which tensors."""
+    try:
+        model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
+    except (ValueError, RuntimeError) as e:
+        theirs, ours = dict(ckpt.get("config") or {}), model.config.to_dict()
+        differ = [f"{k} {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                  if theirs.get(k) != ours.get(k)]
+        if ckpt.get("model_name") != model.model_name:
+            differ.insert(0, f"model {ckpt.get('model_name')!r} in the checkpoint, {model.model_name!r} here")
+        detail = "; ".join(differ) if differ else str(e).splitlines()[0]
+        raise UserError(f"{ckpt.get('path', 'the checkpoint')} does not fit the model of this run: {detail}") from None
+
+
+def resume_optimizer(optimizer, scheduler, ckpt: Dict[str, Any], warmup: int, total: int,
+                     min_ratio: float) -> List[str]:
+    """Load the optimizer and scheduler states, then apply this run's settings: the optimiser's
+    hyper-parameters from the command line (given again, or restored from the checkpoint: then equal)
+    and the schedule of this run's length (WarmupCosine.changed_at if it differs). Returns what it did."""
+    # This run's settings; "lr" is the peak (LambdaLR has already scaled group["lr"] by its first multiplier).
+    ours = [{**{k: g[k] for k in OPTIMISER_KEYS}, "lr": g.get("initial_lr", g["lr"])} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, mine in zip(optimizer.param_groups, ours):
+        group.update(mine)
+        group["initial_lr"] = mine["lr"]
+    scheduler.load_state_dict(ckpt["scheduler"])
+    step = int(scheduler.last_epoch)  # one scheduler step per optimizer step
+    saved = (ckpt["scheduler"].get("lr_lambdas") or [None])[0]
+    old = WarmupCosine.from_state(saved) if saved else WarmupCosine(warmup, total, min_ratio)
+    notes = []
+    if old.shape() == (warmup, total, float(min_ratio)):
+        schedule = old
+    else:
+        schedule = old.changed_at(step, warmup, total, min_ratio)
+        how = (f"reached from the current multiplier {old(step):.3g} linearly over the next {schedule.ramp_steps} steps"
+               if schedule.ramp_steps > 1 else "followed from the next step (warmup <= 1: no ramp)")
+        notes.append(f"schedule changed from (warmup {old.warmup}, {old.total} steps, floor {old.min_ratio:g}) to "
+                     f"(warmup {warmup}, {total} steps, floor {min_ratio:g}): warmup + cosine over {total} steps, {how}")
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(step)  # what LambdaLR would set: the next update uses it
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return notes
+
+
+def show(value) -> str:
+    if isinstance(value, list):  # --vision-layers / --text-layers: None is every block, [] none
+        return ",".join(map(str, value)) or "none"
+    return "all" if value is None else str(value)
