@@ -66,7 +66,8 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     block_hm = max(16, triton.next_power_of_2(HM))
     block_d = max(16, triton.next_power_of_2(D))
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    if interpreting():
+    gpu_tiles, n_sm, _cc = runtime.tiling(device)
+    if not gpu_tiles:
         block_n = min(128, max(16, triton.next_power_of_2(N)))
         block_c = min(256, max(16, triton.next_power_of_2(d)))
         n_tiles = triton.cdiv(N, block_n)
@@ -76,7 +77,7 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         # IEEE float32 products (no tensor cores) need more registers: the backward spilled at 32.
         block_c = 32 if d >= 32 and not (backward and precision == "ieee") else 16
         n_tiles = triton.cdiv(N, block_n)
-        splits = max(1, min(n_tiles, triton.cdiv(2 * runtime.device_info(device)[0], B)))
+        splits = max(1, min(n_tiles, triton.cdiv(2 * n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
