@@ -15,6 +15,9 @@ EPILOG = """\
 without a GPU every provider runs at a small size on the CPU (the triton provider on the
 TRITON_INTERPRET=1 interpreter) for correctness; the table then carries CPU times, not GPU speed.
 
+traffic (bytes each kernel and torch op moves, in passes over x; CPU, no GPU needed):
+  python -m bench.run --kernel layer --traffic --shape text-b16 --out traffic.json
+
 profiling (see bench/README.md):
   nsys profile -t cuda,nvtx -o oca python -m bench.run --kernel oca --nvtx
   ncu --nvtx --nvtx-include "oca/triton/fwd/" --set full -c 1 -o oca \\
@@ -42,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default=None,
                    help="comma list of fwd, bwd, fwd+bwd, or 'all' (default: all)")
     g.add_argument("--orth", choices=("hard", "soft", "none"), default="hard")
-    g.add_argument("--providers", default=",".join(PROVIDERS),
-                   help=f"comma list of {', '.join(PROVIDERS)} (default: all)")
+    g.add_argument("--providers", default=None,
+                   help=f"comma list of {', '.join(PROVIDERS)} (default: all; with --traffic: triton)")
     g = p.add_argument_group("model (--kernel model)")
     g.add_argument("--model", default=None, help="open_clip architecture (default: ViT-B-16; NEARL-Tiny on CPU)")
     g.add_argument("--batch", type=int, default=None, help="batch size (default: 128; 8 on CPU)")
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NVTX ranges per provider and phase, e.g. oca > triton > fwd (needs the nvtx package)")
     g.add_argument("--profile", metavar="FILE", default=None, help="write a torch profiler chrome trace")
     g.add_argument("--out", metavar="FILE.json", default=None, help="write the results as JSON")
+    g.add_argument("--traffic", action="store_true",
+                   help="oca / layer: count the bytes each kernel and the op's torch operations move, in passes "
+                        "over x, on the CPU interpreter with a GPU's tiling (NEARL_TILING, default h100) at the "
+                        "real N and d, --B 2 splitting its work as B 256 does (modes fwd,bwd by default)")
     return p
 
 
@@ -69,9 +76,13 @@ def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Name
     model = args.kernel == "model"
     if args.shape is None:
         args.shape = "vit-b16"
+    if args.traffic and model:
+        raise ValueError("--traffic counts --kernel oca or layer, not model")
     if args.mode is None:
-        args.mode = "all"
-    parse_modes(args.mode)  # validate early
+        args.mode = "fwd,bwd" if args.traffic else "all"
+    args.traffic_modes = parse_modes(args.mode)  # validate early
+    if args.providers is None:
+        args.providers = "triton" if args.traffic else ",".join(PROVIDERS)
     if args.reps is None:
         args.reps = (20 if model else 100) if on_gpu else (3 if model else 5)
     if args.warmup is None:
@@ -99,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device = pick_device(args.device)
+        device = torch.device("cpu") if args.traffic else pick_device(args.device)
         finish_args(args, device)
     except ValueError as err:
         parser.error(str(err))
@@ -124,7 +135,11 @@ def _run(parser, args, device, ranges) -> int:
     from .report import write_json
 
     try:
-        if args.kernel == "model":
+        if args.traffic:
+            from .traffic import run_traffic
+            payload, text = run_traffic(args.kernel, args)
+            rows = payload["rows"]
+        elif args.kernel == "model":
             from .model_bench import run_model
             payload, text = run_model(args, device, ranges)
             rows = payload["inference"] + payload["train"]

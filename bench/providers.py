@@ -4,6 +4,10 @@
 - compile:   `torch.compile` of the reference function (default mode).
 - xformers:  the reference with its attention done by `xformers.ops.memory_efficient_attention`.
 - sdpa:      the reference with its attention done by `torch.nn.functional.scaled_dot_product_attention`.
+- split:     (layer only) the fair unfused peer: the fused OCA kernel (`ops.oca(impl="triton")`), then
+             `LN(x_out) @ [W_k | W_v]` as one matrix product (cuBLAS on a GPU) and the small query
+             attention (M queries over N tokens, sdpa) and tail in PyTorch: what a careful engineer
+             writes without a fused layer.
 - triton:    the fused kernels through the public API (`impl="triton"`).
 
 OCA as attention: the N tokens are the queries, the M per-sample columns of A the keys and the rows
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from nearl import ops, reference
 
-PROVIDERS = ("reference", "compile", "xformers", "sdpa", "triton")
+PROVIDERS = ("reference", "compile", "xformers", "sdpa", "split", "triton")
 
 
 class Skip(Exception):
@@ -105,6 +109,39 @@ def layer_via(attend: Callable, x, q, params, mask=None, *, orth: str = "hard"):
     return out + (cos2,) if orth == "soft" else out
 
 
+def layer_split(x, q, params, mask=None, *, orth: str = "hard"):
+    """The layer as fused OCA + unfused query update (provider `split`).
+
+    The small (B, M, D)-sized work is the reference's (float32, or float64 for float64 inputs); the
+    token-sized work after the OCA kernel runs in x's dtype: one LayerNorm of x_out, one product with
+    the concatenated key and value weights, and scaled_dot_product_attention of the M queries over
+    the N (masked) tokens.
+    """
+    heads = params.get("heads", 4)
+    B, N, d = x.shape
+    dt = x.dtype
+    cdt = reference.compute_dtype(x, q, *(v for v in params.values() if torch.is_tensor(v)))
+    with torch.autocast(x.device.type, enabled=False):
+        p = {k: (v.to(cdt) if torch.is_tensor(v) else v) for k, v in params.items()}
+        qf = q.to(cdt)
+        if qf.dim() == 2:
+            qf = qf.unsqueeze(0).expand(B, -1, -1)
+        M, D = qf.shape[1], qf.shape[2]
+        dh = D // heads
+        a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
+        res = ops.oca(x, a, c, p["gate"], orth=orth, impl="triton")
+        x_out, cos2 = res if orth == "soft" else (res, None)
+        xa = F.layer_norm(x_out, (d,), eps=reference.LN_EPS)  # in x's dtype, float32 statistics
+        kv = xa @ torch.cat([params["w_k"], params["w_v"]], dim=1).to(dt)  # (B, N, 2D): one product
+        kh, vh = (t.reshape(B, N, heads, dh).transpose(1, 2) for t in kv.split(D, dim=-1))
+        qh = (reference.layer_norm_q(qf, p) @ p["w_q"]).view(B, M, heads, dh).transpose(1, 2).to(dt)
+        m = mask[:, None, None, :] if mask is not None else None
+        u = sdpa_attend(qh, kh, vh, m, 1.0 / math.sqrt(dh)).transpose(1, 2).reshape(B, M, D).to(cdt)
+        q_out = reference.query_tail(qf, u, p)
+    out = (x_out, q_out.to(q.dtype))
+    return out + (cos2,) if orth == "soft" else out
+
+
 # ---------------------------------------------------------------------------- the providers
 def _reference_fn(kernel: str, orth: str) -> Callable:
     """The reference function itself (what `compile` compiles: no argument checks inside)."""
@@ -150,6 +187,12 @@ def make_provider(name: str, kernel: str, orth: str, device: torch.device) -> Ca
         if device.type != "cuda" and not ops.interpreting():
             raise Skip("needs a CUDA device or TRITON_INTERPRET=1")
         return _api_fn(kernel, orth, "triton")
+    if name == "split":
+        if kernel != "layer":
+            raise Skip("the layer's unfused peer (fused OCA + torch query update): --kernel layer only")
+        if device.type != "cuda" and not ops.interpreting():
+            raise Skip("needs a CUDA device or TRITON_INTERPRET=1")
+        return lambda x, q, params, mask: layer_split(x, q, params, mask, orth=orth)
     if name == "sdpa":
         return _via_fn(kernel, orth, sdpa_attend)
     if name == "xformers":

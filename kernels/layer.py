@@ -82,13 +82,13 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     block_hm = max(16, triton.next_power_of_2(HM))
     block_d = max(16, triton.next_power_of_2(D))
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    if interpreting():
+    gpu_tiles, n_sm, cc = runtime.tiling(device)
+    if not gpu_tiles:
         block_n = min(128, max(16, triton.next_power_of_2(N)))
         block_c = min(256, max(16, triton.next_power_of_2(d)))
         n_tiles = triton.cdiv(N, block_n)
         splits = min(2, n_tiles)
     else:
-        n_sm, cc = runtime.device_info(device)
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
         # sm_80's MMA keeps a copy of the second operand in every warp: 16 tokens there as well
         block_n = 16 if (backward or ieee or cc < 90) else 32

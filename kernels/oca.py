@@ -504,7 +504,8 @@ def oca_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tenso
     dtype and, for orth="soft", cos2 (B, N) float32 (else None). Inputs may be strided views."""
     B, N, d, M = _check_sizes(x, a)
     prec = _precision(x)
-    cfg = _oca_config(B, N, d, M, prec, interpreting(), *runtime.device_info(x.device))
+    gpu_tiles, n_sm, cc = runtime.tiling(x.device)
+    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc)
     out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
     cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
     runtime.launch(_oca_fwd_kernel, (triton.cdiv(N, cfg.fwd_block_n), B),
@@ -528,7 +529,8 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
     """
     B, N, d, M = _check_sizes(x, a)
     prec = _precision(x)
-    cfg = _oca_config(B, N, d, M, prec, interpreting(), *runtime.device_info(x.device))
+    gpu_tiles, n_sm, cc = runtime.tiling(x.device)
+    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc)
     dev = x.device
     n_tiles = triton.cdiv(N, cfg.rows_block_n)
     dg_part = runtime.empty((B, n_tiles), dtype=torch.float32, device=dev)

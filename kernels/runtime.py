@@ -55,6 +55,40 @@ def device_info(device: torch.device) -> Tuple[int, int]:
     return _DEVICE_INFO[idx]
 
 
+# NEARL_TILING: run the configurations the launchers pick for this GPU, on any device (the
+# interpreter included), so that a CPU run or test splits and tiles its work exactly as that GPU
+# would. Value: (SM count, compute capability).
+TILINGS = {"h100": (132, 90), "a100": (108, 80)}
+
+
+def tiling(device: torch.device) -> Tuple[bool, int, int]:
+    """(GPU tiles?, SM count, compute capability) that the launchers choose their configurations for.
+
+    By default: the interpreter's own tiles under TRITON_INTERPRET=1, else the GPU's, with the
+    device's SM count and capability. NEARL_TILING=h100 | a100 selects that GPU's tiles and facts on
+    any device (the interpreter included); NEARL_SM_COUNT=n then overrides the SM count, so a small
+    batch splits its work as a large one does on the full GPU. Only the choice of tiles changes:
+    what is interpreter-only (ROUND_BY_HAND) stays keyed on `interpreting()`.
+    """
+    name = os.environ.get("NEARL_TILING", "").strip()
+    if name:
+        if name.lower() not in TILINGS:
+            raise ValueError(f"NEARL_TILING={name!r}: accepted values are {', '.join(sorted(TILINGS))} "
+                             "(or unset / empty for the device's own tiling)")
+        gpu_tiles = True
+        n_sm, cc = TILINGS[name.lower()]
+    else:
+        gpu_tiles = not interpreting()
+        n_sm, cc = device_info(device)
+    count = os.environ.get("NEARL_SM_COUNT", "").strip()
+    if count:
+        if not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"NEARL_SM_COUNT={count!r}: expected a positive integer (the SM count the "
+                             "launchers assume), or unset / empty for the device's own")
+        n_sm = int(count)
+    return gpu_tiles, n_sm, cc
+
+
 # Tests set this to True so that every buffer starts as NaN: an element a kernel fails to write
 # then shows up as a NaN in the result.
 POISON_OUTPUTS = False

@@ -36,6 +36,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)
+for _name in ("NEARL_TILING", "NEARL_SM_COUNT"):  # the targets' own tiles, whatever the caller's environment
+    os.environ.pop(_name, None)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nearl_compile_check_")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spills
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -36,7 +36,7 @@ def check_rows(payload, providers_wanted, modes, tol, kernel):
         t = r["timing"]
         assert t["p20_ms"] <= t["median_ms"] <= t["p80_ms"] and t["reps"] == 2
         assert r["bytes"] > 0 and r["gbps"] is None and r["pct_copy"] is None  # CPU: n/a
-        if r["provider"] in ("reference", "sdpa", "triton"):
+        if r["provider"] in ("reference", "sdpa", "split", "triton"):
             assert r["errors"]["out"] < tol and r["errors"]["update"] < 10 * tol, r
             if kernel == "layer":
                 assert r["errors"]["q"] < tol, r
@@ -78,7 +78,7 @@ def test_cli_oca_end_to_end(tmp_path):
 
 def test_cli_layer_text_mask_soft(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    names = ["reference", "xformers", "sdpa", "triton"]
+    names = ["reference", "xformers", "sdpa", "split", "triton"]
     argv = ["--kernel", "layer", "--shape", "text-b16", *TINY, "--D", "32", "--H", "2", "--r", "8",
             "--mode", "fwd,bwd", "--orth", "soft", "--providers", ",".join(names), "--out", str(out)]
     assert cli.main(argv) == 0
@@ -158,6 +158,24 @@ def test_attention_providers_match_reference_float64(orth):
     want = oca_case.invoke(providers.make_provider("reference", "oca", orth, torch.device("cpu")), t)
     for g, w in zip(got if orth == "soft" else (got,), want if orth == "soft" else (want,)):
         assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("orth", ["hard", "soft"])
+def test_split_provider_is_the_layer(orth):
+    """`split` (fused OCA kernel + torch query update) computes the reference layer: exactly in
+    float64 (where the OCA op runs the reference), to float32 rounding through the kernels."""
+    shape = resolve_shape("text-b16", {"B": 2, "N": 11, "d": 16, "M": 3, "D": 8, "H": 2, "r": 4}, on_gpu=False)
+    cpu = torch.device("cpu")
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        case = make_case("layer", shape, dtype, orth, cpu, seed=5)
+        t = case.clone(requires_grad=False)
+        got = case.invoke(providers.make_provider("split", "layer", orth, cpu), t)
+        want = case.invoke(providers.make_provider("reference", "layer", orth, cpu), case.clone(False, torch.float64))
+        assert len(got) == len(want) and got[0].dtype == dtype
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < tol, (dtype, rel_err(g, w))
+    with pytest.raises(providers.Skip, match="--kernel layer only"):
+        providers.make_provider("split", "oca", orth, cpu)
 
 
 def test_layer_case_has_working_oca():

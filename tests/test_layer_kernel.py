@@ -65,6 +65,32 @@ CASES = [
 
 @pytest.mark.parametrize("B,N,d,M,D,masked,orth,dtype,batched", CASES)
 def test_forward_and_every_gradient_match_float64(B, N, d, M, D, masked, orth, dtype, batched):
+    check_against_float64(B, N, d, M, D, masked, orth, dtype, batched)
+
+
+H100_CASES = [
+    # B, N, d, M, D, masked, orth, dtype, NEARL_SM_COUNT (None: the H100's 132)
+    (2, 40, 64, 5, 32, True, "hard", torch.float32, None),  # a split per token tile (2 fwd, 3 bwd)
+    (2, 40, 64, 16, 128, True, "soft", torch.bfloat16, "1"),  # one split of every tile per sample
+    (3, 40, 64, 16, 128, False, "none", torch.float32, "2"),  # uneven splits (2 + 1 tiles) in the bwd
+]
+
+
+@pytest.mark.parametrize("B,N,d,M,D,masked,orth,dtype,sm_count", H100_CASES)
+def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_count, monkeypatch):
+    """NEARL_TILING=h100: the tiles and token splits an H100 runs, here on any device."""
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    if sm_count is None:
+        monkeypatch.delenv("NEARL_SM_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("NEARL_SM_COUNT", sm_count)
+    for backward in (False, True):
+        cfg = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV), backward)
+        assert cfg.block_n <= 32 and cfg.block_c <= 32, cfg  # the GPU's tiles, not the interpreter's
+    check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
+
+
+def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched):
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched, device=DEV)
     mask = padding_mask(B, N).to(DEV) if masked else None  # sample 0 has a single valid token
     up = upstream_for(B, N, d, M, D, orth)

@@ -7,9 +7,9 @@ upstream gradients:
     sanity bound;
   - bfloat16 / float16: error <= 2x the error of the PyTorch reference run in that same dtype,
     plus a small floor.
-Under the interpreter the launcher picks one big program per sample; `gpu_config` cases force the
-GPU configuration (64-token tiles, 16/32-column chunks, several chunks, tiles and token splits)
-so the chunk loops, masks and partial sums are exercised too.
+Under the interpreter the launcher picks one big program per sample; `gpu_config` cases run with
+NEARL_TILING=h100, the configuration an H100 runs (64-token tiles, 16/32-column chunks, several
+chunks, tiles and token splits), so the chunk loops, masks and partial sums are exercised too.
 """
 from __future__ import annotations
 
@@ -154,13 +154,9 @@ def compare(B, N, d, M, orth, dtype, pdtype=None, x_view="contig", ac_view="cont
 
 @pytest.fixture
 def gpu_config(monkeypatch):
-    """Make the launchers use the GPU configuration under the interpreter."""
-    orig = K._oca_config
-
-    def cfg(B, N, d, M, prec, interpret, n_sm=132, cc=90):
-        return orig(B, N, d, M, prec, False, n_sm, cc)
-
-    monkeypatch.setattr(K, "_oca_config", cfg)
+    """The launchers pick exactly what they pick for an H100 (NEARL_TILING=h100), on any device."""
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    monkeypatch.delenv("NEARL_SM_COUNT", raising=False)
 
 
 @pytest.fixture
@@ -206,13 +202,17 @@ GPU_CASES = [  # the GPU tiling, run by the interpreter: multi-chunk, multi-tile
     (1, 130, 96, 33, "soft", F32, F32, "contig", "contig", "randn"),      # tf32x3, BLOCK_M 64
     (3, 70, 192, 16, "none", BF16, F32, "sliced", "transposed", "randn"),  # tf32, 3 col chunks
     (1, 197, 128, 64, "soft", BF16, BF16, "contig", "contig", "sum"),
+    (2, 40, 64, 5, "hard", BF16, BF16, "contig", "contig", "randn"),    # small shapes, M 5 and 16
+    (2, 40, 64, 16, "soft", F32, F32, "contig", "contig", "randn"),
 ]
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=_id)
 def test_gpu_tiling_matches_reference(case, gpu_config, poison):
     B, N, d, M, orth, xd, pd, xv, av, up = case
-    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), True)
+    gpu_tiles, n_sm, cc = runtime.tiling(torch.device(DEV))
+    assert gpu_tiles and (n_sm, cc) == (132, 90)
+    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, n_sm, cc)
     assert cfg.cols_splits > 1 or B * math.ceil(d / cfg.cols_block_d) >= 4 * 132
     compare(B, N, d, M, orth, xd, pd, xv, av, up)
 
