@@ -54,6 +54,7 @@ from . import distributed as D
 from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
+from .data.loadable import report_skips, require_loadable
 from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classification,
                        evaluate_retrieval, headline)
 from .errors import UserError, run_cli
@@ -594,8 +595,10 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     cfg = model.config
     tokenizer = model.tokenizer()
     if method == "linear-probe":
+        require_loadable(data.train, data.source)
         return _train_linear_probe(args, info, model, data, out)
     dataset = make_dataset(data, model, args.seed, multiview=getattr(args, "multiview", False))
+    require_loadable(dataset, data.source)  # a set with no decodable image stops here, naming files
     per_rank = args.batch_size
     if len(dataset) < per_rank * info.world_size:
         new = max(1, len(dataset) // info.world_size)
@@ -748,7 +751,8 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
         results, broken = None, None
         if main_rank:
             kw = dict(device=device, batch_size=args.eval_batch_size or per_rank, workers=args.workers,
-                      precision=args.precision, progress=not args.no_progress)
+                      precision=args.precision, progress=not args.no_progress,
+                      source=getattr(args, "val_data", None) or data.source)
             if data.task == "retrieval":
                 results = evaluate_retrieval(model, data.val, **kw)
             else:
@@ -881,6 +885,7 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
             if step >= total:
                 break
         bar.close()
+        report_skips(dataset, log, step=step, source=data.source)  # once per data set, not per epoch
         if pos >= steps_per_epoch * accum:  # a full epoch
             epoch, pos = epoch + 1, 0
             if args.eval_every and epoch % args.eval_every == 0 and validate() is not None:

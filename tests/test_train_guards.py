@@ -2,6 +2,8 @@
 used to mean something else. Tiny runs on NEARL-Tiny, a few steps each."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nearl import checkpoint as C
@@ -193,3 +195,25 @@ def test_unknown_model_is_a_user_error(tmp_path):
         run(["--model", "NEARL-Tinyy", "--out", tmp_path / "x", *FAST])
     with pytest.raises(UserError, match="model settings: heads=3 must divide query_dim=128"):
         run(["--model", "NEARL-Tiny", "--heads", 3, "--out", tmp_path / "y", *FAST])
+
+
+# ----------------------------------------------------------------------------- item 4: no image loads
+def test_a_data_set_with_no_decodable_image_stops_before_training(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n_train=4, n_val=0)
+    for png in (tmp_path / "data").glob("*.png"):
+        png.write_text("not an image")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"manifest\.csv: none of the 4 training images could be loaded"):
+        run(["--data", manifest, "--max-steps", 2, "--out", out, *TINY])
+    assert not (out / "last.pt").exists() and not (out / "train.lock").exists()
+
+
+def test_skipped_images_are_counted_once_in_metrics(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n_train=8, n_val=0)
+    (tmp_path / "data" / "img1.png").write_text("not an image")
+    out = tmp_path / "run"
+    run(["--data", manifest, "--epochs", 3, "--out", out, *TINY])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("kind") == "skipped_images"]
+    assert len(skipped) == 1 and skipped[0]["skipped"] == 1, skipped  # once, not once per epoch
+    assert skipped[0]["reasons"] == {"not an image": 1}
