@@ -4,7 +4,6 @@ import os
 from typing import Tuple
 
 import torch
-import triton
 
 
 def interpreting() -> bool:
@@ -13,20 +12,26 @@ def interpreting() -> bool:
 
 
 def _interpreter_numpy_fix() -> None:
-    """Make triton < 3.7's interpreter work with numpy >= 2.4.
+    """Make triton < 3.7's interpreter work with numpy >= 2.4 (called by `launch` under the
+    interpreter; cheap and idempotent).
 
     The interpreter turns a scalar (a one-element array) into a Python int with `int(array)`, for
     every `range(0, D, ...)` over a kernel argument; numpy 2.4 refuses that for arrays of rank > 0
     ("only 0-dimensional arrays can be converted to Python scalars"). triton 3.7 and later squeeze
     the array first; this does the same for older triton, through the interpreter's own patch
     scope, so it is undone with the rest after every launch. Nothing changes on a GPU.
+    This module must not import triton at import time: `nearl.ops` imports it before a caller may
+    set TRITON_INTERPRET, and triton decides at import whether its own jit functions are
+    interpreted.
     """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
+    import triton
+    from triton.runtime import interpreter
+
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None or getattr(original, "nearl_fixed", False):
+        return
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        original.nearl_fixed = True  # nothing to mend; remember that
         return
 
     def patch_lang_tensor(tensor, scope):
@@ -35,10 +40,6 @@ def _interpreter_numpy_fix() -> None:
 
     patch_lang_tensor.nearl_fixed = True
     interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if interpreting() and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
-    _interpreter_numpy_fix()
 
 
 _DEVICE_INFO = {}
@@ -110,5 +111,7 @@ LAUNCH_HOOK = None
 def launch(kernel, grid, *args, **kwargs) -> None:
     if LAUNCH_HOOK is not None:
         LAUNCH_HOOK(kernel, grid, args, kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+        return
+    if interpreting():
+        _interpreter_numpy_fix()
+    kernel[grid](*args, **kwargs)

@@ -132,3 +132,14 @@ def test_layer_rejects_empty_sizes_on_both_paths(impl, sizes, pattern):
     x, q, params = layer_inputs(kw.pop("B"), kw.pop("N"), kw.pop("d"), kw.pop("M"), **kw)
     with pytest.raises(ValueError, match=pattern):
         ops.nearl_layer(x, q, params, impl=impl)
+
+
+def test_importing_the_ops_leaves_triton_unimported():
+    """triton decides at its own import whether its jit functions are interpreted, so `nearl.ops`
+    (imported before a caller such as bench.run sets TRITON_INTERPRET) must not import it."""
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom nearl import ops\nassert 'triton' not in sys.modules, 'triton imported'\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
