@@ -449,9 +449,12 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
     x3 = prec == "tf32x3"
     heavy = x3 and BM >= 32
-    fwd_bn = 32 if (cc < 90 and x3 and BM == 64) else 64
-    rows_bn, rows_warps = (32, 4 if (cc < 90 and heavy) else 8) if BM == 64 else (64, 4)
-    cols_bn = 16 if (heavy or (cc < 90 and (BM == 64 or x3))) else 32
+    fwd_bn = 32 if (x3 and BM == 64) else 64
+    if BM == 64:
+        rows_bn, rows_warps = (16, 4) if heavy else (32, 8)
+    else:
+        rows_bn, rows_warps = 64, 4
+    cols_bn = 16 if (x3 or (cc < 90 and BM == 64)) else 32
     if heavy:
         cols_bd = 16 if BM == 64 else 64
     elif BM == 64:
@@ -460,7 +463,7 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
         cols_bd = 64 if (cc < 90 and x3) else 128
     cols_bd = min(cols_bd, max(16, _pow2(d)))
     cols_warps = 4 if (_pow2(d) <= 32 and BM <= 16) else 8  # d <= 32: a tiny tile
-    rows_dc = _chunk(d, 16 if (cc < 90 and heavy) else 32)
+    rows_dc = _chunk(d, 16 if (heavy and (cc < 90 or BM == 64)) else 32)
     chunks = triton.cdiv(d, cols_bd)
     splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
