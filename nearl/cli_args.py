@@ -1,6 +1,6 @@
-"""Checks shared by the command lines (evaluate, compare; train may use them too): argparse types
-for counts and sizes, the --device, the backbone flags, and a way to say that the ValueErrors of a
-library call are about the user's input."""
+"""Checks shared by the command lines (train, evaluate, compare): the --device, the --out folder,
+the backbone flags, and a way to say that the ValueErrors of a library call are about the user's
+input. The argparse value types are in `argtypes`."""
 from __future__ import annotations
 
 import argparse
@@ -12,26 +12,6 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import UserError
-
-
-def _int(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (batch sizes, step counts); argparse reports a bad value."""
-    return _int(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (worker counts, warm-up steps)."""
-    return _int(text, 0)
 
 
 def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
@@ -60,25 +40,27 @@ def check_out_dir(path: Optional[str], flag: str = "--out") -> None:
 
 
 def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
-    """--model must be an open_clip architecture, --pretrained a file or a tag open_clip knows for
-    it (hf-hub: / local-dir: sources are left to open_clip). Raises UserError otherwise."""
+    """--model names an open_clip architecture and --pretrained a tag of it or an existing file
+    (open_clip would say so only in a long traceback); hf-hub: / local-dir: sources name their own
+    architecture and are left to open_clip. Raises UserError otherwise."""
     import open_clip
 
-    from .model import SCHEMAS  # sources that name their own architecture
+    from .model import SCHEMAS
 
     if model_name.startswith(SCHEMAS) or (pretrained is not None and pretrained.startswith(SCHEMAS)):
         return
-    if model_name not in open_clip.list_models():
-        near = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
+    known = open_clip.list_models()
+    if model_name not in known:
+        near = difflib.get_close_matches(model_name, known, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else " (see open_clip.list_models())"
         raise UserError(f"--model {model_name!r} is not an open_clip architecture{hint}")
     if pretrained is None or Path(pretrained).expanduser().is_file():
         return
     tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained not in tags:
-        known = f"its tags are {', '.join(tags)}" if tags else "it has no published weights"
+    if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own normalisation of a tag
+        known_tags = f"its tags are {', '.join(tags)}" if tags else "it has no published weights"
         raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag open_clip knows for "
-                        f"{model_name} ({known})")
+                        f"{model_name} ({known_tags}; or hf-hub:org/repo, local-dir:path)")
 
 
 @contextmanager

@@ -41,8 +41,8 @@ import torch
 from . import evaluate as E
 from . import train as T
 from .checkpoint import LAST, load_checkpoint
-from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
-                       user_errors)
+from .argtypes import Parser, non_negative_int, positive_int
+from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError, run_cli
 from .logging_utils import _clean, read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
@@ -58,7 +58,7 @@ PIPELINE_NOTE = ("These numbers only show that the pipeline runs: {why}. They sa
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nearl.compare", description=__doc__,
+    p = Parser(prog="python -m nearl.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", help="comma-separated, from " + ", ".join(METHODS) +
                    " (default: every method that applies to --task)")
@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=nonnegative_int)
+    p.add_argument("--warmup", type=non_negative_int)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--fused", action="store_true", help="nearl's Triton kernels (CUDA only)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=nonnegative_int, default=2)
+    p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--bench-batch", type=positive_int, default=32, help="batch of the inference throughput probe")
     p.add_argument("--bench-iters", type=positive_int, default=10, help="timed iterations of that probe (after 2 warm-up)")
     p.add_argument("--train-args", default="", help="extra nearl.train arguments for every run, one string "

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .classify import TEMPLATES, classification_logits
-from .cli_args import (check_backbone, check_out_dir, nonnegative_int, positive_int, resolve_device,
-                       user_errors)
+from .argtypes import Parser, non_negative_int, positive_int
+from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
@@ -245,7 +245,7 @@ def _split_folder(root: Path, split: str) -> Optional[Path]:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nearl.evaluate", description=__doc__,
+    p = Parser(prog="python -m nearl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
     p.add_argument("--method", help="without --checkpoint: the method to build fresh (default nearl, which "
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=nonnegative_int, default=2)
+    p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")

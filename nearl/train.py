@@ -53,6 +53,7 @@ from . import argtypes as A
 from . import distributed as D
 from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
+from .cli_args import check_backbone, user_errors
 from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
 from .data.loadable import report_skips, require_loadable
 from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classification,
@@ -454,39 +455,6 @@ def _image_size(model) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _user_error(what: str, fn, *a, **kw):
-    """fn(*a, **kw), its ValueError (a check of what the user asked for: a config field, a method that
-    does not fit the task, a tower it cannot step) reported as a UserError."""
-    try:
-        return fn(*a, **kw)
-    except UserError:
-        raise
-    except ValueError as e:
-        raise UserError(f"{what}: {e}") from e
-
-
-def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
-    """--model names an open_clip architecture and --pretrained a tag of it or an existing file
-    (open_clip would say so only in a long traceback)."""
-    import difflib
-
-    import open_clip
-    from .model import SCHEMAS
-    if pretrained is not None and pretrained.startswith(SCHEMAS):
-        return  # the source names its own architecture and weights
-    known = open_clip.list_models()
-    if model_name not in known and not model_name.startswith(SCHEMAS):
-        close = difflib.get_close_matches(model_name, known, n=3)
-        raise UserError(f"--model {model_name!r} is not an open_clip architecture"
-                        f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''}")
-    if pretrained is None or Path(pretrained).is_file() or model_name not in known:
-        return
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own normalisation of a tag
-        raise UserError(f"--pretrained {pretrained!r} is neither a file nor a weight tag of {model_name} "
-                        f"(tags: {', '.join(tags) or 'none'}; or hf-hub:org/repo, local-dir:path)")
-
-
 class Hooks:
     """Callbacks for tests and tools: on_step(step, record) after each optimizer step (and after
     that step's checkpoint, if any)."""
@@ -569,9 +537,11 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     if args.pretrained is None:
         _say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
                    "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
-    method = _user_error("--method", canonical, getattr(args, "method", None) or "nearl")
+    with user_errors("--method: "):
+        method = canonical(getattr(args, "method", None) or "nearl")
     args.method = method
-    _user_error("--method", check_task, method, args.task)
+    with user_errors("--method: "):
+        check_task(method, args.task)
     check_backbone(model_name, args.pretrained)
     if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
         raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' "
@@ -585,12 +555,11 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     # ---------------------------------------------------------------- data
     data = load_train_data(args)
     config = method_config(method, args, data)
-    if method == "nearl":
-        model = _user_error("model settings", build_model, model_name, args.pretrained, fused=fused,
-                            seed=args.seed, **config)
-    else:
-        model = _user_error("model settings", build_method, method, model_name, args.pretrained, fused=fused,
-                            seed=args.seed, **config)
+    with user_errors("model settings: "):
+        if method == "nearl":
+            model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+        else:
+            model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed, **config)
     model.to(device)
     cfg = model.config
     tokenizer = model.tokenizer()
