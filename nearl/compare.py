@@ -40,12 +40,13 @@ import torch
 
 from . import evaluate as E
 from . import train as T
-from .checkpoint import LAST, load_checkpoint
 from .argtypes import Parser, non_negative_int, positive_int
+from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError, run_cli
 from .logging_utils import _clean, read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
+from .run_dir import run_files
 
 logger = logging.getLogger("nearl.compare")
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra nearl.train arguments for one method, e.g. \"alta=--multiview\" or "
                         "\"coop=--n-ctx 8\" (repeatable)")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again over an earlier comparison in --out (each run's folder is emptied first)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -140,6 +143,8 @@ def train_argv(args, method: str, seed: int, out: Path, model_name: str) -> List
         argv += ["--templates", *args.templates]
     if args.fused:
         argv.append("--fused")
+    if args.overwrite:
+        argv.append("--overwrite")
     if args.no_progress:
         argv.append("--no-progress")
     argv += args.train_args.split()
@@ -336,6 +341,21 @@ def bar_plot(report: Dict[str, Any], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- main
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def _check_earlier_runs(out: Path, methods, seeds, overwrite: bool) -> None:
+    """Refuse, before any work, to train over an earlier comparison's runs unless --overwrite (which
+    each training run then applies to its own folder)."""
+    if overwrite:
+        return
+    held = [str(run_folder(out, m, s)) for m in methods for s in seeds if run_files(run_folder(out, m, s))]
+    if held:
+        raise UserError(f"{held[0]}{f' and {len(held) - 1} more' if len(held) > 1 else ''} already hold runs of an "
+                        f"earlier comparison; pass --overwrite to run it again there, or choose another --out")
+
+
 def compare(args) -> Dict[str, Any]:
     methods, seeds = _methods(args), _seeds(args.seeds)
     unknown = sorted(set(method_args(args)) - set(methods))
@@ -352,6 +372,7 @@ def compare(args) -> Dict[str, Any]:
     model_name = args.model or E.default_model_name(args.pretrained)
     check_backbone(model_name, args.pretrained)
     out = Path(args.out)
+    _check_earlier_runs(out, methods, seeds, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     why = []
     if args.pretrained is None:
@@ -373,7 +394,7 @@ def compare(args) -> Dict[str, Any]:
             what = {"zeroshot": "no training", "linear-probe": f"fitting, {args.max_steps} L-BFGS iterations "
                     "per weight-decay candidate"}.get(method, f"training {args.max_steps} steps")
             print(f"\n=== [{i}/{total}] method {method}, seed {seed}: {what} ===", flush=True)
-            r = run_one(args, method, seed, out / "runs" / method / f"seed{seed}", model_name, device, eval_data,
+            r = run_one(args, method, seed, run_folder(out, method, seed), model_name, device, eval_data,
                         bench=seed == seeds[0])
             runs[method].append(r)
             shown = {k: r["metrics"][k] for k in SHOWN[args.task] if k in r["metrics"]}

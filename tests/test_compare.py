@@ -9,6 +9,7 @@ import pytest
 from nearl import compare as CMP
 from nearl import evaluate as E
 from nearl.checkpoint import load_checkpoint
+from nearl.errors import UserError
 from test_train import _one_thread
 
 FAST = ["--workers", "0", "--no-progress", "--device", "cpu"]
@@ -85,3 +86,14 @@ def test_mean_std_and_step_time(tmp_path):
     recs = [{"kind": "train", "step": i + 1, "samples": 8, "samples_per_s": 8 / t} for i, t in enumerate([9.0, 1.0, 3.0, 2.0])]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs + [{"kind": "val", "step": 4}]))
     assert CMP.step_time(log) == pytest.approx(2.0)  # median of 1, 3, 2: the first (warm-up) step left out
+
+
+def test_a_second_comparison_in_the_same_folder_needs_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEARL_DEMO_DIR", str(tmp_path / "demo"))
+    argv = ["--methods", "clip-adapter", "--seeds", "0", "--max-steps", "1", "--batch-size", "8",
+            "--bench-batch", "2", "--bench-iters", "1", "--out", str(tmp_path / "cmp"), *FAST]
+    CMP.main(argv)
+    with pytest.raises(UserError, match=r"seed0 already hold runs of an earlier comparison; pass --overwrite"):
+        CMP.main(argv)
+    report = CMP.main([*argv, "--overwrite"])
+    assert [r["steps"] for r in report["methods"]["clip-adapter"]["runs"]] == [1]
