@@ -79,20 +79,26 @@ def oca_via(attend: Callable, x, a, c, gate, *, orth: str = "hard"):
     return (out, cos2) if orth == "soft" else out
 
 
+def _small_terms(x, q, params):
+    """The reference's (B, M, D)-sized setup in the compute dtype (float32, float64 for float64
+    inputs): the params, q broadcast over the batch, the OCA factors A and C."""
+    cdt = reference.compute_dtype(x, q, *(v for v in params.values() if torch.is_tensor(v)))
+    p = {k: (v.to(cdt) if torch.is_tensor(v) else v) for k, v in params.items()}
+    qf = q.to(cdt)
+    if qf.dim() == 2:
+        qf = qf.unsqueeze(0).expand(x.shape[0], -1, -1)
+    a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
+    return p, qf, a, c, cdt
+
+
 def layer_via(attend: Callable, x, q, params, mask=None, *, orth: str = "hard"):
     heads = params.get("heads", 4)
     B, N, _ = x.shape
     dt = x.dtype
-    floats = [x, q, *(v for v in params.values() if torch.is_tensor(v))]
-    cdt = reference.compute_dtype(*floats)
     with torch.autocast(x.device.type, enabled=False):
-        p = {k: (v.to(cdt) if torch.is_tensor(v) else v) for k, v in params.items()}
-        qf = q.to(cdt)
-        if qf.dim() == 2:
-            qf = qf.unsqueeze(0).expand(B, -1, -1)
+        p, qf, a, c, cdt = _small_terms(x, q, params)
         M, D = qf.shape[1], qf.shape[2]
         dh = D // heads
-        a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
         x_out, cos2 = _oca_core(x, a, c, p["gate"], orth, attend)
         # Query update: M queries attend over the N adapted tokens (masked), H heads.
         xa = reference.layer_norm(x_out).to(dt)
@@ -120,15 +126,10 @@ def layer_split(x, q, params, mask=None, *, orth: str = "hard"):
     heads = params.get("heads", 4)
     B, N, d = x.shape
     dt = x.dtype
-    cdt = reference.compute_dtype(x, q, *(v for v in params.values() if torch.is_tensor(v)))
     with torch.autocast(x.device.type, enabled=False):
-        p = {k: (v.to(cdt) if torch.is_tensor(v) else v) for k, v in params.items()}
-        qf = q.to(cdt)
-        if qf.dim() == 2:
-            qf = qf.unsqueeze(0).expand(B, -1, -1)
+        p, qf, a, c, cdt = _small_terms(x, q, params)
         M, D = qf.shape[1], qf.shape[2]
         dh = D // heads
-        a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
         res = ops.oca(x, a, c, p["gate"], orth=orth, impl="triton")
         x_out, cos2 = res if orth == "soft" else (res, None)
         xa = F.layer_norm(x_out, (d,), eps=reference.LN_EPS)  # in x's dtype, float32 statistics
