@@ -48,7 +48,9 @@ def test_launchers_follow_the_tiling(monkeypatch):
     monkeypatch.setattr(runtime, "LAUNCH_HOOK", lambda kernel, grid, args, kwargs:
                         launches.append((kernel.__name__, grid, kwargs.get("BLOCK_N"))))
     B, N, d, M = 2, 300, 64, 4
-    x, a, c, gate = torch.randn(B, N, d), torch.randn(B, d, M), torch.randn(B, M, d), torch.tensor(0.5)
+    # bf16 x: the tiles of the common case (float32 x takes 16-token layer tiles: IEEE products)
+    x = torch.randn(B, N, d).to(torch.bfloat16)
+    a, c, gate = torch.randn(B, d, M), torch.randn(B, M, d), torch.tensor(0.5)
     kabs, w_v = torch.randn(B, d, 4 * M), torch.randn(d, 32)
 
     def run():
