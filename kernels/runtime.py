@@ -107,8 +107,15 @@ def empty(shape, *, device, dtype) -> torch.Tensor:
 # (constexprs, argument types and specialisations) the launchers make.
 LAUNCH_HOOK = None
 
+# Every launch names its register ceiling, the hardware's 255. Left to itself, ptxas may choose
+# fewer registers than a kernel needs (for occupancy) and spill: triton 3.8 compiled the fp32 layer
+# backward for sm_80 at 64 registers with 16 bytes of spill, and at 122 with none once a ceiling was
+# named. tests/kernel_compile_check.py compiles exactly this, and again at a lower cap for headroom.
+MAX_REGISTERS = 255
+
 
 def launch(kernel, grid, *args, **kwargs) -> None:
+    kwargs.setdefault("maxnreg", MAX_REGISTERS)
     if LAUNCH_HOOK is not None:
         LAUNCH_HOOK(kernel, grid, args, kwargs)
         return

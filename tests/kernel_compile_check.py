@@ -124,7 +124,7 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
     def hook(kernel, grid, args, kwargs):
         names = kernel.arg_names
         sig, consts, attrs = {}, {}, {}
-        opts = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
+        opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg")}
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k not in opts})
         for i, (name, param) in enumerate(zip(names, kernel.params)):
@@ -176,15 +176,16 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
 
 
 def compile_one(job):
-    (name, sig, consts, attrs, opts), cc, maxnreg = job
+    (name, sig, consts, attrs, opts), cc, cap = job  # cap: None = as launched, else a lower ceiling
     kernel = KERNELS[name]
     target = GPUTarget("cuda", cc, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options(dict(opts, maxnreg=maxnreg))
+    opts = dict(opts, maxnreg=cap or opts["maxnreg"])
+    options = backend.parse_options(opts)
     parse = getattr(backend, "parse_attr", lambda v: [["tt.divisibility", 16]] if "D" in v else [])
     attrs = {(i,): parse(v) for i, v in attrs.items()}
     row = {"cc": cc, "kernel": name, **{k: (v if isinstance(v, (int, str)) else str(v))
-                                         for k, v in consts.items() if k.isupper()}, **opts, "maxnreg": maxnreg}
+                                         for k, v in consts.items() if k.isupper()}, **opts}
     log = io.StringIO()
     t0 = time.time()
     try:
@@ -213,9 +214,9 @@ def compile_one(job):
     return row
 
 
-# Register headroom. ptxas may use up to 255 registers per thread at these block sizes (8 warps:
-# 65536 / 256 threads), and it tends to use what it is given, so the register count of a plain
-# compile says little about how close a kernel is to spilling. Each launch is therefore compiled
+# Register headroom. Every launch names a ceiling of 255 registers per thread (the hardware's;
+# kernels.runtime.MAX_REGISTERS), and ptxas tends to use what it is given, so the register count of
+# a compile says little about how close a kernel is to spilling. Each launch is therefore compiled
 # twice: as the launcher makes it (it must not spill a byte), and with ptxas capped at REG_BUDGET
 # registers (it must not spill there either). A configuration that fits in 224 registers keeps 31
 # (12%) in reserve for the next ptxas: triton 3.6 -> 3.8 moved two configurations by 8 to 56 bytes
