@@ -421,8 +421,8 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     BLOCK_M = 64) at 8 warps. Smaller tiles where registers ran out: tf32x3 with BLOCK_M >= 32
     (three products per dot on hi/lo operands), and sm_80, whose MMA keeps a copy of the second
     operand in every warp. tf32x3 takes 16-token tiles in the column kernel (16 columns a program
-    at BLOCK_M = 64, 32 at 32) and 16-column chunks in the rows kernel on sm_80; BLOCK_M = 64 with
-    tf32x3 takes 32-token forward tiles and 16-token, 4-warp rows tiles.
+    at BLOCK_M >= 32) and 16-column chunks in the rows kernel (on sm_80, or at BLOCK_M >= 32);
+    BLOCK_M = 64 with tf32x3 takes 32-token forward tiles and 16-token, 4-warp rows tiles.
     Headroom: every configuration must compile without a spill with ptxas capped at 224 registers
     (tests/kernel_compile_check.py, REG_BUDGET), though it runs with 255 available: triton 3.8's
     ptxas spilled two configurations that 3.6's fitted at 255, so a tile that only just fits is a
@@ -458,14 +458,14 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
         rows_bn, rows_warps = 64, 4
     cols_bn = 16 if (x3 or BM == 64) else 32
     if heavy:
-        cols_bd = 16 if BM == 64 else 32
+        cols_bd = 16
     elif BM == 64:
         cols_bd = 32 if cc < 90 else 64
     else:
         cols_bd = 64 if (cc < 90 and x3) else 128
     cols_bd = min(cols_bd, max(16, _pow2(d)))
     cols_warps = 4 if (_pow2(d) <= 32 and BM <= 16) else 8  # d <= 32: a tiny tile
-    rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or (heavy and BM == 64)) else 32)
+    rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy) else 32)
     chunks = triton.cdiv(d, cols_bd)
     splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
