@@ -5,7 +5,7 @@ distinct launch with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
 in a subprocess because under TRITON_INTERPRET=1 (set by conftest.py without a GPU) the kernels
 are interpreter objects. Default: the covering set (every value of every constexpr, both dot
 precisions, every orth mode, the heaviest tiles); NEARL_COMPILE_ALL=1 compiles every
-configuration the launchers can choose (about 1,580 compiles with both caps, 20-40 minutes on 2
+configuration the launchers can choose (1,356 compiles with both caps, 28-34 minutes on 2
 cores; the default set is 212, a few minutes).
 
 A launch fails the test when it does not compile, when its shared memory exceeds the target's
