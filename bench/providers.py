@@ -102,15 +102,12 @@ def layer_via(attend: Callable, x, q, params, mask=None, *, orth: str = "hard"):
         x_out, cos2 = _oca_core(x, a, c, p["gate"], orth, attend)
         # Query update: M queries attend over the N adapted tokens (masked), H heads.
         xa = reference.layer_norm(x_out).to(dt)
-        qn = F.layer_norm(qf, (D,), p["ln_q_weight"], p["ln_q_bias"], eps=reference.LN_EPS)
-        qh = (qn @ p["w_q"]).view(B, M, heads, dh).transpose(1, 2).to(dt)
+        qh = (reference.layer_norm_q(qf, p) @ p["w_q"]).view(B, M, heads, dh).transpose(1, 2).to(dt)
         kh = (xa @ params["w_k"].to(dt)).view(B, N, heads, dh).transpose(1, 2)
         vh = (xa @ params["w_v"].to(dt)).view(B, N, heads, dh).transpose(1, 2)
         m = mask[:, None, None, :] if mask is not None else None
         u = attend(qh, kh, vh, m, 1.0 / math.sqrt(dh)).transpose(1, 2).reshape(B, M, D).to(cdt)
-        qo = qf + u @ p["w_o"]
-        h = F.layer_norm(qo, (D,), p["ln_f_weight"], p["ln_f_bias"], eps=reference.LN_EPS)
-        qo = qo + F.gelu(h @ p["mlp_w1"] + p["mlp_b1"]) @ p["mlp_w2"] + p["mlp_b2"]
+        qo = reference.query_tail(qf, u, p)
     out = (x_out.to(dt), qo.to(q.dtype))
     return out + (cos2,) if orth == "soft" else out
 
