@@ -52,20 +52,19 @@ DEFINITIONS = [
 @contextlib.contextmanager
 def environ(**values: Optional[str]):
     """Set (None: unset) environment variables for the duration, then restore them."""
+    def put(settings):
+        for k, v in settings.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(saved)
 
 
 # ------------------------------------------------------------------------------------------- tiling
