@@ -99,18 +99,40 @@ def plan(dry_run: bool) -> List[Step]:
 
 
 # ------------------------------------------------------------------------------ running one step
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: an orphan reparented to a
+    container's PID 1 that never reaps stays a zombie for good."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():  # not Linux: kill(0) is the best there is
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc_root.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
 def stop(proc: subprocess.Popen) -> None:
-    """End the step's process group (the step may have started compiler workers of its own)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    """End the step's whole process group (the step may have started compiler workers of its own)
+    and return only once none of it runs: the leader can exit before its children have died."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             break
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not group_alive(proc.pid):
+                return
+            time.sleep(0.05)
+    proc.poll()
 
 
 def run_command(cmd: List[str], env: Dict[str, str], timeout: float, log_path: Path) -> Tuple[Optional[int], bool]:

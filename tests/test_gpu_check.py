@@ -90,9 +90,15 @@ def test_lazy_names_still_import():
 
 
 # ------------------------------------------------------------------------------------ the budget
+# A child that takes a second to die after SIGTERM, as a compiler worker cleaning up might.
+SLOW_TO_DIE = ("import signal, sys, time; "
+               "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), sys.exit(0))); time.sleep(60)")
+
+
 def sleeper(name, seconds, share=1.0, min_s=1.0, pid_file=None):
-    """A step whose command sleeps (and, with pid_file, leaves a sleeping child of its own)."""
-    child = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    """A step whose command sleeps (and, with pid_file, leaves a child of its own, slow to die)."""
+    child = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {SLOW_TO_DIE!r}]); "
+             "time.sleep(0.5); "  # its handler is in place before the step can be stopped
              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); ") if pid_file else ""
     return gpu_check.Step(name, f"sleep {seconds}", "bench", [child + f"import time; time.sleep({seconds})"],
                           share=share, min_s=min_s)
@@ -122,7 +128,7 @@ def test_budget_stops_a_step_and_skips_the_rest(tmp_path, monkeypatch):
     assert [r["status"] for r in records] == ["ok", "timed out", "skipped"]
     assert "the budget ran out" in records[1]["reason"]
     assert records[2]["reason"].startswith("budget: ") and "needs at least 3 s" in records[2]["reason"]
-    assert not alive(int(pid_file.read_text()))  # the step's own child went with it
+    assert not alive(int(pid_file.read_text()))  # the step's own child went with it, before run() returned
     for name in ("quick", "hang", "later"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["step"] == name
 
