@@ -32,9 +32,16 @@ MAX_FUSED_HM = 64
 MAX_FUSED_D = 128
 
 
-def fused_supported(hm: int, D: int) -> bool:
-    """True when the fused layer kernels take H*M = `hm` query rows of width `D` without spilling."""
-    return hm <= MAX_FUSED_HM and D <= MAX_FUSED_D
+def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None) -> bool:
+    """True when the fused layer kernels take H*M = `hm` query rows of width `D` in x's `dtype` on
+    `device` (its tiling) without spilling. float32 on sm_80 (IEEE products without tensor cores)
+    spills in the forward whatever the tiles."""
+    if hm > MAX_FUSED_HM or D > MAX_FUSED_D:
+        return False
+    if dtype == torch.float32 and device is not None:
+        gpu_tiles, _, cc = runtime.tiling(device)
+        return not (gpu_tiles and cc < 90)
+    return True
 
 
 @dataclass(frozen=True)
@@ -58,21 +65,24 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
       two >= 16 and masked.
     - Registers decide the rest (measured with ptxas through tests/kernel_compile_check.py, sm_80
-      and sm_90, triton 3.6 and 3.8): the running accumulator (H*M x D), the score and value
-      tiles (BLOCK_N x H*M, BLOCK_N x D) and the backward's dS and P live across a tile's passes.
-      With 8 warps, BLOCK_C = 32 columns a chunk and one pipeline stage, H*M <= 64 and D <= 128
-      (M = 16 at 4 heads, the default) fit: BLOCK_N = 32 in the forward on sm_90 (16 on sm_80,
-      whose MMA keeps the second operand in every warp), 16 in the backward (which holds dS, P
-      and the dLN row sums as well). IEEE float32 products (no tensor cores)
-      need more: 16 tokens and 16-column chunks in both kernels. Two stages or 4 warps spill; 16
-      warps cap registers at 128 and spill more. Larger H*M or D never reach these kernels
-      (`fused_supported`: the split path).
+      and sm_90, triton 3.6 and 3.8), with 8 warps and one pipeline stage; H*M <= 64 and D <= 128
+      (`fused_supported`: larger query banks take the split path).
+      Forward: pass 1 keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
+      across the column loop, next to the (H*M x D) attention state and the (M x H*M), (M x D)
+      per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits at BLOCK_M = 16 on sm_90
+      and sm_80 (32-column chunks, or 64 tokens, spill hundreds of bytes); BLOCK_M >= 32 and IEEE
+      float32 products (no tensor cores: operands in registers) take 16 tokens. float32 on sm_80
+      spills even there and takes the split path (`fused_supported`).
+      Backward: 16 tokens, 32-column chunks (16 with IEEE products): it holds dS, P and the
+      dLN row sums as well. 16 warps would cap registers at 128 (the register file is 64K per
+      SM): the compile check rejects any launch whose registers x threads exceed it.
     - Headroom: every configuration compiles without a spill with ptxas capped at 224 of the 255
       registers it may use (REG_BUDGET in the compile check): triton 3.8 tipped a configuration
       that fitted at 255 under 3.6 into an 8-byte spill, so fitting with nothing to spare is
       treated as a failure.
-    - Splits: enough programs to fill the GPU about twice (split-KV style), never more than the
-      tiles of a sample.
+    - Splits: the backward takes enough programs to fill the GPU about twice (split-KV style), the
+      forward once (a program holds the registers of a whole SM, and each split adds a partial
+      attention state to combine); never more than the tiles of a sample.
     - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
       most two splits, which still exercises the combine.
     - Precision: float32 inputs get IEEE float32 products (TF32 would break the 1e-4 promise);
@@ -90,11 +100,12 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         splits = min(2, n_tiles)
     else:
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
-        # sm_80's MMA keeps a copy of the second operand in every warp: 16 tokens there as well
-        block_n = 16 if (backward or ieee or cc < 90) else 32
-        block_c = 16 if ieee else 32  # d < 32 too: a half-masked chunk (16 spilled on triton 3.6)
+        if backward:
+            block_n, block_c = 16, (16 if ieee else 32)  # d < 32 too: a half-masked chunk (16 spilled on 3.6)
+        else:
+            block_n, block_c = (16 if (ieee or block_m >= 32) else 32), 16
         n_tiles = triton.cdiv(N, block_n)
-        splits = max(1, min(n_tiles, triton.cdiv(2 * n_sm, B)))
+        splits = max(1, min(n_tiles, triton.cdiv((2 if backward else 1) * n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
@@ -115,9 +126,13 @@ def _mask_arg(mask, x):
     return mask.to(torch.int8).contiguous(), True
 
 
-def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
+def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth: str):
     """x_out (B, N, d) in x's dtype, cos2 (B, N) float32 or None, and the combined query attention
-    U_all (B, HM, D) float32 with its log-sum-exp (B, HM)."""
+    U_all (B, HM, D) float32 with its log-sum-exp (B, HM). C enters as its centred rows
+    cc (B, M, d) and their means cbar (B, M): C = cc + cbar[..., None]. kabs (B, d, HM) and w_v
+    (d, D) may be strided views. ck = cc @ kabs (B, M, HM), cv = cc @ w_v (B, M, D) and
+    gc = cc @ cc^T (B, M, M) are the products the kernel's algebra needs besides the tokens'
+    (`small_products`, or cheaper from the weights: `layer_operands`)."""
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
     cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
@@ -129,8 +144,9 @@ def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
     acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
     runtime.launch(K.layer_fwd_kernel, (cfg.splits, B),
-        x, *x.stride(), a, *a.stride(), c, *c.stride(),
-        gate, kabs, w_v, mask_arg,
+        x, *x.stride(), a, *a.stride(), cc, *cc.stride(),
+        cbar.contiguous(), gate, kabs, *kabs.stride(), w_v, *w_v.stride(),
+        ck.contiguous(), cv.contiguous(), gc.contiguous(), mask_arg,
         out, cos2, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
         reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
@@ -139,6 +155,9 @@ def layer_fwd(x, a, c, gate, kabs, w_v, mask, orth: str):
         BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.splits == 1:  # nothing to combine
+        l_tot = l_part[:, 0]
+        return out, (cos2 if orth == "soft" else None), acc_part[:, 0] / l_tot[..., None], m_part[:, 0] + torch.log(l_tot)
     # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
     m_max = m_part.max(dim=1).values
     w = torch.exp(m_part - m_max[:, None])
@@ -162,7 +181,7 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
     mask_arg, has_mask = _mask_arg(mask, x)
     runtime.launch(K.layer_bwd_query_kernel, (cfg.splits, B),
         x, *x.stride(), a, *a.stride(), c, *c.stride(),
-        gate, kabs, d_o, lse, dq_delta, mask_arg,
+        gate, kabs, *kabs.stride(), d_o, lse, dq_delta, mask_arg,
         dout, *dout.stride(),
         g, dk_part, ob_part,
         N, d, M, HM, cfg.tiles_per_split, cfg.splits,
@@ -181,17 +200,18 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
 # without a graph break; register_autograd ties the two together. Eager calls take the
 # autograd.Function below; both run the same launchers and layer_tokens_backward.
 @torch.library.custom_op("nearl::layer_tokens_fwd", mutates_args=())
-def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor,
-                     w_v: torch.Tensor, mask: Optional[torch.Tensor], orth: str
+def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
+                     kabs: torch.Tensor, w_v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, gc: torch.Tensor,
+                     mask: Optional[torch.Tensor], orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cos2, u_all, lse = layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+    out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
     if cos2 is None:  # fixed arity: an empty placeholder unless orth="soft"
         cos2 = x.new_empty((0,), dtype=torch.float32)
     return out, cos2, u_all, lse
 
 
 @layer_tokens_fwd.register_fake
-def _(x, a, c, gate, kabs, w_v, mask, orth):
+def _(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
     B, N, _ = x.shape
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -199,42 +219,45 @@ def _(x, a, c, gate, kabs, w_v, mask, orth):
             x.new_empty((B, kabs.shape[2], w_v.shape[1]), **f32), x.new_empty((B, kabs.shape[2]), **f32))
 
 
-def layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth):
-    """Gradients of (x, a, c, gate, kabs, w_v): the query-attention backward kernel gives
+def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth):
+    """Gradients of (x, a, cc, cbar, gate, kabs, w_v): the query-attention backward kernel gives
     G = dL/dx_out, then the OCA backward kernels take G as their upstream."""
     dout = torch.zeros_like(x) if dout is None else dout
     du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
+    c = (cc + cbar[..., None]).contiguous()
     g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all)
     dx, da, dc, dgate = oca_bwd(g, dcos2 if orth == "soft" else None, x, a, c, gate, orth)
-    return (dx.to(x.dtype), da.to(a.dtype), dc.to(c.dtype), dgate.to(gate.dtype),
+    return (dx.to(x.dtype), da.to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype), dgate.to(gate.dtype),
             dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
 
 
 @torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
 def layer_tokens_bwd(dout: Optional[torch.Tensor], dcos2: Optional[torch.Tensor], du_all: Optional[torch.Tensor],
-                     x: torch.Tensor,
-                     a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor,
-                     mask: Optional[torch.Tensor], u_all: torch.Tensor, lse: torch.Tensor, orth: str
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth)
+                     x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
+                     kabs: torch.Tensor, w_v: torch.Tensor, mask: Optional[torch.Tensor], u_all: torch.Tensor,
+                     lse: torch.Tensor, orth: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    return layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth)
 
 
 @layer_tokens_bwd.register_fake
-def _(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, orth):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, a, c, gate, kabs, w_v))
+def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (x, a, cc, cbar, gate, kabs, w_v))
 
 
 def _setup_context(ctx, inputs, output):
-    x, a, c, gate, kabs, w_v, mask, orth = inputs
+    x, a, cc, cbar, gate, kabs, w_v, _ck, _cv, _gc, mask, orth = inputs
     _, _, u_all, lse = output
-    ctx.save_for_backward(x, a, c, gate, kabs, w_v, mask, u_all, lse)
+    ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
     ctx.orth = orth
 
 
 def _backward(ctx, dout, dcos2, du_all, _dlse):
-    x, a, c, gate, kabs, w_v, mask, u_all, lse = ctx.saved_tensors
-    grads = layer_tokens_bwd(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, ctx.orth)
-    return (*grads, None, None)
+    saved = ctx.saved_tensors
+    grads = layer_tokens_bwd(dout, dcos2, du_all, *saved, ctx.orth)
+    return (*grads, None, None, None, None, None)  # ck, cv, gc: detached helpers (see layer_operands)
 
 
 layer_tokens_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -244,35 +267,73 @@ class _LayerTokensFunction(torch.autograd.Function):
     """The eager path: the same launchers without the custom-op dispatch cost (as kernels/oca.py)."""
 
     @staticmethod
-    def forward(ctx, x, a, c, gate, kabs, w_v, mask, orth):
-        out, cos2, u_all, lse = layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
-        ctx.save_for_backward(x, a, c, gate, kabs, w_v, mask, u_all, lse)
+    def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
+        out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+        ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
         ctx.orth = orth
         ctx.mark_non_differentiable(lse)
         return out, (x.new_empty((0,), dtype=torch.float32) if cos2 is None else cos2), u_all, lse
 
     @staticmethod
     def backward(ctx, dout, dcos2, du_all, _dlse):
-        x, a, c, gate, kabs, w_v, mask, u_all, lse = ctx.saved_tensors
-        return (*layer_tokens_backward(dout, dcos2, du_all, x, a, c, gate, kabs, w_v, mask, u_all, lse, ctx.orth),
-                None, None)
+        return (*layer_tokens_backward(dout, dcos2, du_all, *ctx.saved_tensors, ctx.orth), None, None, None, None, None)
 
 
-def layer_tokens(x, a, c, gate, kabs, w_v, mask, orth):
+def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
     """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
-    fake and autograd rules), the autograd.Function in eager mode."""
+    fake and autograd rules), the autograd.Function in eager mode. ck, cv, gc get no gradient:
+    the backward differentiates through cc, kabs and w_v directly."""
     if torch.compiler.is_compiling():
-        return layer_tokens_fwd(x, a, c, gate, kabs, w_v, mask, orth)
-    return _LayerTokensFunction.apply(x, a, c, gate, kabs, w_v, mask, orth)
+        return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+    return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+
+
+def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H*M, D): row h*M + m keeps only head h's columns of Qh[m], scaled by 1/sqrt(dh), so
+    that K @ block_queries^T gives every head's scores in one product."""
+    B, M, D = qh.shape
+    dh = D // heads
+    heads_eye = torch.eye(heads, dtype=qh.dtype, device=qh.device) / math.sqrt(dh)
+    return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
 
 
 def absorbed_keys(qh: torch.Tensor, w_k: torch.Tensor, heads: int) -> torch.Tensor:
     """KABS (B, d, H*M): column h*M + m is W_k[:, head h] @ Qh[m, head h] / sqrt(dh), so that
-    LN(x_out) @ KABS gives every head's scores in one product."""
-    B, M, D = qh.shape
-    dh = D // heads
-    kabs = torch.einsum("dhe,bmhe->bdhm", w_k.view(-1, heads, dh), qh.view(B, M, heads, dh))
-    return (kabs / math.sqrt(dh)).reshape(B, -1, heads * M)
+    LN(x_out) @ KABS gives every head's scores in one product. Returned as the transposed view of
+    a contiguous (B, H*M, d) product: one matrix multiplication writes it, no copy (the kernels
+    take strides)."""
+    return (block_queries(qh, heads) @ w_k.t()).transpose(1, 2)
+
+
+def small_products(cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor):
+    """(cc @ kabs, cc @ w_v, cc @ cc^T): the per-sample (M, *) products `layer_fwd` needs,
+    computed from the batch-sized factors (tests and tools; the layer forms them from weights)."""
+    return cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2)
+
+
+def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int):
+    """Everything the fused kernels take besides x and the mask: (a, cc, cbar, gate, kabs, w_v, ck, cv, gc).
+
+    A as in `reference.oca_factors`; C = Vq W_up as its centred rows cc = Vq (W_up - rowmean) and
+    their means cbar = Vq rowmean(W_up) (centring the weight centres C: a weight-sized op). The
+    products of Cc with KABS, W_v and itself factor through the (r x ...) weights, so none of them
+    reads a batch-sized tensor: Cc KABS = Vq (W_upc W_k) Qb^T, Cc W_v = Vq (W_upc W_v),
+    Cc Cc^T = Vq (W_upc W_upc^T) Vq^T. They are formed without gradient: the backward
+    differentiates through cc, kabs and w_v."""
+    r = p["w_down"].shape[1]
+    # A^T = Kq (W_down / sqrt(r))^T: one (B*M, r) x (r, d) product writes it, scaled on the weight
+    a = ((qf @ p["w_ok"]) @ (p["w_down"] / math.sqrt(r)).t()).transpose(1, 2)
+    up_mean = p["w_up"].mean(dim=1)
+    w_upc = p["w_up"] - up_mean[:, None]
+    vq = qf @ p["w_ov"]
+    qh = reference.layer_norm_q(qf, p) @ p["w_q"]
+    qb = block_queries(qh, heads)
+    kabs = (qb @ p["w_k"].t()).transpose(1, 2)
+    with torch.no_grad():
+        ck = (vq @ (w_upc @ p["w_k"])) @ qb.transpose(1, 2)
+        cv = vq @ (w_upc @ p["w_v"])
+        gc = vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2)
+    return a, vq @ w_upc, vq @ up_mean, p["gate"], kabs, p["w_v"], ck, cv, gc
 
 
 def head_diagonal(u_all: torch.Tensor, heads: int) -> torch.Tensor:
@@ -299,12 +360,10 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         qf = q.float()
         if qf.dim() == 2:
             qf = qf.unsqueeze(0).expand(B, -1, -1)
-        a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
-        if not fused_supported(heads * q.shape[-2], q.shape[-1]):
+        if not fused_supported(heads * q.shape[-2], q.shape[-1], x.dtype, x.device):
+            a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
             return _split_layer(x, q, qf, a, c, p, mask, orth, heads)
-        qh = reference.layer_norm_q(qf, p) @ p["w_q"]
-        kabs = absorbed_keys(qh, p["w_k"], heads).contiguous()
-        x_out, cos2, u_all, _ = layer_tokens(x, a, c, p["gate"], kabs, p["w_v"].contiguous(), mask, orth)
+        x_out, cos2, u_all, _ = layer_tokens(x, *layer_operands(qf, p, heads), mask, orth)
         q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
     return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)
 

@@ -134,9 +134,9 @@ def _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_
 
 
 @triton.jit
-def _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC: tl.constexpr):
+def _dxa_chunk(ds, pq, kabs_base, skd, skh, do_base, d, cols, offs_hm, col_ok, hm_ok, PREC: tl.constexpr):
     """dL/dLN(x_out) on one chunk: through the keys (dS KABS^T) and the values (P DO)."""
-    kabs_c = load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok)
+    kabs_c = load_tile(kabs_base, skd, skh, cols, offs_hm, col_ok, hm_ok)
     do_c = load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok)
     return tl.dot(ds, tl.trans(kabs_c), input_precision=PREC) + tl.dot(pq, tl.trans(do_c), input_precision=PREC)
 
@@ -145,8 +145,11 @@ def _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, 
 def layer_fwd_kernel(
     X, sxb, sxn, sxd,
     A, sab, sad, sam,
-    C, scb, scm, scd,
-    GATE, KABS, WV, MASK,
+    CC, scb, scm, scd,
+    CBAR, GATE,
+    KABS, skb, skd, skh,
+    WV, swd, swe,
+    CK, CV, GC, MASK,
     OUT, COS2, M_PART, L_PART, ACC_PART,
     N, d, M, HM, D, tiles_per_split, n_splits,
     ln_eps, orth_eps, cos2_eps,
@@ -155,7 +158,23 @@ def layer_fwd_kernel(
     BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
 ):
     """x_out (written once) and, per (sample, split), the online-softmax state of the query
-    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D)."""
+    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D).
+
+    Two passes over a tile's columns. Pass 1 multiplies the (shifted) tokens with every matrix
+    the layer needs, A, Cc^T, KABS and W_v, and sums the LayerNorm statistics; everything else
+    follows from M-, HM- and D-sized terms (C = Cc + cbar 1^T with centred rows Cc, a the
+    coefficient of x in x_out, 1 - g k for the hard projection, else 1):
+      S      = rstd (x - mean) A
+      x_out  = a x + g (P Cc + P.cbar)                (pass 2 writes it)
+      x_out - mean2 = a (x - mean) + g P Cc,  mean2 = a mean + g P.cbar
+      d var2 = a^2 m2 + 2 a g P.((x - mean) Cc^T) + g^2 P (Cc Cc^T) P^T
+      LN(x_out) [KABS | W_v] = rstd2 (a (x - mean) [KABS | W_v] + g P (Cc [KABS | W_v]))
+    so LN(x_out) is never formed. The products use x minus its first chunk's mean (a shift of
+    about one standard deviation from the row mean), so (x - mean) M = (x - s) M - (mean - s) 1^T M
+    does not cancel when a row's mean is large against its spread (residual streams). The column
+    sums 1^T M come from the same chunks in the same loop (no extra read, and consistent with
+    the products); Cc Cc^T, Cc KABS and Cc W_v are per-sample inputs (M x M, M x HM, M x D).
+    """
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -168,8 +187,14 @@ def layer_fwd_kernel(
     dq_ok = offs_dq < D
     gate = tl.load(GATE).to(tl.float32)
     a_base = A + b * sab
-    c_base = C + b * scb
-    kabs_base = KABS + b * d * HM
+    cc_base = CC + b * scb
+    kabs_base = KABS + b * skb
+    cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
+    # Cc Cc^T, Cc KABS and Cc W_v (per sample, float32, contiguous), read once per program
+    mm_ok = m_ok[:, None] & m_ok[None, :]
+    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
+    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :], other=0.0)
+    cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :], other=0.0)
     m_run = tl.full([BLOCK_HM], -1e30, dtype=tl.float32)  # finite: a fully masked tile adds exp(-inf) = 0
     l_run = tl.zeros([BLOCK_HM], dtype=tl.float32)
     acc = tl.zeros([BLOCK_HM, BLOCK_D], dtype=tl.float32)
@@ -178,30 +203,65 @@ def layer_fwd_kernel(
         rows = tile * BLOCK_N + offs_n
         row_ok = rows < N
         x_rows = X + b * sxb + rows.to(tl.int64) * sxn
-        out_rows = OUT + (b * N + rows.to(tl.int64)) * d
-        p, coef, cos2 = _oca_tile(x_rows, sxd, row_ok, a_base, sad, sam, c_base, scm, scd, d, M,
-                                  ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+        # the shift: each row's mean over the first chunk
+        first = offs_c < d
+        shift = tl.sum(_load_chunk(x_rows, sxd, offs_c, row_ok, first), 1) / tl.minimum(d, BLOCK_C).to(tl.float32)
+        # pass 1: every product with the tokens, and the statistics
+        s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+        xv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        cola = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ksum = tl.zeros([BLOCK_HM], dtype=tl.float32)
+        vsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            xs = tl.where(col_ok[None, :], _load_chunk(x_rows, sxd, cols, row_ok, col_ok) - shift[:, None], 0.0)
+            s1 += tl.sum(xs, 1)
+            s2 += tl.sum(xs * xs, 1)
+            a_c = load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
+            cct_c = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
+            k_c = load_tile(kabs_base, skd, skh, cols, offs_hm, col_ok, hm_ok)
+            v_c = load_tile(WV, swd, swe, cols, offs_dq, col_ok, dq_ok)
+            xa = tl.dot(xs, a_c, xa, input_precision=PREC)
+            xcc = tl.dot(xs, cct_c, xcc, input_precision=PREC)
+            xk = tl.dot(xs, k_c, xk, input_precision=PREC)
+            xv = tl.dot(xs, v_c, xv, input_precision=PREC)
+            cola += tl.sum(a_c, 0)
+            ksum += tl.sum(k_c, 0)
+            vsum += tl.sum(v_c, 0)
+        dm = s1 / d  # mean - shift
+        mean = shift + dm
+        m2 = tl.maximum(s2 - s1 * dm, 0.0)  # sum of (x - mean)^2
+        xx = s2 + shift * (2.0 * s1 + d * shift)  # sum of x^2
+        rstd = 1.0 / tl.sqrt(m2 / d + ln_eps)
+        # OCA: probabilities, the projection, x_out's coefficients
+        scores = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
+        scores = tl.where(m_ok[None, :], scores, float("-inf"))
+        p = tl.exp(scores - tl.max(scores, 1)[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+        pc = tl.sum(p * cbar[None, :], 1)  # P.cbar
+        # rows of Cc sum to 0, so x Cc^T = (x - mean) Cc^T = (x - shift) Cc^T = xcc
+        dot = tl.sum(p * xcc, 1) + d * mean * pc  # <Delta, x> = P.(x Cc^T) + sum(x) P.cbar
+        pgp = tl.sum(p * tl.dot(p, gc, input_precision=PREC), 1)  # |P Cc|^2
+        if ORTH == 0:
+            coef = 1.0 - gate * dot / (xx + orth_eps)
+        else:
+            coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
         if ORTH == 1:
-            tl.store(COS2 + b * N + rows, cos2, mask=row_ok)
-        # x_out: the only write of a (B, N, d) tensor.
-        for c0 in range(0, d, BLOCK_C):
-            cols = c0 + offs_c
-            col_ok = cols < d
-            oc = _out_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef, PREC)
-            tl.store(out_rows[:, None] + cols[None, :], cast_out(oc, OUT.dtype.element_ty, ROUND_BY_HAND),
-                     mask=row_ok[:, None] & col_ok[None, :])
-        mean2, rstd2 = _out_stats(x_rows, sxd, row_ok, p, c_base, scm, scd, gate, coef, d, M, ln_eps,
-                                  BLOCK_N, BLOCK_C, BLOCK_M, PREC)
-        # Query scores (all heads at once) and values from LN(x_out), chunk by chunk.
-        s = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
-        v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, d, BLOCK_C):
-            cols = c0 + offs_c
-            col_ok = cols < d
-            xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
-                           mean2, rstd2, PREC)
-            s += tl.dot(xa, load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
-            v += tl.dot(xa, load_tile(WV, D, 1, cols, offs_dq, col_ok, dq_ok), input_precision=PREC)
+            dd = pgp + d * pc * pc  # |Delta|^2 (the centred and the constant part are orthogonal)
+            tl.store(COS2 + b * N + rows, dot * dot / (dd * xx + cos2_eps), mask=row_ok)
+        mean2 = coef * mean + gate * pc
+        var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
+        rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
+        # the query attention on LN(x_out), from the products
+        s = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :])
+                              + gate * tl.dot(p, ck, input_precision=PREC))
+        v = rstd2[:, None] * (coef[:, None] * (xv - dm[:, None] * vsum[None, :])
+                              + gate * tl.dot(p, cv, input_precision=PREC))
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
@@ -212,6 +272,16 @@ def layer_fwd_kernel(
         l_run = l_run * alpha + tl.sum(pq, 0)
         acc = acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
         m_run = m_new
+        # pass 2: x_out, the only write of a (B, N, d) tensor
+        out_rows = OUT + (b * N + rows.to(tl.int64)) * d
+        for c0 in range(0, d, BLOCK_C):
+            cols = c0 + offs_c
+            col_ok = cols < d
+            xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+            delta = tl.dot(p, load_tile(cc_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+            oc = coef[:, None] * xc + gate * (delta + pc[:, None])
+            tl.store(out_rows[:, None] + cols[None, :], cast_out(oc, OUT.dtype.element_ty, ROUND_BY_HAND),
+                     mask=row_ok[:, None] & col_ok[None, :])
     state = (b * n_splits + split) * HM
     tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
     tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)
@@ -223,7 +293,7 @@ def layer_bwd_query_kernel(
     X, sxb, sxn, sxd,
     A, sab, sad, sam,
     C, scb, scm, scd,
-    GATE, KABS, DO, LSE, DELTA, MASK,
+    GATE, KABS, skb, skd, skh, DO, LSE, DELTA, MASK,
     DOUT, sgb, sgn, sgd,
     G, DK_PART, OB_PART,
     N, d, M, HM, tiles_per_split, n_splits,
@@ -249,7 +319,7 @@ def layer_bwd_query_kernel(
     gate = tl.load(GATE).to(tl.float32)
     a_base = A + b * sab
     c_base = C + b * scb
-    kabs_base = KABS + b * d * HM
+    kabs_base = KABS + b * skb
     do_base = DO + b * HM * d
     lse = tl.load(LSE + b * HM + offs_hm, mask=hm_ok, other=0.0)
     dq_delta = tl.load(DELTA + b * HM + offs_hm, mask=hm_ok, other=0.0)
@@ -275,7 +345,7 @@ def layer_bwd_query_kernel(
             col_ok = cols < d
             xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
                            mean2, rstd2, PREC)
-            s += tl.dot(xa, load_tile(kabs_base, HM, 1, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
+            s += tl.dot(xa, load_tile(kabs_base, skd, skh, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
             dp += tl.dot(xa, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), input_precision=PREC)
         valid = row_ok
         if HAS_MASK:
@@ -290,7 +360,7 @@ def layer_bwd_query_kernel(
             col_ok = cols < d
             xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
                            mean2, rstd2, PREC)
-            dxa = _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC)
+            dxa = _dxa_chunk(ds, pq, kabs_base, skd, skh, do_base, d, cols, offs_hm, col_ok, hm_ok, PREC)
             sum_g += tl.sum(dxa, 1)
             sum_gx += tl.sum(dxa * xa, 1)
             pmask = col_ok[:, None] & hm_ok[None, :]
@@ -306,7 +376,7 @@ def layer_bwd_query_kernel(
             col_ok = cols < d
             xa = _xa_chunk(x_rows, sxd, cols, row_ok, col_ok, p, c_base, scm, scd, offs_m, m_ok, gate, coef,
                            mean2, rstd2, PREC)
-            dxa = _dxa_chunk(ds, pq, kabs_base, do_base, d, HM, cols, offs_hm, col_ok, hm_ok, PREC)
+            dxa = _dxa_chunk(ds, pq, kabs_base, skd, skh, do_base, d, cols, offs_hm, col_ok, hm_ok, PREC)
             g = _load_chunk(dout_rows, sgd, cols, row_ok, col_ok)
             g += rstd2[:, None] * (dxa - mean_g[:, None] - xa * mean_gx[:, None])
             tl.store(g_rows[:, None] + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])

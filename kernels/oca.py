@@ -7,15 +7,16 @@ Layers, from the bottom up:
 1. `@triton.jit` kernels. No kernel holds a whole row in registers: rows are streamed in
    BLOCK_DC-column chunks, so registers do not grow with d and any d (multiple of 16 or not) works.
    - `_oca_fwd_kernel`, grid (token tiles, B). A program owns BLOCK_N tokens of one sample and
-     makes three passes over their columns: LayerNorm statistics (chunk-wise, merged with Chan's
-     formula); the scores S = LN(x) @ A and x @ C^T (tl.dot, accumulated over chunks; M padded to
-     BLOCK_M >= 16, masked to -inf before the softmax); then Delta = P @ C, the projection (hard:
-     <Delta, x> = rowsum(P * xC) is known before the pass; soft: |Delta|^2 accumulated in it) and
-     out = x + gate * update, written chunk by chunk. HBM traffic: one read of x (the second and
-     third passes re-read a tile that is still in L1/L2), one write of out.
+     makes two passes over their columns: `_one_pass` sums the LayerNorm statistics and the
+     products (x - s) @ A and (x - s) @ C^T of the row shifted by its first chunk's mean, from
+     which S = LN(x) @ A = rstd ((x - s) A - (mean - s) 1^T A) and x @ C^T follow (tl.dot,
+     accumulated over chunks; M padded to BLOCK_M >= 16, masked to -inf before the softmax); then
+     Delta = P @ C, the projection (hard: <Delta, x> = rowsum(P * xC) is known before the pass;
+     soft: |Delta|^2 accumulated in it) and out = x + gate * update, written chunk by chunk.
+     Requested: two reads of x (the second meant to hit L1/L2), one write of out.
    - `_oca_bwd_rows_kernel`, grid (token tiles, B): recomputes the forward's row quantities from
      x (saved tensors are the inputs only: no (B, N, M) or (B, N, d) intermediate is kept by the
-     forward) in two passes, reduces every row-level backward quantity to M-sized products (see
+     forward) in one pass (`_one_pass`, with dout), reduces every row-level backward quantity to M-sized products (see
      its docstring), and writes P and rstd*dS (B, N, M) fp32, eight row scalars (B, 8, N) and a
      dgate partial per tile.
    - `_oca_bwd_cols_kernel`, grid (d chunks, token splits, B): with those, dx is column-local:
@@ -73,27 +74,54 @@ _COS2_EPS = tl.constexpr(reference.COS2_EPS)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr):
-    """Per-token mean, 1/std (LayerNorm, biased variance) and <x, x> over d, one column chunk at a
-    time; chunk statistics are merged with Chan's formula, so no E[x^2] - E[x]^2 cancellation."""
-    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
+              DOUT, s_gb, s_gn, s_gd, offs_m, mask_m,
+              ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+              BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """Everything a token's OCA needs from its row, in one pass over the columns:
+    (mean, rstd, <x, x>, S = LN(x) @ A, x @ C^T, and with WITH_DOUT dout @ C^T, <dout, x>, 1^T A).
+
+    The products use x minus its first chunk's mean (a shift within about a standard deviation
+    of the row mean), and LN(x) A = rstd ((x - s) A - (mean - s) 1^T A): no pass for the statistics
+    first, and no cancellation when a row's mean is large against its spread."""
+    offs_0 = tl.arange(0, BLOCK_DC)
+    x0 = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_0, mask_n, offs_0 < D)
+    shift = tl.sum(x0, axis=1) / tl.minimum(D, BLOCK_DC).to(tl.float32)
+    s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    xc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    oc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    cola = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    do_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_DC):
         offs_d = k0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
-        xmask = mask_n[:, None] & mask_d[None, :]
         x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
-        nk = tl.minimum(D - k0, BLOCK_DC).to(tl.float32)  # valid columns in this chunk
-        n0 = k0 * 1.0  # columns merged so far (float)
-        mk = tl.sum(x, axis=1) / nk
-        xc = tl.where(xmask, x - mk[:, None], 0.0)
-        dl = mk - mean
-        mean += dl * (nk / (n0 + nk))
-        m2 += tl.sum(xc * xc, axis=1) + dl * dl * (n0 * nk / (n0 + nk))
-        xx += tl.sum(x * x, axis=1)
+        xs = tl.where(mask_d[None, :], x - shift[:, None], 0.0)
+        s1 += tl.sum(xs, axis=1)
+        s2 += tl.sum(xs * xs, axis=1)
+        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
+        xa = _mm(xs, a, xa, PREC)
+        cola += tl.sum(a, axis=0)
+        if ORTH != 0 or WITH_DOUT:
+            c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
+            if ORTH != 0:
+                xc = _mm(xs, tl.trans(c), xc, PREC)
+                csum += tl.sum(c, axis=1)
+            if WITH_DOUT:
+                do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
+                oc = _mm(do, tl.trans(c), oc, PREC)
+                if ORTH == 1:
+                    do_x += tl.sum(do * x, axis=1)
+    dm = s1 / D  # mean - shift
+    m2 = tl.maximum(s2 - s1 * dm, 0.0)
     rstd = 1.0 / tl.sqrt(m2 / D + _LN_EPS)
-    return mean, rstd, xx
+    xx = s2 + shift * (2.0 * s1 + D * shift)
+    s = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
+    xc = xc + shift[:, None] * csum[None, :]  # x C^T
+    return shift + dm, rstd, xx, s, xc, oc, do_x, cola
 
 
 @triton.jit
@@ -138,27 +166,16 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    mean, rstd, xx = _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_DC)
-    # pass 2: scores S = LN(x) @ A and, for the projection, x @ C^T (so <Delta, x> = rowsum(P * xC))
-    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    xc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_DC):
-        offs_d = k0 + tl.arange(0, BLOCK_DC)
-        mask_d = offs_d < D
-        xmask = mask_n[:, None] & mask_d[None, :]
-        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
-        xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
-        s = _mm(xn, a, s, PREC)
-        if ORTH != 0:
-            c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
-            xc = _mm(x, tl.trans(c), xc, PREC)
+    # pass 1: statistics, scores S = LN(x) @ A and, for the projection, x @ C^T
+    mean, rstd, xx, s, xc, oc, do_x, cola = _one_pass(
+        X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
+        X, s_xb, s_xn, s_xd, offs_m, mask_m, ORTH, False, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
     p = _softmax_rows(s, mask_m)
     dot = tl.sum(p * xc, axis=1)  # <Delta, x>
     k = dot / (xx + _ORTH_EPS)  # hard: Delta - k x
     g = tl.load(G).to(tl.float32)
     dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # pass 3: Delta = P @ C, the projection and the residual, chunk by chunk
+    # pass 2: Delta = P @ C, the projection and the residual, chunk by chunk
     for k0 in range(0, D, BLOCK_DC):
         offs_d = k0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
@@ -207,28 +224,9 @@ def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    mean, rstd, xx = _row_stats(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_DC)
-    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    xc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    oc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    cola = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    do_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_DC):
-        offs_d = k0 + tl.arange(0, BLOCK_DC)
-        mask_d = offs_d < D
-        xmask = mask_n[:, None] & mask_d[None, :]
-        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
-        do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
-        xn = tl.where(xmask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
-        c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
-        s = _mm(xn, a, s, PREC)
-        oc = _mm(do, tl.trans(c), oc, PREC)
-        cola += tl.sum(a, axis=0)
-        if ORTH != 0:
-            xc = _mm(x, tl.trans(c), xc, PREC)
-        if ORTH == 1:
-            do_x += tl.sum(do * x, axis=1)
+    mean, rstd, xx, s, xc, oc, do_x, cola = _one_pass(
+        X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
+        DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, ORTH, True, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
     p = _softmax_rows(s, mask_m)
     g = tl.load(G).to(tl.float32)
     dot = tl.sum(p * xc, axis=1)

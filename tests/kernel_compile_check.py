@@ -18,7 +18,8 @@ precisions, every orth mode, and the heaviest tiles: BLOCK_M = 64 with 64-column
 d in {16, 32, 48, 64, 80, 96, 768}, which realise every chunk width), M in 1..64 (represented by
 M in {16, 32, 64}, one per BLOCK_M), every orth mode, and x / parameter dtypes bf16/bf16,
 bf16/fp32 (dot precision tf32), fp32/fp32 and fp16/fp16 (tf32x3).
-Exit status 1 if any compile fails, exceeds shared memory, or spills registers under pressure
+Exit status 1 if any compile fails, exceeds shared memory or the register file, or spills
+registers under pressure
 (see `pressure_spill` and the test for why).
 """
 from __future__ import annotations
@@ -73,6 +74,7 @@ from kernels import oca as K  # noqa: E402
 from kernels import runtime  # noqa: E402
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
 KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
                                    LK.layer_fwd_kernel, LK.layer_bwd_query_kernel)}
 
@@ -157,15 +159,16 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
             K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
         for d, M, D, H, xd, orth, masked in layer_cases:
             x = torch.empty(B, N, d, dtype=xd)
-            if not L.fused_supported(H * M, D):  # the split path: the OCA kernels on x.float(), then torch
+            if not L.fused_supported(H * M, D, xd, x.device):  # the split path: the OCA kernels on x.float(), then torch
                 x, a, c, gate = x.float(), torch.empty(B, d, M), torch.empty(B, M, d), torch.empty(())
                 K.oca_fwd(x, a, c, gate, orth)
                 K.oca_bwd(torch.empty_like(x), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)
                 continue
-            a, c = torch.empty(B, d, M), torch.empty(B, M, d)
-            kabs, w_v, gate = torch.empty(B, d, H * M), torch.empty(d, D), torch.empty(())
+            a, c, cbar = torch.empty(B, d, M), torch.empty(B, M, d), torch.empty(B, M)
+            kabs = torch.empty(B, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
+            w_v, gate = torch.empty(d, D), torch.empty(())
             mask = torch.ones(B, N, dtype=torch.bool) if masked else None
-            _, _, u_all, lse = L.layer_fwd(x, a, c, gate, kabs, w_v, mask, orth)
+            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, *L.small_products(c, kabs, w_v), mask, orth)
             L.layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, torch.empty_like(x), u_all)
             # the layer's backward then runs the OCA backward with the float32 G as its upstream
             K.oca_bwd(torch.empty(B, N, d), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)
@@ -211,6 +214,8 @@ def compile_one(job):
                n_regs=n_regs, spill_stores=stores, spill_loads=loads,
                sig={k: v for k, v in sig.items() if v != "constexpr" and not v.startswith("*")})
     row["shared_ok"] = compiled.metadata.shared <= SHARED_LIMIT[cc]
+    # a block's registers must fit the SM's 64K register file, or the launch fails on the GPU
+    row["regs_ok"] = n_regs is None or n_regs * 32 * opts["num_warps"] <= REGISTER_FILE
     return row
 
 
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
         for row in pool.map(compile_one, jobs):
             if row["ok"]:
                 row["spilled"] = spilled(row)
-            if not row["ok"] or not row["shared_ok"] or row["spilled"]:
+            if not row["ok"] or not row["shared_ok"] or not row["regs_ok"] or row["spilled"]:
                 bad += 1
             print(json.dumps(row), flush=True)
     print(json.dumps({"failed": bad, "total_seconds": round(time.time() - t0, 1)}), flush=True)

@@ -73,6 +73,8 @@ def test_kernels_compile_for_sm90_and_sm80():
     assert not failed, f"compile failures: {failed[:3]}"
     too_big = [r for r in rows if not r["shared_ok"]]
     assert not too_big, f"shared memory over the limit: {too_big[:3]}"
+    too_many = [r for r in rows if not r["regs_ok"]]
+    assert not too_many, "registers x threads over the 64K register file (the launch would fail):\n" + _table(too_many)
     spills = [r for r in rows if r["spilled"]]
     assert not spills, "register spills (as launched, or capped at the headroom budget):\n" + _table(spills)
     assert {r["maxnreg"] for r in rows} == {255, 224}, "every launch is compiled as launched and capped"

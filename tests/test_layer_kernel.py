@@ -90,8 +90,18 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
     check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
 
 
-def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_with_a_large_mean(dtype, monkeypatch):
+    """Residual streams: row means 150 times their spread, under the H100's tiles (16-column
+    chunks). The forward's statistics and every product come from shifted rows: no cancellation."""
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    check_against_float64(2, 40, 64, 5, 32, True, "hard", dtype, True, offset=300.0)
+    check_against_float64(1, 33, 48, 16, 128, False, "soft", dtype, True, offset=-300.0)
+
+
+def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched, offset=0.0):
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched, device=DEV)
+    x = (x.float() + offset).to(dtype)
     mask = padding_mask(B, N).to(DEV) if masked else None  # sample 0 has a single valid token
     up = upstream_for(B, N, d, M, D, orth)
     want_out, want_grad = run("float64", x, q, params, mask, orth, up)
@@ -160,9 +170,10 @@ def test_fake_implementations_give_the_right_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
-        a, c = torch.empty(2, 32, 3), torch.empty(2, 3, 32)
+        a, cc, cbar = torch.empty(2, 32, 3), torch.empty(2, 3, 32), torch.empty(2, 3)
         kabs, w_v = torch.empty(2, 32, 12), torch.empty(32, 16)
-        out, cos2, u_all, lse = fused.layer_tokens_fwd(x, a, c, torch.empty(()), kabs, w_v, None, "soft")
+        out, cos2, u_all, lse = fused.layer_tokens_fwd(x, a, cc, cbar, torch.empty(()), kabs, w_v,
+                                                       *fused.small_products(cc, kabs, w_v), None, "soft")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
 

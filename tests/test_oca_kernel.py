@@ -59,9 +59,9 @@ def make_view(shape, dtype, kind, gen, scale=1.0, shift=0.0):
     return t
 
 
-def make_inputs(B, N, d, M, dtype, pdtype, x_view="contig", ac_view="contig", seed=0):
+def make_inputs(B, N, d, M, dtype, pdtype, x_view="contig", ac_view="contig", seed=0, shift=0.3):
     gen = torch.Generator().manual_seed(seed)
-    x = make_view((B, N, d), dtype, x_view, gen, scale=1.5, shift=0.3)
+    x = make_view((B, N, d), dtype, x_view, gen, scale=1.5, shift=shift)
     # scores of order a few units so the softmax is neither flat nor one-hot
     a = make_view((B, d, M), pdtype, ac_view, gen, scale=2.0 / math.sqrt(d))
     c = make_view((B, M, d), pdtype, ac_view, gen, scale=0.7)
@@ -122,10 +122,10 @@ def check(name, got, ref64, lowp, ref_lp=None, floor=0.0):
 
 
 def compare(B, N, d, M, orth, dtype, pdtype=None, x_view="contig", ac_view="contig",
-            upstream="randn", seed=0, fn=None):
+            upstream="randn", seed=0, fn=None, shift=0.3):
     pdtype = pdtype or dtype
     fn = fn or K.oca
-    inputs = make_inputs(B, N, d, M, dtype, pdtype, x_view, ac_view, seed)
+    inputs = make_inputs(B, N, d, M, dtype, pdtype, x_view, ac_view, seed, shift)
     gen = torch.Generator().manual_seed(seed + 1)
     # upstream gradients rounded to the output dtypes, the same values for every run
     up = {"dout": torch.randn(B, N, d, generator=gen).to(dtype).to(DEV) if upstream == "randn" else None,
@@ -215,6 +215,14 @@ def test_gpu_tiling_matches_reference(case, gpu_config, poison):
     cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, n_sm, cc)
     assert cfg.cols_splits > 1 or B * math.ceil(d / cfg.cols_block_d) >= 4 * 132
     compare(B, N, d, M, orth, xd, pd, xv, av, up)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_rows_with_a_large_mean(dtype, gpu_config):
+    """Residual streams: a row mean 200 times its spread. The kernels sum shifted rows, so the
+    statistics and LN(x) @ A do not cancel (E[x^2] - E[x]^2 in float32 would lose 4 digits)."""
+    compare(2, 40, 96, 5, "hard", dtype, F32, shift=300.0)
+    compare(1, 33, 64, 16, "soft", dtype, F32, shift=-300.0)
 
 
 def test_public_op_uses_kernel(monkeypatch):

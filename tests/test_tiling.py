@@ -57,7 +57,7 @@ def test_launchers_follow_the_tiling(monkeypatch):
         launches.clear()
         K.oca_fwd(x, a, c, gate, "hard")
         K.oca_bwd(x, None, x, a, c, gate, "hard")
-        L.layer_fwd(x, a, c, gate, kabs, w_v, None, "hard")
+        L.layer_fwd(x, a, c, c.sum(-1), gate, kabs, w_v, *L.small_products(c, kabs, w_v), None, "hard")
         return {name: (grid, bn) for name, grid, bn in launches}
 
     monkeypatch.setenv("NEARL_TILING", "h100")
