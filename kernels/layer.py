@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 import triton
@@ -32,15 +32,18 @@ MAX_FUSED_HM = 64
 MAX_FUSED_D = 128
 
 
-def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None) -> bool:
-    """True when the fused layer kernels take H*M = `hm` query rows of width `D` in x's `dtype` on
-    `device` (its tiling) without spilling. float32 on sm_80 (IEEE products without tensor cores)
-    spills in the forward whatever the tiles."""
+def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None,
+                    M: int = 16) -> bool:
+    """True when the fused layer kernels take H*M = `hm` query rows (M per head) of width `D` in
+    x's `dtype` on `device` (its tiling) without spilling. On sm_80 (no warpgroup MMA: every warp
+    holds its own copy of a product's second operand) float32 (IEEE products) and M > 16 spill
+    in the forward whatever the tiles, and M = 64 in the backward."""
     if hm > MAX_FUSED_HM or D > MAX_FUSED_D:
         return False
-    if dtype == torch.float32 and device is not None:
+    if device is not None:
         gpu_tiles, _, cc = runtime.tiling(device)
-        return not (gpu_tiles and cc < 90)
+        if gpu_tiles and cc < 90 and (dtype == torch.float32 or M > 16):
+            return False
     return True
 
 
@@ -70,9 +73,11 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       Forward: pass 1 keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
       across the column loop, next to the (H*M x D) attention state and the (M x H*M), (M x D)
       per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits at BLOCK_M = 16 on sm_90
-      and sm_80 (32-column chunks, or 64 tokens, spill hundreds of bytes); BLOCK_M >= 32 and IEEE
-      float32 products (no tensor cores: operands in registers) take 16 tokens. float32 on sm_80
-      spills even there and takes the split path (`fused_supported`).
+      (32-column chunks, or 64 tokens, spill hundreds of bytes); BLOCK_M >= 32 and IEEE float32
+      products (no tensor cores: operands in registers) take 16 tokens. sm_80 takes 16 tokens
+      with 32-column chunks (triton 3.6 spilled 8-16 bytes at 224 registers with 32 x 16 and
+      16 x 16); float32 there spills whatever the tiles and takes the split path
+      (`fused_supported`).
       Backward: 16 tokens, 32-column chunks (16 with IEEE products): it holds dS, P and the
       dLN row sums as well. 16 warps would cap registers at 128 (the register file is 64K per
       SM): the compile check rejects any launch whose registers x threads exceed it.
@@ -103,7 +108,10 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         if backward:
             block_n, block_c = 16, (16 if ieee else 32)  # d < 32 too: a half-masked chunk (16 spilled on 3.6)
         else:
-            block_n, block_c = (16 if (ieee or block_m >= 32) else 32), 16
+            if cc < 90:  # sm_80: neither IEEE nor BLOCK_M > 16 reaches here (fused_supported)
+                block_n, block_c = 16, 32
+            else:
+                block_n, block_c = (32 if (block_m <= 16 and not ieee) else 16), 16
         n_tiles = triton.cdiv(N, block_n)
         splits = max(1, min(n_tiles, triton.cdiv((2 if backward else 1) * n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
@@ -126,13 +134,12 @@ def _mask_arg(mask, x):
     return mask.to(torch.int8).contiguous(), True
 
 
-def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth: str):
+def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     """x_out (B, N, d) in x's dtype, cos2 (B, N) float32 or None, and the combined query attention
     U_all (B, HM, D) float32 with its log-sum-exp (B, HM). C enters as its centred rows
     cc (B, M, d) and their means cbar (B, M): C = cc + cbar[..., None]. kabs (B, d, HM) and w_v
-    (d, D) may be strided views. ck = cc @ kabs (B, M, HM), cv = cc @ w_v (B, M, D) and
-    gc = cc @ cc^T (B, M, M) are the products the kernel's algebra needs besides the tokens'
-    (`small_products`, or cheaper from the weights: `layer_operands`)."""
+    (d, D) may be strided views. aux: the per-sample terms the kernel's algebra needs besides the
+    tokens' products (`small_products`, or cheaper from the weights: `layer_operands`)."""
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
     cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
@@ -146,7 +153,7 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth: str):
     runtime.launch(K.layer_fwd_kernel, (cfg.splits, B),
         x, *x.stride(), a, *a.stride(), cc, *cc.stride(),
         cbar.contiguous(), gate, kabs, *kabs.stride(), w_v, *w_v.stride(),
-        ck.contiguous(), cv.contiguous(), gc.contiguous(), mask_arg,
+        *(t.contiguous() for t in aux), mask_arg,
         out, cos2, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
         reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
@@ -201,17 +208,17 @@ def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_a
 # autograd.Function below; both run the same launchers and layer_tokens_backward.
 @torch.library.custom_op("nearl::layer_tokens_fwd", mutates_args=())
 def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
-                     kabs: torch.Tensor, w_v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, gc: torch.Tensor,
+                     kabs: torch.Tensor, w_v: torch.Tensor, aux: List[torch.Tensor],
                      mask: Optional[torch.Tensor], orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+    out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
     if cos2 is None:  # fixed arity: an empty placeholder unless orth="soft"
         cos2 = x.new_empty((0,), dtype=torch.float32)
     return out, cos2, u_all, lse
 
 
 @layer_tokens_fwd.register_fake
-def _(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
+def _(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     B, N, _ = x.shape
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -248,7 +255,8 @@ def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, or
 
 
 def _setup_context(ctx, inputs, output):
-    x, a, cc, cbar, gate, kabs, w_v, _ck, _cv, _gc, mask, orth = inputs
+    x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth = inputs
+    ctx.n_aux = len(aux)
     _, _, u_all, lse = output
     ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
     ctx.orth = orth
@@ -257,7 +265,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dcos2, du_all, _dlse):
     saved = ctx.saved_tensors
     grads = layer_tokens_bwd(dout, dcos2, du_all, *saved, ctx.orth)
-    return (*grads, None, None, None, None, None)  # ck, cv, gc: detached helpers (see layer_operands)
+    return (*grads, [None] * ctx.n_aux, None, None)  # aux: detached helpers (see layer_operands); mask; orth
 
 
 layer_tokens_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -267,8 +275,8 @@ class _LayerTokensFunction(torch.autograd.Function):
     """The eager path: the same launchers without the custom-op dispatch cost (as kernels/oca.py)."""
 
     @staticmethod
-    def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
-        out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+    def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
+        out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
         ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
         ctx.orth = orth
         ctx.mark_non_differentiable(lse)
@@ -276,16 +284,17 @@ class _LayerTokensFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dcos2, du_all, _dlse):
-        return (*layer_tokens_backward(dout, dcos2, du_all, *ctx.saved_tensors, ctx.orth), None, None, None, None, None)
+        return (*layer_tokens_backward(dout, dcos2, du_all, *ctx.saved_tensors, ctx.orth), None, None, None)
 
 
-def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth):
+def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
-    fake and autograd rules), the autograd.Function in eager mode. ck, cv, gc get no gradient:
-    the backward differentiates through cc, kabs and w_v directly."""
+    fake and autograd rules), the autograd.Function in eager mode. aux gets no gradient: the
+    backward differentiates through a, cc, kabs and w_v directly."""
+    aux = list(aux)
     if torch.compiler.is_compiling():
-        return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
-    return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, ck, cv, gc, mask, orth)
+        return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+    return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
 
 
 def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:
@@ -305,24 +314,28 @@ def absorbed_keys(qh: torch.Tensor, w_k: torch.Tensor, heads: int) -> torch.Tens
     return (block_queries(qh, heads) @ w_k.t()).transpose(1, 2)
 
 
-def small_products(cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor):
-    """(cc @ kabs, cc @ w_v, cc @ cc^T): the per-sample (M, *) products `layer_fwd` needs,
-    computed from the batch-sized factors (tests and tools; the layer forms them from weights)."""
-    return cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2)
+def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor):
+    """`layer_fwd`'s aux, computed from the batch-sized factors (tests and tools; the layer forms
+    them from weights, `layer_operands`): cc @ kabs (B, M, HM), cc @ w_v (B, M, D), cc @ cc^T
+    (B, M, M) and the column sums of a (B, M), kabs (B, HM) and w_v (D)."""
+    return [cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2), a.sum(1), kabs.sum(1), w_v.sum(0)]
 
 
 def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int):
-    """Everything the fused kernels take besides x and the mask: (a, cc, cbar, gate, kabs, w_v, ck, cv, gc).
+    """Everything the fused kernels take besides x and the mask: (a, cc, cbar, gate, kabs, w_v, aux).
 
     A as in `reference.oca_factors`; C = Vq W_up as its centred rows cc = Vq (W_up - rowmean) and
     their means cbar = Vq rowmean(W_up) (centring the weight centres C: a weight-sized op). The
-    products of Cc with KABS, W_v and itself factor through the (r x ...) weights, so none of them
-    reads a batch-sized tensor: Cc KABS = Vq (W_upc W_k) Qb^T, Cc W_v = Vq (W_upc W_v),
-    Cc Cc^T = Vq (W_upc W_upc^T) Vq^T. They are formed without gradient: the backward
-    differentiates through cc, kabs and w_v."""
+    products of Cc with KABS, W_v and itself, and the column sums, factor through the weights, so
+    none of them reads a batch-sized tensor: Cc KABS = Vq (W_upc W_k) Qb^T, Cc W_v = Vq (W_upc W_v),
+    Cc Cc^T = Vq (W_upc W_upc^T) Vq^T, 1^T A = Kq (1^T W_down)^T / sqrt(r), 1^T KABS = Qb (1^T W_k)^T.
+    They are formed without gradient (aux): the backward differentiates through a, cc, kabs and
+    w_v."""
     r = p["w_down"].shape[1]
     # A^T = Kq (W_down / sqrt(r))^T: one (B*M, r) x (r, d) product writes it, scaled on the weight
-    a = ((qf @ p["w_ok"]) @ (p["w_down"] / math.sqrt(r)).t()).transpose(1, 2)
+    w_down = p["w_down"] / math.sqrt(r)
+    kq = qf @ p["w_ok"]
+    a = (kq @ w_down.t()).transpose(1, 2)
     up_mean = p["w_up"].mean(dim=1)
     w_upc = p["w_up"] - up_mean[:, None]
     vq = qf @ p["w_ov"]
@@ -330,10 +343,13 @@ def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int):
     qb = block_queries(qh, heads)
     kabs = (qb @ p["w_k"].t()).transpose(1, 2)
     with torch.no_grad():
-        ck = (vq @ (w_upc @ p["w_k"])) @ qb.transpose(1, 2)
-        cv = vq @ (w_upc @ p["w_v"])
-        gc = vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2)
-    return a, vq @ w_upc, vq @ up_mean, p["gate"], kabs, p["w_v"], ck, cv, gc
+        aux = [(vq @ (w_upc @ p["w_k"])) @ qb.transpose(1, 2),  # Cc KABS
+               vq @ (w_upc @ p["w_v"]),  # Cc W_v
+               vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2),  # Cc Cc^T
+               kq @ w_down.sum(0),  # 1^T A
+               qb @ p["w_k"].sum(0),  # 1^T KABS
+               p["w_v"].sum(0)]  # 1^T W_v
+    return a, vq @ w_upc, vq @ up_mean, p["gate"], kabs, p["w_v"], aux
 
 
 def head_diagonal(u_all: torch.Tensor, heads: int) -> torch.Tensor:
@@ -360,7 +376,7 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         qf = q.float()
         if qf.dim() == 2:
             qf = qf.unsqueeze(0).expand(B, -1, -1)
-        if not fused_supported(heads * q.shape[-2], q.shape[-1], x.dtype, x.device):
+        if not fused_supported(heads * q.shape[-2], q.shape[-1], x.dtype, x.device, q.shape[-2]):
             a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
             return _split_layer(x, q, qf, a, c, p, mask, orth, heads)
         x_out, cos2, u_all, _ = layer_tokens(x, *layer_operands(qf, p, heads), mask, orth)

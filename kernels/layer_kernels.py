@@ -149,7 +149,7 @@ def layer_fwd_kernel(
     CBAR, GATE,
     KABS, skb, skd, skh,
     WV, swd, swe,
-    CK, CV, GC, MASK,
+    CK, CV, GC, COLA, KSUM, VSUM, MASK,
     OUT, COS2, M_PART, L_PART, ACC_PART,
     N, d, M, HM, D, tiles_per_split, n_splits,
     ln_eps, orth_eps, cos2_eps,
@@ -171,9 +171,9 @@ def layer_fwd_kernel(
       LN(x_out) [KABS | W_v] = rstd2 (a (x - mean) [KABS | W_v] + g P (Cc [KABS | W_v]))
     so LN(x_out) is never formed. The products use x minus its first chunk's mean (a shift of
     about one standard deviation from the row mean), so (x - mean) M = (x - s) M - (mean - s) 1^T M
-    does not cancel when a row's mean is large against its spread (residual streams). The column
-    sums 1^T M come from the same chunks in the same loop (no extra read, and consistent with
-    the products); Cc Cc^T, Cc KABS and Cc W_v are per-sample inputs (M x M, M x HM, M x D).
+    does not cancel when a row's mean is large against its spread (residual streams). Cc Cc^T,
+    Cc KABS, Cc W_v and the column sums 1^T A, 1^T KABS (per sample), 1^T W_v are inputs,
+    loaded after the column loop: held across it, they spilled registers.
     """
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -190,11 +190,6 @@ def layer_fwd_kernel(
     cc_base = CC + b * scb
     kabs_base = KABS + b * skb
     cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
-    # Cc Cc^T, Cc KABS and Cc W_v (per sample, float32, contiguous), read once per program
-    mm_ok = m_ok[:, None] & m_ok[None, :]
-    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
-    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :], other=0.0)
-    cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :], other=0.0)
     m_run = tl.full([BLOCK_HM], -1e30, dtype=tl.float32)  # finite: a fully masked tile adds exp(-inf) = 0
     l_run = tl.zeros([BLOCK_HM], dtype=tl.float32)
     acc = tl.zeros([BLOCK_HM, BLOCK_D], dtype=tl.float32)
@@ -213,9 +208,6 @@ def layer_fwd_kernel(
         xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
         xv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        cola = tl.zeros([BLOCK_M], dtype=tl.float32)
-        ksum = tl.zeros([BLOCK_HM], dtype=tl.float32)
-        vsum = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c0 in range(0, d, BLOCK_C):
             cols = c0 + offs_c
             col_ok = cols < d
@@ -230,9 +222,16 @@ def layer_fwd_kernel(
             xcc = tl.dot(xs, cct_c, xcc, input_precision=PREC)
             xk = tl.dot(xs, k_c, xk, input_precision=PREC)
             xv = tl.dot(xs, v_c, xv, input_precision=PREC)
-            cola += tl.sum(a_c, 0)
-            ksum += tl.sum(k_c, 0)
-            vsum += tl.sum(v_c, 0)
+        # the per-sample terms, loaded here rather than held across the column loop (registers)
+        mm_ok = m_ok[:, None] & m_ok[None, :]
+        gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
+        ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :],
+                     other=0.0)
+        cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :],
+                     other=0.0)
+        cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
+        ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+        vsum = tl.load(VSUM + offs_dq, mask=dq_ok, other=0.0)
         dm = s1 / d  # mean - shift
         mean = shift + dm
         m2 = tl.maximum(s2 - s1 * dm, 0.0)  # sum of (x - mean)^2

@@ -420,7 +420,8 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     (three products per dot on hi/lo operands), and sm_80, whose MMA keeps a copy of the second
     operand in every warp. tf32x3 takes 16-token tiles in the column kernel (16 columns a program
     at BLOCK_M >= 32) and 16-column chunks in the rows kernel (on sm_80, or at BLOCK_M >= 32);
-    BLOCK_M = 64 with tf32x3 takes 32-token forward tiles and 16-token, 4-warp rows tiles.
+    BLOCK_M = 64 with tf32x3 takes 16-token forward tiles (the one-pass forward holds x @ A and
+    x @ C^T together: 32 tokens spilled on triton 3.6) and 16-token, 4-warp rows tiles.
     Headroom: every configuration must compile without a spill with ptxas capped at 224 registers
     (tests/kernel_compile_check.py, REG_BUDGET), though it runs with 255 available: triton 3.8's
     ptxas spilled two configurations that 3.6's fitted at 255, so a tile that only just fits is a
@@ -449,7 +450,7 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
     x3 = prec == "tf32x3"
     heavy = x3 and BM >= 32
-    fwd_bn = 32 if (x3 and BM == 64) else 64
+    fwd_bn = 16 if (x3 and BM == 64) else 64
     if BM == 64:
         rows_bn, rows_warps = (16, 4) if heavy else (32, 8)
     else:

@@ -84,6 +84,7 @@ LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's la
     (512, 16, 128, 4, torch.float32, "none", True),    # IEEE products
     (80, 5, 32, 4, torch.float16, "hard", True),       # small d: 16-column chunks
     (48, 8, 128, 4, torch.bfloat16, "soft", False),    # H*M = 32, a masked last chunk
+    (256, 64, 64, 1, torch.bfloat16, "soft", True),    # BLOCK_M = 64 in the fused layer (H = 1)
     (768, 64, 128, 4, torch.bfloat16, "hard", True),   # H*M = 256: the split path (OCA kernels only)
 ]
 
@@ -159,7 +160,7 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
             K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
         for d, M, D, H, xd, orth, masked in layer_cases:
             x = torch.empty(B, N, d, dtype=xd)
-            if not L.fused_supported(H * M, D, xd, x.device):  # the split path: the OCA kernels on x.float(), then torch
+            if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: the OCA kernels on x.float(), then torch
                 x, a, c, gate = x.float(), torch.empty(B, d, M), torch.empty(B, M, d), torch.empty(())
                 K.oca_fwd(x, a, c, gate, orth)
                 K.oca_bwd(torch.empty_like(x), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)
@@ -168,7 +169,7 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
             kabs = torch.empty(B, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
             w_v, gate = torch.empty(d, D), torch.empty(())
             mask = torch.ones(B, N, dtype=torch.bool) if masked else None
-            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, *L.small_products(c, kabs, w_v), mask, orth)
+            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, L.small_products(a, c, kabs, w_v), mask, orth)
             L.layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, torch.empty_like(x), u_all)
             # the layer's backward then runs the OCA backward with the float32 G as its upstream
             K.oca_bwd(torch.empty(B, N, d), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)

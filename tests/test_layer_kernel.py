@@ -173,7 +173,7 @@ def test_fake_implementations_give_the_right_shapes():
         a, cc, cbar = torch.empty(2, 32, 3), torch.empty(2, 3, 32), torch.empty(2, 3)
         kabs, w_v = torch.empty(2, 32, 12), torch.empty(32, 16)
         out, cos2, u_all, lse = fused.layer_tokens_fwd(x, a, cc, cbar, torch.empty(()), kabs, w_v,
-                                                       *fused.small_products(cc, kabs, w_v), None, "soft")
+                                                       fused.small_products(a, cc, kabs, w_v), None, "soft")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
 
@@ -258,3 +258,15 @@ def test_large_query_banks_take_the_split_path_and_stay_accurate(monkeypatch, M,
         assert err(g_, w_) <= max(1e-4, 2 * err(r_, w_))
     for k, w_ in want_grad.items():
         assert err(got_grad[k], w_) <= max(1e-4, 2 * err(ref_grad[k], w_)), k
+
+
+def test_sm80_sends_what_spills_there_to_the_split_path(monkeypatch):
+    """On sm_80 float32 x and M > 16 spill in the fused forward: they take the split path."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("NEARL_TILING", "a100")
+    assert fused.fused_supported(64, 128, torch.bfloat16, cpu, M=16)
+    assert not fused.fused_supported(64, 128, torch.bfloat16, cpu, M=32)
+    assert not fused.fused_supported(64, 128, torch.float32, cpu, M=16)
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    assert fused.fused_supported(64, 128, torch.float32, cpu, M=64)
+    assert not fused.fused_supported(128, 128, torch.bfloat16, cpu, M=32)  # H*M > 64 everywhere

@@ -57,7 +57,7 @@ def test_launchers_follow_the_tiling(monkeypatch):
         launches.clear()
         K.oca_fwd(x, a, c, gate, "hard")
         K.oca_bwd(x, None, x, a, c, gate, "hard")
-        L.layer_fwd(x, a, c, c.sum(-1), gate, kabs, w_v, *L.small_products(c, kabs, w_v), None, "hard")
+        L.layer_fwd(x, a, c, c.sum(-1), gate, kabs, w_v, L.small_products(a, c, kabs, w_v), None, "hard")
         return {name: (grid, bn) for name, grid, bn in launches}
 
     monkeypatch.setenv("NEARL_TILING", "h100")
@@ -65,7 +65,7 @@ def test_launchers_follow_the_tiling(monkeypatch):
     one = run()
     assert one["_oca_fwd_kernel"][1] == 64 and one["layer_fwd_kernel"][1] == 32  # an H100's token tiles
     assert one["_oca_bwd_cols_kernel"][0][1] == 2  # splits: ceil(4 programs per SM / (B x 1 chunk))
-    assert one["layer_fwd_kernel"][0][0] == 1  # ceil(2 programs per SM / B)
+    assert one["layer_fwd_kernel"][0][0] == 1  # ceil(1 program per SM / B)
     monkeypatch.setenv("NEARL_SM_COUNT", "132")
     full = run()
     assert full["_oca_bwd_cols_kernel"][0][1] == 10 and full["layer_fwd_kernel"][0][0] == 10  # one per tile
