@@ -6,11 +6,10 @@ combined afterwards in torch, as split-KV decoding does.
 
 The token width d is walked in chunks of BLOCK_C columns, re-reading the tile from L1/L2 in each
 pass: the query update needs (tile x d) @ (d x D) products whose right operand cannot sit in shared
-memory whole at d = 768, and chunking keeps registers bounded for any d. HBM still sees one read of
-x per tile; every pass after the first hits the cache. What a pass needs from an earlier one (OCA
-probabilities, projection coefficient, LayerNorm statistics) is a (BLOCK_N,)- or
-(BLOCK_N, BLOCK_M)-sized register value; chunks of x_out and of LN(x_out) are recomputed from x,
-never stored.
+memory whole at d = 768, and chunking keeps registers bounded for any d. The forward makes two
+passes (every product and statistic, then the write of x_out; see `layer_fwd_kernel`); the
+backward (`layer_bwd_query_kernel`, not yet redesigned) recomputes the forward's row quantities
+with the older helpers below, in several passes, and rebuilds chunks of LN(x_out) from x.
 
 Keys are absorbed into the queries: KABS[b] = W_k (blockdiag_h Qh[b])^T / sqrt(dh) is (d, H*M), so
 the scores of all heads come from one product, LN(x_out) @ KABS[b]. Values are formed per tile,
