@@ -17,9 +17,10 @@ import triton
 
 from nearl import reference
 
+from . import layer_bwd_kernels as KB
 from . import layer_kernels as K
 from . import runtime
-from .oca import oca, oca_bwd
+from .oca import oca
 from .runtime import interpreting
 
 ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
@@ -30,19 +31,21 @@ MAX_M = 64
 # banks take the split path: the fused OCA kernels, then the query update in torch.
 MAX_FUSED_HM = 64
 MAX_FUSED_D = 128
+MAX_FUSED_M = 16
 
 
 def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None,
                     M: int = 16) -> bool:
     """True when the fused layer kernels take H*M = `hm` query rows (M per head) of width `D` in
-    x's `dtype` on `device` (its tiling) without spilling. On sm_80 (no warpgroup MMA: every warp
-    holds its own copy of a product's second operand) float32 (IEEE products) and M > 16 spill
-    in the forward whatever the tiles, and M = 64 in the backward."""
-    if hm > MAX_FUSED_HM or D > MAX_FUSED_D:
+    x's `dtype` on `device` (its tiling) without spilling: H*M <= 64, D <= 128 and M <= 16 (the
+    backward's rows kernel spills hundreds of bytes at BLOCK_M = 64 on sm_90). On sm_80 (no
+    warpgroup MMA: every warp holds its own copy of a product's second operand) float32 x (IEEE
+    products) spills in the forward whatever the tiles."""
+    if hm > MAX_FUSED_HM or D > MAX_FUSED_D or M > MAX_FUSED_M:
         return False
-    if device is not None:
+    if device is not None and dtype == torch.float32:
         gpu_tiles, _, cc = runtime.tiling(device)
-        if gpu_tiles and cc < 90 and (dtype == torch.float32 or M > 16):
+        if gpu_tiles and cc < 90:
             return False
     return True
 
@@ -62,8 +65,9 @@ class LayerConfig:
 
 
 def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.dtype,
-                 device: torch.device, backward: bool = False) -> LayerConfig:
-    """Launch parameters of both layer kernels, chosen in one place.
+                 device: torch.device) -> LayerConfig:
+    """Launch parameters of the layer's forward kernel, chosen in one place (the backward's:
+    `layer_bwd_config`).
 
     - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
       two >= 16 and masked.
@@ -78,16 +82,15 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       with 32-column chunks (triton 3.6 spilled 8-16 bytes at 224 registers with 32 x 16 and
       16 x 16); float32 there spills whatever the tiles and takes the split path
       (`fused_supported`).
-      Backward: 16 tokens, 32-column chunks (16 with IEEE products): it holds dS, P and the
-      dLN row sums as well. 16 warps would cap registers at 128 (the register file is 64K per
-      SM): the compile check rejects any launch whose registers x threads exceed it.
+      16 warps would cap registers at 128 (the register file is 64K per SM): the compile check
+      rejects any launch whose registers x threads exceed it.
     - Headroom: every configuration compiles without a spill with ptxas capped at 224 of the 255
       registers it may use (REG_BUDGET in the compile check): triton 3.8 tipped a configuration
       that fitted at 255 under 3.6 into an 8-byte spill, so fitting with nothing to spare is
       treated as a failure.
-    - Splits: the backward takes enough programs to fill the GPU about twice (split-KV style), the
-      forward once (a program holds the registers of a whole SM, and each split adds a partial
-      attention state to combine); never more than the tiles of a sample.
+    - Splits: enough programs to fill the GPU once (a program holds most of an SM's registers,
+      and each split adds a partial attention state to combine); never more than the tiles of a
+      sample.
     - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
       most two splits, which still exercises the combine.
     - Precision: float32 inputs get IEEE float32 products (TF32 would break the 1e-4 promise);
@@ -105,15 +108,12 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         splits = min(2, n_tiles)
     else:
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
-        if backward:
-            block_n, block_c = 16, (16 if ieee else 32)  # d < 32 too: a half-masked chunk (16 spilled on 3.6)
+        if cc < 90:  # sm_80: neither IEEE nor BLOCK_M > 16 reaches here (fused_supported)
+            block_n, block_c = 16, 32
         else:
-            if cc < 90:  # sm_80: neither IEEE nor BLOCK_M > 16 reaches here (fused_supported)
-                block_n, block_c = 16, 32
-            else:
-                block_n, block_c = (32 if (block_m <= 16 and not ieee) else 16), 16
+            block_n, block_c = (32 if (block_m <= 16 and not ieee) else 16), 16
         n_tiles = triton.cdiv(N, block_n)
-        splits = max(1, min(n_tiles, triton.cdiv((2 if backward else 1) * n_sm, B)))
+        splits = max(1, min(n_tiles, triton.cdiv(n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
@@ -174,33 +174,124 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     return out, (cos2 if orth == "soft" else None), u_all, lse
 
 
-def layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all):
-    """G = dL/dx_out (B, N, d) float32, dKABS (B, d, HM) and dW_v (d, D)."""
+@dataclass(frozen=True)
+class LayerBwdConfig:
+    rows_block_n: int     # tokens per program, rows kernel
+    rows_block_c: int     # ... and its column chunk
+    cols_block_n: int     # columns kernel: tokens per loop step
+    cols_block_d: int     # ... and columns per program
+    splits: int           # token splits per sample: the partials are (B, splits, ...)
+    block_m: int
+    block_hm: int
+    num_warps: int
+    precision: str
+
+
+def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype,
+                     device: torch.device, orth: str = "hard") -> LayerBwdConfig:
+    """Launch parameters of the two backward kernels, chosen in one place.
+
+    - M and H*M padded to powers of two >= 16 (tl.dot), masked.
+    - Rows kernel: its column pass keeps five product accumulators (BLOCK_N x (3 M + 2 H*M))
+      live, and its epilogue a dozen (BLOCK_N x M or H*M) row terms: 16 tokens with 32-column
+      chunks (16 with IEEE float32 products) at 8 warps, about 223 registers on sm_90.
+    - Columns kernel: holds the (BLOCK_DC x (2 M + 2 H*M)) chunks of A, Cc, KABS and DO and as
+      many float32 accumulators across its token loop, plus (BLOCK_DC x BLOCK_N) tiles of x, dout,
+      LN(x_out), G, Delta and dx: 32 columns and 16 tokens at 8 warps on sm_90 (64 columns spill
+      120 bytes at 224 registers), 16 columns on sm_80, with IEEE products and with orth="soft"
+      (one more tile term: 4-60 bytes of spill at 32 columns). Every column program re-reads
+      its tokens' float32 scratch (3 M + 2 H*M + 13 values a token), so wider chunks would
+      cut the backward's traffic: registers are what stop them.
+    - Splits: a sample's tokens go to several programs only when B * (d chunks) is too small to
+      fill the GPU (four programs per SM), so at large B the partials are (B, 1, ...).
+    - Interpreter: the largest tiles (programs run one at a time); at most two splits, which
+      still exercises the sum of partials.
+    Registers measured with tests/kernel_compile_check.py (sm_80, sm_90; triton 3.6, 3.8), with
+    the headroom rule of `layer_config`.
+    """
+    block_m = max(16, triton.next_power_of_2(M))
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    gpu_tiles, n_sm, cc = runtime.tiling(device)
+    # On the GPU every query bank takes H*M padded to 64 (masked): the tiles below were measured
+    # spill-free at 64, and triton 3.6 spilled 16 bytes at 32 with the same tiles.
+    block_hm = max(16, triton.next_power_of_2(HM)) if not gpu_tiles else max(64, triton.next_power_of_2(HM))
+    if not gpu_tiles:
+        rows_bn = cols_bn = min(128, max(16, triton.next_power_of_2(N)))
+        rows_bc = cols_bd = min(256, max(16, triton.next_power_of_2(d)))
+        splits = min(2, triton.cdiv(N, cols_bn))
+    else:
+        ieee = precision == "ieee"
+        rows_bn, rows_bc = 16, (16 if ieee else 32)
+        cols_bn = 16
+        cols_bd = min(16 if (ieee or cc < 90 or orth == "soft") else 32, max(16, triton.next_power_of_2(d)))
+        chunks = triton.cdiv(d, cols_bd)
+        splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
+    return LayerBwdConfig(rows_bn, rows_bc, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
+
+
+def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout, dcos2, du_all):
+    """Gradients of (x, a, cc, cbar, gate, kabs, w_v), each in its input's dtype.
+
+    Two kernels (`kernels/layer_bwd_kernels.py`): the rows kernel reduces every row-level quantity
+    in one pass over x and dout and writes, float32, P and rstd dS (B, N, M), dS_q and Pq
+    (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
+    dx and float32 partials of dA (B, S, d, M), dC (B, S, M, d), dKABS and LN(x_out)^T Pq
+    (B, S, d, H*M), summed here with torch (deterministic: no atomics). dW_v = sum_b
+    (LN(x_out)^T Pq)[b] dU_all[b]. Small per-sample terms come from torch: DO = dU_all W_v^T
+    (B, H*M, d), Cc DO^T = (Cc W_v) dU_all^T, DO 1 = dU_all (W_v^T 1), rowsum(dU_all * U_all).
+    """
     B, N, d = x.shape
-    M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
-    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device, backward=True)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dq_delta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dO * O) of flash-attention's backward
-    d_o = (du_all @ w_v.t()).contiguous()  # (B, HM, d): dU_all's pull on LN(x_out) through W_v
-    g = runtime.empty((B, N, d), **f32)
-    dk_part = torch.zeros((B, cfg.splits, d, HM), **f32)  # accumulated in place by their programs
-    ob_part = torch.zeros((B, cfg.splits, d, HM), **f32)
+    M, HM = a.shape[2], kabs.shape[2]
+    cfg = layer_bwd_config(B, N, d, M, HM, x.dtype, x.device, orth)
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    ck, cv, gc, cola, ksum, vsum = (t.contiguous() for t in aux)
+    du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
+    dout = torch.zeros((1, 1, 1), dtype=x.dtype, device=dev).expand(B, N, d) if dout is None else dout
+    if orth != "soft" or dcos2 is None:  # no upstream cos^2 gradient: read a zero, stride 0
+        dcos2 = torch.zeros((1, 1), **f32).expand(B, N)
+    do = (du_all @ w_v.t().float()).contiguous()  # (B, HM, d)
+    cdo = (cv @ du_all.transpose(1, 2)).contiguous()  # Cc DO^T (B, M, HM)
+    dosum = (du_all @ vsum).contiguous()  # DO 1 (B, HM)
+    qdelta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dU * U) of flash-attention's backward
     mask_arg, has_mask = _mask_arg(mask, x)
-    runtime.launch(K.layer_bwd_query_kernel, (cfg.splits, B),
-        x, *x.stride(), a, *a.stride(), c, *c.stride(),
-        gate, kabs, *kabs.stride(), d_o, lse, dq_delta, mask_arg,
-        dout, *dout.stride(),
-        g, dk_part, ob_part,
-        N, d, M, HM, cfg.tiles_per_split, cfg.splits,
-        reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
-        ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
-        BLOCK_HM=cfg.block_hm, PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    dkabs = dk_part.sum(dim=1)
-    obar = ob_part.sum(dim=1)  # (B, d, HM) = LN(x_out)^T P per sample
+    n_rows_tiles = triton.cdiv(N, cfg.rows_block_n)
+    dg_part = runtime.empty((B, n_rows_tiles), **f32)
+    p_s = runtime.empty((B, N, M), **f32)
+    ds_s = runtime.empty((B, N, M), **f32)
+    dsq_s = runtime.empty((B, N, HM), **f32)
+    pq_s = runtime.empty((B, N, HM), **f32)
+    rows = runtime.empty((B, KB.N_ROWS.value, N), **f32)
+    orth_code = ORTH_CODE[orth]
+    runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
+        x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
+        do, cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
+        ck, cdo, gc, cola, ksum, dosum,
+        p_s, ds_s, dsq_s, pq_s, rows, dg_part,
+        N, d, M, HM, reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
+        ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n, BLOCK_C=cfg.rows_block_c,
+        BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
+        num_warps=cfg.num_warps, num_stages=1)
+    S = cfg.splits
+    dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
+    da_part = runtime.empty((B, S, d, M), **f32)
+    dc_part = runtime.empty((B, S, M, d), **f32)
+    dk_part = runtime.empty((B, S, d, HM), **f32)
+    ob_part = runtime.empty((B, S, d, HM), **f32)
+    runtime.launch(KB.layer_bwd_cols_kernel, (triton.cdiv(d, cfg.cols_block_d), S, B),
+        x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
+        do, gate, p_s, ds_s, dsq_s, pq_s, rows,
+        dx, da_part, dc_part, dk_part, ob_part,
+        N, d, M, HM, triton.cdiv(N, cfg.cols_block_n),
+        ORTH=orth_code, BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d, BLOCK_M=cfg.block_m,
+        BLOCK_HM=cfg.block_hm, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
+        num_warps=cfg.num_warps, num_stages=1)
+    first_or_sum = (lambda t: t[:, 0]) if S == 1 else (lambda t: t.sum(1))
+    da, dc, dkabs, obar = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
     dw_v = torch.einsum("bdk,bkD->dD", obar, du_all)
-    return g, dkabs, dw_v
+    dgate = dg_part.sum()
+    return (dx, da.to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype), dgate.to(gate.dtype).reshape(gate.shape),
+            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
 
 
 # The token part of the layer as torch custom ops, so torch.compile traces through the kernels
@@ -226,45 +317,44 @@ def _(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
             x.new_empty((B, kabs.shape[2], w_v.shape[1]), **f32), x.new_empty((B, kabs.shape[2]), **f32))
 
 
-def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth):
-    """Gradients of (x, a, cc, cbar, gate, kabs, w_v): the query-attention backward kernel gives
-    G = dL/dx_out, then the OCA backward kernels take G as their upstream."""
-    dout = torch.zeros_like(x) if dout is None else dout
-    du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
-    c = (cc + cbar[..., None]).contiguous()
-    g, dkabs, dw_v = layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, dout, du_all)
-    dx, da, dc, dgate = oca_bwd(g, dcos2 if orth == "soft" else None, x, a, c, gate, orth)
-    return (dx.to(x.dtype), da.to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype), dgate.to(gate.dtype),
-            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
+def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth):
+    """Gradients of (x, a, cc, cbar, gate, kabs, w_v): `layer_bwd`'s two kernels."""
+    return layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout,
+                     dcos2 if orth == "soft" else None, du_all)
 
 
 @torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
 def layer_tokens_bwd(dout: Optional[torch.Tensor], dcos2: Optional[torch.Tensor], du_all: Optional[torch.Tensor],
                      x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
-                     kabs: torch.Tensor, w_v: torch.Tensor, mask: Optional[torch.Tensor], u_all: torch.Tensor,
-                     lse: torch.Tensor, orth: str
+                     kabs: torch.Tensor, w_v: torch.Tensor, aux: List[torch.Tensor], mask: Optional[torch.Tensor],
+                     u_all: torch.Tensor, lse: torch.Tensor, orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
-    return layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth)
+    return layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth)
 
 
 @layer_tokens_bwd.register_fake
-def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, orth):
+def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, a, cc, cbar, gate, kabs, w_v))
 
 
 def _setup_context(ctx, inputs, output):
     x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth = inputs
-    ctx.n_aux = len(aux)
     _, _, u_all, lse = output
-    ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
+    ctx.n_aux = len(aux)
+    ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux)
     ctx.orth = orth
 
 
+def _unpack(ctx):
+    """The saved tensors in `layer_tokens_backward`'s order: (x, ..., w_v, aux, mask, u_all, lse)."""
+    x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux = ctx.saved_tensors
+    return x, a, cc, cbar, gate, kabs, w_v, list(aux), mask, u_all, lse
+
+
 def _backward(ctx, dout, dcos2, du_all, _dlse):
-    saved = ctx.saved_tensors
-    grads = layer_tokens_bwd(dout, dcos2, du_all, *saved, ctx.orth)
+    grads = layer_tokens_bwd(dout, dcos2, du_all, *_unpack(ctx), ctx.orth)
     return (*grads, [None] * ctx.n_aux, None, None)  # aux: detached helpers (see layer_operands); mask; orth
 
 
@@ -277,14 +367,14 @@ class _LayerTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
         out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
-        ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse)
+        ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux)
         ctx.orth = orth
         ctx.mark_non_differentiable(lse)
         return out, (x.new_empty((0,), dtype=torch.float32) if cos2 is None else cos2), u_all, lse
 
     @staticmethod
     def backward(ctx, dout, dcos2, du_all, _dlse):
-        return (*layer_tokens_backward(dout, dcos2, du_all, *ctx.saved_tensors, ctx.orth), None, None, None)
+        return (*layer_tokens_backward(dout, dcos2, du_all, *_unpack(ctx), ctx.orth), None, None, None)
 
 
 def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):

@@ -69,6 +69,7 @@ except ImportError:  # older triton: the same rules, written out
         raise TypeError(f"cannot specialise {type(val).__name__}")
 
 from kernels import layer as L  # noqa: E402
+from kernels import layer_bwd_kernels as LKB  # noqa: E402
 from kernels import layer_kernels as LK  # noqa: E402
 from kernels import oca as K  # noqa: E402
 from kernels import runtime  # noqa: E402
@@ -76,7 +77,8 @@ from kernels import runtime  # noqa: E402
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
 KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
-                                   LK.layer_fwd_kernel, LK.layer_bwd_query_kernel)}
+                                   LK.layer_fwd_kernel, LKB.layer_bwd_rows_kernel,
+                                   LKB.layer_bwd_cols_kernel)}
 
 LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's launches
     (768, 16, 128, 4, torch.bfloat16, "hard", False),  # ViT-B/16 vision: the default
@@ -84,7 +86,7 @@ LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's la
     (512, 16, 128, 4, torch.float32, "none", True),    # IEEE products
     (80, 5, 32, 4, torch.float16, "hard", True),       # small d: 16-column chunks
     (48, 8, 128, 4, torch.bfloat16, "soft", False),    # H*M = 32, a masked last chunk
-    (256, 64, 64, 1, torch.bfloat16, "soft", True),    # BLOCK_M = 64 in the fused layer (H = 1)
+    (256, 64, 64, 1, torch.bfloat16, "soft", True),    # M = 64 at H = 1: the split path
     (768, 64, 128, 4, torch.bfloat16, "hard", True),   # H*M = 256: the split path (OCA kernels only)
 ]
 
@@ -169,10 +171,10 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
             kabs = torch.empty(B, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
             w_v, gate = torch.empty(d, D), torch.empty(())
             mask = torch.ones(B, N, dtype=torch.bool) if masked else None
-            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, L.small_products(a, c, kabs, w_v), mask, orth)
-            L.layer_bwd_query(x, a, c, gate, kabs, w_v, mask, orth, u_all, lse, torch.empty_like(x), u_all)
-            # the layer's backward then runs the OCA backward with the float32 G as its upstream
-            K.oca_bwd(torch.empty(B, N, d), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)
+            aux = L.small_products(a, c, kabs, w_v)
+            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
+            L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, torch.empty_like(x),
+                        torch.empty(B, N) if orth == "soft" else None, u_all)
     finally:
         runtime.LAUNCH_HOOK = None
         runtime.device_info = device_info

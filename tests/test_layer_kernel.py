@@ -70,9 +70,9 @@ def test_forward_and_every_gradient_match_float64(B, N, d, M, D, masked, orth, d
 
 H100_CASES = [
     # B, N, d, M, D, masked, orth, dtype, NEARL_SM_COUNT (None: the H100's 132)
-    (2, 40, 64, 5, 32, True, "hard", torch.float32, None),  # a split per token tile (2 fwd, 3 bwd)
+    (2, 40, 64, 5, 32, True, "hard", torch.float32, None),  # a split per token tile (3 fwd, 3 bwd columns)
     (2, 40, 64, 16, 128, True, "soft", torch.bfloat16, "1"),  # one split of every tile per sample
-    (3, 40, 64, 16, 128, False, "none", torch.float32, "2"),  # uneven splits (2 + 1 tiles) in the bwd
+    (3, 40, 64, 16, 128, False, "none", torch.float32, "2"),  # uneven splits (2 + 1 tiles) in the bwd columns
 ]
 
 
@@ -84,9 +84,10 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
         monkeypatch.delenv("NEARL_SM_COUNT", raising=False)
     else:
         monkeypatch.setenv("NEARL_SM_COUNT", sm_count)
-    for backward in (False, True):
-        cfg = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV), backward)
-        assert cfg.block_n <= 32 and cfg.block_c <= 32, cfg  # the GPU's tiles, not the interpreter's
+    fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
+    assert fwd.block_n <= 32 and fwd.block_c <= 32, fwd  # the GPU's tiles, not the interpreter's
+    bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV))
+    assert bwd.rows_block_n == bwd.cols_block_n == 16 and bwd.cols_block_d <= 64, bwd
     check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
 
 
@@ -260,13 +261,13 @@ def test_large_query_banks_take_the_split_path_and_stay_accurate(monkeypatch, M,
         assert err(got_grad[k], w_) <= max(1e-4, 2 * err(ref_grad[k], w_)), k
 
 
-def test_sm80_sends_what_spills_there_to_the_split_path(monkeypatch):
-    """On sm_80 float32 x and M > 16 spill in the fused forward: they take the split path."""
+def test_what_spills_takes_the_split_path(monkeypatch):
+    """What spills in the fused kernels takes the split path: M > 16 anywhere, float32 x on sm_80."""
     cpu = torch.device("cpu")
     monkeypatch.setenv("NEARL_TILING", "a100")
     assert fused.fused_supported(64, 128, torch.bfloat16, cpu, M=16)
-    assert not fused.fused_supported(64, 128, torch.bfloat16, cpu, M=32)
     assert not fused.fused_supported(64, 128, torch.float32, cpu, M=16)
     monkeypatch.setenv("NEARL_TILING", "h100")
-    assert fused.fused_supported(64, 128, torch.float32, cpu, M=64)
-    assert not fused.fused_supported(128, 128, torch.bfloat16, cpu, M=32)  # H*M > 64 everywhere
+    assert fused.fused_supported(64, 128, torch.float32, cpu, M=16)
+    assert not fused.fused_supported(64, 128, torch.bfloat16, cpu, M=64)  # H = 1
+    assert not fused.fused_supported(128, 128, torch.bfloat16, cpu, M=32)  # H*M > 64

@@ -1,0 +1,312 @@
+"""Triton kernels of the fused NEARL layer's backward (SPEC 3.1): a rows kernel and a columns kernel.
+
+The forward saves only its inputs and the query attention's log-sum-exp. With x_out = a x + g (P Cc
++ P.cbar), LN(x_out) = rstd2 (a (x - mean) + g P Cc) and the flash-attention backward of the
+query attention, every row-level quantity of the backward reduces to M-, H*M- and D-sized terms
+of one pass over x and dout (the same algebra as `layer_fwd_kernel`; see `layer_bwd_rows_kernel`).
+What remains per column is linear in the tile: G = dL/dx_out (never stored), dx, and the token
+reductions dA, dC, dKABS and LN(x_out)^T P, which `layer_bwd_cols_kernel` accumulates per program
+in registers and stores once.
+"""
+import triton
+import triton.language as tl
+
+from .casting import cast_out
+from . import layer_kernels
+from .tiles import load_tile
+
+ORTH_HARD = tl.constexpr(layer_kernels.ORTH_HARD)
+ORTH_SOFT = tl.constexpr(layer_kernels.ORTH_SOFT)
+
+# Row scalars the rows kernel hands to the columns kernel, (B, N_ROWS, N) float32.
+R_MEAN, R_RSTD2, R_COEF, R_PC = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+R_MEAN_G, R_MEAN_GX, R_KDO, R_KX = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+R_Q, R_K0, R_KDL, R_ALPHA, R_BETA = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10), tl.constexpr(11), tl.constexpr(12)
+N_ROWS = tl.constexpr(13)
+
+
+@triton.jit
+def layer_bwd_rows_kernel(
+    X, sxb, sxn, sxd,
+    DOUT, sgb, sgn, sgd,
+    A, sab, sad, sam,
+    CC, scb, scm, scd,
+    KABS, skb, skd, skh,
+    DO, CBAR, GATE, LSE, DELTA, DCOS2, sdb, sdn, MASK,
+    CK, CDO, GC, COLA, KSUM, DOSUM,
+    P_S, DS_S, DSQ_S, PQ_S, ROWS, DG_PART,
+    N, d, M, HM,
+    ln_eps, orth_eps, cos2_eps,
+    ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Backward, per token: one pass over x and dout, everything else from M/HM-sized terms.
+
+    Pass: the row statistics (of x shifted by its first chunk's mean s), (x - s) @ [A | Cc^T | KABS
+    | DO^T], dout @ Cc^T, sum(dout) and <dout, x>. DO = dU_all W_v^T (HM x d) and the per-sample
+    CK = Cc KABS, CDO = Cc DO^T, GC = Cc Cc^T, column sums 1^T A, 1^T KABS, DO 1 come from torch.
+    Then, with xn2 = LN(x_out):
+      S_q = xn2 KABS = rstd2 (a (x - mean) KABS + g P CK),  dPq = xn2 DO^T (likewise with CDO),
+      dS_q = Pq (dPq - delta)  (flash-attention: Pq = exp(S_q - lse), delta = rowsum(dU * U)),
+      G = dout + rstd2 (dxn2 - mean(dxn2) - xn2 mean(dxn2 xn2)),  dxn2 = dS_q KABS^T + Pq DO,
+      mean(dxn2) = (dS_q.1^T KABS + Pq.DO 1) / d,  mean(dxn2 xn2) = (dS_q.S_q + Pq.dPq) / d,
+      G C^T = dout Cc^T + sum(dout) cbar + rstd2 (dS_q CK^T + Pq CDO^T - mean(dxn2 xn2) xn2 Cc^T)
+      (the cbar terms of dxn2 C^T cancel with mean(dxn2) 1^T C^T), xn2 Cc^T = rstd2 (a xcc + g P GC),
+      <G, x> from the same terms. G C^T and <G, x> are all the OCA backward needs of G per row
+      (as in kernels/oca.py's rows kernel). Writes P, rstd dS, dS_q, Pq, N_ROWS row scalars and a
+      dgate partial per tile.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_hm = tl.arange(0, BLOCK_HM)
+    row_ok = offs_n < N
+    m_ok = offs_m < M
+    hm_ok = offs_hm < HM
+    x_base = X + b * sxb
+    g_base = DOUT + b * sgb
+    a_base = A + b * sab
+    cc_base = CC + b * scb
+    k_base = KABS + b * skb
+    do_base = DO + b * HM * d
+    shift = tl.sum(load_tile(x_base, sxn, sxd, offs_n, offs_c, row_ok, offs_c < d), 1) / \
+        tl.minimum(d, BLOCK_C).to(tl.float32)
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dox = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    dcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+    xdo = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        x = load_tile(x_base, sxn, sxd, offs_n, cols, row_ok, col_ok)
+        dout = load_tile(g_base, sgn, sgd, offs_n, cols, row_ok, col_ok)
+        xs = tl.where(col_ok[None, :], x - shift[:, None], 0.0)
+        s1 += tl.sum(xs, 1)
+        s2 += tl.sum(xs * xs, 1)
+        dsum += tl.sum(dout, 1)
+        if ORTH == ORTH_HARD:
+            dox += tl.sum(dout * x, 1)
+        cct = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
+        xa = tl.dot(xs, load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok), xa, input_precision=PREC)
+        xcc = tl.dot(xs, cct, xcc, input_precision=PREC)
+        dcc = tl.dot(dout, cct, dcc, input_precision=PREC)
+        xk = tl.dot(xs, load_tile(k_base, skd, skh, cols, offs_hm, col_ok, hm_ok), xk, input_precision=PREC)
+        xdo = tl.dot(xs, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), xdo, input_precision=PREC)
+    gate = tl.load(GATE).to(tl.float32)
+    mm_ok = m_ok[:, None] & m_ok[None, :]
+    mh_ok = m_ok[:, None] & hm_ok[None, :]
+    cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
+    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
+    ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    dosum = tl.load(DOSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    lse = tl.load(LSE + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    qdelta = tl.load(DELTA + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
+    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
+    cdo = tl.load(CDO + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
+    # the forward, recomputed
+    dm = s1 / d  # mean - shift
+    mean = shift + dm
+    m2 = tl.maximum(s2 - s1 * dm, 0.0)
+    rstd = 1.0 / tl.sqrt(m2 / d + ln_eps)
+    xx = s2 + shift * (2.0 * s1 + d * shift)
+    s_oca = rstd[:, None] * (xa - dm[:, None] * cola[None, :])  # 0 in padded columns
+    p = tl.where(m_ok[None, :], s_oca, float("-inf"))
+    p = tl.exp(p - tl.max(p, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    pc = tl.sum(p * cbar[None, :], 1)
+    xc = xcc + (d * mean)[:, None] * cbar[None, :]  # x C^T
+    dot = tl.sum(p * xc, 1)  # <Delta, x>
+    pgc = tl.dot(p, gc, input_precision=PREC)  # P Cc Cc^T
+    pgp = tl.sum(p * pgc, 1)  # |P Cc|^2
+    if ORTH == ORTH_HARD:
+        coef = 1.0 - gate * dot / (xx + orth_eps)
+    else:
+        coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
+    rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
+    # the query attention's backward (flash style)
+    s_q = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :]) + gate * tl.dot(p, ck, input_precision=PREC))
+    dpq = rstd2[:, None] * (coef[:, None] * (xdo - dm[:, None] * dosum[None, :]) + gate * tl.dot(p, cdo, input_precision=PREC))
+    valid = row_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + b * N + offs_n, mask=row_ok, other=0) != 0)
+    pq = tl.where(valid[:, None] & hm_ok[None, :], tl.exp(s_q - lse[None, :]), 0.0)
+    dsq = pq * (dpq - qdelta[None, :])
+    mean_g = (tl.sum(dsq * ksum[None, :], 1) + tl.sum(pq * dosum[None, :], 1)) / d
+    mean_gx = (tl.sum(dsq * s_q, 1) + tl.sum(pq * dpq, 1)) / d
+    xn2c = rstd2[:, None] * (coef[:, None] * xcc + gate * pgc)  # LN(x_out) Cc^T
+    # G C^T and <G, x>: all the OCA backward needs of G per row
+    # dS_q CK^T + Pq CDO^T as a broadcast sum: as two tl.dot with a 16-row left operand it spilled
+    # 300-450 bytes (ptxas, sm_90), as this it fits
+    oc = dcc + dsum[:, None] * cbar[None, :] + rstd2[:, None] * (
+        tl.sum(dsq[:, None, :] * ck[None, :, :] + pq[:, None, :] * cdo[None, :, :], 2) - mean_gx[:, None] * xn2c)
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if ORTH == ORTH_HARD:
+        xn2x = rstd2 * (coef * m2 + gate * tl.sum(p * xcc, 1))  # <LN(x_out), x>
+        do_x = dox + rstd2 * (tl.sum(dsq * xk, 1) + tl.sum(pq * xdo, 1) - d * mean_g * dm - mean_gx * xn2x)
+    else:
+        do_x = zero
+    # the OCA backward with upstream G (kernels/oca.py's rows kernel)
+    do_delta = tl.sum(p * oc, 1)  # <G, Delta>
+    if ORTH == ORTH_HARD:
+        inv = 1.0 / (xx + orth_eps)
+        k = dot * inv
+        sc = gate * do_x * inv
+        dg = do_delta - k * do_x
+        alpha = -sc
+        beta = zero
+        dp = gate * oc + alpha[:, None] * xc
+        c_do = -k * gate
+        c_dl = -sc
+        c_x = 2.0 * k * sc
+    elif ORTH == ORTH_SOFT:
+        pg = pgc + (d * pc)[:, None] * cbar[None, :]  # P C C^T
+        dd = pgp + d * pc * pc  # |Delta|^2
+        den = dd * xx + cos2_eps
+        cos2 = dot * dot / den
+        gcs = tl.load(DCOS2 + b * sdb + offs_n * sdn, mask=row_ok, other=0.0).to(tl.float32)
+        dg = do_delta
+        alpha = gcs * 2.0 * dot / den
+        beta = -gcs * 2.0 * cos2 * xx / den
+        dp = gate * oc + alpha[:, None] * xc + beta[:, None] * pg
+        c_do = zero
+        c_dl = alpha
+        c_x = -gcs * 2.0 * cos2 * dd / den
+    else:
+        dg = do_delta
+        alpha = zero
+        beta = zero
+        dp = gate * oc
+        c_do = zero
+        c_dl = zero
+        c_x = zero
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    m1 = tl.sum(ds * cola[None, :], 1) / d
+    m2s = tl.sum(ds * s_oca, 1) / d
+    tl.store(DG_PART + b * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, dg, 0.0), 0))
+    nm = row_ok[:, None] & m_ok[None, :]
+    nh = row_ok[:, None] & hm_ok[None, :]
+    tl.store(P_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], p, mask=nm)
+    tl.store(DS_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], ds * rstd[:, None], mask=nm)
+    tl.store(DSQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], dsq, mask=nh)
+    tl.store(PQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], pq, mask=nh)
+    rows = ROWS + b * N_ROWS * N + offs_n
+    tl.store(rows + R_MEAN * N, mean, mask=row_ok)
+    tl.store(rows + R_RSTD2 * N, rstd2, mask=row_ok)
+    tl.store(rows + R_COEF * N, coef, mask=row_ok)
+    tl.store(rows + R_PC * N, pc, mask=row_ok)
+    tl.store(rows + R_MEAN_G * N, mean_g, mask=row_ok)
+    tl.store(rows + R_MEAN_GX * N, mean_gx, mask=row_ok)
+    tl.store(rows + R_KDO * N, 1.0 + c_do, mask=row_ok)
+    tl.store(rows + R_KX * N, c_x, mask=row_ok)
+    tl.store(rows + R_Q * N, rstd * rstd * m2s, mask=row_ok)
+    tl.store(rows + R_K0 * N, -rstd * m1, mask=row_ok)
+    tl.store(rows + R_KDL * N, c_dl, mask=row_ok)
+    tl.store(rows + R_ALPHA * N, alpha, mask=row_ok)
+    tl.store(rows + R_BETA * N, beta, mask=row_ok)
+
+
+@triton.jit
+def layer_bwd_cols_kernel(
+    X, sxb, sxn, sxd,
+    DOUT, sgb, sgn, sgd,
+    A, sab, sad, sam,
+    CC, scb, scm, scd,
+    KABS, skb, skd, skh,
+    DO, GATE,
+    P_S, DS_S, DSQ_S, PQ_S, ROWS,
+    DX, DA_PART, DC_PART, DK_PART, OB_PART,
+    N, d, M, HM, n_tiles,
+    ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_HM: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+):
+    """Backward, per column chunk: G, dx, and the token reductions dA = LN(x)^T dS,
+    dC = P^T dDelta, dKABS = LN(x_out)^T dS_q and LN(x_out)^T Pq (for dW_v).
+
+    Grid (d chunks, token splits, B): a program owns BLOCK_DC columns of one sample, reads that
+    chunk of A, Cc, KABS and DO once, and walks the token tiles of its split with tiles held
+    transposed (BLOCK_DC x BLOCK_N):
+      P Cc, Delta = P Cc + P.cbar, LN(x_out) = rstd2 (a (x - mean) + g P Cc),
+      G = dout + rstd2 (dS_q KABS^T + Pq DO - mean(dxn2) - LN(x_out) mean(dxn2 LN(x_out))),
+      dx = (rstd dS) A^T + k_do G + k_x x - q (x - mean) + k_0 + k_dl Delta,  dDelta = g G + alpha x + beta Delta,
+    stores dx, and accumulates the four (BLOCK_DC x M or HM) float32 partials in registers, stored
+    once into the program's own slot (summed with torch: deterministic, no atomics).
+    """
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_hm = tl.arange(0, BLOCK_HM)
+    d_ok = offs_d < d
+    m_ok = offs_m < M
+    hm_ok = offs_hm < HM
+    gate = tl.load(GATE).to(tl.float32)
+    a_c = load_tile(A + b * sab, sad, sam, offs_d, offs_m, d_ok, m_ok)  # (BLOCK_DC, BLOCK_M)
+    cct = load_tile(CC + b * scb, scd, scm, offs_d, offs_m, d_ok, m_ok)  # Cc^T chunk
+    k_c = load_tile(KABS + b * skb, skd, skh, offs_d, offs_hm, d_ok, hm_ok)  # (BLOCK_DC, BLOCK_HM)
+    dot_c = load_tile(DO + b * HM * d, 1, d, offs_d, offs_hm, d_ok, hm_ok)  # DO^T chunk
+    acc_a = tl.zeros([BLOCK_DC, BLOCK_M], dtype=tl.float32)
+    acc_ct = tl.zeros([BLOCK_DC, BLOCK_M], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_DC, BLOCK_HM], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_DC, BLOCK_HM], dtype=tl.float32)
+    for t in range(pid_s, n_tiles, n_splits):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        tmask = d_ok[:, None] & n_ok[None, :]
+        xt = tl.load(X + b * sxb + offs_n[None, :] * sxn + offs_d[:, None] * sxd, mask=tmask, other=0.0).to(tl.float32)
+        gt = tl.load(DOUT + b * sgb + offs_n[None, :] * sgn + offs_d[:, None] * sgd, mask=tmask, other=0.0).to(tl.float32)
+        p = load_tile(P_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)  # (BLOCK_N, BLOCK_M)
+        dsr = load_tile(DS_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)
+        dsq = load_tile(DSQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)  # (BLOCK_N, BLOCK_HM)
+        pq = load_tile(PQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
+        rows = ROWS + b * N_ROWS * N + offs_n
+        mean = tl.load(rows + R_MEAN * N, mask=n_ok, other=0.0)
+        rstd2 = tl.load(rows + R_RSTD2 * N, mask=n_ok, other=0.0)
+        coef = tl.load(rows + R_COEF * N, mask=n_ok, other=0.0)
+        pc = tl.load(rows + R_PC * N, mask=n_ok, other=0.0)
+        mean_g = tl.load(rows + R_MEAN_G * N, mask=n_ok, other=0.0)
+        mean_gx = tl.load(rows + R_MEAN_GX * N, mask=n_ok, other=0.0)
+        k_do = tl.load(rows + R_KDO * N, mask=n_ok, other=0.0)
+        k_x = tl.load(rows + R_KX * N, mask=n_ok, other=0.0)
+        q = tl.load(rows + R_Q * N, mask=n_ok, other=0.0)
+        k_0 = tl.load(rows + R_K0 * N, mask=n_ok, other=0.0)
+        k_dl = tl.load(rows + R_KDL * N, mask=n_ok, other=0.0)
+        alpha = tl.load(rows + R_ALPHA * N, mask=n_ok, other=0.0)
+        xm = tl.where(tmask, xt - mean[None, :], 0.0)
+        pcc = tl.dot(cct, tl.trans(p), input_precision=PREC)  # (P Cc)^T
+        xn2 = tl.where(tmask, rstd2[None, :] * (coef[None, :] * xm + gate * pcc), 0.0)
+        dxn2 = tl.dot(k_c, tl.trans(dsq), input_precision=PREC)
+        dxn2 = tl.dot(dot_c, tl.trans(pq), dxn2, input_precision=PREC)
+        g = gt + rstd2[None, :] * (dxn2 - mean_g[None, :] - xn2 * mean_gx[None, :])
+        delta = pcc + pc[None, :]
+        dx = tl.dot(a_c, tl.trans(dsr), input_precision=PREC)
+        dx += k_do[None, :] * g + k_x[None, :] * xt - q[None, :] * xm + k_0[None, :] + k_dl[None, :] * delta
+        ddelta = gate * g + alpha[None, :] * xt
+        if ORTH == ORTH_SOFT:
+            beta = tl.load(rows + R_BETA * N, mask=n_ok, other=0.0)
+            ddelta += beta[None, :] * delta
+        ddelta = tl.where(tmask, ddelta, 0.0)
+        tl.store(DX + (b * N + offs_n[None, :]) * d + offs_d[:, None],
+                 cast_out(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=tmask)
+        acc_a = tl.dot(xm, dsr, acc_a, input_precision=PREC)
+        acc_ct = tl.dot(ddelta, p, acc_ct, input_precision=PREC)
+        acc_k = tl.dot(xn2, dsq, acc_k, input_precision=PREC)
+        acc_o = tl.dot(xn2, pq, acc_o, input_precision=PREC)
+    part = b * n_splits + pid_s
+    dm_ok = d_ok[:, None] & m_ok[None, :]
+    dh_ok = d_ok[:, None] & hm_ok[None, :]
+    tl.store(DA_PART + part * d * M + offs_d[:, None] * M + offs_m[None, :], acc_a, mask=dm_ok)
+    tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
+    tl.store(DK_PART + part * d * HM + offs_d[:, None] * HM + offs_hm[None, :], acc_k, mask=dh_ok)
+    tl.store(OB_PART + part * d * HM + offs_d[:, None] * HM + offs_hm[None, :], acc_o, mask=dh_ok)
