@@ -235,8 +235,8 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
     Two kernels (`kernels/layer_bwd_kernels.py`): the rows kernel reduces every row-level quantity
     in one pass over x and dout and writes, float32, P and rstd dS (B, N, M), dS_q and Pq
     (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
-    dx and float32 partials of dA (B, S, d, M), dC (B, S, M, d), dKABS and LN(x_out)^T Pq
-    (B, S, d, H*M), summed here with torch (deterministic: no atomics). dW_v = sum_b
+    dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
+    (B, S, H*M, d), summed here with torch (deterministic: no atomics). dW_v = sum_b
     (LN(x_out)^T Pq)[b] dU_all[b]. Small per-sample terms come from torch: DO = dU_all W_v^T
     (B, H*M, d), Cc DO^T = (Cc W_v) dU_all^T, DO 1 = dU_all (W_v^T 1), rowsum(dU_all * U_all).
     """
@@ -274,10 +274,10 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
         num_warps=cfg.num_warps, num_stages=1)
     S = cfg.splits
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
-    da_part = runtime.empty((B, S, d, M), **f32)
+    da_part = runtime.empty((B, S, M, d), **f32)  # all (.., M or HM, d): see the kernel's stores
     dc_part = runtime.empty((B, S, M, d), **f32)
-    dk_part = runtime.empty((B, S, d, HM), **f32)
-    ob_part = runtime.empty((B, S, d, HM), **f32)
+    dk_part = runtime.empty((B, S, HM, d), **f32)
+    ob_part = runtime.empty((B, S, HM, d), **f32)
     runtime.launch(KB.layer_bwd_cols_kernel, (triton.cdiv(d, cfg.cols_block_d), S, B),
         x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
         do, gate, p_s, ds_s, dsq_s, pq_s, rows,
@@ -287,11 +287,12 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
         BLOCK_HM=cfg.block_hm, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
         num_warps=cfg.num_warps, num_stages=1)
     first_or_sum = (lambda t: t[:, 0]) if S == 1 else (lambda t: t.sum(1))
-    da, dc, dkabs, obar = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
-    dw_v = torch.einsum("bdk,bkD->dD", obar, du_all)
+    da_t, dc, dkabs_t, obar_t = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
+    D = w_v.shape[1]
+    dw_v = obar_t.reshape(B * HM, d).t() @ du_all.reshape(B * HM, D)  # sum_b (LN(x_out)^T Pq)[b] dU_all[b]
     dgate = dg_part.sum()
-    return (dx, da.to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype), dgate.to(gate.dtype).reshape(gate.shape),
-            dkabs.to(kabs.dtype), dw_v.to(w_v.dtype))
+    return (dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype),
+            dgate.to(gate.dtype).reshape(gate.shape), dkabs_t.transpose(1, 2).to(kabs.dtype), dw_v.to(w_v.dtype))
 
 
 # The token part of the layer as torch custom ops, so torch.compile traces through the kernels

@@ -306,7 +306,9 @@ def layer_bwd_cols_kernel(
     part = b * n_splits + pid_s
     dm_ok = d_ok[:, None] & m_ok[None, :]
     dh_ok = d_ok[:, None] & hm_ok[None, :]
-    tl.store(DA_PART + part * d * M + offs_d[:, None] * M + offs_m[None, :], acc_a, mask=dm_ok)
+    # every partial (..., M or HM, d): A and KABS are transposed views of (M, d) and (HM, d)
+    # products, so their gradients come back in the layout autograd passes on without a copy
+    tl.store(DA_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_a, mask=dm_ok)
     tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
-    tl.store(DK_PART + part * d * HM + offs_d[:, None] * HM + offs_hm[None, :], acc_k, mask=dh_ok)
-    tl.store(OB_PART + part * d * HM + offs_d[:, None] * HM + offs_hm[None, :], acc_o, mask=dh_ok)
+    tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_k, mask=dh_ok)
+    tl.store(OB_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_o, mask=dh_ok)
