@@ -91,6 +91,19 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
     check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
 
 
+@pytest.mark.parametrize("orth", ["hard", "soft"])
+def test_a100_tiling_matches_float64(orth, monkeypatch):
+    """NEARL_TILING=a100: sm_80's own tiles (16 tokens x 32 columns forward, 16-column backward
+    programs), two token splits in the backward's columns kernel."""
+    monkeypatch.setenv("NEARL_TILING", "a100")
+    monkeypatch.setenv("NEARL_SM_COUNT", "2")
+    B, N, d, M, D, dtype = 2, 40, 48, 16, 128, torch.bfloat16
+    fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
+    bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV), orth)
+    assert (fwd.block_n, fwd.block_c, bwd.cols_block_d, bwd.splits) == (16, 32, 16, 2), (fwd, bwd)
+    check_against_float64(B, N, d, M, D, True, orth, dtype, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_with_a_large_mean(dtype, monkeypatch):
     """Residual streams: row means 150 times their spread, under the H100's tiles (16-column
