@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .casting import cast_out
 from . import layer_kernels
+from .oca import oca_row_grads
 from .tiles import load_tile
 
 ORTH_HARD = tl.constexpr(layer_kernels.ORTH_HARD)
@@ -156,40 +157,16 @@ def layer_bwd_rows_kernel(
     else:
         do_x = zero
     # the OCA backward with upstream G (kernels/oca.py's rows kernel)
-    do_delta = tl.sum(p * oc, 1)  # <G, Delta>
-    if ORTH == ORTH_HARD:
-        inv = 1.0 / (xx + orth_eps)
-        k = dot * inv
-        sc = gate * do_x * inv
-        dg = do_delta - k * do_x
-        alpha = -sc
-        beta = zero
-        dp = gate * oc + alpha[:, None] * xc
-        c_do = -k * gate
-        c_dl = -sc
-        c_x = 2.0 * k * sc
-    elif ORTH == ORTH_SOFT:
+    if ORTH == ORTH_SOFT:
         pg = pgc + (d * pc)[:, None] * cbar[None, :]  # P C C^T
-        dd = pgp + d * pc * pc  # |Delta|^2
-        den = dd * xx + cos2_eps
-        cos2 = dot * dot / den
+        dd = pgp + d * pc * pc  # |Delta|^2 (the centred and the constant part are orthogonal)
         gcs = tl.load(DCOS2 + b * sdb + offs_n * sdn, mask=row_ok, other=0.0).to(tl.float32)
-        dg = do_delta
-        alpha = gcs * 2.0 * dot / den
-        beta = -gcs * 2.0 * cos2 * xx / den
-        dp = gate * oc + alpha[:, None] * xc + beta[:, None] * pg
-        c_do = zero
-        c_dl = alpha
-        c_x = -gcs * 2.0 * cos2 * dd / den
     else:
-        dg = do_delta
-        alpha = zero
-        beta = zero
-        dp = gate * oc
-        c_do = zero
-        c_dl = zero
-        c_x = zero
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        pg = pgc
+        dd = zero
+        gcs = zero
+    dg, alpha, beta, ds, c_do, c_dl, c_x = oca_row_grads(p, oc, xc, pg, dot, dd, xx, do_x, gcs, gate,
+                                                         ORTH == ORTH_HARD, ORTH == ORTH_SOFT)
     m1 = tl.sum(ds * cola[None, :], 1) / d
     m2s = tl.sum(ds * s_oca, 1) / d
     tl.store(DG_PART + b * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, dg, 0.0), 0))

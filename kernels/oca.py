@@ -195,6 +195,50 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
         tl.store(COS2 + b * N + offs_n, dot * dot / (dd * xx + _COS2_EPS), mask=mask_n)
 
 
+@triton.jit
+def oca_row_grads(p, oc, xc, pg, dot, dd, xx, do_x, gcs, g, HARD: tl.constexpr, SOFT: tl.constexpr):
+    """The OCA backward of one tile of rows, reduced to M-sized terms (shared with the fused layer).
+
+    p: the probabilities P, oc = dout C^T, xc = x C^T, pg = P C C^T (soft only), dot = <Delta, x>,
+    dd = |Delta|^2 (soft only), xx = <x, x>, do_x = <dout, x> (hard only), gcs the upstream cos^2
+    gradient (soft only), g the gate. Returns the gate-gradient terms dg, dDelta = g dout + alpha x
+    + beta Delta's alpha and beta, dS (the scores' gradient) and dx's coefficients c_do (of dout,
+    besides 1), c_dl (of Delta), c_x (of x)."""
+    zero = dot * 0.0
+    do_delta = tl.sum(p * oc, axis=1)  # <dout, Delta>
+    if HARD:
+        inv = 1.0 / (xx + _ORTH_EPS)
+        k = dot * inv
+        sc = g * do_x * inv  # <x, g dout> / (<x, x> + eps)
+        dg = do_delta - k * do_x  # dout . u
+        alpha = -sc
+        beta = zero
+        dp = g * oc + alpha[:, None] * xc
+        c_do = -k * g
+        c_dl = -sc
+        c_x = 2.0 * k * sc
+    elif SOFT:
+        den = dd * xx + _COS2_EPS
+        cos2 = dot * dot / den
+        dg = do_delta
+        alpha = gcs * 2.0 * dot / den
+        beta = -gcs * 2.0 * cos2 * xx / den
+        dp = g * oc + alpha[:, None] * xc + beta[:, None] * pg
+        c_do = zero
+        c_dl = alpha
+        c_x = -gcs * 2.0 * cos2 * dd / den
+    else:
+        dg = do_delta
+        alpha = zero
+        beta = zero
+        dp = g * oc
+        c_do = zero
+        c_dl = zero
+        c_x = zero
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    return dg, alpha, beta, ds, c_do, c_dl, c_x
+
+
 # Row scalars the rows kernel hands to the column kernel, (B, N_ROWS, N) fp32.
 _R_MEAN, _R_ALPHA, _R_BETA, _R_KDO = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 _R_KDL, _R_KX, _R_Q, _R_K0 = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
@@ -230,44 +274,18 @@ def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART
     p = _softmax_rows(s, mask_m)
     g = tl.load(G).to(tl.float32)
     dot = tl.sum(p * xc, axis=1)
-    do_delta = tl.sum(p * oc, axis=1)
     zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # dDelta = g dout + alpha x + beta Delta; dx_direct = c_do dout + c_dl Delta + c_x x
-    if ORTH == 1:
-        inv = 1.0 / (xx + _ORTH_EPS)
-        k = dot * inv
-        sc = g * do_x * inv  # <x, g dout> / (<x, x> + eps)
-        dg = do_delta - k * do_x  # dout . u
-        alpha = -sc
-        beta = zero
-        dp = g * oc + alpha[:, None] * xc
-        c_do = -k * g
-        c_dl = -sc
-        c_x = 2.0 * k * sc
-    elif ORTH == 2:
+    pg = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    dd = zero
+    gcs = zero
+    if ORTH == 2:
         gm = tl.load(GRAM + b * M * M + offs_m[:, None] * M + offs_m[None, :],
                      mask=mask_m[:, None] & mask_m[None, :], other=0.0)
-        pg = _mm(p, gm, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), PREC)  # Delta @ C^T
+        pg = _mm(p, gm, pg, PREC)  # Delta @ C^T
         dd = tl.sum(p * pg, axis=1)  # |Delta|^2
-        den = dd * xx + _COS2_EPS
-        cos2 = dot * dot / den
-        gc = tl.load(DCOS2 + b * s_eb + offs_n * s_en, mask=mask_n, other=0.0).to(tl.float32)
-        dg = do_delta
-        alpha = gc * 2.0 * dot / den
-        beta = -gc * 2.0 * cos2 * xx / den
-        dp = g * oc + alpha[:, None] * xc + beta[:, None] * pg
-        c_do = zero
-        c_dl = alpha
-        c_x = -gc * 2.0 * cos2 * dd / den
-    else:
-        dg = do_delta
-        alpha = zero
-        beta = zero
-        dp = g * oc
-        c_do = zero
-        c_dl = zero
-        c_x = zero
-    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        gcs = tl.load(DCOS2 + b * s_eb + offs_n * s_en, mask=mask_n, other=0.0).to(tl.float32)
+    dg, alpha, beta, ds, c_do, c_dl, c_x = oca_row_grads(p, oc, xc, pg, dot, dd, xx, do_x, gcs, g,
+                                                         ORTH == 1, ORTH == 2)
     m1 = tl.sum(ds * cola[None, :], axis=1) / D
     m2 = tl.sum(ds * s, axis=1) / D  # s: the unmasked scores (0 in padded columns)
     # dx = dout + dx_direct + rstd (dLN - m1 - (x - mean) rstd m2)
