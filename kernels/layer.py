@@ -1,10 +1,11 @@
 """Fused NEARL layer (SPEC 3.1): launchers, autograd Function and the public op.
 
 The (B, N, d)-sized work (OCA, the projection, the residual, LN(x_out) and the query attention
-over the tokens) runs in the Triton kernels of `layer_kernels.py`, one pass over each tile of x.
-What is (B, M, D)-sized or smaller (the OCA factors A and C, the queries' LayerNorm and heads, the
-output projection and the MLP) stays in plain torch, reusing `nearl.reference`, and autograd
-differentiates it.
+over the tokens) runs in the Triton kernels of `layer_kernels.py` (forward: one kernel, two
+passes over each tile of x) and `layer_bwd_kernels.py` (backward: a rows and a columns kernel).
+What is per-sample and M-sized in one dimension (the OCA factors A and C, the absorbed keys, the
+queries' LayerNorm and heads, the output projection and the MLP) stays in plain torch, formed by
+`layer_operands` and `nearl.reference`, and autograd differentiates it.
 """
 from __future__ import annotations
 
