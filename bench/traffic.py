@@ -68,7 +68,7 @@ def environ(**values: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------------- tiling
-def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int) -> list:
+def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int, orth: str = "hard") -> list:
     """Every launch configuration the launchers pick for this problem at batch B (under the
     current NEARL_TILING / NEARL_SM_COUNT), as the launchers themselves compute them."""
     from kernels import layer as L
@@ -80,19 +80,20 @@ def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int) -> lis
     configs = [K._oca_config(B, shape.N, shape.d, shape.M, prec, not gpu_tiles, n_sm, cc)]
     if kernel == "layer":
         configs += [L.layer_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, shape.D, dtype, cpu),
-                    L.layer_bwd_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, dtype, cpu)]
+                    L.layer_bwd_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, dtype, cpu, orth)]
     return configs
 
 
-def matching_sm_count(kernel: str, shape: Shape, dtype: torch.dtype, B: int, tiling: str) -> Optional[int]:
+def matching_sm_count(kernel: str, shape: Shape, dtype: torch.dtype, B: int, tiling: str,
+                      orth: str = "hard") -> Optional[int]:
     """The smallest SM count at which batch B gets exactly the launch configurations of
     REFERENCE_B on the whole `tiling` GPU (None if there is none)."""
     n_ref = runtime.TILINGS[tiling][0]
     with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n_ref)):
-        want = launch_configs(kernel, shape, dtype, REFERENCE_B)
+        want = launch_configs(kernel, shape, dtype, REFERENCE_B, orth)
     for n in range(1, n_ref + 1):
         with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n)):
-            if launch_configs(kernel, shape, dtype, B) == want:
+            if launch_configs(kernel, shape, dtype, B, orth) == want:
                 return n
     return None
 
@@ -157,16 +158,16 @@ class TrafficRun:
         if given:
             n_sm, chosen = int(given), False
         else:
-            n_sm, chosen = matching_sm_count(self.kernel, self.shape, self.dtype, B, tiling), True
+            n_sm, chosen = matching_sm_count(self.kernel, self.shape, self.dtype, B, tiling, self.args.orth), True
             if n_sm is None:
                 raise ValueError(f"--B {B}: no SM count gives batch {B} the launch configurations of "
                                  f"B={REFERENCE_B} on {n_ref} SMs; try --B 2")
         with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n_ref)):
-            want = launch_configs(self.kernel, self.shape, self.dtype, REFERENCE_B)
+            want = launch_configs(self.kernel, self.shape, self.dtype, REFERENCE_B, self.args.orth)
         with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n_sm)):
-            got = launch_configs(self.kernel, self.shape, self.dtype, B)
+            got = launch_configs(self.kernel, self.shape, self.dtype, B, self.args.orth)
         with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(2 * n_sm)):
-            doubled = launch_configs(self.kernel, self.shape, self.dtype, 2 * B)
+            doubled = launch_configs(self.kernel, self.shape, self.dtype, 2 * B, self.args.orth)
         if doubled != got:  # ceil(2a / 2b) = ceil(a / b): cannot happen with today's launchers
             raise RuntimeError(f"the launch configurations at B={2 * B} on {2 * n_sm} SMs differ from B={B} "
                                f"on {n_sm}; the torch part cannot be separated from its fixed cost")

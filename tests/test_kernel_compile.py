@@ -5,11 +5,12 @@ distinct launch with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
 in a subprocess because under TRITON_INTERPRET=1 (set by conftest.py without a GPU) the kernels
 are interpreter objects. Default: the covering set (every value of every constexpr, both dot
 precisions, every orth mode, the heaviest tiles); NEARL_COMPILE_ALL=1 compiles every
-configuration the launchers can choose (1,356 compiles with both caps, 28-34 minutes on 2
-cores; the default set is 212, a few minutes).
+configuration the launchers can choose (1,154 compiles with both caps, about 11 minutes on 2
+cores with triton 3.8; the default set is 192, a few minutes).
 
 A launch fails the test when it does not compile, when its shared memory exceeds the target's
-per-block limit (227 KB sm_90, 163 KB sm_80), or when ptxas spills a single byte, either as the
+per-block limit (227 KB sm_90, 163 KB sm_80), when its registers times its threads exceed the
+64K register file (the launch would fail), or when ptxas spills a single byte, either as the
 launcher makes it (naming the hardware's ceiling, 255 registers) or capped at REG_BUDGET = 224: the kernels
 are memory-bound, a spill puts local-memory traffic into every chunk of the hot loops, and a
 configuration that fits only at the 255 ceiling is one ptxas release away from spilling (triton
