@@ -11,8 +11,8 @@ in registers and stores once.
 import triton
 import triton.language as tl
 
-from .casting import cast_out
 from . import layer_kernels
+from .casting import cast_out
 from .oca import oca_row_grads
 from .tiles import load_tile
 
