@@ -150,8 +150,6 @@ def layer_fwd_kernel(
         # the query attention on LN(x_out), from the products
         s = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :])
                               + gate * tl.dot(p, ck, input_precision=PREC))
-        v = rstd2[:, None] * (coef[:, None] * (xv - dm[:, None] * vsum[None, :])
-                              + gate * tl.dot(p, cv, input_precision=PREC))
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
@@ -160,8 +158,11 @@ def layer_fwd_kernel(
         alpha = tl.exp(m_run - m_new)
         pq = tl.exp(s - m_new[None, :])
         l_run = l_run * alpha + tl.sum(pq, 0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
         m_run = m_new
+        # the values only now: formed earlier they would be live through the softmax update
+        v = rstd2[:, None] * (coef[:, None] * (xv - dm[:, None] * vsum[None, :])
+                              + gate * tl.dot(p, cv, input_precision=PREC))
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
         # pass 2: x_out, the only write of a (B, N, d) tensor
         out_rows = OUT + (b * N + rows.to(tl.int64)) * d
         for c0 in range(0, d, BLOCK_C):
