@@ -77,12 +77,13 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       (`fused_supported`: larger query banks take the split path).
       Forward: pass 1 keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
       across the column loop, next to the (H*M x D) attention state and the (M x H*M), (M x D)
-      per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits at BLOCK_M = 16 on sm_90
-      (32-column chunks, or 64 tokens, spill hundreds of bytes); BLOCK_M >= 32 and IEEE float32
-      products (no tensor cores: operands in registers) take 16 tokens. sm_80 takes 16 tokens
-      with 32-column chunks (triton 3.6 spilled 8-16 bytes at 224 registers with 32 x 16 and
-      16 x 16); float32 there spills whatever the tiles and takes the split path
-      (`fused_supported`).
+      per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits for bfloat16 x on
+      sm_90 (32-column chunks, or 64 tokens, spill hundreds of bytes), only just: float16 x
+      there, and sm_80, take 16 tokens with 32-column chunks (triton 3.6 spilled 8-24 bytes at
+      224 registers with 32 x 16). IEEE float32 products (no tensor cores: operands in
+      registers) take 16 x 16 on sm_90; on sm_80 float32 spills whatever the tiles and takes the
+      split path (`fused_supported`). On the GPU, H*M and D are padded to 64 and 128 whatever the
+      query bank: smaller ones tipped over the 224-register edge (8-16 bytes).
       16 warps would cap registers at 128 (the register file is 64K per SM): the compile check
       rejects any launch whose registers x threads exceed it.
     - Headroom: every configuration compiles without a spill with ptxas capped at 224 of the 255
@@ -102,6 +103,9 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     block_d = max(16, triton.next_power_of_2(D))
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     gpu_tiles, n_sm, cc = runtime.tiling(device)
+    if gpu_tiles:  # every query bank takes the tile shape measured spill-free, H*M 64 x D 128 (masked):
+        # smaller ones sat at the 224-register edge and tipped over with triton 3.6 or 3.8 (8-16 bytes)
+        block_hm, block_d = MAX_FUSED_HM, MAX_FUSED_D
     if not gpu_tiles:
         block_n = min(128, max(16, triton.next_power_of_2(N)))
         block_c = min(256, max(16, triton.next_power_of_2(d)))
@@ -109,10 +113,12 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         splits = min(2, n_tiles)
     else:
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
-        if cc < 90:  # sm_80: neither IEEE nor BLOCK_M > 16 reaches here (fused_supported)
+        if ieee:  # sm_90 only (fused_supported)
+            block_n, block_c = 16, 16
+        elif cc >= 90 and dtype == torch.bfloat16:
+            block_n, block_c = 32, 16
+        else:  # sm_80, and float16 x (32 x 16 spilled 24 bytes at 224 registers with triton 3.6)
             block_n, block_c = 16, 32
-        else:
-            block_n, block_c = (32 if (block_m <= 16 and not ieee) else 16), 16
         n_tiles = triton.cdiv(N, block_n)
         splits = max(1, min(n_tiles, triton.cdiv(n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
