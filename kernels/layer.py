@@ -404,12 +404,12 @@ def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:
     return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
 
 
-def absorbed_keys(qh: torch.Tensor, w_k: torch.Tensor, heads: int) -> torch.Tensor:
-    """KABS (B, d, H*M): column h*M + m is W_k[:, head h] @ Qh[m, head h] / sqrt(dh), so that
-    LN(x_out) @ KABS gives every head's scores in one product. Returned as the transposed view of
-    a contiguous (B, H*M, d) product: one matrix multiplication writes it, no copy (the kernels
-    take strides)."""
-    return (block_queries(qh, heads) @ w_k.t()).transpose(1, 2)
+def absorbed_keys(qb: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+    """KABS (B, d, H*M) from the block queries qb = `block_queries(Qh, H)`: column h*M + m is
+    W_k[:, head h] @ Qh[m, head h] / sqrt(dh), so that LN(x_out) @ KABS gives every head's scores
+    in one product. Returned as the transposed view of a contiguous (B, H*M, d) product: one
+    matrix multiplication writes it, no copy (the kernels take strides)."""
+    return (qb @ w_k.t()).transpose(1, 2)
 
 
 def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor):
@@ -439,7 +439,7 @@ def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int):
     vq = qf @ p["w_ov"]
     qh = reference.layer_norm_q(qf, p) @ p["w_q"]
     qb = block_queries(qh, heads)
-    kabs = (qb @ p["w_k"].t()).transpose(1, 2)
+    kabs = absorbed_keys(qb, p["w_k"])
     with torch.no_grad():
         aux = [(vq @ (w_upc @ p["w_k"])) @ qb.transpose(1, 2),  # Cc KABS
                vq @ (w_upc @ p["w_v"]),  # Cc W_v

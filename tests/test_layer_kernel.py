@@ -195,7 +195,7 @@ def test_fake_implementations_give_the_right_shapes():
 def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():
     B, M, D, d, H = 2, 3, 8, 5, 4
     qh, w_k, xa = torch.randn(B, M, D), torch.randn(d, D), torch.randn(B, 6, d)
-    kabs = fused.absorbed_keys(qh, w_k, H)  # (B, d, H*M)
+    kabs = fused.absorbed_keys(fused.block_queries(qh, H), w_k)  # (B, d, H*M)
     scores = xa @ kabs
     dh = D // H
     for h in range(H):
