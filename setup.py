@@ -5,7 +5,12 @@ setup(
     version="0.1.0",
     description="NEARL-CLIP: frozen open_clip + USEformer queries + orthogonal cross-attention, with fused Triton kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["nearl", "nearl.*", "kernels", "bench"]),
+    # The kernels/ and bench/ folders install as nearl_kernels and nearl_bench: "kernels" and
+    # "bench" are other projects' names on PyPI (Hugging Face's kernel loader is `kernels`), and a
+    # wheel installing them would overwrite theirs. nearl/_checkout.py maps the names onto the
+    # folders in a checkout that was never installed.
+    packages=find_packages(include=["nearl", "nearl.*"]) + ["nearl_kernels", "nearl_bench"],
+    package_dir={"nearl_kernels": "kernels", "nearl_bench": "bench"},
     package_data={"nearl": ["model_configs/*.json"]},
     # Supported range (README, "Supported versions"): CI runs the whole suite at both ends, the
     # newest pip resolves and the floors below (.ci/oldest.txt). triton < 3.7's interpreter

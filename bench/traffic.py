@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from kernels import runtime
+from nearl_kernels import runtime
 
 from . import providers as prov
 from .kernel_bench import differentiable
@@ -71,8 +71,8 @@ def environ(**values: Optional[str]):
 def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int, orth: str = "hard") -> list:
     """Every launch configuration the launchers pick for this problem at batch B (under the
     current NEARL_TILING / NEARL_SM_COUNT), as the launchers themselves compute them."""
-    from kernels import layer as L
-    from kernels import oca as K
+    from nearl_kernels import layer as L
+    from nearl_kernels import oca as K
 
     cpu = torch.device("cpu")
     gpu_tiles, n_sm, cc = runtime.tiling(cpu)

@@ -6,7 +6,7 @@ builder (`create_load` / `create_store` call `create_masked_load` / `create_mask
 `KernelTraffic` is active those two are wrapped, and each access counts its active (mask-true)
 elements times the element size: the bytes the program requests from global memory, before any
 cache. Each address is attributed to the tensor argument of the launch it falls in (launches are
-caught through `kernels.runtime.LAUNCH_HOOK`); an address in none of them is an error (an
+caught through `nearl_kernels.runtime.LAUNCH_HOOK`); an address in none of them is an error (an
 out-of-bounds access, or an access kind the counter does not know). Atomics, block pointers and
 tensor descriptors are not counted: a kernel that uses them makes the counter raise rather than
 undercount.
@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from kernels import runtime
+from nearl_kernels import runtime
 
 CLASSES = ("token", "small")
 
@@ -116,7 +116,7 @@ class KernelTraffic:
     def _count(self, ptrs, mask, kind: str) -> None:
         rec = self._current
         if rec is None:  # a kernel launched some other way than runtime.launch
-            raise RuntimeError("traffic counter: a kernel ran outside kernels.runtime.launch")
+            raise RuntimeError("traffic counter: a kernel ran outside nearl_kernels.runtime.launch")
         addr = np.asarray(ptrs.data).reshape(-1)
         if mask is not None:
             m = np.broadcast_to(np.asarray(mask.data), np.shape(ptrs.data)).reshape(-1)

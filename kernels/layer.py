@@ -5,28 +5,27 @@ over the tokens) runs in the Triton kernels of `layer_kernels.py` (forward: one 
 passes over each tile of x) and `layer_bwd_kernels.py` (backward: a rows and a columns kernel).
 What is per-sample and M-sized in one dimension (the OCA factors A and C, the absorbed keys, the
 queries' LayerNorm and heads, the output projection and the MLP) stays in plain torch, formed by
-`layer_operands` and `nearl.reference`, and autograd differentiates it.
+`nearl.fused_layer`, and autograd differentiates it.
+
+This module is the kernels' side of that seam: launch configurations, launchers, the autograd
+Function and custom ops over the token part (`layer_tokens`), and the layouts its operands take
+(`block_queries`, `absorbed_keys`, `head_diagonal`, `small_products`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
-from nearl import reference
-
 from . import layer_bwd_kernels as KB
 from . import layer_kernels as K
-from . import runtime
-from .oca import oca
+from . import policy, runtime
+from .policy import MAX_D, MAX_M, ORTH_CODES
 from .runtime import interpreting
 
-ORTH_CODE = {"hard": K.ORTH_HARD, "soft": K.ORTH_SOFT, "none": K.ORTH_NONE}
-MAX_D = 4096  # chunked over d, so any multiple of 16 works; this only bounds the tests' promise
-MAX_M = 64
 # The fused kernels hold the (H*M x D) query accumulator and (BLOCK_N x H*M) score tiles in
 # registers; past 64 x 128 they spill whatever the tiles (ptxas, sm_80 and sm_90). Larger query
 # banks take the split path: the fused OCA kernels, then the query update in torch.
@@ -40,11 +39,12 @@ def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device
     """True when the fused layer kernels take H*M = `hm` query rows (M per head) of width `D` in
     x's `dtype` on `device` (its tiling) without spilling: H*M <= 64, D <= 128 and M <= 16 (the
     backward's rows kernel spills hundreds of bytes at BLOCK_M = 64 on sm_90). On sm_80 (no
-    warpgroup MMA: every warp holds its own copy of a product's second operand) float32 x (IEEE
-    products) spills in the forward whatever the tiles."""
+    warpgroup MMA: every warp holds its own copy of a product's second operand) IEEE float32
+    products (float32 and float16 x, `policy.fp32_accurate_products`) spill in the forward
+    whatever the tiles."""
     if hm > MAX_FUSED_HM or D > MAX_FUSED_D or M > MAX_FUSED_M:
         return False
-    if device is not None and dtype == torch.float32:
+    if device is not None and policy.fp32_accurate_products(dtype):
         gpu_tiles, _, cc = runtime.tiling(device)
         if gpu_tiles and cc < 90:
             return False
@@ -78,11 +78,11 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       Forward: pass 1 keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
       across the column loop, next to the (H*M x D) attention state and the (M x H*M), (M x D)
       per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits for bfloat16 x on
-      sm_90 (32-column chunks, or 64 tokens, spill hundreds of bytes), only just: float16 x
-      there, and sm_80, take 16 tokens with 32-column chunks (triton 3.6 spilled 8-24 bytes at
-      224 registers with 32 x 16). IEEE float32 products (no tensor cores: operands in
-      registers) take 16 x 16 on sm_90; on sm_80 float32 spills whatever the tiles and takes the
-      split path (`fused_supported`). On the GPU, H*M and D are padded to 64 and 128 whatever the
+      sm_90 (32-column chunks, or 64 tokens, spill hundreds of bytes), only just: sm_80 takes
+      16 tokens with 32-column chunks (triton 3.6 spilled 8-24 bytes at 224 registers with
+      32 x 16 there, and for float16 x on sm_90 when it ran TF32 products). IEEE float32 products
+      (float32 and float16 x; no tensor cores: operands in registers) take 16 x 16 on sm_90; on
+      sm_80 they spill whatever the tiles and take the split path (`fused_supported`). On the GPU, H*M and D are padded to 64 and 128 whatever the
       query bank: smaller ones tipped over the 224-register edge (8-16 bytes).
       16 warps would cap registers at 128 (the register file is 64K per SM): the compile check
       rejects any launch whose registers x threads exceed it.
@@ -95,13 +95,13 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       sample.
     - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
       most two splits, which still exercises the combine.
-    - Precision: float32 inputs get IEEE float32 products (TF32 would break the 1e-4 promise);
-      half inputs get TF32, whose error is well under their own rounding.
+    - Precision: `policy.fp32_accurate_products`; float32 accuracy is had here with IEEE products
+      (the OCA kernels' three-TF32 split would hold three times the operands in registers).
     """
     block_m = max(16, triton.next_power_of_2(M))
     block_hm = max(16, triton.next_power_of_2(HM))
     block_d = max(16, triton.next_power_of_2(D))
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    precision = "ieee" if policy.fp32_accurate_products(dtype) else "tf32"
     gpu_tiles, n_sm, cc = runtime.tiling(device)
     if gpu_tiles:  # every query bank takes the tile shape measured spill-free, H*M 64 x D 128 (masked):
         # smaller ones sat at the 224-register edge and tipped over with triton 3.6 or 3.8 (8-16 bytes)
@@ -115,9 +115,9 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
         if ieee:  # sm_90 only (fused_supported)
             block_n, block_c = 16, 16
-        elif cc >= 90 and dtype == torch.bfloat16:
+        elif cc >= 90:  # bfloat16 x
             block_n, block_c = 32, 16
-        else:  # sm_80, and float16 x (32 x 16 spilled 24 bytes at 224 registers with triton 3.6)
+        else:  # sm_80 (32 x 16 spilled 24 bytes at 224 registers with triton 3.6)
             block_n, block_c = 16, 32
         n_tiles = triton.cdiv(N, block_n)
         splits = max(1, min(n_tiles, triton.cdiv(n_sm, B)))
@@ -127,7 +127,8 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
                        num_warps=8, num_stages=1, precision=precision)
 
 
-def _check_kernel_limits(x, q):
+def check_kernel_limits(x: torch.Tensor, q: torch.Tensor) -> None:
+    """ValueError naming the argument when x (B, N, d) or q (.., M, D) is past the kernels' limits."""
     d, M = x.shape[2], q.shape[-2]
     if d % 16 or d > MAX_D:
         raise ValueError(f"x: the fused layer needs d a multiple of 16 up to {MAX_D}, got x of shape {tuple(x.shape)}")
@@ -163,8 +164,8 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
         *(t.contiguous() for t in aux), mask_arg,
         out, cos2, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
-        reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
-        ORTH=ORTH_CODE[orth], HAS_MASK=has_mask,
+        policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
+        ORTH=ORTH_CODES[orth], HAS_MASK=has_mask,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
         BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -217,7 +218,7 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     the headroom rule of `layer_config`.
     """
     block_m = max(16, triton.next_power_of_2(M))
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    precision = "ieee" if policy.fp32_accurate_products(dtype) else "tf32"
     gpu_tiles, n_sm, cc = runtime.tiling(device)
     # On the GPU every query bank takes H*M padded to 64 (masked): the tiles below were measured
     # spill-free at 64, and triton 3.6 spilled 16 bytes at 32 with the same tiles.
@@ -269,13 +270,13 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
     dsq_s = runtime.empty((B, N, HM), **f32)
     pq_s = runtime.empty((B, N, HM), **f32)
     rows = runtime.empty((B, KB.N_ROWS.value, N), **f32)
-    orth_code = ORTH_CODE[orth]
+    orth_code = ORTH_CODES[orth]
     runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
         x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
         do, cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
         ck, cdo, gc, cola, ksum, dosum,
         p_s, ds_s, dsq_s, pq_s, rows, dg_part,
-        N, d, M, HM, reference.LN_EPS, reference.ORTH_EPS, reference.COS2_EPS,
+        N, d, M, HM, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
         ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n, BLOCK_C=cfg.rows_block_c,
         BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
         num_warps=cfg.num_warps, num_stages=1)
@@ -419,76 +420,9 @@ def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: t
     return [cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2), a.sum(1), kabs.sum(1), w_v.sum(0)]
 
 
-def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int):
-    """Everything the fused kernels take besides x and the mask: (a, cc, cbar, gate, kabs, w_v, aux).
-
-    A as in `reference.oca_factors`; C = Vq W_up as its centred rows cc = Vq (W_up - rowmean) and
-    their means cbar = Vq rowmean(W_up) (centring the weight centres C: a weight-sized op). The
-    products of Cc with KABS, W_v and itself, and the column sums, factor through the weights, so
-    none of them reads a batch-sized tensor: Cc KABS = Vq (W_upc W_k) Qb^T, Cc W_v = Vq (W_upc W_v),
-    Cc Cc^T = Vq (W_upc W_upc^T) Vq^T, 1^T A = Kq (1^T W_down)^T / sqrt(r), 1^T KABS = Qb (1^T W_k)^T.
-    They are formed without gradient (aux): the backward differentiates through a, cc, kabs and
-    w_v."""
-    r = p["w_down"].shape[1]
-    # A^T = Kq (W_down / sqrt(r))^T: one (B*M, r) x (r, d) product writes it, scaled on the weight
-    w_down = p["w_down"] / math.sqrt(r)
-    kq = qf @ p["w_ok"]
-    a = (kq @ w_down.t()).transpose(1, 2)
-    up_mean = p["w_up"].mean(dim=1)
-    w_upc = p["w_up"] - up_mean[:, None]
-    vq = qf @ p["w_ov"]
-    qh = reference.layer_norm_q(qf, p) @ p["w_q"]
-    qb = block_queries(qh, heads)
-    kabs = absorbed_keys(qb, p["w_k"])
-    with torch.no_grad():
-        aux = [(vq @ (w_upc @ p["w_k"])) @ qb.transpose(1, 2),  # Cc KABS
-               vq @ (w_upc @ p["w_v"]),  # Cc W_v
-               vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2),  # Cc Cc^T
-               kq @ w_down.sum(0),  # 1^T A
-               qb @ p["w_k"].sum(0),  # 1^T KABS
-               p["w_v"].sum(0)]  # 1^T W_v
-    return a, vq @ w_upc, vq @ up_mean, p["gate"], kabs, p["w_v"], aux
-
-
 def head_diagonal(u_all: torch.Tensor, heads: int) -> torch.Tensor:
     """U (B, M, D) from U_all (B, H*M, D): row (h, m) keeps only head h's columns."""
     B, HM, D = u_all.shape
     M, dh = HM // heads, D // heads
     diag = torch.diagonal(u_all.view(B, heads, M, heads, dh), dim1=1, dim2=3)  # (B, M, dh, H)
     return diag.permute(0, 1, 3, 2).reshape(B, M, D)
-
-
-def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Tensor], *,
-                mask: Optional[torch.Tensor] = None, orth: str = "hard", heads: int = 4):
-    """Fused NEARL layer. x (B, N, d), q (B, M, D) or (M, D), mask (B, N) bool or None.
-
-    Returns (x_out (B, N, d) in x's dtype, q_out (B, M, D) in q's dtype), plus cos2 (B, N) float32
-    with orth="soft". Arguments are validated by `nearl.ops.nearl_layer`.
-    """
-    if any(t.dtype == torch.float64 for t in (x, q)):
-        return reference.nearl_layer(x, q, params, mask=mask, orth=orth, heads=heads)  # gradcheck runs here
-    _check_kernel_limits(x, q)
-    B = x.shape[0]
-    with torch.autocast(x.device.type, enabled=False):
-        p = {k: (v.float() if torch.is_tensor(v) else v) for k, v in params.items()}
-        qf = q.float()
-        if qf.dim() == 2:
-            qf = qf.unsqueeze(0).expand(B, -1, -1)
-        if not fused_supported(heads * q.shape[-2], q.shape[-1], x.dtype, x.device, q.shape[-2]):
-            a, c = reference.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
-            return _split_layer(x, q, qf, a, c, p, mask, orth, heads)
-        x_out, cos2, u_all, _ = layer_tokens(x, *layer_operands(qf, p, heads), mask, orth)
-        q_out = reference.query_tail(qf, head_diagonal(u_all, heads), p).to(q.dtype)
-    return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)
-
-
-def _split_layer(x, q, qf, a, c, p, mask, orth, heads):
-    """The layer for query banks too large for the fused kernels: x_out from the fused OCA kernels,
-    then the query update in torch. The OCA runs on a float32 copy of x so that the query update
-    reads the un-rounded x_out, as the fused kernels and the reference do (one more pass over x:
-    this is the slower path)."""
-    res = oca(x.float(), a, c, p["gate"], orth=orth)
-    x_out, cos2 = res if orth == "soft" else (res, None)
-    q_out = reference.query_update(qf, reference.layer_norm(x_out), p, mask, heads).to(q.dtype)
-    x_out = x_out.to(x.dtype)
-    return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)

@@ -11,13 +11,9 @@ in registers and stores once.
 import triton
 import triton.language as tl
 
-from . import layer_kernels
 from .casting import cast_out
 from .oca import oca_row_grads
-from .tiles import load_tile
-
-ORTH_HARD = tl.constexpr(layer_kernels.ORTH_HARD)
-ORTH_SOFT = tl.constexpr(layer_kernels.ORTH_SOFT)
+from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
 
 # Row scalars the rows kernel hands to the columns kernel, (B, N_ROWS, N) float32.
 R_MEAN, R_RSTD2, R_COEF, R_PC = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -73,8 +69,7 @@ def layer_bwd_rows_kernel(
     cc_base = CC + b * scb
     k_base = KABS + b * skb
     do_base = DO + b * HM * d
-    shift = tl.sum(load_tile(x_base, sxn, sxd, offs_n, offs_c, row_ok, offs_c < d), 1) / \
-        tl.minimum(d, BLOCK_C).to(tl.float32)
+    shift = first_chunk_mean(load_tile(x_base, sxn, sxd, offs_n, offs_c, row_ok, offs_c < d), d, BLOCK_C)
     s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -114,11 +109,7 @@ def layer_bwd_rows_kernel(
     ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
     cdo = tl.load(CDO + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
     # the forward, recomputed
-    dm = s1 / d  # mean - shift
-    mean = shift + dm
-    m2 = tl.maximum(s2 - s1 * dm, 0.0)
-    rstd = 1.0 / tl.sqrt(m2 / d + ln_eps)
-    xx = s2 + shift * (2.0 * s1 + d * shift)
+    mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
     s_oca = rstd[:, None] * (xa - dm[:, None] * cola[None, :])  # 0 in padded columns
     p = tl.where(m_ok[None, :], s_oca, float("-inf"))
     p = tl.exp(p - tl.max(p, 1)[:, None])

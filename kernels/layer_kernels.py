@@ -19,11 +19,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_out
-from .tiles import load_tile
-
-ORTH_HARD = 0
-ORTH_SOFT = 1
-ORTH_NONE = 2
+from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
 
 
 @triton.jit
@@ -91,7 +87,7 @@ def layer_fwd_kernel(
         x_rows = X + b * sxb + rows.to(tl.int64) * sxn
         # the shift: each row's mean over the first chunk
         first = offs_c < d
-        shift = tl.sum(_load_chunk(x_rows, sxd, offs_c, row_ok, first), 1) / tl.minimum(d, BLOCK_C).to(tl.float32)
+        shift = first_chunk_mean(_load_chunk(x_rows, sxd, offs_c, row_ok, first), d, BLOCK_C)
         # pass 1: every product with the tokens, and the statistics
         s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -123,11 +119,7 @@ def layer_fwd_kernel(
         cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
         ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
         vsum = tl.load(VSUM + offs_dq, mask=dq_ok, other=0.0)
-        dm = s1 / d  # mean - shift
-        mean = shift + dm
-        m2 = tl.maximum(s2 - s1 * dm, 0.0)  # sum of (x - mean)^2
-        xx = s2 + shift * (2.0 * s1 + d * shift)  # sum of x^2
-        rstd = 1.0 / tl.sqrt(m2 / d + ln_eps)
+        mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
         # OCA: probabilities, the projection, x_out's coefficients
         scores = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
         scores = tl.where(m_ok[None, :], scores, float("-inf"))
@@ -137,11 +129,11 @@ def layer_fwd_kernel(
         # rows of Cc sum to 0, so x Cc^T = (x - mean) Cc^T = (x - shift) Cc^T = xcc
         dot = tl.sum(p * xcc, 1) + d * mean * pc  # <Delta, x> = P.(x Cc^T) + sum(x) P.cbar
         pgp = tl.sum(p * tl.dot(p, gc, input_precision=PREC), 1)  # |P Cc|^2
-        if ORTH == 0:
+        if ORTH == ORTH_HARD:
             coef = 1.0 - gate * dot / (xx + orth_eps)
         else:
             coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-        if ORTH == 1:
+        if ORTH == ORTH_SOFT:
             dd = pgp + d * pc * pc  # |Delta|^2 (the centred and the constant part are orthogonal)
             tl.store(COS2 + b * N + rows, dot * dot / (dd * xx + cos2_eps), mask=row_ok)
         mean2 = coef * mean + gate * pc

@@ -53,20 +53,15 @@ import torch
 import triton
 import triton.language as tl
 
-from nearl import reference
-
-from . import runtime
+from . import policy, runtime
 from .casting import cast_out
-from .tiles import load_tile
+from .policy import MAX_D, MAX_M, ORTH_CODES
+from .tiles import ORTH_HARD, ORTH_NONE, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
 from .runtime import interpreting
 
-MAX_D = 8192  # rows are streamed in column chunks, nothing but loop trip counts depends on d (tested to 2048)
-MAX_M = 64
-ORTH_CODES = {"none": 0, "hard": 1, "soft": 2}
-
-_LN_EPS = tl.constexpr(reference.LN_EPS)
-_ORTH_EPS = tl.constexpr(reference.ORTH_EPS)
-_COS2_EPS = tl.constexpr(reference.COS2_EPS)
+_LN_EPS = tl.constexpr(policy.LN_EPS)
+_ORTH_EPS = tl.constexpr(policy.ORTH_EPS)
+_COS2_EPS = tl.constexpr(policy.COS2_EPS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +81,7 @@ def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C,
     first, and no cancellation when a row's mean is large against its spread."""
     offs_0 = tl.arange(0, BLOCK_DC)
     x0 = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_0, mask_n, offs_0 < D)
-    shift = tl.sum(x0, axis=1) / tl.minimum(D, BLOCK_DC).to(tl.float32)
+    shift = first_chunk_mean(x0, D, BLOCK_DC)
     s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     xa = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -105,23 +100,20 @@ def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C,
         a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
         xa = _mm(xs, a, xa, PREC)
         cola += tl.sum(a, axis=0)
-        if ORTH != 0 or WITH_DOUT:
+        if ORTH != ORTH_NONE or WITH_DOUT:
             c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
-            if ORTH != 0:
+            if ORTH != ORTH_NONE:
                 xc = _mm(xs, tl.trans(c), xc, PREC)
                 csum += tl.sum(c, axis=1)
             if WITH_DOUT:
                 do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
                 oc = _mm(do, tl.trans(c), oc, PREC)
-                if ORTH == 1:
+                if ORTH == ORTH_HARD:
                     do_x += tl.sum(do * x, axis=1)
-    dm = s1 / D  # mean - shift
-    m2 = tl.maximum(s2 - s1 * dm, 0.0)
-    rstd = 1.0 / tl.sqrt(m2 / D + _LN_EPS)
-    xx = s2 + shift * (2.0 * s1 + D * shift)
+    mean, dm, _, rstd, xx = shifted_row_stats(s1, s2, shift, D, _LN_EPS)
     s = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
     xc = xc + shift[:, None] * csum[None, :]  # x C^T
-    return shift + dm, rstd, xx, s, xc, oc, do_x, cola
+    return mean, rstd, xx, s, xc, oc, do_x, cola
 
 
 @triton.jit
@@ -183,15 +175,15 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
         x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
         c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
         delta = _mm(p, c, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)
-        if ORTH == 1:
+        if ORTH == ORTH_HARD:
             out = x + g * (delta - k[:, None] * x)
         else:
             out = x + g * delta
-        if ORTH == 2:
+        if ORTH == ORTH_SOFT:
             dd += tl.sum(delta * delta, axis=1)
         tl.store(OUT + b * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od,
                  cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=xmask)
-    if ORTH == 2:  # soft: cos^2(Delta, x) per token
+    if ORTH == ORTH_SOFT:  # soft: cos^2(Delta, x) per token
         tl.store(COS2 + b * N + offs_n, dot * dot / (dd * xx + _COS2_EPS), mask=mask_n)
 
 
@@ -278,14 +270,14 @@ def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART
     pg = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     dd = zero
     gcs = zero
-    if ORTH == 2:
+    if ORTH == ORTH_SOFT:
         gm = tl.load(GRAM + b * M * M + offs_m[:, None] * M + offs_m[None, :],
                      mask=mask_m[:, None] & mask_m[None, :], other=0.0)
         pg = _mm(p, gm, pg, PREC)  # Delta @ C^T
         dd = tl.sum(p * pg, axis=1)  # |Delta|^2
         gcs = tl.load(DCOS2 + b * s_eb + offs_n * s_en, mask=mask_n, other=0.0).to(tl.float32)
     dg, alpha, beta, ds, c_do, c_dl, c_x = oca_row_grads(p, oc, xc, pg, dot, dd, xx, do_x, gcs, g,
-                                                         ORTH == 1, ORTH == 2)
+                                                         ORTH == ORTH_HARD, ORTH == ORTH_SOFT)
     m1 = tl.sum(ds * cola[None, :], axis=1) / D
     m2 = tl.sum(ds * s, axis=1) / D  # s: the unmasked scores (0 in padded columns)
     # dx = dout + dx_direct + rstd (dLN - m1 - (x - mean) rstd m2)
@@ -366,13 +358,13 @@ def _oca_bwd_cols_kernel(X, DOUT, A, C, G, P_S, DS_S, ROWS, DX, DA_PART, DC_PART
         dx = _mm(a, dsrt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # (rstd dS A^T)^T
         dx += k_do[None, :] * dot_ + k_x[None, :] * xt - q[None, :] * xm + k_0[None, :]
         ddelta = g * dot_ + alpha[None, :] * xt
-        if ORTH != 0:
+        if ORTH != ORTH_NONE:
             ct = tl.load(C + b * s_cb + offs_m[None, :] * s_cm + offs_d[:, None] * s_cd,
                          mask=dm, other=0.0).to(tl.float32)
             delta = _mm(ct, pt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # Delta^T
             k_dl = tl.load(rows + _R_KDL * N, mask=mask_n, other=0.0)
             dx += k_dl[None, :] * delta
-            if ORTH == 2:
+            if ORTH == ORTH_SOFT:
                 beta = tl.load(rows + _R_BETA * N, mask=mask_n, other=0.0)
                 ddelta += beta[None, :] * delta
         tl.store(DX + b * s_dxb + offs_n[None, :] * s_dxn + offs_d[:, None] * s_dxd,
@@ -493,19 +485,13 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
 
 
 def _precision(x: torch.Tensor) -> str:
-    """tl.dot input precision on the GPU.
-
-    bfloat16 x: "tf32". x is exact in tf32 (8 exponent bits, 11 significant bits) and the
-    operands computed in fp32 (LN(x), P, dS, A, C) are rounded to a unit roundoff of 2^-11, eight
-    times finer than the 2^-8 of the bf16 output, so the result stays within the bf16 error.
-    float32 and float16 x: "tf32x3" (three tf32 products on a hi/lo split, about fp32 accuracy):
-    the tests ask 1e-4 of fp32, and fp16's own unit roundoff is 2^-11, as coarse as tf32's, so
-    plain tf32 could double the error of an fp16 result. The a/c/gate dtypes do not matter:
-    their gradients carry the accuracy of the x path (bf16 x with fp32 a: tf32, about 5e-4
-    relative in dA). Under the interpreter every product is exact fp32, and "tf32x3" still runs
-    its three-product split, so the split's algebra is tested on the CPU.
-    """
-    return "tf32" if x.dtype == torch.bfloat16 else "tf32x3"
+    """tl.dot input precision on the GPU, by the one policy (`policy.fp32_accurate_products`):
+    "tf32" for bfloat16 x, else "tf32x3" (three TF32 products on a hi/lo split, about float32
+    accuracy, `_mm`). The a/c/gate dtypes do not matter: their gradients carry the accuracy of the
+    x path (bf16 x with fp32 a: tf32, about 5e-4 relative in dA). Under the interpreter every
+    product is exact fp32, and "tf32x3" still runs its three-product split, so the split's algebra
+    is tested on the CPU."""
+    return "tf32x3" if policy.fp32_accurate_products(x.dtype) else "tf32"
 
 
 def _check_sizes(x: torch.Tensor, a: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -667,12 +653,13 @@ def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *
     x (B, N, d) float32/bfloat16/float16 with d <= MAX_D (8192), a (B, d, M) and c (B, M, d)
     with M <= 64, gate () -> out (B, N, d) in x's dtype; with orth="soft" returns (out, cos2), cos2
     (B, N) float32. a, c, gate may have another float dtype than x; gradients come back in each
-    input's dtype. float64 inputs run the float64 reference instead (the kernels are float32).
+    input's dtype. float64 inputs are refused: `nearl.ops.oca` sends them to the reference.
     Arguments are assumed validated by `nearl.ops.oca`; only the kernel's own limits (d, M) are
     checked here, with a ValueError.
     """
     if any(t.dtype == torch.float64 for t in (x, a, c, gate)):
-        return reference.oca(x, a, c, gate, orth=orth)
+        raise ValueError("the fused OCA kernels run float32, bfloat16 and float16; float64 inputs go to the "
+                         "reference (nearl.ops.oca routes them there)")
     _check_sizes(x, a)
     if torch.compiler.is_compiling():
         # traced: the custom op, opaque to dynamo, with its fake (shape) and autograd rules

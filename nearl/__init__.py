@@ -1,8 +1,12 @@
 """NEARL-CLIP: a frozen open_clip backbone adapted with USEformer queries and orthogonal cross-attention."""
 import importlib
 
-from . import ops, reference
-from .config import NEARLConfig
+from ._checkout import map_uninstalled_folders
+
+map_uninstalled_folders()  # before ops imports nearl_kernels
+
+from . import ops, reference  # noqa: E402
+from .config import NEARLConfig  # noqa: E402
 
 # The model and the loss import open_clip; loading them on first use keeps `from nearl import ops`
 # (the kernels, their tests and `bench.run --kernel oca | layer`) working where open_clip is absent.

@@ -1,7 +1,7 @@
 """The public functional API (SPEC section 4): `oca` and `nearl_layer`.
 
 `impl="reference"` runs the plain-PyTorch statement of the math (nearl/reference.py);
-`impl="triton"` runs the fused kernels in `kernels/`; `impl="auto"` picks Triton for CUDA tensors
+`impl="triton"` runs the fused kernels (`nearl_kernels`, the kernels/ folder); `impl="auto"` picks Triton for CUDA tensors
 (or everywhere under TRITON_INTERPRET=1) and the reference otherwise.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Mapping, Optional
 
 import torch
 
-# kernels.runtime imports no Triton, so this decorates no kernel (TRITON_INTERPRET may be set later).
-from kernels.runtime import interpreting
+# nearl_kernels.runtime imports no Triton, so this decorates no kernel (TRITON_INTERPRET may be set later).
+from nearl_kernels.runtime import interpreting
 
 from . import reference
 from .validation import check_layer_args, check_oca_args
@@ -31,13 +31,15 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
 
 
 def _kernel(name: str):
-    """The fused op from kernels/ (imported on first use, so TRITON_INTERPRET may be set late), or
-    a clear error when it cannot load. Plain import statements, which torch.compile traces."""
+    """The fused op (`nearl_kernels`; the layer composed in `nearl.fused_layer`), imported on first
+    use (so TRITON_INTERPRET may be set late), or a clear error when it cannot load. Plain import
+    statements, which torch.compile traces. float64 inputs (gradcheck) run the reference instead:
+    the kernels are float32."""
     try:
         if name == "oca":
-            from kernels.oca import oca as fn
+            from nearl_kernels.oca import oca as fn
         else:
-            from kernels.layer import nearl_layer as fn
+            from .fused_layer import nearl_layer as fn
     except ImportError as err:
         raise NotImplementedError(f"impl='triton' is not available: the kernel for {name} could not be "
                                   f"loaded ({err}); use impl='reference'") from err
@@ -52,7 +54,7 @@ def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *
     With orth="soft" returns (out, cos2), cos2 (B, N) float32 (float64 for float64 inputs).
     """
     check_oca_args(x, a, c, gate, orth)
-    if _resolve(impl, x) == "triton":
+    if _resolve(impl, x) == "triton" and not any(t.dtype == torch.float64 for t in (x, a, c, gate)):
         return _kernel("oca")(x, a, c, gate, orth=orth)
     return reference.oca(x, a, c, gate, orth=orth)
 

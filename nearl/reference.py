@@ -2,7 +2,7 @@
 
 Every reduction runs in float32 (float64 when an input is float64, so `gradcheck` works), whatever
 the input dtype and whatever autocast says; outputs come back in the input dtype. The fused Triton
-kernels in `kernels/` are tested against these functions evaluated in float64.
+kernels in `nearl_kernels` (the kernels/ folder) are tested against these functions evaluated in float64.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-LN_EPS = 1e-5
-ORTH_EPS = 1e-6  # the projection's <X, X> + eps (SPEC 3.1)
-COS2_EPS = 1e-12  # keeps cos^2 finite (and 0) when Delta = 0, as it is at init
+# The epsilons are the kernels' (one source): LN_EPS of LayerNorm, ORTH_EPS of the projection's
+# <X, X> + eps (SPEC 3.1), COS2_EPS keeps cos^2 finite (and 0) when Delta = 0, as it is at init.
+from nearl_kernels.policy import COS2_EPS, LN_EPS, ORTH_EPS  # torch only, no Triton
 ORTH_MODES = ("hard", "soft", "none")
 
 

@@ -2,7 +2,7 @@
 tests/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are interpreter objects).
 
 The launchers in kernels/oca.py and kernels/layer.py run for real on small CPU tensors with
-`kernels.runtime.LAUNCH_HOOK`
+`nearl_kernels.runtime.LAUNCH_HOOK`
 set, so each launch they would make is captured instead of run: kernel, constexprs, num_warps,
 num_stages and the arguments. Each argument is specialised exactly as the Triton JIT would
 (`native_specialize_impl`: pointer dtypes, 16-divisibility, integers equal to 1 as constexprs),
@@ -68,11 +68,11 @@ except ImportError:  # older triton: the same rules, written out
             return ("i32" if -2 ** 31 <= val < 2 ** 31 else "i64"), ("D" if val % 16 == 0 else "")
         raise TypeError(f"cannot specialise {type(val).__name__}")
 
-from kernels import layer as L  # noqa: E402
-from kernels import layer_bwd_kernels as LKB  # noqa: E402
-from kernels import layer_kernels as LK  # noqa: E402
-from kernels import oca as K  # noqa: E402
-from kernels import runtime  # noqa: E402
+from nearl_kernels import layer as L  # noqa: E402
+from nearl_kernels import layer_bwd_kernels as LKB  # noqa: E402
+from nearl_kernels import layer_kernels as LK  # noqa: E402
+from nearl_kernels import oca as K  # noqa: E402
+from nearl_kernels import runtime  # noqa: E402
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
@@ -223,7 +223,7 @@ def compile_one(job):
 
 
 # Register headroom. Every launch names a ceiling of 255 registers per thread (the hardware's;
-# kernels.runtime.MAX_REGISTERS), and ptxas tends to use what it is given, so the register count of
+# nearl_kernels.runtime.MAX_REGISTERS), and ptxas tends to use what it is given, so the register count of
 # a compile says little about how close a kernel is to spilling. Each launch is therefore compiled
 # twice: as the launcher makes it (it must not spill a byte), and with ptxas capped at REG_BUDGET
 # registers (it must not spill there either). A configuration that fits in 224 registers keeps 31

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cli, providers
-from bench.kernel_bench import parse_modes, rel_err
-from bench.nvtx_ranges import Ranges
-from bench.shapes import make_case, resolve_shape
+from nearl_bench import cli, providers
+from nearl_bench.kernel_bench import parse_modes, rel_err
+from nearl_bench.nvtx_ranges import Ranges
+from nearl_bench.shapes import make_case, resolve_shape
 from nearl import ops, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def test_nvtx_missing_is_reported(monkeypatch, capsys):
 def test_model_limit_stops_gradient_at_first_adapted_block():
     """The training limit's backward reaches the first adapted block's output and goes no further."""
     import nearl
-    from bench.model_bench import detach_after_first_adapted, random_tokens
+    from nearl_bench.model_bench import detach_after_first_adapted, random_tokens
 
     model = nearl.build("NEARL-Tiny", vision_layers=[2], text_layers=[1])
     vision_blocks = list(model.backbone.visual.transformer.resblocks)
@@ -234,7 +234,7 @@ def test_model_limit_stops_gradient_at_first_adapted_block():
 
 
 def test_random_tokens_pool_at_eot():
-    from bench.model_bench import random_tokens
+    from nearl_bench.model_bench import random_tokens
 
     tokens = random_tokens(4, 16, 49408, torch.Generator().manual_seed(1))
     assert (tokens[:, 0] == 49406).all()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import check_env, gpu_check
-from bench.goals import GOALS, Goal, evaluate, speedup_over
+from nearl_bench import check_env, gpu_check
+from nearl_bench.goals import GOALS, Goal, evaluate, speedup_over
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION_KEYS = ("device", "driver", "torch", "triton", "cuda", "command", "started", "seconds", "status")

@@ -3,8 +3,8 @@ forward and every gradient, odd sizes, masks, strided inputs, NaN-poisoned outpu
 import pytest
 import torch
 
-import kernels.layer as fused
-import kernels.runtime
+import nearl_kernels.layer as fused
+import nearl_kernels.runtime
 from einsum_math import layer64
 from factories import layer_inputs, padding_mask
 from nearl import ops
@@ -15,7 +15,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
-    monkeypatch.setattr(kernels.runtime, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(nearl_kernels.runtime, "POISON_OUTPUTS", True)
 
 
 def err(got, want):
@@ -258,7 +258,7 @@ def test_large_query_banks_take_the_split_path_and_stay_accurate(monkeypatch, M,
         launched.append(kernel.__name__)
         kernel[grid](*args, **kwargs)
 
-    monkeypatch.setattr(kernels.runtime, "LAUNCH_HOOK", record)
+    monkeypatch.setattr(nearl_kernels.runtime, "LAUNCH_HOOK", record)
     B, N, d, orth, dtype = 2, 40, 48, "hard", torch.bfloat16
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=True, device=DEV)
     mask = padding_mask(B, N).to(DEV)

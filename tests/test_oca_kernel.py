@@ -19,8 +19,8 @@ import math
 import pytest
 import torch
 
-from kernels import oca as K
-from kernels import runtime
+from nearl_kernels import oca as K
+from nearl_kernels import runtime
 from nearl import ops, reference
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or runtime.interpreting()),
@@ -226,7 +226,7 @@ def test_rows_with_a_large_mean(dtype, gpu_config):
 
 
 def test_public_op_uses_kernel(monkeypatch):
-    """ops.oca(impl="triton") goes through kernels.oca.oca and gives the same numbers."""
+    """ops.oca(impl="triton") goes through nearl_kernels.oca.oca and gives the same numbers."""
     calls = []
     orig = K.oca
     monkeypatch.setattr(K, "oca", lambda *a, **k: calls.append(1) or orig(*a, **k))
@@ -282,8 +282,11 @@ def test_kernel_limits_raise_value_error():
 
 
 def test_float64_goes_to_reference():
+    """ops routes float64 (gradcheck) to the reference; the kernel layer itself refuses it."""
     x, a, c, gate = (t.double() for t in make_inputs(1, 5, 16, 3, F32, F32))
-    assert torch.equal(K.oca(x, a, c, gate, orth="hard"), reference.oca(x, a, c, gate, orth="hard"))
+    assert torch.equal(ops.oca(x, a, c, gate, orth="hard", impl="triton"), reference.oca(x, a, c, gate, orth="hard"))
+    with pytest.raises(ValueError, match="float64"):
+        K.oca(x, a, c, gate, orth="hard")
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ test_layer_kernel.py (`test_h100_tiling_matches_float64`)."""
 import pytest
 import torch
 
-from kernels import runtime
+from nearl_kernels import runtime
 from nearl import ops
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or runtime.interpreting()),
@@ -41,8 +41,8 @@ def test_tiling_environment_values(monkeypatch):
 def test_launchers_follow_the_tiling(monkeypatch):
     """The launches themselves (captured, not run): token tiles from NEARL_TILING, token splits
     from NEARL_SM_COUNT."""
-    from kernels import layer as L
-    from kernels import oca as K
+    from nearl_kernels import layer as L
+    from nearl_kernels import oca as K
 
     launches = []
     monkeypatch.setattr(runtime, "LAUNCH_HOOK", lambda kernel, grid, args, kwargs:

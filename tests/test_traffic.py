@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from bench import cli
-from bench.shapes import resolve_shape
-from bench.traffic import REFERENCE_B, launch_configs, matching_sm_count
-from bench.traffic_counter import Classifier, KernelTraffic, TorchTraffic, batch_part
-from kernels import runtime
+from nearl_bench import cli
+from nearl_bench.shapes import resolve_shape
+from nearl_bench.traffic import REFERENCE_B, launch_configs, matching_sm_count
+from nearl_bench.traffic_counter import Classifier, KernelTraffic, TorchTraffic, batch_part
+from nearl_kernels import runtime
 from nearl import ops
 
 pytestmark = pytest.mark.skipif(not runtime.interpreting(), reason="counts on the Triton interpreter")
