@@ -60,16 +60,15 @@ def random_tokens(batch: int, context: int, vocab: int, generator: torch.Generat
     return tokens
 
 
-def _resblocks(backbone) -> Dict[str, List[torch.nn.Module]]:
-    text_src = getattr(backbone, "text", None) or backbone
-    return {"vision": list(backbone.visual.transformer.resblocks), "text": list(text_src.transformer.resblocks)}
+def _resblocks(model) -> Dict[str, List[torch.nn.Module]]:
+    return {kind: model.tower(kind).blocks for kind in ("vision", "text")}
 
 
 @contextmanager
 def detach_after_first_adapted(model) -> None:
     """Forward hooks making the first adapted block's output of each tower a leaf requiring grad."""
     handles = []
-    for tower, blocks in _resblocks(model.backbone).items():
+    for tower, blocks in _resblocks(model).items():
         layers = model.config.layers_for(tower, len(blocks))
         if layers:
             handles.append(blocks[layers[0] - 1].register_forward_hook(
@@ -103,7 +102,7 @@ def model_ranges(model, ranges: Ranges):
     def post(mod, inp, out):
         ranges.pop(1)
 
-    for blocks in _resblocks(model.backbone).values():
+    for blocks in _resblocks(model).values():
         for k, block in enumerate(blocks, start=1):
             handles.append(block.register_forward_pre_hook(pre(k)))
             handles.append(block.register_forward_hook(post))
@@ -146,8 +145,7 @@ class ModelBench:
                 torch.nn.init.normal_(p, std=0.02)
         self.model = model.to(device)
         g = torch.Generator().manual_seed(args.seed)
-        size = model.backbone.visual.image_size
-        size = size if isinstance(size, (tuple, list)) else (size, size)
+        size = model.tower("vision").image_size
         self.images = torch.randn(self.batch, 3, *size, generator=g).to(device)
         self.tokens = random_tokens(self.batch, model.backbone.context_length, model.backbone.vocab_size, g).to(device)
         self.loss_fn = nearl.NEARLLoss.from_config(model.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import List, Optional
 
 
 def _number(text: str, kind):
@@ -98,3 +99,29 @@ def allow_negative_numbers(parser: argparse.ArgumentParser) -> argparse.Argument
     Safe while the parser has no option that itself looks like a negative number."""
     parser._negative_number_matcher = _NEGATIVE_NUMBER
     return parser
+
+
+def block_numbers(text: str) -> Optional[List[int]]:
+    """'all' -> None (every block), 'none' -> [], '1,2,12' or '9-12' -> indices (1-based)."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise argparse.ArgumentTypeError(f"the range {part!r} is empty ({a} > {b}); write {b}-{a}")
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'all', 'none' or 1-based block numbers and ranges "
+                                             f"such as '1,2,12' or '9-12', got {text!r}") from None
+    if any(k < 1 for k in out):
+        raise argparse.ArgumentTypeError(f"block numbers are 1-based (>= 1), got {text!r}")
+    return out

@@ -5,8 +5,8 @@ A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pi
     format, version        "nearl-checkpoint", 1
     model_name, pretrained the backbone to rebuild (open_clip name / tag, file or hf-hub:/local-dir:)
     backbone_seed          the seed the model was built under (rebuilds a random backbone exactly)
-    method                 "nearl" (absent in older files) or a baseline of nearl/methods/
-    config                 NEARLConfig.to_dict() (the method's own config for a baseline)
+    method                 a method of nearl/methods/ ("nearl"; absent in older files, which are nearl's)
+    config                 the method's config (NEARLConfig.to_dict() for nearl)
     task, classnames       "retrieval" or "classification" (+ the class names it was trained on)
     model                  model.trainable_state_dict()  (adapters, USEformer, queries)
     optimizer, scheduler, scaler     their state_dicts (scaler None without fp16)
@@ -23,6 +23,9 @@ and fsync'ed, and only then `os.replace`d over the target; the previous `last.pt
 directory falls back to `last.prev.pt` if `last.pt` is unreadable anyway (e.g. a disk that lied
 about fsync). A kill mid-write leaves a `.<name>.tmp.<pid>` file; `remove_stale_temporaries` clears
 them (the training does, under its folder lock). A state whose model holds NaN or inf is refused.
+
+Every method, linear-probe included, writes this one schema (`training_state`). Models are rebuilt
+from a checkpoint by `nearl.methods.build_from_checkpoint`; this module only reads and writes files.
 """
 from __future__ import annotations
 
@@ -177,6 +180,21 @@ def save_checkpoint(state: Dict[str, Any], directory: PathLike, name: str = LAST
     return atomic_save(state, directory / name, previous)
 
 
+# The entries of every checkpoint, in the module docstring's order (format and version are added on save).
+STATE_KEYS = ("model_name", "pretrained", "backbone_seed", "method", "config", "task", "classnames", "templates",
+              "model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng", "data",
+              "best", "args", "metrics")
+
+
+def training_state(**entries: Any) -> Dict[str, Any]:
+    """A checkpoint's state: exactly STATE_KEYS (a missing or unknown entry is a programming error,
+    caught here rather than in a later resume)."""
+    missing, unknown = sorted(set(STATE_KEYS) - set(entries)), sorted(set(entries) - set(STATE_KEYS))
+    if missing or unknown:
+        raise ValueError(f"checkpoint state: missing {missing}, unknown {unknown}")
+    return {k: entries[k] for k in STATE_KEYS}
+
+
 # ----------------------------------------------------------------------------- reading
 def _load_file(path: Path, map_location) -> Dict[str, Any]:
     try:
@@ -240,39 +258,6 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
         logger.warning("%s; falling back to %s", err, fallback)
         warnings.warn(f"{err}; using the previous checkpoint {fallback}")
         return _load_file(fallback, map_location)
-
-
-def build_model(model_name: str, pretrained: Optional[str] = None, *, fused: bool = False,
-                seed: int = 0, **config):
-    """nearl.build with the initial weights drawn from torch.manual_seed(seed), without touching
-    the global generator: a random backbone (no `pretrained`) is then a function of the seed, so a
-    checkpoint, which never stores backbone weights, can rebuild it exactly."""
-    from .model import build
-
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return build(model_name, pretrained=pretrained, fused=fused, **config)
-
-
-def build_from_checkpoint(ckpt: Union[PathLike, Dict[str, Any]], *, fused: bool = False,
-                          pretrained: Optional[str] = "checkpoint", model_name: Optional[str] = None):
-    """The NEARL-CLIP model a checkpoint describes, with its learnable parameters loaded.
-
-    pretrained: "checkpoint" (default) rebuilds the backbone the checkpoint names (a random
-    backbone from the recorded seed); pass another source (tag, file, hf-hub:, local-dir:) or None
-    (random) to override it.
-    """
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    if (ckpt.get("method") or "nearl") != "nearl":  # a baseline of nearl/methods/: rebuild that method
-        from .methods import build_from_checkpoint as build_method_from_checkpoint
-        return build_method_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=model_name)
-    name = model_name or ckpt["model_name"]
-    source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
-    model = build_model(name, source, fused=fused, seed=int(ckpt.get("backbone_seed", 0)), **ckpt["config"])
-    model.load_trainable_state_dict(ckpt["model"])
-    return model
 
 
 def describe(ckpt: Dict[str, Any]) -> str:

@@ -182,8 +182,7 @@ def step_time(metrics_path: Path) -> Optional[float]:
 @torch.no_grad()
 def inference_throughput(model, device: torch.device, batch: int, iters: int, precision: str) -> float:
     """Images per second through model.encode_image on a fixed random batch, after 2 warm-up calls."""
-    size = model.backbone.visual.image_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    size = model.tower("vision").image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
     was_training = model.training

@@ -32,8 +32,10 @@ from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.records import ImageTextRecord, LabelledRecord
+from .checkpoint import describe, load_checkpoint
 from .errors import UserError, run_cli
 from .logging_utils import _clean, markdown_table
+from .methods import build_from_checkpoint, build_method, canonical, check_task
 
 logger = logging.getLogger("nearl.evaluate")
 
@@ -286,9 +288,6 @@ def default_model_name(pretrained: Optional[str] = None) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
-    from .checkpoint import describe, load_checkpoint
-    from .methods import build_from_checkpoint, build_method, canonical, check_task
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("nearl").setLevel(logging.INFO)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .towers import Tower, tower_of
+
 
 def count(params) -> int:
     return sum(p.numel() for p in params)
@@ -26,6 +28,14 @@ class FrozenCLIPWrapper(nn.Module):
         super().__init__()
         self.model_name = model_name
         self.backbone = backbone.requires_grad_(False).eval()
+        self._tower_cache: Dict[str, Tower] = {}  # plain objects holding references into the backbone
+
+    def tower(self, kind: str) -> Tower:
+        """The backbone's "vision" or "text" tower behind `nearl.towers`' protocol (found on first
+        use; a ValueError naming the supported tower types when the backbone has none)."""
+        if kind not in self._tower_cache:
+            self._tower_cache[kind] = tower_of(self.backbone, kind)
+        return self._tower_cache[kind]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -82,7 +92,7 @@ class FrozenCLIPWrapper(nn.Module):
     def image_transform(self, train: bool = False):
         """open_clip's own preprocessing for this backbone."""
         from open_clip.transform import PreprocessCfg, image_transform_v2
-        return image_transform_v2(PreprocessCfg(**self.backbone.visual.preprocess_cfg), is_train=train)
+        return image_transform_v2(PreprocessCfg(**self.tower("vision").preprocess_cfg), is_train=train)
 
     def tokenizer(self):
         return open_clip.get_tokenizer(self.model_name)

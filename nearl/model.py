@@ -12,7 +12,6 @@ from . import ops
 from .config import NEARLConfig
 from .frozen import FrozenCLIPWrapper, count
 from .modules import QueryBank, TowerAdapter, USEformer, layer_params
-from .towers import TextSteps, VisionSteps
 
 # Small architectures of our own (NEARL-Tiny: a CPU-sized ViT for tests and smoke runs).
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -48,40 +47,43 @@ def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs)
 
 class NEARLCLIP(FrozenCLIPWrapper):
     title = "NEARL-CLIP"
+    method = "nearl"  # its name in nearl.methods (nearl/methods/nearl.py)
+    tasks = ("retrieval", "classification")
 
     def __init__(self, backbone: nn.Module, config: Optional[NEARLConfig] = None, *, fused: bool = False,
                  model_name: str = ""):
-        # Steppers are plain objects, not submodules: they hold references into the backbone.
-        steppers = {"vision": VisionSteps(backbone.visual), "text": TextSteps(backbone)}
         super().__init__(backbone, model_name=model_name)
-        self._steps = steppers
         self.config = config or NEARLConfig()
         self.fused = fused
         cfg = self.config
         self.queries = QueryBank(cfg.num_queries, cfg.query_dim, ("vision", "text"))
         self.useformer = USEformer(cfg.query_dim, cfg.heads, cfg.mlp_ratio)
         self.adapters = nn.ModuleDict()
-        for tower, steps in self._steps.items():
-            layers = cfg.layers_for(tower, len(steps.blocks))
+        for kind in ("vision", "text"):
+            tower = self.tower(kind)
+            layers = cfg.layers_for(kind, tower.depth)
             if layers:
-                self.adapters[tower] = TowerAdapter(steps.width, cfg.query_dim, cfg.rank, layers)
+                self.adapters[kind] = TowerAdapter(tower.width, cfg.query_dim, cfg.rank, layers)
 
     @property
     def impl(self) -> str:
         return "triton" if self.fused else "reference"
 
     # ----------------------------------------------------------------- towers
-    def _adapt(self, tower: str, x: torch.Tensor, blocks, mask: Optional[torch.Tensor]):
-        """Run the blocks of one tower, each adapted block followed by nearl_layer."""
-        adapter = self.adapters[tower] if tower in self.adapters else None
-        q = self.queries.initial(tower)
+    def _adapt(self, kind: str, inputs: torch.Tensor) -> TowerResult:
+        """Run one tower, each adapted block followed by nearl_layer."""
+        tower = self.tower(kind)
+        x, attn_mask = tower.stem(inputs)
+        mask = tower.valid_mask(inputs)
+        adapter = self.adapters[kind] if kind in self.adapters else None
+        q = self.queries.initial(kind)
         penalties = []
-        for k, block in enumerate(blocks, start=1):
-            x = block(x)
+        for k in range(1, tower.depth + 1):
+            x = tower.block(k - 1, x, attn_mask)
             if adapter is None or str(k) not in adapter.layers:
                 continue
             params = layer_params(adapter, adapter.layers[str(k)], self.useformer)
-            # The text mask always holds its first position (TextSteps.valid_mask), so the per-layer
+            # The text mask always holds its first position (OpenClipText.valid_mask), so the per-layer
             # check that would synchronise with the GPU is skipped.
             out = ops.nearl_layer(x, q, params, mask=mask, orth=self.config.orth, impl=self.impl,
                                   check_mask_rows=False)
@@ -92,20 +94,13 @@ class NEARLCLIP(FrozenCLIPWrapper):
         if q.dim() == 2:
             q = q.expand(x.shape[0], -1, -1)
         penalty = torch.stack(penalties).mean() if penalties else None
-        return x, q, penalty
+        return TowerResult(tower.head(x, inputs), q, penalty)
 
     def image_tower(self, images: torch.Tensor) -> TowerResult:
-        steps = self._steps["vision"]
-        blocks = [lambda x, i=i: steps.block(i, x) for i in range(len(steps.blocks))]
-        x, q, penalty = self._adapt("vision", steps.stem(images), blocks, None)
-        return TowerResult(steps.head(x), q, penalty)
+        return self._adapt("vision", images)
 
     def text_tower(self, tokens: torch.Tensor) -> TowerResult:
-        steps = self._steps["text"]
-        x, attn_mask = steps.stem(tokens)
-        blocks = [lambda x, i=i: steps.block(i, x, attn_mask) for i in range(len(steps.blocks))]
-        x, q, penalty = self._adapt("text", x, blocks, steps.valid_mask(tokens))
-        return TowerResult(steps.head(x, tokens), q, penalty)
+        return self._adapt("text", tokens)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> NEARLOutput:
         image, text = self.image_tower(images), self.text_tower(tokens)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from . import argtypes as A
 from . import distributed as D
-from .checkpoint import (BEST, LAST, build_model, load_checkpoint, rng_state, save_checkpoint,
+from .checkpoint import (BEST, LAST, load_checkpoint, rng_state, save_checkpoint, training_state,
                          set_rng_state)
 from .cli_args import check_backbone, user_errors
 from .classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
@@ -60,8 +60,8 @@ from .evaluate import (VAL_SPLITS, autocast, default_model_name, evaluate_classi
                        evaluate_retrieval, headline)
 from .errors import UserError, run_cli
 from .logging_utils import MetricsLog, format_metrics
-from .methods import METHODS, build_method, canonical, check_task
-from .methods.linear_probe import DEFAULT_WEIGHT_DECAYS
+from .methods import (METHODS, add_method_options, build_method, canonical, check_task, fixed_on_resume,
+                      method_config, method_of, spec as method_spec)
 from .methods.multiview import VIEW_COLUMNS
 from .nonfinite import NonFiniteError, check_finite_state
 from .resume import changed_settings, load_adapters, resume_optimizer, show as _show
@@ -70,46 +70,15 @@ from .schedule import warmup_cosine
 
 logger = logging.getLogger("nearl.train")
 
-CONFIG_FLAGS = {  # CLI dest -> NEARLConfig field
-    "num_queries": "num_queries", "query_dim": "query_dim", "heads": "heads", "rank": "rank",
-    "orth": "orth", "lambda_q": "lambda_q", "lambda_orth": "lambda_orth",
-    "vision_layers": "vision_layers", "text_layers": "text_layers",
-}
 # Arguments a resumed run does not take from the checkpoint unless given again (one-shot actions).
 NOT_RESTORED = {"resume", "overwrite", "force_unlock", "resume_notes"}
 # Arguments that fix the model a checkpoint holds: given again with another value on --resume, they
 # are reported and the checkpoint's value is kept (its parameters would not fit otherwise).
-FIXED_ON_RESUME = ("method", "task", "model", "seed", "num_queries", "query_dim", "heads",
-                   "rank", "vision_layers", "text_layers", "reduction", "n_ctx", "multiview")
+# The methods' own such options are marked `fixed` where they declare them (nearl/methods/).
+FIXED_ON_RESUME = ("method", "task", "model", "seed") + fixed_on_resume()
 
 
 # ============================================================================= arguments
-def _layers(text: str) -> Optional[List[int]]:
-    """'all' -> None (every block), 'none' -> [], '1,2,12' or '9-12' -> indices (1-based)."""
-    text = text.strip().lower()
-    if text == "all":
-        return None
-    if text in ("none", ""):
-        return []
-    out: List[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if a > b:
-                    raise argparse.ArgumentTypeError(f"the range {part!r} is empty ({a} > {b}); write {b}-{a}")
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected 'all', 'none' or 1-based block numbers and ranges "
-                                             f"such as '1,2,12' or '9-12', got {text!r}") from None
-    if any(k < 1 for k in out):
-        raise argparse.ArgumentTypeError(f"block numbers are 1-based (>= 1), got {text!r}")
-    return out
-
-
 def _method(text: str) -> str:
     try:
         return canonical(text)
@@ -128,29 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", help="backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
                    "checkpoint file, hf-hub:org/repo or local-dir:path (default: none = random backbone)")
     g.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
-    g.add_argument("--num-queries", type=A.positive_int, default=16, help="M")
-    g.add_argument("--query-dim", type=A.positive_int, default=128, help="D")
-    g.add_argument("--heads", type=A.positive_int, default=4, help="H (query heads)")
-    g.add_argument("--rank", type=A.positive_int, default=32, help="r (OCA rank)")
-    g.add_argument("--orth", choices=("hard", "soft", "none"), default="hard")
-    g.add_argument("--lambda-q", type=A.non_negative_float, default=0.1, help="query-alignment weight (0 ablates it)")
-    g.add_argument("--lambda-orth", type=A.non_negative_float, default=1.0, help="weight of mean cos^2 with --orth soft")
-    g.add_argument("--vision-layers", type=_layers, default=None,
-                   help="adapted vision blocks, 1-based: 'all' (default), 'none', '1,2,3', '7-12'")
-    g.add_argument("--text-layers", type=_layers, default=None, help="adapted text blocks (as above)")
-
-    g = p.add_argument_group("other methods' options (ignored by nearl)")
-    g.add_argument("--reduction", type=A.positive_int, default=4, help="alta / clip-adapter: bottleneck d -> d/reduction")
-    g.add_argument("--alpha", type=A.unit_interval, default=0.2, help="clip-adapter: residual ratio")
-    g.add_argument("--n-ctx", type=A.positive_int, default=16, help="coop: learned context vectors M")
-    g.add_argument("--multiview", action="store_true",
-                   help="alta: studies with up to 4 views (manifest columns of --view-columns) and learned "
-                        "view / time embeddings; evaluation uses the frontal image")
-    g.add_argument("--view-columns", default=",".join(VIEW_COLUMNS),
-                   help="alta --multiview: manifest columns of the frontal/current, lateral/current, "
-                        "frontal/prior and lateral/prior views (default %(default)s)")
-    g.add_argument("--probe-wd", default=",".join(str(w) for w in DEFAULT_WEIGHT_DECAYS),
-                   help="linear-probe: L2 weights searched on validation (default %(default)s)")
+    add_method_options(p)  # each method's own options, declared in its module (nearl/methods/)
 
     g = p.add_argument_group("data")
     g.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
@@ -386,29 +333,6 @@ def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> 
 
 
 # ============================================================================= pieces of the loop
-def method_config(method: str, args, data: Optional[TrainData] = None) -> Dict[str, Any]:
-    """The config fields of `method` from the command line (NEARLConfig's for nearl)."""
-    if method == "nearl":
-        return {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items()}
-    get = lambda name, default: getattr(args, name, default)
-    if method == "alta":
-        return {"reduction": get("reduction", 4), "multiview": bool(get("multiview", False))}
-    if method == "clip-adapter":
-        return {"alpha": get("alpha", 0.2), "reduction": get("reduction", 4)}
-    if method == "coop":
-        return {"n_ctx": get("n_ctx", 16)}
-    if method == "linear-probe":
-        text = str(get("probe_wd", None) or "0.001")
-        try:
-            wds = [float(w) for w in text.split(",") if w.strip()]
-        except ValueError:
-            raise UserError(f"--probe-wd takes comma-separated numbers, got {text!r}") from None
-        if not wds or any(not math.isfinite(w) or w < 0 for w in wds):
-            raise UserError(f"--probe-wd takes weights >= 0, got {text!r}")
-        return {"weight_decays": wds, "num_classes": len(data.classnames) if data and data.classnames else 0}
-    return {}
-
-
 def param_groups(model, weight_decay: float):
     """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank.
     A method may say otherwise with `model.decays(name, p)` (e.g. ALTA: its adapter matrices only)."""
@@ -451,8 +375,7 @@ def _sync_grads(params, info: D.DistInfo) -> None:
 
 
 def _image_size(model) -> int:
-    size = model.backbone.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return int(model.tower("vision").image_size[0])
 
 
 class Hooks:
@@ -546,9 +469,10 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
         raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' "
                          f"(got method {method!r}, task {args.task!r})")
-    if method == "linear-probe" and info.distributed:
-        raise UserError("method 'linear-probe' fits on cached features in one process; run it without torchrun")
-    if fused and method != "nearl":
+    spec = method_spec(method)
+    if spec.trainer == "features" and info.distributed:
+        raise UserError(f"method {method!r} fits on cached features in one process; run it without torchrun")
+    if fused and not spec.fused_kernels:
         _say(info, f"--fused: the Triton kernels are NEARL's; method {method} runs its PyTorch path.")
         fused = False
 
@@ -556,14 +480,11 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     data = load_train_data(args)
     config = method_config(method, args, data)
     with user_errors("model settings: "):
-        if method == "nearl":
-            model = build_model(model_name, args.pretrained, fused=fused, seed=args.seed, **config)
-        else:
-            model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed, **config)
+        model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed, **config)
     model.to(device)
     cfg = model.config
     tokenizer = model.tokenizer()
-    if method == "linear-probe":
+    if spec.trainer == "features":
         require_loadable(data.train, data.source)
         return _train_linear_probe(args, info, model, data, out)
     dataset = make_dataset(data, model, args.seed, multiview=getattr(args, "multiview", False))
@@ -675,19 +596,17 @@ def _train(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
                    "(give the manifest a 'val' split or use --val-data)")
 
     def state(tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> Dict[str, Any]:
-        return {
-            "model_name": model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
-            "method": method, "config": cfg.to_dict(), "task": data.task, "classnames": data.classnames,
-            "templates": (args.templates or list(TEMPLATES)) if data.task == "classification" else None,
-            "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step, "epoch": tag_epoch, "batch_in_epoch": tag_pos, "best": best,
-            "rng": rng_state(), "data": {**sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
-            "args": saved_args(args),
-            "metrics": metrics or {},
-        }
+        return training_state(
+            model_name=model_name, pretrained=args.pretrained, backbone_seed=args.seed,
+            method=method, config=cfg.to_dict(), task=data.task, classnames=data.classnames,
+            templates=(args.templates or list(TEMPLATES)) if data.task == "classification" else None,
+            model={k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None else None,
+            step=step, epoch=tag_epoch, batch_in_epoch=tag_pos, best=best,
+            rng=rng_state(), data={**sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
+            args=saved_args(args), metrics=metrics or {})
 
     saved_at = {"step": None, "best": None}
     last_good = step if args.resume and (out / LAST).exists() else None  # what out/last.pt holds
@@ -944,16 +863,14 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
         if results.get("nonfinite_rows"):
             raise NonFiniteError(f"linear-probe: {int(results['nonfinite_rows'])} validation logit rows hold NaN "
                                  "or inf: the head has diverged; nothing was saved")
-    state = {
-        "model_name": model.model_name, "pretrained": args.pretrained, "backbone_seed": args.seed,
-        "method": "linear-probe", "config": model.config.to_dict(), "task": "classification",
-        "classnames": data.classnames, "templates": None,
-        "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
-        "optimizer": None, "scheduler": None, "scaler": None, "step": steps, "epoch": 1,
-        "batch_in_epoch": 0, "best": best, "rng": rng_state(), "data": {"n": n},
-        "args": saved_args(args),
-        "metrics": results or {},
-    }
+    state = training_state(
+        model_name=model.model_name, pretrained=args.pretrained, backbone_seed=args.seed,
+        method=method_of(model), config=model.config.to_dict(), task="classification",
+        classnames=data.classnames, templates=None,
+        model={k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
+        optimizer=None, scheduler=None, scaler=None, step=steps, epoch=1,
+        batch_in_epoch=0, best=best, rng=rng_state(), data={"n": n},
+        args=saved_args(args), metrics=results or {})
     save_checkpoint(state, out, LAST)
     if results is not None:
         save_checkpoint(state, out, BEST)
@@ -963,7 +880,7 @@ def _train_linear_probe(args, info: D.DistInfo, model, data: TrainData, out: Pat
     except Exception as e:  # a plot must never kill a run
         logger.warning("could not draw curves.png: %s", e)
     print(f"done: {steps} steps; checkpoints in {out}", flush=True)
-    return {"step": steps, "epoch": 1, "best": best, "out": str(out), "method": "linear-probe",
+    return {"step": steps, "epoch": 1, "best": best, "out": str(out), "method": method_of(model),
             "learnable_parameters": model.num_trainable_parameters(), "weight_decay": chosen["weight_decay"]}
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nearl import evaluate as E
 from nearl import metrics as M
-from nearl.checkpoint import build_model
+from nearl.methods import build_method
 from nearl.data.manifests import read_manifest
 from test_train import _one_thread, FAST, make_image_folder, make_manifest, run
 
@@ -21,7 +21,7 @@ KW = dict(device="cpu", batch_size=4, workers=0, progress=False)
 def test_zero_shot_retrieval_is_frozen_clip(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=0, n_val=6, captions_per_image=3)
     records = read_manifest(manifest)
-    model = build_model("NEARL-Tiny", None, seed=1)
+    model = build_method("nearl", "NEARL-Tiny", None, seed=1)
     res = E.evaluate_retrieval(model, records, **KW)
     assert res["n_images"] == 6 and res["n_texts"] == 18
     # The same numbers straight from the open_clip backbone.
@@ -38,7 +38,7 @@ def test_zero_shot_retrieval_is_frozen_clip(tmp_path):
 def test_bad_image_and_its_captions_are_dropped(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=0, n_val=5, captions_per_image=2)
     (tmp_path / "data" / "img2.png").write_bytes(b"\x89PNG broken")
-    res = E.evaluate_retrieval(build_model("NEARL-Tiny"), read_manifest(manifest), **KW)
+    res = E.evaluate_retrieval(build_method("nearl", "NEARL-Tiny"), read_manifest(manifest), **KW)
     assert (res["n_images"], res["n_texts"]) == (4, 8)
 
 

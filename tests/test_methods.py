@@ -59,7 +59,7 @@ def test_alta_block_is_the_stated_formula():
     nn.MultiheadAttention called directly, for the text tower's causal mask."""
     model = MT.build_method("alta", "NEARL-Tiny", seed=1)
     _randomise(model, seed=2, scale=0.2)
-    block = model._steps["text"].blocks[0]
+    block = model.tower("text").blocks[0]
     ad = model.adapters["text"][0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 48, generator=g)
@@ -72,7 +72,7 @@ def test_alta_block_is_the_stated_formula():
         h2 = block.ln_2(x2)
         mlp = block.mlp.c_proj(F.gelu(block.mlp.c_fc(h2)))
         expected = x2 + mlp + 0.5 * ad.mlp.up(F.gelu(ad.mlp.down(h2)))
-        got = adapted_block(block, x, ad, 0.5, mask)
+        got = adapted_block(model.tower("text").prenorm_parts(0), x, ad, 0.5, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -292,3 +292,41 @@ def test_prompt_classifier_without_queries_skips_query_term():
     assert out.image_queries is None and out.class_queries is None and out.logits.shape == (4, 2)
     terms = ClassificationLoss(lambda_q=0.5)(out, torch.tensor([0, 1, 0, 1]))
     assert set(terms) == {"cross_entropy", "loss"} and torch.equal(terms["loss"], terms["cross_entropy"])
+
+
+def test_the_registry_holds_every_method_once_with_its_options():
+    """Each method's module declares its SPEC; nearl is one of them (not patched in), a flag two
+    methods share is added once and names both, and the options that shape a model are those a
+    resumed run keeps."""
+    from nearl import train as T
+    from nearl.model import NEARLCLIP
+    assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "linear-probe", "zeroshot")
+    for name in MT.METHODS:
+        assert MT.spec(name).name == name and MT.spec(name).model_cls.method == name
+    assert MT.spec("nearl").model_cls is NEARLCLIP and MT.method_of(MT.build_method("nearl", "NEARL-Tiny")) == "nearl"
+    actions = [a for a in T.build_parser()._actions if "--reduction" in a.option_strings]
+    assert len(actions) == 1 and actions[0].help.startswith("alta, clip-adapter:"), [a.help for a in actions]
+    assert set(T.FIXED_ON_RESUME) == {"method", "task", "model", "seed", "num_queries", "query_dim", "heads", "rank",
+                                      "vision_layers", "text_layers", "reduction", "n_ctx", "multiview"}
+    assert MT.method_config("coop", T.parse_args(["--method", "coop", "--n-ctx", "3"])) == {"n_ctx": 3}
+    with pytest.raises(ValueError, match="registered twice"):
+        MT.register(MT.spec("coop"))
+
+
+def test_a_checkpoint_from_before_methods_were_recorded_restores_nearl(tmp_path):
+    """Version-1 files written before checkpoints named their method hold NEARL-CLIP."""
+    from nearl import checkpoint as C
+    model = MT.build_method("nearl", "NEARL-Tiny", seed=3)
+    state = C.training_state(model_name="NEARL-Tiny", pretrained=None, backbone_seed=3, method="nearl",
+                             config=model.config.to_dict(), task="retrieval", classnames=None, templates=None,
+                             model=model.trainable_state_dict(), optimizer=None, scheduler=None, scaler=None,
+                             step=1, epoch=0, batch_in_epoch=1, rng=C.rng_state(), data={}, best=None, args={},
+                             metrics={})
+    del state["method"]
+    C.save_checkpoint(state, tmp_path)
+    restored = MT.build_from_checkpoint(tmp_path)
+    assert MT.method_of(restored) == "nearl"
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(restored.trainable_state_dict()[k], v), k
+    with pytest.raises(ValueError, match="missing \\['method'\\]"):
+        C.training_state(**{k: v for k, v in state.items()})

@@ -111,16 +111,16 @@ def test_missing_view_is_left_out_of_the_mean():
         poisoned[2, 2:] = 1e6
         assert torch.equal(model.encode_image(poisoned, view_mask=mask), got)
         # by hand: each present view alone with its slot's embeddings, pooled, averaged, projected
-        steps, proj = model._steps["vision"], model.backbone.visual.proj
+        tower, proj = model.tower("vision"), model.backbone.visual.proj
         for b in range(3):
             pooled = []
             for v in range(4):
                 if not mask[b, v]:
                     continue
-                x = steps.stem(views[b, v][None])
+                x, _ = tower.stem(views[b, v][None])
                 x = x + model.view_embed[SLOT_VIEW[v]] + model.time_embed[SLOT_TIME[v]]
-                for k in range(len(steps.blocks)):
-                    x = adapted_block(steps.blocks[k], x, model.adapters["vision"][k], 0.5)
+                for k in range(tower.depth):
+                    x = adapted_block(tower.prenorm_parts(k), x, model.adapters["vision"][k], 0.5)
                 pooled.append(model.backbone.visual._pool(x)[0])
             expected = torch.cat(pooled).mean(dim=0, keepdim=True) @ proj
             torch.testing.assert_close(got[b:b + 1], expected, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,7 @@ def test_forward_returns_features_and_final_queries(tiny):
 
 def test_text_valid_mask_ends_at_end_of_text(tiny):
     tokens = tiny.tokenizer()(["ct", "a much longer caption about a chest radiograph"])
-    valid = tiny._steps["text"].valid_mask(tokens)
+    valid = tiny.tower("text").valid_mask(tokens)
     eot = tokens.argmax(-1)
     assert valid.sum(1).tolist() == (eot + 1).tolist()
     assert valid[0, : eot[0] + 1].all() and not valid[0, eot[0] + 1:].any()
@@ -136,13 +136,14 @@ def test_trainable_state_dict_holds_only_the_adapters(tiny):
 
 
 def test_non_native_towers_raise_a_clear_error():
+    """The tower factory says what it found and which tower types it steps."""
     backbone = open_clip.create_model(TINY)
     backbone.visual = torch.nn.Linear(4, 4)
-    with pytest.raises(ValueError, match="image tower is Linear.*VisionTransformer"):
+    with pytest.raises(ValueError, match="image tower of type Linear.*types block by block: open_clip VisionTransformer"):
         nearl.NEARLCLIP(backbone)
     backbone = open_clip.create_model(TINY)
     del backbone.token_embedding
-    with pytest.raises(ValueError, match="no open_clip text transformer"):
+    with pytest.raises(ValueError, match="without an open_clip text transformer.*: open_clip text transformer"):
         nearl.NEARLCLIP(backbone)
 
 
@@ -176,3 +177,26 @@ def test_fused_model_on_cpu_without_interpreter_says_why(monkeypatch):
     images, _ = batch(model)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         model.encode_image(images)
+
+
+def test_the_tower_seam_steps_what_open_clip_encodes(tiny):
+    """Stem, blocks and head through nearl.towers give open_clip's own features, both towers;
+    and ALTA's split of a block at its branches recomposes the block."""
+    from nearl.towers import towers_of
+    g = torch.Generator().manual_seed(0)
+    towers = towers_of(tiny.backbone)
+    images = torch.randn(2, 3, *towers["vision"].image_size, generator=g)
+    tokens = tiny.tokenizer()(["a chest radiograph", "ct"])
+    with torch.no_grad():
+        for kind, inputs, want in (("vision", images, tiny.backbone.encode_image(images)),
+                                   ("text", tokens, tiny.backbone.encode_text(tokens))):
+            tower = towers[kind]
+            x, attn_mask = tower.stem(inputs)
+            for k in range(tower.depth):
+                parts = tower.prenorm_parts(k)
+                y = x + parts.attention(x, attn_mask)
+                split = y + parts.mlp(parts.norm2(y))
+                x = tower.block(k, x, attn_mask)
+                torch.testing.assert_close(split, x, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(tower.head(x, inputs), want, rtol=1e-5, atol=1e-6)
+    assert towers["vision"].output_dim() == want.shape[-1]

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from nearl import argtypes as A
 from nearl import checkpoint as C
+from nearl import methods as MT
 from nearl import train as T
 from nearl.distributed import ShardedBatchSampler
 from nearl.schedule import WarmupCosine
@@ -106,8 +108,8 @@ def test_sharded_sampler_global_batches_and_resume():
 
 
 def test_layers_flag():
-    assert T._layers("all") is None and T._layers("none") == []
-    assert T._layers("1,3-5") == [1, 3, 4, 5]
+    assert A.block_numbers("all") is None and A.block_numbers("none") == []
+    assert A.block_numbers("1,3-5") == [1, 3, 4, 5]
 
 
 # ----------------------------------------------------------------------------- training
@@ -136,13 +138,13 @@ def test_checkpoint_holds_no_backbone_and_rebuilds(tmp_path):
          "--out", out, *FAST])
     raw = torch.load(out / "last.pt", weights_only=True)  # no pickled code in a checkpoint
     assert not any(k.startswith("backbone") for k in raw["model"])
-    model = C.build_from_checkpoint(raw)
+    model = MT.build_from_checkpoint(raw)
     assert set(raw["model"]) == set(model.trainable_state_dict())
     n_saved = sum(v.numel() for v in raw["model"].values())
     assert n_saved == model.num_trainable_parameters() < sum(p.numel() for p in model.backbone.parameters()) / 10
     assert os.path.getsize(out / "last.pt") < 8 * n_saved + 2_000_000  # weights + Adam moments, no backbone
     # The trained adapters differ from a fresh model; the rebuilt random backbone is the same.
-    fresh = C.build_model("NEARL-Tiny", None, seed=0)
+    fresh = MT.build_method("nearl", "NEARL-Tiny", None, seed=0)
     for (n, a), b in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().values()):
         assert torch.equal(a, b), n
     assert not torch.equal(model.trainable_state_dict()["adapters.vision.layers.1.w_up"],

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from nearl import checkpoint as C
+from nearl import methods as MT
 from nearl import losses
 from nearl import train as T
 from nearl.errors import UserError
@@ -153,9 +154,9 @@ def test_resume_keeps_the_model_shape_and_says_so(tmp_path, capsys):
 
 
 def test_mismatched_checkpoint_names_the_setting():
-    small = C.build_model("NEARL-Tiny", None, num_queries=8)
-    ckpt = {"model": C.build_model("NEARL-Tiny", None).trainable_state_dict(), "model_name": "NEARL-Tiny",
-            "config": C.build_model("NEARL-Tiny", None).config.to_dict(), "path": "x/last.pt"}
+    small = MT.build_method("nearl", "NEARL-Tiny", None, num_queries=8)
+    ckpt = {"model": MT.build_method("nearl", "NEARL-Tiny", None).trainable_state_dict(), "model_name": "NEARL-Tiny",
+            "config": MT.build_method("nearl", "NEARL-Tiny", None).config.to_dict(), "path": "x/last.pt"}
     with pytest.raises(UserError, match="x/last.pt does not fit the model of this run: num_queries 16 in the "
                                         "checkpoint, 8 here"):
         load_adapters(small, ckpt, "cpu")

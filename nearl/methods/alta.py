@@ -28,13 +28,14 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from ..model import NEARLOutput, TowerResult
 from ..frozen import count
-from ..towers import TextSteps, VisionSteps
-from .base import MethodConfig, MethodModel
+from ..model import NEARLOutput, TowerResult
+from ..towers import PreNormParts
+from .base import REDUCTION, MethodConfig, MethodModel
+from .multiview import VIEW_COLUMNS
+from .registry import MethodSpec, Option
 
 # slot -> (view: 0 frontal / 1 lateral, time: 0 current / 1 prior); the order of multiview.VIEW_SLOTS
 SLOT_VIEW = (0, 1, 0, 1)
@@ -75,20 +76,13 @@ class BlockAdapters(nn.Module):
         self.mlp = Adapter(width, reduction)
 
 
-def adapted_block(block: ResidualAttentionBlock, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
+def adapted_block(parts: PreNormParts, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
                   attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock.forward (self-attention) with the two ALTA adapters."""
-    x = x + block.ls_1(block.attention(q_x=block.ln_1(x), attn_mask=attn_mask))
+    """A pre-norm residual block (split by its tower, `Tower.prenorm_parts`) with the two ALTA adapters."""
+    x = x + parts.attention(x, attn_mask)
     x = x + adapters.attn(x)
-    h = block.ln_2(x)
-    return x + block.ls_2(block.mlp(h)) + mlp_scale * adapters.mlp(h)
-
-
-def _check_blocks(blocks, tower: str) -> None:
-    bad = {type(b).__name__ for b in blocks if type(b) is not ResidualAttentionBlock}
-    if bad:
-        raise ValueError(f"ALTA re-implements open_clip's ResidualAttentionBlock; the {tower} tower has "
-                         f"{sorted(bad)} blocks, which it does not support")
+    h = parts.norm2(x)
+    return x + parts.mlp(h) + mlp_scale * adapters.mlp(h)
 
 
 class ALTA(MethodModel):
@@ -97,11 +91,12 @@ class ALTA(MethodModel):
     def __init__(self, backbone: nn.Module, config: Optional[ALTAConfig] = None, **kw):
         config = config or ALTAConfig()
         super().__init__(backbone, config, **kw)
-        self._steps = {"vision": VisionSteps(backbone.visual), "text": TextSteps(backbone)}
         self.adapters = nn.ModuleDict()
-        for tower, steps in self._steps.items():
-            _check_blocks(steps.blocks, tower)
-            self.adapters[tower] = nn.ModuleList(BlockAdapters(steps.width, config.reduction) for _ in steps.blocks)
+        self._parts: Dict[str, List[PreNormParts]] = {}  # each block at its branches (a ValueError if it has none)
+        for kind in ("vision", "text"):
+            tower = self.tower(kind)
+            self._parts[kind] = [tower.prenorm_parts(k) for k in range(tower.depth)]
+            self.adapters[kind] = nn.ModuleList(BlockAdapters(tower.width, config.reduction) for _ in tower.blocks)
         # The backbone parts ALTA trains: every LayerNorm and the two final projections.
         self._unfrozen_norms: List[nn.Parameter] = []
         for m in backbone.modules():
@@ -110,13 +105,12 @@ class ALTA(MethodModel):
                     p.requires_grad_(True)
                     self._unfrozen_norms.append(p)
         self._unfrozen_proj: List[nn.Parameter] = []
-        text_proj = self._steps["text"].src.text_projection
-        for proj in (backbone.visual.proj, text_proj):
-            for p in ([proj] if isinstance(proj, nn.Parameter) else list(proj.parameters()) if proj is not None else []):
+        for kind in ("vision", "text"):
+            for p in self.tower(kind).projection_parameters():
                 p.requires_grad_(True)
                 self._unfrozen_proj.append(p)
         if config.multiview:
-            width = self._steps["vision"].width
+            width = self.tower("vision").width
             self.view_embed = nn.Parameter(torch.zeros(2, width))  # frontal, lateral
             self.time_embed = nn.Parameter(torch.zeros(2, width))  # current, prior
             self.register_buffer("slot_view", torch.tensor(SLOT_VIEW), persistent=False)
@@ -129,15 +123,9 @@ class ALTA(MethodModel):
         return len(SLOT_VIEW) if self.config.multiview else 1
 
     # ----------------------------------------------------------------- towers
-    def _run(self, tower: str, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        steps, adapters, scale = self._steps[tower], self.adapters[tower], self.config.mlp_scale
-        transformer = steps.visual.transformer if tower == "vision" else steps.transformer
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        for block, ad in zip(steps.blocks, adapters):
-            x = adapted_block(block, x, ad, scale, attn_mask)
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
+    def _run(self, kind: str, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        for parts, ad in zip(self._parts[kind], self.adapters[kind]):
+            x = adapted_block(parts, x, ad, self.config.mlp_scale, attn_mask)
         return x
 
     def _slot_embedding(self, slots: torch.Tensor) -> torch.Tensor:
@@ -145,19 +133,16 @@ class ALTA(MethodModel):
         return (self.view_embed[self.slot_view[slots]] + self.time_embed[self.slot_time[slots]]).unsqueeze(1)
 
     def _pooled(self, images: torch.Tensor, slots: Optional[torch.Tensor]) -> torch.Tensor:
-        steps = self._steps["vision"]
-        x = steps.stem(images)
+        tower = self.tower("vision")
+        x, attn_mask = tower.stem(images)
         if self.view_embed is not None:
             if slots is None:
                 slots = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
             x = x + self._slot_embedding(slots).to(x.dtype)
-        x = self._run("vision", x, None)
-        pooled, _ = steps.visual._pool(x)
-        return pooled
+        return tower.pool(self._run("vision", x, attn_mask), images)
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
-        proj = self._steps["vision"].visual.proj
-        return pooled @ proj if proj is not None else pooled
+        return self.tower("vision").project(pooled)
 
     def image_tower(self, images: torch.Tensor, view_mask: Optional[torch.Tensor] = None) -> TowerResult:
         """images (B, 3, H, W): one frontal current view; or (B, V, 3, H, W) with view_mask (B, V)."""
@@ -185,10 +170,9 @@ class ALTA(MethodModel):
         return TowerResult(self._project(mean), None, None)
 
     def text_tower(self, tokens: torch.Tensor) -> TowerResult:
-        steps = self._steps["text"]
-        x, attn_mask = steps.stem(tokens)
-        x = self._run("text", x, attn_mask)
-        return TowerResult(steps.head(x, tokens), None, None)
+        tower = self.tower("text")
+        x, attn_mask = tower.stem(tokens)
+        return TowerResult(tower.head(self._run("text", x, attn_mask), tokens), None, None)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False,
                      view_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -212,3 +196,20 @@ class ALTA(MethodModel):
         if self.view_embed is not None:
             rows["View / time embeddings"] = self.view_embed.numel() + self.time_embed.numel()
         return rows
+
+
+SPEC = MethodSpec(
+    model_cls=ALTA, config_cls=ALTAConfig,
+    summary="ALTA adapters in every block of both towers",
+    options=(
+        REDUCTION,
+        Option(("--multiview",), dict(action="store_true",
+                                      help="studies with up to 4 views (manifest columns of --view-columns) and "
+                                           "learned view / time embeddings; evaluation uses the frontal image"),
+               "multiview", convert=bool, fixed=True),
+        Option(("--view-columns",), dict(default=",".join(VIEW_COLUMNS),
+                                         help="with --multiview: manifest columns of the frontal/current, "
+                                              "lateral/current, frontal/prior and lateral/prior views "
+                                              "(default %(default)s)")),
+    ),
+)

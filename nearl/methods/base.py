@@ -17,8 +17,14 @@ from typing import Dict
 import torch
 from torch import nn
 
+from .. import argtypes as A
 from ..frozen import FrozenCLIPWrapper
 from ..model import NEARLOutput, TowerResult
+from .registry import Option
+
+# alta's and clip-adapter's bottleneck: both declare this one option, and the command line adds it once.
+REDUCTION = Option(("--reduction",), dict(type=A.positive_int, default=4, help="bottleneck d -> d/reduction"),
+                   "reduction", fixed=True)
 
 
 @dataclass

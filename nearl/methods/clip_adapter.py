@@ -15,8 +15,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .. import argtypes as A
 from ..frozen import count
-from .base import MethodConfig, MethodModel
+from .base import REDUCTION, MethodConfig, MethodModel
+from .registry import MethodSpec, Option
 
 
 @dataclass
@@ -42,24 +44,13 @@ class FeatureAdapter(nn.Module):
         return alpha * self.fc(f) + (1.0 - alpha) * f
 
 
-def _embed_dim(backbone: nn.Module) -> int:
-    with torch.no_grad():
-        proj = getattr(backbone.visual, "proj", None)
-        if isinstance(proj, torch.Tensor):
-            return int(proj.shape[1])
-        size = backbone.visual.image_size
-        size = size if isinstance(size, (tuple, list)) else (size, size)
-        dev = next(backbone.parameters()).device
-        return int(backbone.encode_image(torch.zeros(1, 3, *size, device=dev)).shape[-1])
-
-
 class CLIPAdapter(MethodModel):
     method = "clip-adapter"
 
     def __init__(self, backbone: nn.Module, config: Optional[CLIPAdapterConfig] = None, **kw):
         config = config or CLIPAdapterConfig()
         super().__init__(backbone, config, **kw)
-        dim = _embed_dim(backbone)
+        dim = self.tower("vision").output_dim()
         self.image_adapter = FeatureAdapter(dim, config.reduction)
         self.text_adapter = FeatureAdapter(dim, config.reduction)
 
@@ -72,3 +63,11 @@ class CLIPAdapter(MethodModel):
     def _breakdown(self) -> Dict[str, int]:
         return {"Image adapter": count(self.image_adapter.parameters()),
                 "Text adapter": count(self.text_adapter.parameters())}
+
+
+SPEC = MethodSpec(
+    model_cls=CLIPAdapter, config_cls=CLIPAdapterConfig, aliases=("clip_adapter", "clipadapter"),
+    summary="residual bottleneck MLPs on the final features",
+    options=(REDUCTION,
+             Option(("--alpha",), dict(type=A.unit_interval, default=0.2, help="residual ratio"), "alpha")),
+)

@@ -20,10 +20,11 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import argtypes as A
 from ..classify import prompt_name
 from ..model import TowerResult
-from ..towers import TextSteps
 from .base import MethodConfig, MethodModel
+from .registry import MethodSpec, Option
 
 logger = logging.getLogger("nearl.methods")
 
@@ -47,8 +48,8 @@ class CoOp(MethodModel):
     def __init__(self, backbone: nn.Module, config: Optional[CoOpConfig] = None, **kw):
         config = config or CoOpConfig()
         super().__init__(backbone, config, **kw)
-        self._text = TextSteps(backbone)
-        context = int(self._text.src.positional_embedding.shape[0])
+        self._text = self.tower("text")
+        context = self._text.context_length
         n_ctx = config.n_ctx
         if n_ctx + 3 > context:  # SOS + context + >= 1 class token + EOS
             n_ctx = max(1, context // 2)
@@ -89,14 +90,21 @@ class CoOp(MethodModel):
 
     def prompt_tower(self, tokens: torch.Tensor) -> TowerResult:
         """Class prompts with the learned context: positions 1..M hold ctx (+ their position embedding)."""
-        steps, n = self._text, self.n_ctx
-        x, attn_mask = steps.stem(tokens)
-        pos = steps.src.positional_embedding[1:1 + n].to(x.dtype)
+        tower, n = self._text, self.n_ctx
+        x, attn_mask = tower.stem(tokens)
+        pos = tower.position_rows(1, n).to(x.dtype)
         ctx = (self.ctx.to(x.dtype) + pos).unsqueeze(0).expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + n:]], dim=1)
-        for k in range(len(steps.blocks)):
-            x = steps.block(k, x, attn_mask)
-        return TowerResult(steps.head(x, tokens), None, None)
+        for k in range(tower.depth):
+            x = tower.block(k, x, attn_mask)
+        return TowerResult(tower.head(x, tokens), None, None)
 
     def _breakdown(self) -> Dict[str, int]:
         return {f"Context vectors ({self.n_ctx} x {self._text.width})": self.ctx.numel()}
+
+
+SPEC = MethodSpec(
+    model_cls=CoOp, config_cls=CoOpConfig, summary="learned prompt context (M = 16)",
+    options=(Option(("--n-ctx",), dict(type=A.positive_int, default=16, help="learned context vectors M"), "n_ctx",
+                    fixed=True),),
+)

@@ -9,6 +9,7 @@ Classification only; the text tower is not used.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .base import MethodConfig, MethodModel
-from .clip_adapter import _embed_dim
+from .registry import MethodSpec, Option
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -43,7 +45,7 @@ class LinearProbe(MethodModel):
     def __init__(self, backbone: nn.Module, config: Optional[LinearProbeConfig] = None, **kw):
         config = config or LinearProbeConfig()
         super().__init__(backbone, config, **kw)
-        self.embed_dim = _embed_dim(backbone)
+        self.embed_dim = self.tower("vision").output_dim()
         self.head = nn.Linear(self.embed_dim, config.num_classes) if config.num_classes else None
 
     def set_num_classes(self, num_classes: int) -> None:
@@ -133,3 +135,25 @@ def fit_linear_probe(model: LinearProbe, train_x: torch.Tensor, train_y: torch.T
     model.head = head
     cfg.weight_decay = chosen
     return {"weight_decay": chosen, "searched": bool(have_val and len(grid) > 1)}
+
+
+def weight_decays(text) -> List[float]:
+    """--probe-wd: comma-separated L2 weights >= 0."""
+    text = str(text or "0.001")
+    try:
+        wds = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"--probe-wd takes comma-separated numbers, got {text!r}") from None
+    if not wds or any(not math.isfinite(w) or w < 0 for w in wds):
+        raise UserError(f"--probe-wd takes weights >= 0, got {text!r}")
+    return wds
+
+
+SPEC = MethodSpec(
+    model_cls=LinearProbe, config_cls=LinearProbeConfig, aliases=("linear_probe", "linear"),
+    summary="logistic regression on frozen image features", trainer="features",
+    options=(Option(("--probe-wd",), dict(default=",".join(str(w) for w in DEFAULT_WEIGHT_DECAYS),
+                                          help="L2 weights searched on validation (default %(default)s)"),
+                    "weight_decays", convert=weight_decays),),
+    config_from_data=lambda data: {"num_classes": len(data.classnames) if data and data.classnames else 0},
+)

@@ -9,6 +9,7 @@ from typing import Optional
 from torch import nn
 
 from .base import MethodConfig, MethodModel
+from .registry import MethodSpec
 
 
 @dataclass
@@ -21,3 +22,7 @@ class ZeroShot(MethodModel):
 
     def __init__(self, backbone: nn.Module, config: Optional[ZeroShotConfig] = None, **kw):
         super().__init__(backbone, config or ZeroShotConfig(), **kw)
+
+
+SPEC = MethodSpec(model_cls=ZeroShot, config_cls=ZeroShotConfig, aliases=("zero-shot", "zero_shot"),
+                  summary="the frozen CLIP with prompt templates, no training")

@@ -1,0 +1,41 @@
+"""One seam for backbones: every method, the model, training and the benchmarks step a tower only
+through the protocol in `base.py` (stem, blocks, pooling, projection, width, depth, masks), and
+`towers_of` picks the module that implements it for a backbone.
+
+Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransformer) and
+`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer). A new type is a new
+module with a `Tower` subclass, listed in TOWER_TYPES.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from torch import nn
+
+from .base import PreNormParts, Tower
+from .open_clip_text import OpenClipText
+from .open_clip_vision import OpenClipVision
+
+TOWER_TYPES = {"vision": (OpenClipVision,), "text": (OpenClipText,)}
+
+
+def tower_of(backbone: nn.Module, kind: str) -> Tower:
+    """The `kind` ("vision" or "text") tower of `backbone`, or a ValueError saying what was found
+    and which tower types exist."""
+    if kind not in TOWER_TYPES:
+        raise ValueError(f"tower kind must be one of {sorted(TOWER_TYPES)}, got {kind!r}")
+    for cls in TOWER_TYPES[kind]:
+        if cls.accepts(backbone):
+            return cls(backbone)
+    known = ", ".join(cls.type_name for cls in TOWER_TYPES[kind])
+    found = "; ".join(cls.found(backbone) for cls in TOWER_TYPES[kind])
+    raise ValueError(f"no supported {kind} tower in {type(backbone).__name__}: found {found}. "
+                     f"NEARL-CLIP steps these {kind} tower types block by block: {known}")
+
+
+def towers_of(backbone: nn.Module) -> Dict[str, Tower]:
+    """{"vision": ..., "text": ...} for `backbone`."""
+    return {kind: tower_of(backbone, kind) for kind in TOWER_TYPES}
+
+
+__all__ = ["PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "tower_of", "towers_of"]

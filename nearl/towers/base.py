@@ -1,0 +1,89 @@
+"""The tower protocol: everything a method, the model, training or a benchmark may ask of a tower.
+
+A tower is stepped as stem -> blocks -> pooling -> projection, with the tokens batch-first
+(B, N, width) between blocks whatever the backbone's own layout. One module per tower type
+implements it (`open_clip_vision.py`, `open_clip_text.py`); `nearl.towers.towers_of` picks them.
+Nothing outside those modules reads a backbone's tower internals.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class PreNormParts(NamedTuple):
+    """A pre-norm residual block split at its two branches, for methods that add their own
+    (ALTA): x = x + attention(x, attn_mask); h = norm2(x); x = x + mlp(h)."""
+    attention: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Tower:
+    """One tower of a CLIP-style backbone. `kind` is "vision" or "text"."""
+
+    kind: str = "?"
+    type_name: str = "?"  # what the factory's messages call this tower type
+
+    @classmethod
+    def accepts(cls, backbone: nn.Module) -> bool:
+        """True when this type can step `backbone`'s tower of its kind."""
+        raise NotImplementedError
+
+    @classmethod
+    def found(cls, backbone: nn.Module) -> str:
+        """What `backbone` holds where this type looks, for the factory's error."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def width(self) -> int:
+        """Token width d between blocks."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    # ----------------------------------------------------------------- stepping
+    def stem(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images or token ids -> (tokens (B, N, width), the blocks' attention mask or None)."""
+        raise NotImplementedError
+
+    def block(self, k: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block k on batch-first tokens."""
+        raise NotImplementedError
+
+    def prenorm_parts(self, k: int) -> PreNormParts:
+        """Block k split at its branches; a ValueError for a block that is not pre-norm residual."""
+        raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot split its blocks into branches")
+
+    def pool(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Final tokens -> the pooled (B, width) feature the projection takes."""
+        raise NotImplementedError
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled feature -> the tower's output feature (the shared embedding space)."""
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return self.project(self.pool(x, inputs))
+
+    def valid_mask(self, inputs: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, N) bool, True at the tokens the head can see; None when every token counts."""
+        return None
+
+    def output_dim(self) -> int:
+        """Width of the tower's output features."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- parameters
+    def projection_parameters(self) -> List[nn.Parameter]:
+        """The final projection's parameters (ALTA trains them)."""
+        raise NotImplementedError

@@ -1,0 +1,82 @@
+"""open_clip's VisionTransformer, stepped as open_clip runs it: `_embeds`, the resblocks, `_pool`,
+`proj`."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .base import PreNormParts, Tower
+from .open_clip_blocks import prenorm_parts, run_block
+
+
+class OpenClipVision(Tower):
+    kind = "vision"
+    type_name = "open_clip VisionTransformer"
+
+    def __init__(self, backbone: nn.Module):
+        if not self.accepts(backbone):
+            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        self.visual = backbone.visual
+        self._blocks = list(self.visual.transformer.resblocks)
+
+    @classmethod
+    def accepts(cls, backbone: nn.Module) -> bool:
+        return isinstance(getattr(backbone, "visual", None), VisionTransformer)
+
+    @classmethod
+    def found(cls, backbone: nn.Module) -> str:
+        visual = getattr(backbone, "visual", None)
+        return f"an image tower of type {type(visual).__name__}" if visual is not None else "no `visual` image tower"
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        return self._blocks
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        size = self.visual.image_size
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's preprocessing settings for this tower (mean, std, size, interpolation...)."""
+        return dict(self.visual.preprocess_cfg)
+
+    def stem(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.visual._embeds(images), None
+
+    def block(self, k: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return run_block(self._blocks[k], x, self.visual.transformer.batch_first, attn_mask)
+
+    def prenorm_parts(self, k: int) -> PreNormParts:
+        return prenorm_parts(self._blocks[k], self.visual.transformer.batch_first, self.kind)
+
+    def pool(self, x: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pooled, _ = self.visual._pool(x)
+        return pooled
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    def projection_parameters(self) -> List[nn.Parameter]:
+        return [self.visual.proj] if self.visual.proj is not None else []
+
+    def output_dim(self) -> int:
+        """Width of the tower's features."""
+        if isinstance(self.visual.proj, torch.Tensor):
+            return int(self.visual.proj.shape[1])
+        dev = next(self.visual.parameters()).device
+        with torch.no_grad():
+            x, _ = self.stem(torch.zeros(1, 3, *self.image_size, device=dev))
+            for k in range(self.depth):
+                x = self.block(k, x)
+            return int(self.head(x, None).shape[-1])
+
+
