@@ -38,13 +38,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import evaluate as E
-from . import train as T
+from . import evaluation as EV
+from . import training
 from .argtypes import Parser, non_negative_int, positive_int
 from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError, run_cli
-from .logging_utils import _clean, read_metrics
+from .logging_utils import json_safe, read_metrics, setup_logging
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
 from .run_dir import run_files
 
@@ -188,7 +188,7 @@ def inference_throughput(model, device: torch.device, batch: int, iters: int, pr
     was_training = model.training
     model.eval()
     try:
-        with E.autocast(device, precision):
+        with EV.autocast(device, precision):
             for _ in range(2):
                 model.encode_image(images)
             if device.type == "cuda":
@@ -225,7 +225,7 @@ def run_one(args, method: str, seed: int, out: Path, model_name: str, device: to
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    summary = T.train(T.parse_args(train_argv(args, method, seed, out, model_name)))
+    summary = training.fit(training.parse_args(train_argv(args, method, seed, out, model_name)))
     train_wall = time.perf_counter() - t0
     ckpt = load_checkpoint(out / LAST)
     model = build_from_checkpoint(ckpt, fused=args.fused and device.type == "cuda").to(device).eval()
@@ -233,10 +233,10 @@ def run_one(args, method: str, seed: int, out: Path, model_name: str, device: to
     kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
               precision=args.precision, progress=not args.no_progress)
     if args.task == "retrieval":
-        metrics = E.evaluate_retrieval(model, records, **kw)
+        metrics = EV.evaluate_retrieval(model, records, **kw)
     else:
-        metrics = E.evaluate_classification(model, records, classnames,
-                                            templates=args.templates or E.TEMPLATES, **kw)
+        metrics = EV.evaluate_classification(model, records, classnames,
+                                            templates=args.templates or EV.TEMPLATES, **kw)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     ips = inference_throughput(model, device, args.bench_batch, args.bench_iters, args.precision) if bench else None
     return {"seed": seed, "steps": summary["step"], "metrics": metrics,
@@ -366,9 +366,9 @@ def compare(args) -> Dict[str, Any]:
     if args.max_steps < 1:
         raise UserError("--max-steps must be >= 1")
     device = resolve_device(args.device)
-    E.check_templates(args.templates)
+    EV.check_templates(args.templates)
     check_out_dir(args.out)
-    model_name = args.model or E.default_model_name(args.pretrained)
+    model_name = args.model or EV.default_model_name(args.pretrained)
     check_backbone(model_name, args.pretrained)
     out = Path(args.out)
     _check_earlier_runs(out, methods, seeds, args.overwrite)
@@ -383,7 +383,7 @@ def compare(args) -> Dict[str, Any]:
     if note:
         print(f"NOTE: {note}", flush=True)
 
-    eval_data = E.load_eval_data(args.task, args.test_data or args.data, fmt=args.format, root=args.root,
+    eval_data = EV.load_eval_data(args.task, args.test_data or args.data, fmt=args.format, root=args.root,
                                  split=args.split)
     runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
     total, i = len(methods) * len(seeds), 0
@@ -419,7 +419,7 @@ def compare(args) -> Dict[str, Any]:
     bar_plot(report, out / "comparison.png")
     md = markdown(report)
     (out / "comparison.md").write_text(md)
-    (out / "comparison.json").write_text(json.dumps(_clean(report), indent=2, default=str) + "\n")
+    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")
     print("\n" + md)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}", flush=True)
     return report
@@ -427,7 +427,7 @@ def compare(args) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
-    T.setup_logging()
+    setup_logging()
     return compare(build_parser().parse_args(argv))
 
 

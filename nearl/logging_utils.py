@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 PathLike = Union[str, os.PathLike]
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: tensors and numpy scalars to floats, NaN/inf to None."""
     if hasattr(value, "item") and callable(value.item):
         try:
@@ -20,9 +21,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -69,7 +70,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:  # one line per step: reopening is cheap
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
 
     def records(self) -> Iterator[Dict[str, Any]]:
         return iter(read_metrics(self.path))
@@ -102,3 +103,10 @@ def markdown_table(rows: Dict[str, Dict[str, Any]], digits: int = 2, title: Opti
             cells.append("" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def setup_logging() -> None:
+    """nearl's own INFO lines (reader summaries) on rank 0; other libraries at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("nearl").setLevel(logging.INFO if main_rank else logging.WARNING)

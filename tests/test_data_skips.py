@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_fixtures import write_dicom, write_png, write_truncated_png
-from nearl import evaluate as E
+from nearl import evaluation as EV
 from nearl.data.datasets import LabelledDataset, collate_skip_bad
 from nearl.data.images import BadImageError, load_image
 from nearl.data.loadable import report_skips, require_loadable
@@ -132,4 +132,4 @@ def test_evaluation_with_no_loadable_image_names_the_files(tmp_path):
 
     with pytest.raises(UserError, match=r"^val\.json: none of the 4 evaluation images could be loaded "
                                         r"\(corrupt DICOM: 1.*c\.dcm \(corrupt DICOM\)"):
-        E.encode_images(Model(), ds, device="cpu", batch_size=2, progress=False, source="val.json")
+        EV.encode_images(Model(), ds, device="cpu", batch_size=2, progress=False, source="val.json")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nearl
-from nearl import train as T
+from nearl import training as T
 from nearl.classify import ClassificationLoss, PromptClassifier, tokenize_prompts
 from test_train import _one_thread, FAST, make_manifest, run, train_losses
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nearl import evaluate as E
+from nearl import evaluation as EV
 from nearl import metrics as M
 from nearl.methods import build_method
 from nearl.data.manifests import read_manifest
@@ -22,7 +23,7 @@ def test_zero_shot_retrieval_is_frozen_clip(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=0, n_val=6, captions_per_image=3)
     records = read_manifest(manifest)
     model = build_method("nearl", "NEARL-Tiny", None, seed=1)
-    res = E.evaluate_retrieval(model, records, **KW)
+    res = EV.evaluate_retrieval(model, records, **KW)
     assert res["n_images"] == 6 and res["n_texts"] == 18
     # The same numbers straight from the open_clip backbone.
     clip, tok, tf = model.backbone, model.tokenizer(), model.image_transform(False)
@@ -38,7 +39,7 @@ def test_zero_shot_retrieval_is_frozen_clip(tmp_path):
 def test_bad_image_and_its_captions_are_dropped(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=0, n_val=5, captions_per_image=2)
     (tmp_path / "data" / "img2.png").write_bytes(b"\x89PNG broken")
-    res = E.evaluate_retrieval(build_method("nearl", "NEARL-Tiny"), read_manifest(manifest), **KW)
+    res = EV.evaluate_retrieval(build_method("nearl", "NEARL-Tiny"), read_manifest(manifest), **KW)
     assert (res["n_images"], res["n_texts"]) == (4, 8)
 
 
@@ -74,5 +75,5 @@ def test_classification_checkpoint_and_zero_shot(tmp_path):
 
 def test_split_fallback(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=3, n_val=2)
-    records, _, split, _ = E.load_eval_data("retrieval", str(manifest), split="test")
+    records, _, split, _ = EV.load_eval_data("retrieval", str(manifest), split="test")
     assert split == "val" and len(records) == 2  # no test split: the val split, with a warning

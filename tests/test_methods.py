@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import nearl
 from nearl import evaluate as E
+from nearl import evaluation as EV
 from nearl import methods as MT
 from nearl.checkpoint import load_checkpoint
 from nearl.data.labelled import read_image_folder
@@ -211,11 +212,11 @@ def test_method_trains_loss_falls_and_checkpoint_rebuilds(tmp_path, data, method
     # The rebuilt model reproduces the run's own final validation.
     last_val = [r for r in recs if r["kind"] == "val"][-1]
     if task == "retrieval":
-        res = E.evaluate_retrieval(model, [r for r in read_manifest(src) if r.split == "val"], **KW)
+        res = EV.evaluate_retrieval(model, [r for r in read_manifest(src) if r.split == "val"], **KW)
         assert res["mean_recall"] == pytest.approx(last_val["mean_recall"])
     else:
         val, names = read_image_folder(src / "val")
-        res = E.evaluate_classification(model, val, names, **KW)
+        res = EV.evaluate_classification(model, val, names, **KW)
         assert res["accuracy"] == pytest.approx(last_val["accuracy"])
         assert res["macro_auc"] == pytest.approx(last_val["macro_auc"])
 
@@ -251,10 +252,10 @@ def test_linear_probe_fits_and_searches_weight_decay(tmp_path, data):
     model = MT.build_from_checkpoint(ckpt)
     assert model.num_trainable_parameters() == 32 * 3 + 3  # NEARL-Tiny embedding 32, 3 classes
     val, names = read_image_folder(data["folder"] / "val")
-    res = E.evaluate_classification(model, val, names, **KW)
+    res = EV.evaluate_classification(model, val, names, **KW)
     assert res["accuracy"] == pytest.approx([r for r in recs if r["kind"] == "val"][-1]["accuracy"])
     with pytest.raises(ValueError, match="cannot score new classes"):
-        E.evaluate_classification(model, val, names + ["purple"], **KW)
+        EV.evaluate_classification(model, val, names + ["purple"], **KW)
 
 
 def test_zeroshot_trains_nothing_and_evaluates_the_frozen_clip(tmp_path, data):
@@ -268,8 +269,8 @@ def test_zeroshot_trains_nothing_and_evaluates_the_frozen_clip(tmp_path, data):
     assert ckpt["method"] == "zeroshot" and ckpt["model"] == {}
     # The same numbers as a fresh NEARL model (which is the frozen CLIP) built under the same seed.
     val, names = read_image_folder(data["folder"] / "val")
-    zs = E.evaluate_classification(MT.build_from_checkpoint(ckpt), val, names, **KW)
-    ref = E.evaluate_classification(MT.build_method("nearl", "NEARL-Tiny", seed=4), val, names, **KW)
+    zs = EV.evaluate_classification(MT.build_from_checkpoint(ckpt), val, names, **KW)
+    ref = EV.evaluate_classification(MT.build_method("nearl", "NEARL-Tiny", seed=4), val, names, **KW)
     assert zs["accuracy"] == pytest.approx(recs[0]["accuracy"]) == pytest.approx(ref["accuracy"])
     assert zs["macro_auc"] == pytest.approx(ref["macro_auc"])
 
@@ -298,7 +299,7 @@ def test_the_registry_holds_every_method_once_with_its_options():
     """Each method's module declares its SPEC; nearl is one of them (not patched in), a flag two
     methods share is added once and names both, and the options that shape a model are those a
     resumed run keeps."""
-    from nearl import train as T
+    from nearl import training as T
     from nearl.model import NEARLCLIP
     assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "linear-probe", "zeroshot")
     for name in MT.METHODS:

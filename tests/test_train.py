@@ -17,7 +17,7 @@ from PIL import Image
 from nearl import argtypes as A
 from nearl import checkpoint as C
 from nearl import methods as MT
-from nearl import train as T
+from nearl import training as T
 from nearl.distributed import ShardedBatchSampler
 from nearl.schedule import WarmupCosine
 
@@ -76,7 +76,7 @@ def train_losses(out: Path):
 
 def run(argv, hooks=None):
     args = T.parse_args([str(a) for a in argv])
-    return T.train(args, hooks)
+    return T.fit(args, hooks)
 
 
 # ----------------------------------------------------------------------------- units

@@ -9,7 +9,7 @@ import pytest
 from nearl import checkpoint as C
 from nearl import methods as MT
 from nearl import losses
-from nearl import train as T
+from nearl import training as T
 from nearl.errors import UserError
 from nearl.nonfinite import NonFiniteError, nonfinite_tensors
 from nearl.resume import load_adapters

@@ -89,6 +89,41 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
     return splits, [names[i] for i in range(len(names))]
 
 
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+NOT_A_SOURCE = "classification data must be an ImageFolder directory or a CoOp split .json, got {path}"
+
+
+def split_folders(root: Path) -> Dict[str, Path]:
+    """{split: folder} of root/<split>/<class>/<image> (SPLIT_FOLDERS' order); {} for a flat root/<class>/<image>.
+    Split folders are never taken for classes."""
+    return {s: root / s for s in SPLIT_FOLDERS if (root / s).is_dir()}
+
+
+def read_labelled_splits(path: PathLike, root: Union[PathLike, None] = None
+                         ) -> Tuple[Dict[str, List[LabelledRecord]], List[str]]:
+    """The one reading of a classification source: ({split: records}, classnames) of a CoOp split
+    .json (its images under `root`, default the file's folder), of an ImageFolder with split folders
+    (the same classes in each; validation/ is split "val"), or of a flat ImageFolder, whose records
+    are split "all"."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return read_coop_split(path, root=Path(root) if root else path.parent)
+    if not path.is_dir():
+        raise UserError(NOT_A_SOURCE.format(path=path))
+    folders = split_folders(path)
+    if not folders:
+        records, classnames = read_image_folder(path)
+        return {"all": records}, classnames
+    splits, classnames = {}, None
+    for split, folder in folders.items():
+        records, names = read_image_folder(folder)
+        if classnames is not None and names != classnames:
+            raise UserError(f"{folder}: classes {names} differ from {list(folders)[0]}/'s {classnames}")
+        classnames = names
+        splits["val" if split == "validation" else split] = records
+    return splits, classnames
+
+
 def _sort_key(r: LabelledRecord):
     return (r.label, str(r.image))
 

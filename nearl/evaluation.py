@@ -1,0 +1,239 @@
+"""Evaluation, the library: image-text retrieval Recall@1/5/10 and prompt-based classification,
+the encoders they run on, and the evaluation data a source holds (`nearl.evaluate` is its command
+line)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .classify import TEMPLATES, classification_logits
+from .data import demo
+from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
+from .data.labelled import NOT_A_SOURCE, read_coop_split, read_image_folder, split_folders
+from .data.loadable import describe_failures, report_skips, require_loadable
+from .data.manifests import read_image_text
+from .data.records import ImageTextRecord, LabelledRecord
+from .errors import UserError
+
+logger = logging.getLogger("nearl.evaluate")  # the name its messages have always carried
+
+VAL_SPLITS = ("val", "validation")
+
+
+# ----------------------------------------------------------------------------- helpers
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Indexed(Dataset):
+    """(index, item) pairs, so the records whose image failed to load can be told apart."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return None if item is None else (i, item[0])
+
+
+def _collate_indexed(batch):
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None
+    return torch.tensor([b[0] for b in kept]), torch.stack([b[1] for b in kept])
+
+
+@torch.no_grad()
+def encode_images(model, dataset: Dataset, *, device, batch_size: int = 64, workers: int = 0,
+                  precision: str = "fp32", progress: bool = True, desc: str = "images",
+                  source: Optional[str] = None, what: str = "evaluation"
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kept record indices, (n, E) float32 image features) for a dataset yielding (image, ...).
+
+    For a dataset of nearl.data.datasets: a UserError naming `source` (the data file) and the first
+    images when none of them loads, and one log line counting by reason those that did not load.
+    """
+    counted = isinstance(dataset, SkipsBadImages)
+    if counted:
+        require_loadable(dataset, source, what=what)  # stops at the first image that loads
+    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate_indexed, pin_memory=torch.device(device).type == "cuda")
+    idx, feats = [], []
+    for batch in tqdm(loader, desc=f"encoding {desc}", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        i, images = batch
+        with autocast(torch.device(device), precision):
+            feats.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+        idx.append(i)
+    if not idx:
+        if counted:
+            raise UserError(describe_failures(dataset, dataset.failed(), what, source))
+        raise UserError(f"{source or 'the ' + what + ' set'}: none of its {len(dataset)} images could be loaded")
+    if counted:
+        report_skips(dataset, source=source, what=what)
+    return torch.cat(idx), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_texts(model, tokens: torch.Tensor, *, device, batch_size: int = 256, precision: str = "fp32",
+                 progress: bool = True) -> torch.Tensor:
+    out = []
+    for s in tqdm(range(0, tokens.shape[0], batch_size), desc="encoding texts", disable=not progress,
+                  leave=False):
+        with autocast(torch.device(device), precision):
+            out.append(model.encode_text(tokens[s:s + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    return was_training
+
+
+# ----------------------------------------------------------------------------- the two tasks
+def evaluate_retrieval(model, records: Sequence[ImageTextRecord], *, device, batch_size: int = 64,
+                       workers: int = 0, precision: str = "fp32", progress: bool = True,
+                       source: Optional[str] = None) -> Dict[str, float]:
+    """Recall@1/5/10 both ways; every caption of every record counts (several per image).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
+    was_training = _eval_mode(model)
+    try:
+        tokenizer = model.tokenizer()
+        ds = ImageTextDataset(records, model.image_transform(False), tokenizer, train=False)
+        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
+                                          precision=precision, progress=progress, source=source)
+        texts, owners = ds.captions()
+        # Drop the captions of images that could not be loaded; renumber owners to kept rows.
+        row = torch.full((len(ds),), -1, dtype=torch.long)
+        row[kept] = torch.arange(kept.numel())
+        keep_text = row[owners] >= 0
+        texts = [t for t, k in zip(texts, keep_text.tolist()) if k]
+        text_feats = encode_texts(model, tokenizer(texts), device=device, batch_size=max(batch_size, 64),
+                                  precision=precision, progress=progress)
+        out = M.retrieval_recall(image_feats, text_feats, row[owners][keep_text])
+        out["n_images"], out["n_texts"], out["n_skipped"] = int(kept.numel()), len(texts), ds.bad_count
+        return out
+    finally:
+        model.train(was_training)
+
+
+def evaluate_classification(model, records: Sequence[LabelledRecord], classnames: Sequence[str], *,
+                            templates: Sequence[str] = TEMPLATES, device, batch_size: int = 64,
+                            workers: int = 0, precision: str = "fp32", progress: bool = True,
+                            source: Optional[str] = None) -> Dict[str, float]:
+    """accuracy, macro-F1, macro-AUC of logit_scale * cos(image, prompt-ensembled class).
+    `source` (the data file) is named in the messages about images that cannot be loaded."""
+    was_training = _eval_mode(model)
+    try:
+        ds = LabelledDataset(records, model.image_transform(False))
+        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
+                                          precision=precision, progress=progress, source=source)
+        with autocast(torch.device(device), precision):
+            logits = classification_logits(model, image_feats, classnames, templates, device=device)
+        labels = ds.labels()[kept]
+        out = M.classification_metrics(logits, labels)
+        out["n_images"], out["n_skipped"] = int(kept.numel()), ds.bad_count
+        return out
+    finally:
+        model.train(was_training)
+
+
+def headline(task: str, results: Dict[str, float]) -> float:
+    """The score best.pt is chosen by: mean recall (retrieval) or accuracy (classification)."""
+    return float(results["mean_recall"] if task == "retrieval" else results["accuracy"])
+
+
+# ----------------------------------------------------------------------------- data selection
+def _select_split(records: List[ImageTextRecord], split: str) -> Tuple[List[ImageTextRecord], str]:
+    wanted = VAL_SPLITS if split in VAL_SPLITS else (split,)
+    chosen = [r for r in records if r.split in wanted]
+    if chosen:
+        return chosen, split
+    for fallback in (("test",), VAL_SPLITS):
+        chosen = [r for r in records if r.split in fallback]
+        if chosen:
+            logger.warning("no records with split %r; using split %r", split, fallback[0])
+            return chosen, fallback[0]
+    logger.warning("no records with split %r (nor test/val); evaluating on all %d records", split, len(records))
+    return list(records), "all"
+
+
+def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: Optional[str] = None,
+                   split: str = "test"):
+    """(records, classnames or None, split actually used, source description)."""
+    if task == "retrieval":
+        path = Path(data) if data else demo.demo_manifest()
+        kw = {"root": root} if root else {}
+        records = read_image_text(path, format=fmt, **kw)
+        chosen, used = _select_split(records, split)
+        return chosen, None, used, str(path)
+    path = Path(data) if data else demo.demo_split_json()
+    if path.suffix.lower() == ".json":
+        splits, classnames = read_coop_split(path, root=Path(root) if root else path.parent)
+        want = next((s for s in (split, "test", "val") if splits.get(s)), None)  # an empty split is none
+        if want is None:
+            raise UserError(f"{path}: no {split!r} split with records (splits: "
+                            f"{', '.join(f'{k} ({len(v)})' for k, v in sorted(splits.items()))})")
+        if want != split:
+            logger.warning("%s: no %r split; using %r", path, split, want)
+        return splits[want], classnames, want, str(path)
+    if path.is_dir():
+        sub = _split_folder(path, split)
+        if sub is None:  # root/<class>/<image>: every image is evaluated
+            records, classnames = read_image_folder(path)
+            return records, classnames, "all", str(path)
+        records, classnames = read_image_folder(sub)
+        return records, classnames, sub.name, str(sub)
+    raise UserError(NOT_A_SOURCE.format(path=path))
+
+
+def _split_folder(root: Path, split: str) -> Optional[Path]:
+    """The folder of `split` in root/<split>/<class>/<image>, None for a flat root/<class>/<image>.
+
+    Split folders are never taken for classes: without the one asked for, test falls back to
+    val/validation (as for manifests and split files), and anything else is a UserError."""
+    found = list(split_folders(root))
+    if not found:
+        return None
+    if split in found:
+        return root / split
+    fallback = VAL_SPLITS if split in ("test", *VAL_SPLITS) else ()
+    for name in fallback:
+        if name in found:
+            logger.warning("%s: no %s/ folder; using %s/ (split folders: %s)", root, split, name,
+                           ", ".join(f + "/" for f in found))
+            return root / name
+    tried = f"{split}/ (nor val/)" if fallback else f"{split}/"
+    raise UserError(f"{root}: no {tried} folder to evaluate on; split folders found: "
+                    f"{', '.join(f + '/' for f in found)}. Pass --split {found[0]} to evaluate on it")
+
+def default_model_name(pretrained: Optional[str] = None) -> str:
+    """The architecture when --model is not given: the one an hf-hub:/local-dir: source names;
+    ViT-B-16 when pretrained weights are asked for or a GPU is present; else the CPU-sized
+    NEARL-Tiny (a random backbone that runs the demo in seconds)."""
+    if pretrained and pretrained.startswith(("hf-hub:", "local-dir:")):
+        return pretrained
+    if pretrained or torch.cuda.is_available():
+        return "ViT-B-16"
+    return "NEARL-Tiny"
+
+
+def check_templates(templates: Optional[Sequence[str]]) -> None:
+    """--templates: each needs one '{}' for the class name (else every class gets the same prompt)."""
+    bad = [t for t in templates or () if t.count("{}") != 1]
+    if bad:
+        raise UserError(f"--templates: each template needs exactly one '{{}}' for the class name, got {bad}")

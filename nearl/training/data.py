@@ -1,0 +1,116 @@
+"""The training data of a run: reading its sources (retrieval manifests, classification folders and
+CoOp splits, multi-view studies), few-shot sampling, and the augmented dataset the loop draws from."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .. import distributed as D
+from ..data import demo
+from ..data.datasets import ImageTextDataset, LabelledDataset
+from ..data.labelled import k_shot, read_labelled_splits
+from ..data.manifests import read_image_text
+from ..errors import UserError
+from ..evaluation import VAL_SPLITS
+from ..methods.multiview import VIEW_COLUMNS, MultiViewDataset, read_multiview
+
+
+class SeededAugment(Dataset):
+    """Makes random augmentation a function of (seed, epoch, index): each item is produced under
+    torch / python generators seeded from those three numbers, whatever the worker or the order.
+    A resumed run (or another world size) then sees exactly the same tensors."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed, self.epoch = base, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        s = D.mix_seed(self.seed, self.epoch, i)
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                return self.base[i]
+        finally:
+            random.setstate(py_state)
+
+
+@dataclass
+class TrainData:
+    task: str
+    train: list
+    val: list
+    classnames: Optional[List[str]]
+    source: str
+
+
+def _read_retrieval(path: str, fmt: str, root: Optional[str]):
+    return read_image_text(path, format=fmt, **({"root": root} if root else {}))
+
+
+def _view_columns(args) -> List[str]:
+    cols = [c.strip() for c in str(getattr(args, "view_columns", None) or ",".join(VIEW_COLUMNS)).split(",")]
+    if len(cols) != len(VIEW_COLUMNS) or not all(cols):
+        raise UserError(f"--view-columns needs {len(VIEW_COLUMNS)} comma-separated names, got {cols}")
+    return cols
+
+
+def load_train_data(args) -> TrainData:
+    if args.task == "retrieval":
+        if args.k_shot:
+            raise UserError("--k-shot applies to --task classification only")
+        path = args.data or str(demo.demo_manifest())
+        if getattr(args, "multiview", False):
+            if args.format not in ("auto", "manifest"):
+                raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {args.format}")
+            records = read_multiview(path, root=args.root, columns=_view_columns(args))
+        else:
+            records = _read_retrieval(path, args.format, args.root)
+        train = [r for r in records if r.split in (None, "train")]
+        if args.val_data:
+            val = _read_retrieval(args.val_data, args.format, None)
+        else:
+            val = [r for r in records if r.split in VAL_SPLITS]
+        if not train:
+            raise UserError(f"{path}: no training records (split 'train' or no split column)")
+        return TrainData("retrieval", train, val, None, path)
+    path = Path(args.data) if args.data else demo.demo_split_json()
+    splits, classnames = read_labelled_splits(path, args.root)
+    train = splits.get("train", splits.get("all", []))  # a flat ImageFolder is all training data
+    if args.val_data:
+        vs, vnames = read_labelled_splits(Path(args.val_data), None)
+        if vnames != classnames:
+            raise UserError(f"--val-data classes {vnames} differ from the training classes {classnames}")
+        val = vs.get("val") or vs.get("test") or vs.get("train") or vs.get("all", [])
+    else:
+        val = splits.get("val", [])
+    if not train:
+        raise UserError(f"{path}: no training records")
+    if args.k_shot:
+        train = k_shot(train, args.k_shot, args.seed)
+    return TrainData("classification", train, val, classnames, str(path))
+
+
+def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> Dataset:
+    transform = model.image_transform(True)
+    if multiview:
+        base = MultiViewDataset(data.train, transform, model.tokenizer(), train=True, seed=seed,
+                                num_views=model.num_views)
+    elif data.task == "retrieval":
+        base = ImageTextDataset(data.train, transform, model.tokenizer(), train=True, seed=seed)
+    else:
+        base = LabelledDataset(data.train, transform)
+    return SeededAugment(base, seed)

@@ -1,0 +1,453 @@
+"""The gradient training loop every method but the feature-fitted ones shares (`GradientRun`):
+data loader and schedule, objective (with DDP), optimizer, resume, the optimizer step with its
+non-finite guard, validation, checkpoints and curves."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import distributed as D
+from ..checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_state
+from ..classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
+from ..data.datasets import collate_skip_bad
+from ..data.loadable import report_skips, require_loadable
+from ..errors import UserError
+from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
+from ..logging_utils import MetricsLog, format_metrics
+from ..losses import NEARLLoss
+from ..methods import canonical
+from ..nonfinite import NonFiniteError, check_finite_state
+from ..plots import plot_curves
+from ..resume import changed_settings, load_adapters, resume_optimizer
+from ..schedule import warmup_cosine
+from .data import TrainData, make_dataset
+from .options import saved_args
+
+logger = logging.getLogger("nearl.train")
+
+
+def param_groups(model, weight_decay: float):
+    """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank.
+    A method may say otherwise with `model.decays(name, p)` (e.g. ALTA: its adapter matrices only)."""
+    decay, no_decay = [], []
+    rule = getattr(model, "decays", None)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decays = rule(name, p) if rule is not None else (p.ndim >= 2 and not name.startswith("queries."))
+        (decay if decays else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def unused_parameters(module, model, loss_fn, task: str, device, image_size: int, tokenizer) -> List[str]:
+    """Names of learnable parameters that get no gradient from one probe step (zeros in, world 1).
+
+    DDP must be told about those (find_unused_parameters=True) or it waits for their gradients
+    forever; with every parameter used (the default config) it is left off, which saves a graph
+    traversal per step. Runs before training, touches no generator, leaves no gradients behind.
+    """
+    images = torch.zeros(2, 3, image_size, image_size, device=device)
+    if task == "retrieval":
+        terms = loss_fn(module(images, tokenizer(["a", "b"]).to(device)))
+    else:
+        terms = loss_fn(module(images), torch.zeros(2, dtype=torch.long, device=device))
+    terms["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for p in model.parameters():
+        p.grad = None
+    return unused
+
+
+def _sync_grads(params, info: D.DistInfo) -> None:
+    """Average gradients by hand (an accumulation group whose last micro-batch was empty)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= info.world_size
+
+
+def _image_size(model) -> int:
+    return int(model.tower("vision").image_size[0])
+
+
+class Hooks:
+    """Callbacks for tests and tools: on_step(step, record) after each optimizer step (and after
+    that step's checkpoint, if any)."""
+
+    def on_step(self, step: int, record: Dict[str, Any]) -> None:
+        pass
+
+
+def say(info: D.DistInfo, *msg) -> None:
+    if info.is_main:
+        print(*msg, flush=True)
+
+
+class GradientRun:
+    """One training run of a model with learnable parameters (or none: zeroshot validates once).
+    `run()` returns the summary. The state a checkpoint records lives on the instance: step, epoch,
+    pos (micro-batches into the epoch), best, skipped (non-finite steps skipped)."""
+
+    def __init__(self, args, info: D.DistInfo, hooks: Hooks, model, data: TrainData, *, method: str,
+                 model_name: str, fused: bool):
+        self.args, self.info, self.hooks, self.model, self.data = args, info, hooks, model, data
+        self.method, self.model_name, self.fused = method, model_name, fused
+        self.device, self.out, self.main_rank = info.device, Path(args.out), info.is_main
+        self.step = self.epoch = self.pos = self.skipped = 0
+        self.best: Optional[float] = None
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main_rank)
+        self._prepare_data()
+        self._prepare_objective()
+        self._prepare_optimizer()
+        self.last_good = None  # the step out/last.pt holds, for the message that stops a diverged run
+        self.saved_at: Dict[str, Any] = {"step": None, "best": None}
+        self.last_eval_step = -1
+
+    # ----------------------------------------------------------------- set-up
+    def _prepare_data(self) -> None:
+        args, info = self.args, self.info
+        self.dataset = make_dataset(self.data, self.model, args.seed, multiview=getattr(args, "multiview", False))
+        require_loadable(self.dataset, self.data.source)  # a set with no decodable image stops here, naming files
+        per_rank = args.batch_size
+        if len(self.dataset) < per_rank * info.world_size:
+            new = max(1, len(self.dataset) // info.world_size)
+            say(info, f"warning: {len(self.dataset)} training samples < global batch {per_rank * info.world_size}; "
+                      f"using --batch-size {new} per process")
+            per_rank = new
+        self.per_rank = per_rank
+        self.sampler = D.ShardedBatchSampler(len(self.dataset), per_rank, rank=info.rank, world_size=info.world_size,
+                                             seed=args.seed, shuffle=True, drop_last=True)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=args.workers,
+                                 collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
+                                 generator=torch.Generator())
+        micro_per_epoch = self.sampler.batches_per_epoch()
+        self.steps_per_epoch = micro_per_epoch // args.accum_steps
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(self.dataset)} samples make {micro_per_epoch} batches of {per_rank} x "
+                            f"{info.world_size} processes: fewer than --accum-steps {args.accum_steps}")
+        self.epochs = args.epochs or (math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 10)
+        self.total = self.epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total = min(self.total, args.max_steps)
+        self.warmup = args.warmup if args.warmup is not None else min(500, math.ceil(0.05 * self.total))
+
+    def _prepare_objective(self) -> None:
+        args, info, model, cfg = self.args, self.info, self.model, self.model.config
+        if self.data.task == "retrieval":
+            self.module = model
+            self.loss_fn = NEARLLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
+            probe_loss = NEARLLoss.from_config(cfg)
+        else:
+            prompts = class_prompt_tokens(model, self.data.classnames, args.templates or list(TEMPLATES))
+            self.module = PromptClassifier(model, prompts.to(self.device), len(self.data.classnames)).to(self.device)
+            self.loss_fn = ClassificationLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
+            probe_loss = ClassificationLoss.from_config(cfg)
+        self.params = list(model.trainable_parameters())
+        if not self.params:  # zeroshot: nothing to learn; validate once and record a checkpoint naming the method
+            say(info, f"method {self.method}: no learnable parameters; nothing is trained (validation and a "
+                      "checkpoint only)")
+            self.total = self.epochs = 0
+        self.ddp, self.forward = None, self.module
+        if info.distributed and self.params:
+            unused = unused_parameters(self.module, model, probe_loss, self.data.task, self.device,
+                                       _image_size(model), model.tokenizer())
+            if unused:
+                say(info, f"DDP: {len(unused)} learnable tensors get no gradient with this config "
+                          f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): find_unused_parameters=True")
+            else:
+                say(info, "DDP: every learnable tensor gets a gradient: find_unused_parameters=False")
+            self.ddp = self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(unused), broadcast_buffers=False)
+
+    def _prepare_optimizer(self) -> None:
+        args = self.args
+        self.optimizer = self.scheduler = None
+        if self.params:
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
+                                               betas=(args.beta1, args.beta2), eps=args.eps)
+            self.scheduler = warmup_cosine(self.optimizer, self.warmup, self.total, args.min_lr_ratio)
+        fp16 = args.precision == "fp16" and self.params
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+
+    def resume_or_seed(self) -> None:
+        """Continue from --resume's checkpoint, or seed every generator from --seed."""
+        args, info = self.args, self.info
+        if not args.resume:
+            random.seed(args.seed)
+            np.random.seed(args.seed % 2**32)
+            torch.manual_seed(args.seed)
+            return
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        if ckpt.get("task", "retrieval") != self.data.task:
+            raise UserError(f"checkpoint task {ckpt.get('task')} != --task {self.data.task}")
+        if canonical(ckpt.get("method") or "nearl") != self.method:
+            raise UserError(f"checkpoint method {ckpt.get('method')} != --method {self.method}")
+        load_adapters(self.model, ckpt, self.device)
+        changed = changed_settings(ckpt.get("args", {}), args)
+        if changed:
+            say(info, "resume: settings given again take effect: " + ", ".join(changed))
+        if self.optimizer is not None:
+            for line in resume_optimizer(self.optimizer, self.scheduler, ckpt, self.warmup, self.total,
+                                         args.min_lr_ratio):
+                say(info, "resume: " + line)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.pos = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.best, self.skipped = ckpt.get("best"), int(ckpt.get("nonfinite_skipped", 0))
+        saved, s = ckpt.get("data", {}), self.sampler
+        if saved and (saved.get("n"), saved.get("batch_size"), saved.get("world_size")) != (
+                s.n, s.batch_size, s.world_size):
+            say(info, f"warning: data layout changed since the checkpoint ({saved}); the data order "
+                      "will not match an uninterrupted run")
+        set_rng_state(ckpt["rng"])
+        self.log.truncate_after(self.step)
+        if (self.out / LAST).exists():
+            self.last_good = self.step
+        say(info, f"resumed from {ckpt['path']}: step {self.step}, epoch {self.epoch}, batch {self.pos} of the epoch")
+
+    def announce(self) -> None:
+        args, data, model = self.args, self.data, self.model
+        if self.main_rank:
+            model.print_parameter_breakdown()
+            if self.method != "nearl":
+                print(f"method {self.method}: {model.num_trainable_parameters():,} learnable parameters")
+            print(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from "
+                  f"{data.source}")
+            print(f"{self.info.world_size} process(es) x batch {self.per_rank} x accumulation {args.accum_steps} = "
+                  f"{self.per_rank * self.info.world_size * args.accum_steps} samples per step; "
+                  f"{self.steps_per_epoch} steps per epoch; {self.total} steps ({self.epochs} epochs at most), "
+                  f"warmup {self.warmup}; device {self.device}, precision {args.precision}"
+                  f"{', fused kernels' if self.fused else ''}", flush=True)
+        if not data.val:
+            say(self.info, "no validation records: no per-epoch evaluation and no best.pt "
+                           "(give the manifest a 'val' split or use --val-data)")
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> Dict[str, Any]:
+        args, data = self.args, self.data
+        return training_state(
+            model_name=self.model_name, pretrained=args.pretrained, backbone_seed=args.seed,
+            method=self.method, config=self.model.config.to_dict(), task=data.task, classnames=data.classnames,
+            templates=(args.templates or list(TEMPLATES)) if data.task == "classification" else None,
+            model={k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
+            optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            step=self.step, epoch=tag_epoch, batch_in_epoch=tag_pos, best=self.best,
+            rng=rng_state(), data={**self.sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
+            args=saved_args(args), metrics=metrics or {})
+
+    def kept(self) -> str:
+        """Where the last good checkpoint is, for the message that stops a diverged run."""
+        if self.last_good is None:
+            return "No checkpoint was written"
+        return f"Nothing after step {self.last_good} was saved: {self.out / LAST} holds step {self.last_good}"
+
+    def save(self, name: str, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> None:
+        # Every rank holds the same parameters, so every rank reaches the same verdict.
+        check_finite_state(self.model.trainable_state_dict(), f"step {self.step}: {self.out / name}")
+        D.barrier(self.info)
+        if self.main_rank:
+            state = {**self.state(tag_epoch, tag_pos, metrics), "nonfinite_skipped": self.skipped}
+            save_checkpoint(state, self.out, name)
+        if name == LAST:
+            self.saved_at.update(step=self.step, best=self.best)
+            self.last_good = self.step
+        D.barrier(self.info)
+
+    def plot(self) -> None:
+        if self.main_rank:
+            try:
+                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+            except Exception as e:  # a plot must never kill a run
+                logger.warning("could not draw curves.png: %s", e)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> Optional[Dict[str, float]]:
+        data = self.data
+        if not data.val or self.last_eval_step == self.step:
+            return None
+        self.last_eval_step = self.step
+        results, broken = None, None
+        if self.main_rank:
+            results = self._evaluate()
+            score = headline(data.task, results)
+            self.log.write({"kind": "val", "step": self.step, "epoch": self.epoch, **results, "score": score})
+            shown = {k: v for k, v in results.items() if k in ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy",
+                                                              "macro_f1", "macro_auc")}
+            print(f"validation at step {self.step}: {format_metrics(shown)}", flush=True)
+            bad = int(results.get("nonfinite_rows", 0))
+            if bad:  # the metrics counted them as misses; the model itself is broken
+                broken = (f"validation at step {self.step}: the model's outputs hold NaN or inf for {bad} inputs: "
+                          f"it has diverged, so training stopped and it was not saved. {self.kept()}. Lower --lr "
+                          f"(now {self.args.lr:g}) and resume from that checkpoint, or start again")
+            elif math.isfinite(score) and (self.best is None or score > self.best):
+                self.best = score
+                state = {**self.state(self.epoch, self.pos, results), "nonfinite_skipped": self.skipped}
+                save_checkpoint(state, self.out, BEST)
+                print(f"new best {score:.2f}: {self.out / BEST}", flush=True)
+        self.best, broken = D.broadcast_object((self.best, broken), self.info)  # every rank takes the same decisions
+        if broken:
+            raise NonFiniteError(broken)
+        return results
+
+    def _evaluate(self) -> Dict[str, float]:
+        args, data = self.args, self.data
+        kw = dict(device=self.device, batch_size=args.eval_batch_size or self.per_rank, workers=args.workers,
+                  precision=args.precision, progress=not args.no_progress,
+                  source=getattr(args, "val_data", None) or data.source)
+        if data.task == "retrieval":
+            return evaluate_retrieval(self.model, data.val, **kw)
+        return evaluate_classification(self.model, data.val, data.classnames, templates=args.templates or TEMPLATES,
+                                       **kw)
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> Dict[str, Any]:
+        self.resume_or_seed()
+        self.announce()
+        self.module.train()
+        while self.step < self.total and self.epoch < self.epochs:
+            self.run_epoch()
+        final = self.validate()
+        if self.saved_at != {"step": self.step, "best": self.best}:
+            self.save(LAST, self.epoch, self.pos, final)
+        self.plot()
+        out, skipped = self.out, self.skipped
+        if self.main_rank:
+            print(f"done: {self.step} steps{f' ({skipped} skipped as non-finite)' if skipped else ''}; checkpoints in "
+                  f"{out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
+                  f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
+        self.log.close()
+        return {"step": self.step, "epoch": self.epoch, "best": self.best, "out": str(out), "method": self.method,
+                "learnable_parameters": self.model.num_trainable_parameters(), "nonfinite_skipped": skipped}
+
+    def run_epoch(self) -> None:
+        """The rest of the current epoch (from micro-batch `pos`), then its validation and checkpoint."""
+        args, accum = self.args, self.args.accum_steps
+        self.sampler.set_epoch(self.epoch, start=self.pos)
+        self.dataset.set_epoch(self.epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.pos // accum, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   disable=args.no_progress or not self.main_rank, dynamic_ncols=True)
+        self.group: List[Dict[str, float]] = []
+        self.micro, self.seen, self.t0 = 0, 0, time.perf_counter()
+        for batch in self.loader:
+            if self.pos >= self.steps_per_epoch * accum:
+                break
+            self.pos += 1
+            self.micro += 1
+            self.micro_batch(batch, last_micro=self.micro == accum)
+            if self.micro < accum:
+                continue
+            record = self.optimizer_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                            samples_s=f"{record['samples_per_s'] or 0:.1f}", lr=f"{record['lr']:.2e}")
+            at_epoch_end = self.pos >= self.steps_per_epoch * accum
+            if args.save_every and self.step % args.save_every == 0 and not at_epoch_end and self.step < self.total:
+                self.save(LAST, self.epoch, self.pos)
+            self.hooks.on_step(self.step, record)
+            if self.step >= self.total:
+                break
+        bar.close()
+        report_skips(self.dataset, self.log, step=self.step, source=self.data.source)  # once per data set
+        if self.pos >= self.steps_per_epoch * accum:  # a full epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            if args.eval_every and self.epoch % args.eval_every == 0 and self.validate() is not None:
+                self.plot()  # the curves are redrawn with each validation, and at the end
+            self.save(LAST, self.epoch, self.pos)
+
+    def micro_batch(self, batch, last_micro: bool) -> None:
+        """Forward and backward of one micro-batch, its loss terms kept for the step's record."""
+        info, device = self.info, self.device
+        n_local = 0 if batch is None else int(batch[0].shape[0])
+        n = D.all_reduce_min(n_local, info)  # equal sizes on every rank (gathered loss)
+        if n == 0:
+            if self.ddp is not None and last_micro and self.group:
+                _sync_grads(self.params, info)  # the synced backward of this group never happened
+            return
+        # (images, tokens | labels), or (views, view_mask, tokens) with --multiview
+        images, second = batch[0][:n].to(device, non_blocking=True), batch[-1][:n].to(device, non_blocking=True)
+        extra = tuple(t[:n].to(device, non_blocking=True) for t in batch[1:-1])
+        sync = self.ddp.no_sync() if (self.ddp is not None and not last_micro) else nullcontext()
+        with sync:
+            with autocast(device, self.args.precision):
+                if self.data.task == "retrieval":
+                    terms = self.loss_fn(self.forward(images, second, *extra))
+                else:
+                    terms = self.loss_fn(self.forward(images), second)
+            loss = terms["loss"] / self.args.accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.group.append({k: float(v.detach()) for k, v in terms.items()})
+        self.seen += n * info.world_size
+
+    def optimizer_step(self) -> Dict[str, Any]:
+        """The step of an accumulation group, unless its loss or gradients are not finite (then the
+        parameters and the optimizer's moments stay as they were); its record, logged."""
+        args, scaler, optimizer = self.args, self.scaler, self.optimizer
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        clip = args.grad_clip if args.grad_clip and args.grad_clip > 0 else math.inf  # inf: the norm only
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        bad_grad, mean = self._reduce_group(grad_norm)
+        bad_loss = not all(math.isfinite(v) for v in mean.values())
+        # With fp16, inf gradients are the GradScaler's to handle: it skips the step and lowers the scale.
+        nonfinite = bad_loss or (bad_grad and scaler is None)
+        lr = optimizer.param_groups[0]["lr"]
+        if nonfinite:
+            self.skipped += 1
+        elif scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.micro = 0
+        dt = time.perf_counter() - self.t0
+        record = {"kind": "train", "step": self.step, "epoch": self.epoch, "lr": lr, **mean, "samples": self.seen,
+                  "samples_per_s": self.seen / dt if dt > 0 else None, "grad_norm": grad_norm}
+        if scaler is not None:
+            record["loss_scale"] = float(scaler.get_scale())
+        if nonfinite:
+            record["nonfinite_skipped"] = self.skipped
+        self.log.write(record)
+        if nonfinite:
+            self._stop_or_skip(bad_loss, mean, grad_norm)
+        self.group, self.seen, self.t0 = [], 0, time.perf_counter()
+        return record
+
+    def _reduce_group(self, grad_norm: float):
+        """(whether any rank's gradients were non-finite, the group's mean loss terms over all ranks):
+        one collective, so every rank takes the same decision (none waits for another)."""
+        group = self.group
+        keys = sorted({k for g in group for k in g})
+        mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
+        flags = [float(not math.isfinite(grad_norm))] + [mean[k] for k in keys]
+        reduced = D.all_reduce_mean(torch.tensor(flags, dtype=torch.float64), self.info).tolist()
+        return reduced[0] > 0, dict(zip(keys, reduced[1:]))
+
+    def _stop_or_skip(self, bad_loss: bool, mean: Dict[str, float], grad_norm: float) -> None:
+        args, skipped = self.args, self.skipped
+        if skipped > args.skip_nonfinite:
+            what = f"loss is {mean.get('loss')}" if bad_loss else f"gradient norm is {grad_norm}"
+            earlier = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {args.skip_nonfinite})"
+                       if args.skip_nonfinite else "")
+            raise NonFiniteError(f"step {self.step}: the {what}{earlier}; training stopped without applying it. "
+                                 f"{self.kept()}. Lower --lr (now {args.lr:g}), check the data, or pass "
+                                 f"--skip-nonfinite N to skip up to N such steps")
+        say(self.info, f"step {self.step}: non-finite {'loss' if bad_loss else 'gradients'}: step skipped "
+                       f"({skipped} of at most {args.skip_nonfinite})")

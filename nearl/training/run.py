@@ -1,0 +1,120 @@
+"""A training run from its options: hold the output folder, resolve the method and the backbone,
+read the data, build the model, and hand it to its trainer (`loop.GradientRun`, or
+`features.fit_on_features` for methods fitted on cached features)."""
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .. import distributed as D
+from ..cli_args import check_backbone, user_errors
+from ..data.loadable import require_loadable
+from ..errors import UserError
+from ..evaluation import default_model_name
+from ..methods import build_method, canonical, check_task, method_config, spec as method_spec
+from ..run_dir import RunLock, prepare as prepare_run_dir
+from .data import load_train_data
+from .features import fit_on_features
+from .loop import GradientRun, Hooks, say
+from .options import resume_dir
+
+
+def fit(args: argparse.Namespace, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
+    """Train as `python -m nearl.train` does; `args` from `nearl.training.parse_args([...])`. Returns
+    the run's summary (steps, best score, output folder, ...); a user's mistake raises UserError."""
+    info = D.init(args.device)
+    try:
+        with claim_out(args, info):
+            return _run(args, info, hooks or Hooks())
+    finally:
+        D.cleanup(info)
+
+
+@contextmanager
+def claim_out(args, info: D.DistInfo):
+    """Hold --out for this run (nearl/run_dir.py): rank 0 takes the lock and checks that the folder may
+    take this run; every rank learns the verdict, so none is left waiting for a rank that gave up."""
+    out = Path(args.out)
+    lock, error, notes = None, None, []
+    if info.is_main:
+        try:
+            lock = RunLock(out).acquire(force=bool(getattr(args, "force_unlock", False)))
+            if lock.stale:
+                notes.append(f"found a stale {lock.path.name} of a run that ended without removing it "
+                             f"(pid {lock.stale.get('pid', '?')} on host {lock.stale.get('host', '?')}): taken over")
+            overwrite = bool(getattr(args, "overwrite", False))
+            here = bool(args.resume) and resume_dir(args.resume).resolve() == out.resolve()
+            if here and overwrite:
+                raise UserError(f"--overwrite would delete the run that --resume {args.resume} continues; "
+                                "give one of them")
+            notes += prepare_run_dir(out, resuming_here=here, overwrite=overwrite)
+        except UserError as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    verdict = D.broadcast_object(None if error is None else str(error), info)
+    if error is not None:
+        raise error
+    if verdict is not None:
+        raise UserError(verdict)
+    for line in notes:
+        say(info, line)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
+    if args.accum_steps < 1 or args.batch_size < 1:
+        raise UserError("--batch-size and --accum-steps must be >= 1")
+    for line in getattr(args, "resume_notes", None) or []:
+        say(info, line)
+    method, model_name, fused = _resolve(args, info)
+    data = load_train_data(args)
+    with user_errors("model settings: "):
+        model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed,
+                             **method_config(method, args, data))
+    model.to(info.device)
+    if method_spec(method).trainer == "features":
+        require_loadable(data.train, data.source)
+        return fit_on_features(args, info, model, data, Path(args.out))
+    return GradientRun(args, info, hooks, model, data, method=method, model_name=model_name, fused=fused).run()
+
+
+def _resolve(args, info: D.DistInfo):
+    """(method, backbone name, whether the fused kernels run), each checked, with what was chosen
+    for the user said once."""
+    fused = bool(args.fused)
+    if fused and info.device.type != "cuda":
+        say(info, "--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+        fused = False
+    model_name = args.model or default_model_name(args.pretrained)
+    if not args.model:
+        args.model = model_name
+        why = ("named by --pretrained" if model_name == args.pretrained else "for --pretrained" if args.pretrained
+               else "GPU found" if torch.cuda.is_available() else "no GPU: a CPU-sized backbone")
+        say(info, f"--model not given: using {model_name} ({why})")
+    if args.pretrained is None:
+        say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
+                  "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
+    with user_errors("--method: "):
+        method = canonical(getattr(args, "method", None) or "nearl")
+        args.method = method
+        check_task(method, args.task)
+    check_backbone(model_name, args.pretrained)
+    if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
+        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' "
+                        f"(got method {method!r}, task {args.task!r})")
+    spec = method_spec(method)
+    if spec.trainer == "features" and info.distributed:
+        raise UserError(f"method {method!r} fits on cached features in one process; run it without torchrun")
+    if fused and not spec.fused_kernels:
+        say(info, f"--fused: the Triton kernels are NEARL's; method {method} runs its PyTorch path.")
+        fused = False
+    return method, model_name, fused
