@@ -23,6 +23,141 @@ N_ROWS = tl.constexpr(13)
 
 
 @triton.jit
+def _rows_pass(x_base, sxn, sxd, g_base, sgn, sgd, a_base, sad, sam, cc_base, scd, scm, k_base, skd, skh, do_base,
+               shift, d, offs_n, row_ok, offs_c, offs_m, m_ok, offs_hm, hm_ok, ORTH: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
+               PREC: tl.constexpr):
+    """The rows kernel's one pass over x and dout: the sums of the shifted row and its squares,
+    sum(dout), <dout, x> (hard projection), (x - s) @ [A | Cc^T | KABS | DO^T] and dout @ Cc^T."""
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dox = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    dcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+    xdo = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        x = load_tile(x_base, sxn, sxd, offs_n, cols, row_ok, col_ok)
+        dout = load_tile(g_base, sgn, sgd, offs_n, cols, row_ok, col_ok)
+        xs = tl.where(col_ok[None, :], x - shift[:, None], 0.0)
+        s1 += tl.sum(xs, 1)
+        s2 += tl.sum(xs * xs, 1)
+        dsum += tl.sum(dout, 1)
+        if ORTH == ORTH_HARD:
+            dox += tl.sum(dout * x, 1)
+        cct = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
+        xa = tl.dot(xs, load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok), xa, input_precision=PREC)
+        xcc = tl.dot(xs, cct, xcc, input_precision=PREC)
+        dcc = tl.dot(dout, cct, dcc, input_precision=PREC)
+        xk = tl.dot(xs, load_tile(k_base, skd, skh, cols, offs_hm, col_ok, hm_ok), xk, input_precision=PREC)
+        xdo = tl.dot(xs, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), xdo, input_precision=PREC)
+    return s1, s2, dsum, dox, xa, xcc, dcc, xk, xdo
+
+
+@triton.jit
+def _rows_sample_terms(CBAR, COLA, KSUM, DOSUM, LSE, DELTA, GC, CK, CDO, b, M, HM, offs_m, m_ok, offs_hm, hm_ok):
+    """Sample b's M- and HM-sized terms, loaded after the pass (held across it they spilled)."""
+    mm_ok = m_ok[:, None] & m_ok[None, :]
+    mh_ok = m_ok[:, None] & hm_ok[None, :]
+    cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
+    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
+    ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    dosum = tl.load(DOSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    lse = tl.load(LSE + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    qdelta = tl.load(DELTA + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
+    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
+    cdo = tl.load(CDO + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
+    return cbar, cola, ksum, dosum, lse, qdelta, gc, ck, cdo
+
+
+@triton.jit
+def _store_rows(P_S, DS_S, DSQ_S, PQ_S, rows, b, N, M, HM, offs_n, row_ok, offs_m, m_ok, offs_hm, hm_ok,
+                p, ds_rstd, dsq, pq, mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k0, k_dl, alpha, beta):
+    """What the columns kernel reads of each row: P, rstd dS (B, N, M), dS_q, Pq (B, N, HM) and the
+    N_ROWS row scalars (B, N_ROWS, N)."""
+    nm = row_ok[:, None] & m_ok[None, :]
+    nh = row_ok[:, None] & hm_ok[None, :]
+    tl.store(P_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], p, mask=nm)
+    tl.store(DS_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], ds_rstd, mask=nm)
+    tl.store(DSQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], dsq, mask=nh)
+    tl.store(PQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], pq, mask=nh)
+    tl.store(rows + R_MEAN * N, mean, mask=row_ok)
+    tl.store(rows + R_RSTD2 * N, rstd2, mask=row_ok)
+    tl.store(rows + R_COEF * N, coef, mask=row_ok)
+    tl.store(rows + R_PC * N, pc, mask=row_ok)
+    tl.store(rows + R_MEAN_G * N, mean_g, mask=row_ok)
+    tl.store(rows + R_MEAN_GX * N, mean_gx, mask=row_ok)
+    tl.store(rows + R_KDO * N, k_do, mask=row_ok)
+    tl.store(rows + R_KX * N, k_x, mask=row_ok)
+    tl.store(rows + R_Q * N, q, mask=row_ok)
+    tl.store(rows + R_K0 * N, k0, mask=row_ok)
+    tl.store(rows + R_KDL * N, k_dl, mask=row_ok)
+    tl.store(rows + R_ALPHA * N, alpha, mask=row_ok)
+    tl.store(rows + R_BETA * N, beta, mask=row_ok)
+
+
+@triton.jit
+def _forward_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok, ln_eps, orth_eps,
+                  ORTH: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """The forward's row terms, recomputed from the products: OCA's scores and P, P.cbar, x C^T,
+    <Delta, x>, P Cc Cc^T, |P Cc|^2, x's coefficient in x_out and x_out's rstd."""
+    s_oca = rstd[:, None] * (xa - dm[:, None] * cola[None, :])  # 0 in padded columns
+    p = tl.where(m_ok[None, :], s_oca, float("-inf"))
+    p = tl.exp(p - tl.max(p, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    pc = tl.sum(p * cbar[None, :], 1)
+    xc = xcc + (d * mean)[:, None] * cbar[None, :]  # x C^T
+    dot = tl.sum(p * xc, 1)  # <Delta, x>
+    pgc = tl.dot(p, gc, input_precision=PREC)  # P Cc Cc^T
+    pgp = tl.sum(p * pgc, 1)  # |P Cc|^2
+    if ORTH == ORTH_HARD:
+        coef = 1.0 - gate * dot / (xx + orth_eps)
+    else:
+        coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
+    rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
+    return s_oca, p, pc, xc, dot, pgc, pgp, coef, rstd2
+
+
+@triton.jit
+def _query_grads(xk, xdo, dm, ksum, dosum, rstd2, coef, gate, p, ck, cdo, lse, qdelta, valid, hm_ok, d,
+                 PREC: tl.constexpr):
+    """The query attention's backward, flash style, from the products: Pq, dS_q and the row means
+    of dxn2 and dxn2 * LN(x_out)."""
+    s_q = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :])
+                            + gate * tl.dot(p, ck, input_precision=PREC))
+    dpq = rstd2[:, None] * (coef[:, None] * (xdo - dm[:, None] * dosum[None, :])
+                            + gate * tl.dot(p, cdo, input_precision=PREC))
+    pq = tl.where(valid[:, None] & hm_ok[None, :], tl.exp(s_q - lse[None, :]), 0.0)
+    dsq = pq * (dpq - qdelta[None, :])
+    mean_g = (tl.sum(dsq * ksum[None, :], 1) + tl.sum(pq * dosum[None, :], 1)) / d
+    mean_gx = (tl.sum(dsq * s_q, 1) + tl.sum(pq * dpq, 1)) / d
+    return pq, dsq, mean_g, mean_gx
+
+
+@triton.jit
+def _g_terms(dcc, dsum, dox, xcc, xk, xdo, cbar, ck, cdo, p, pgc, pq, dsq, rstd2, coef, gate, m2, dm, mean_g, mean_gx,
+             d, ORTH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G C^T and <G, x> (hard projection; else 0) per row, G = dL/dx_out, from the products."""
+    xn2c = rstd2[:, None] * (coef[:, None] * xcc + gate * pgc)  # LN(x_out) Cc^T
+    # dS_q CK^T + Pq CDO^T as a broadcast sum: as two tl.dot with a 16-row left operand it spilled
+    # 300-450 bytes (ptxas, sm_90), as this it fits
+    oc = dcc + dsum[:, None] * cbar[None, :] + rstd2[:, None] * (
+        tl.sum(dsq[:, None, :] * ck[None, :, :] + pq[:, None, :] * cdo[None, :, :], 2) - mean_gx[:, None] * xn2c)
+    if ORTH == ORTH_HARD:
+        xn2x = rstd2 * (coef * m2 + gate * tl.sum(p * xcc, 1))  # <LN(x_out), x>
+        do_x = dox + rstd2 * (tl.sum(dsq * xk, 1) + tl.sum(pq * xdo, 1) - d * mean_g * dm - mean_gx * xn2x)
+    else:
+        do_x = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return oc, do_x
+
+
+@triton.jit
 def layer_bwd_rows_kernel(
     X, sxb, sxn, sxd,
     DOUT, sgb, sgn, sgd,
@@ -70,83 +205,25 @@ def layer_bwd_rows_kernel(
     k_base = KABS + b * skb
     do_base = DO + b * HM * d
     shift = first_chunk_mean(load_tile(x_base, sxn, sxd, offs_n, offs_c, row_ok, offs_c < d), d, BLOCK_C)
-    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dox = tl.zeros([BLOCK_N], dtype=tl.float32)
-    xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    dcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
-    xdo = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
-    for c0 in range(0, d, BLOCK_C):
-        cols = c0 + offs_c
-        col_ok = cols < d
-        x = load_tile(x_base, sxn, sxd, offs_n, cols, row_ok, col_ok)
-        dout = load_tile(g_base, sgn, sgd, offs_n, cols, row_ok, col_ok)
-        xs = tl.where(col_ok[None, :], x - shift[:, None], 0.0)
-        s1 += tl.sum(xs, 1)
-        s2 += tl.sum(xs * xs, 1)
-        dsum += tl.sum(dout, 1)
-        if ORTH == ORTH_HARD:
-            dox += tl.sum(dout * x, 1)
-        cct = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
-        xa = tl.dot(xs, load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok), xa, input_precision=PREC)
-        xcc = tl.dot(xs, cct, xcc, input_precision=PREC)
-        dcc = tl.dot(dout, cct, dcc, input_precision=PREC)
-        xk = tl.dot(xs, load_tile(k_base, skd, skh, cols, offs_hm, col_ok, hm_ok), xk, input_precision=PREC)
-        xdo = tl.dot(xs, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), xdo, input_precision=PREC)
+    s1, s2, dsum, dox, xa, xcc, dcc, xk, xdo = _rows_pass(
+        x_base, sxn, sxd, g_base, sgn, sgd, a_base, sad, sam, cc_base, scd, scm, k_base, skd, skh, do_base, shift,
+        d, offs_n, row_ok, offs_c, offs_m, m_ok, offs_hm, hm_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, PREC)
     gate = tl.load(GATE).to(tl.float32)
-    mm_ok = m_ok[:, None] & m_ok[None, :]
-    mh_ok = m_ok[:, None] & hm_ok[None, :]
-    cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
-    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
-    ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
-    dosum = tl.load(DOSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
-    lse = tl.load(LSE + b * HM + offs_hm, mask=hm_ok, other=0.0)
-    qdelta = tl.load(DELTA + b * HM + offs_hm, mask=hm_ok, other=0.0)
-    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
-    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
-    cdo = tl.load(CDO + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=mh_ok, other=0.0)
+    cbar, cola, ksum, dosum, lse, qdelta, gc, ck, cdo = _rows_sample_terms(
+        CBAR, COLA, KSUM, DOSUM, LSE, DELTA, GC, CK, CDO, b, M, HM, offs_m, m_ok, offs_hm, hm_ok)
     # the forward, recomputed
     mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
-    s_oca = rstd[:, None] * (xa - dm[:, None] * cola[None, :])  # 0 in padded columns
-    p = tl.where(m_ok[None, :], s_oca, float("-inf"))
-    p = tl.exp(p - tl.max(p, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    pc = tl.sum(p * cbar[None, :], 1)
-    xc = xcc + (d * mean)[:, None] * cbar[None, :]  # x C^T
-    dot = tl.sum(p * xc, 1)  # <Delta, x>
-    pgc = tl.dot(p, gc, input_precision=PREC)  # P Cc Cc^T
-    pgp = tl.sum(p * pgc, 1)  # |P Cc|^2
-    if ORTH == ORTH_HARD:
-        coef = 1.0 - gate * dot / (xx + orth_eps)
-    else:
-        coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-    var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
-    rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
-    # the query attention's backward (flash style)
-    s_q = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :]) + gate * tl.dot(p, ck, input_precision=PREC))
-    dpq = rstd2[:, None] * (coef[:, None] * (xdo - dm[:, None] * dosum[None, :]) + gate * tl.dot(p, cdo, input_precision=PREC))
+    s_oca, p, pc, xc, dot, pgc, pgp, coef, rstd2 = _forward_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc,
+                                                                 gate, d, m_ok, ln_eps, orth_eps, ORTH, BLOCK_N, PREC)
     valid = row_ok
     if HAS_MASK:
         valid = valid & (tl.load(MASK + b * N + offs_n, mask=row_ok, other=0) != 0)
-    pq = tl.where(valid[:, None] & hm_ok[None, :], tl.exp(s_q - lse[None, :]), 0.0)
-    dsq = pq * (dpq - qdelta[None, :])
-    mean_g = (tl.sum(dsq * ksum[None, :], 1) + tl.sum(pq * dosum[None, :], 1)) / d
-    mean_gx = (tl.sum(dsq * s_q, 1) + tl.sum(pq * dpq, 1)) / d
-    xn2c = rstd2[:, None] * (coef[:, None] * xcc + gate * pgc)  # LN(x_out) Cc^T
+    pq, dsq, mean_g, mean_gx = _query_grads(xk, xdo, dm, ksum, dosum, rstd2, coef, gate, p, ck, cdo, lse,
+                                      qdelta, valid, hm_ok, d, PREC)
     # G C^T and <G, x>: all the OCA backward needs of G per row
-    # dS_q CK^T + Pq CDO^T as a broadcast sum: as two tl.dot with a 16-row left operand it spilled
-    # 300-450 bytes (ptxas, sm_90), as this it fits
-    oc = dcc + dsum[:, None] * cbar[None, :] + rstd2[:, None] * (
-        tl.sum(dsq[:, None, :] * ck[None, :, :] + pq[:, None, :] * cdo[None, :, :], 2) - mean_gx[:, None] * xn2c)
+    oc, do_x = _g_terms(dcc, dsum, dox, xcc, xk, xdo, cbar, ck, cdo, p, pgc, pq, dsq, rstd2, coef, gate, m2, dm,
+                        mean_g, mean_gx, d, ORTH, BLOCK_N)
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if ORTH == ORTH_HARD:
-        xn2x = rstd2 * (coef * m2 + gate * tl.sum(p * xcc, 1))  # <LN(x_out), x>
-        do_x = dox + rstd2 * (tl.sum(dsq * xk, 1) + tl.sum(pq * xdo, 1) - d * mean_g * dm - mean_gx * xn2x)
-    else:
-        do_x = zero
     # the OCA backward with upstream G (kernels/oca.py's rows kernel)
     if ORTH == ORTH_SOFT:
         pg = pgc + (d * pc)[:, None] * cbar[None, :]  # P C C^T
@@ -161,26 +238,41 @@ def layer_bwd_rows_kernel(
     m1 = tl.sum(ds * cola[None, :], 1) / d
     m2s = tl.sum(ds * s_oca, 1) / d
     tl.store(DG_PART + b * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, dg, 0.0), 0))
-    nm = row_ok[:, None] & m_ok[None, :]
-    nh = row_ok[:, None] & hm_ok[None, :]
-    tl.store(P_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], p, mask=nm)
-    tl.store(DS_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], ds * rstd[:, None], mask=nm)
-    tl.store(DSQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], dsq, mask=nh)
-    tl.store(PQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], pq, mask=nh)
-    rows = ROWS + b * N_ROWS * N + offs_n
-    tl.store(rows + R_MEAN * N, mean, mask=row_ok)
-    tl.store(rows + R_RSTD2 * N, rstd2, mask=row_ok)
-    tl.store(rows + R_COEF * N, coef, mask=row_ok)
-    tl.store(rows + R_PC * N, pc, mask=row_ok)
-    tl.store(rows + R_MEAN_G * N, mean_g, mask=row_ok)
-    tl.store(rows + R_MEAN_GX * N, mean_gx, mask=row_ok)
-    tl.store(rows + R_KDO * N, 1.0 + c_do, mask=row_ok)
-    tl.store(rows + R_KX * N, c_x, mask=row_ok)
-    tl.store(rows + R_Q * N, rstd * rstd * m2s, mask=row_ok)
-    tl.store(rows + R_K0 * N, -rstd * m1, mask=row_ok)
-    tl.store(rows + R_KDL * N, c_dl, mask=row_ok)
-    tl.store(rows + R_ALPHA * N, alpha, mask=row_ok)
-    tl.store(rows + R_BETA * N, beta, mask=row_ok)
+    _store_rows(P_S, DS_S, DSQ_S, PQ_S, ROWS + b * N_ROWS * N + offs_n, b, N, M, HM, offs_n, row_ok, offs_m, m_ok,
+                offs_hm, hm_ok, p, ds * rstd[:, None], dsq, pq, mean, rstd2, coef, pc, mean_g, mean_gx, 1.0 + c_do,
+                c_x, rstd * rstd * m2s, -rstd * m1, c_dl, alpha, beta)
+
+
+@triton.jit
+def _load_rows(rows, N, n_ok):
+    """The row scalars the rows kernel stored (R_MEAN .. R_ALPHA) for the tokens at `rows`."""
+    mean = tl.load(rows + R_MEAN * N, mask=n_ok, other=0.0)
+    rstd2 = tl.load(rows + R_RSTD2 * N, mask=n_ok, other=0.0)
+    coef = tl.load(rows + R_COEF * N, mask=n_ok, other=0.0)
+    pc = tl.load(rows + R_PC * N, mask=n_ok, other=0.0)
+    mean_g = tl.load(rows + R_MEAN_G * N, mask=n_ok, other=0.0)
+    mean_gx = tl.load(rows + R_MEAN_GX * N, mask=n_ok, other=0.0)
+    k_do = tl.load(rows + R_KDO * N, mask=n_ok, other=0.0)
+    k_x = tl.load(rows + R_KX * N, mask=n_ok, other=0.0)
+    q = tl.load(rows + R_Q * N, mask=n_ok, other=0.0)
+    k_0 = tl.load(rows + R_K0 * N, mask=n_ok, other=0.0)
+    k_dl = tl.load(rows + R_KDL * N, mask=n_ok, other=0.0)
+    alpha = tl.load(rows + R_ALPHA * N, mask=n_ok, other=0.0)
+    return mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k_0, k_dl, alpha
+
+
+@triton.jit
+def _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, part, d, M, HM, offs_d, d_ok, offs_m, m_ok, offs_hm, hm_ok,
+                    acc_a, acc_ct, acc_k, acc_o):
+    """A program's four token reductions, once, into its own slot of the partial buffers."""
+    dm_ok = d_ok[:, None] & m_ok[None, :]
+    dh_ok = d_ok[:, None] & hm_ok[None, :]
+    # every partial (..., M or HM, d): A and KABS are transposed views of (M, d) and (HM, d)
+    # products, so their gradients come back in the layout autograd passes on without a copy
+    tl.store(DA_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_a, mask=dm_ok)
+    tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
+    tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_k, mask=dh_ok)
+    tl.store(OB_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_o, mask=dh_ok)
 
 
 @triton.jit
@@ -239,18 +331,7 @@ def layer_bwd_cols_kernel(
         dsq = load_tile(DSQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)  # (BLOCK_N, BLOCK_HM)
         pq = load_tile(PQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
         rows = ROWS + b * N_ROWS * N + offs_n
-        mean = tl.load(rows + R_MEAN * N, mask=n_ok, other=0.0)
-        rstd2 = tl.load(rows + R_RSTD2 * N, mask=n_ok, other=0.0)
-        coef = tl.load(rows + R_COEF * N, mask=n_ok, other=0.0)
-        pc = tl.load(rows + R_PC * N, mask=n_ok, other=0.0)
-        mean_g = tl.load(rows + R_MEAN_G * N, mask=n_ok, other=0.0)
-        mean_gx = tl.load(rows + R_MEAN_GX * N, mask=n_ok, other=0.0)
-        k_do = tl.load(rows + R_KDO * N, mask=n_ok, other=0.0)
-        k_x = tl.load(rows + R_KX * N, mask=n_ok, other=0.0)
-        q = tl.load(rows + R_Q * N, mask=n_ok, other=0.0)
-        k_0 = tl.load(rows + R_K0 * N, mask=n_ok, other=0.0)
-        k_dl = tl.load(rows + R_KDL * N, mask=n_ok, other=0.0)
-        alpha = tl.load(rows + R_ALPHA * N, mask=n_ok, other=0.0)
+        mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k_0, k_dl, alpha = _load_rows(rows, N, n_ok)
         xm = tl.where(tmask, xt - mean[None, :], 0.0)
         pcc = tl.dot(cct, tl.trans(p), input_precision=PREC)  # (P Cc)^T
         xn2 = tl.where(tmask, rstd2[None, :] * (coef[None, :] * xm + gate * pcc), 0.0)
@@ -271,12 +352,5 @@ def layer_bwd_cols_kernel(
         acc_ct = tl.dot(ddelta, p, acc_ct, input_precision=PREC)
         acc_k = tl.dot(xn2, dsq, acc_k, input_precision=PREC)
         acc_o = tl.dot(xn2, pq, acc_o, input_precision=PREC)
-    part = b * n_splits + pid_s
-    dm_ok = d_ok[:, None] & m_ok[None, :]
-    dh_ok = d_ok[:, None] & hm_ok[None, :]
-    # every partial (..., M or HM, d): A and KABS are transposed views of (M, d) and (HM, d)
-    # products, so their gradients come back in the layout autograd passes on without a copy
-    tl.store(DA_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_a, mask=dm_ok)
-    tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
-    tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_k, mask=dh_ok)
-    tl.store(OB_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_o, mask=dh_ok)
+    _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, b * n_splits + pid_s, d, M, HM, offs_d, d_ok, offs_m, m_ok,
+                    offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o)

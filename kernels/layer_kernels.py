@@ -29,6 +29,106 @@ def _load_chunk(rows_ptr, stride, cols, row_ok, col_ok):
 
 
 @triton.jit
+def _pass_1(x_rows, sxd, row_ok, shift, d, a_base, sad, sam, cc_base, scd, scm, kabs_base, skd, skh, WV, swd, swe,
+            offs_c, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok,
+            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
+            BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """Pass 1 over a tile's columns: the sums of the shifted tokens and their squares, and their
+    products with A, Cc^T, KABS and W_v."""
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
+    xv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        xs = tl.where(col_ok[None, :], _load_chunk(x_rows, sxd, cols, row_ok, col_ok) - shift[:, None], 0.0)
+        s1 += tl.sum(xs, 1)
+        s2 += tl.sum(xs * xs, 1)
+        a_c = load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
+        cct_c = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
+        k_c = load_tile(kabs_base, skd, skh, cols, offs_hm, col_ok, hm_ok)
+        v_c = load_tile(WV, swd, swe, cols, offs_dq, col_ok, dq_ok)
+        xa = tl.dot(xs, a_c, xa, input_precision=PREC)
+        xcc = tl.dot(xs, cct_c, xcc, input_precision=PREC)
+        xk = tl.dot(xs, k_c, xk, input_precision=PREC)
+        xv = tl.dot(xs, v_c, xv, input_precision=PREC)
+    return s1, s2, xa, xcc, xk, xv
+
+
+@triton.jit
+def _oca_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok, cos2_ptrs, row_ok,
+              ln_eps, orth_eps, cos2_eps, ORTH: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """OCA from the products: the probabilities P, P.cbar, x's coefficient in x_out (1 - g k for the
+    hard projection, else 1) and x_out's rstd; with orth="soft" it stores cos^2."""
+    scores = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
+    scores = tl.where(m_ok[None, :], scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    pc = tl.sum(p * cbar[None, :], 1)  # P.cbar
+    # rows of Cc sum to 0, so x Cc^T = (x - mean) Cc^T = (x - shift) Cc^T = xcc
+    dot = tl.sum(p * xcc, 1) + d * mean * pc  # <Delta, x> = P.(x Cc^T) + sum(x) P.cbar
+    pgp = tl.sum(p * tl.dot(p, gc, input_precision=PREC), 1)  # |P Cc|^2
+    if ORTH == ORTH_HARD:
+        coef = 1.0 - gate * dot / (xx + orth_eps)
+    else:
+        coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    if ORTH == ORTH_SOFT:
+        dd = pgp + d * pc * pc  # |Delta|^2 (the centred and the constant part are orthogonal)
+        tl.store(cos2_ptrs, dot * dot / (dd * xx + cos2_eps), mask=row_ok)
+    var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
+    rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
+    return p, pc, coef, rstd2
+
+
+@triton.jit
+def _pass_2(x_rows, sxd, out_rows, row_ok, d, p, pc, coef, gate, cc_base, scm, scd, offs_c, offs_m, m_ok,
+            BLOCK_C: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+    """Pass 2: x_out = coef x + g (P Cc + P.cbar), written chunk by chunk."""
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < d
+        xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
+        delta = tl.dot(p, load_tile(cc_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
+        oc = coef[:, None] * xc + gate * (delta + pc[:, None])
+        tl.store(out_rows[:, None] + cols[None, :], cast_out(oc, out_rows.dtype.element_ty, ROUND_BY_HAND),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sample_terms(GC, CK, CV, COLA, KSUM, VSUM, b, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok):
+    """Sample b's Cc Cc^T (M, M), Cc KABS (M, HM), Cc W_v (M, D) and the column sums of A, KABS, W_v."""
+    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=m_ok[:, None] & m_ok[None, :], other=0.0)
+    ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :],
+                 other=0.0)
+    cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :],
+                 other=0.0)
+    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
+    ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
+    vsum = tl.load(VSUM + offs_dq, mask=dq_ok, other=0.0)
+    return gc, ck, cv, cola, ksum, vsum
+
+
+@triton.jit
+def _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, l_run, acc, PREC: tl.constexpr):
+    """The tile's step of the query attention on LN(x_out), from the products: the online-softmax
+    state (running max, running sum, unnormalised accumulator) updated."""
+    s = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :])
+                          + gate * tl.dot(p, ck, input_precision=PREC))
+    s = tl.where(valid[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_run, tl.max(s, 0))
+    alpha = tl.exp(m_run - m_new)
+    pq = tl.exp(s - m_new[None, :])
+    l_run = l_run * alpha + tl.sum(pq, 0)
+    # the values only now: formed earlier they would be live through the softmax update
+    v = rstd2[:, None] * (coef[:, None] * (xv - dm[:, None] * vsum[None, :])
+                          + gate * tl.dot(p, cv, input_precision=PREC))
+    return m_new, l_run, acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
+
+
+@triton.jit
 def layer_fwd_kernel(
     X, sxb, sxn, sxd,
     A, sab, sad, sam,
@@ -88,83 +188,23 @@ def layer_fwd_kernel(
         # the shift: each row's mean over the first chunk
         first = offs_c < d
         shift = first_chunk_mean(_load_chunk(x_rows, sxd, offs_c, row_ok, first), d, BLOCK_C)
-        # pass 1: every product with the tokens, and the statistics
-        s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
-        xv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, d, BLOCK_C):
-            cols = c0 + offs_c
-            col_ok = cols < d
-            xs = tl.where(col_ok[None, :], _load_chunk(x_rows, sxd, cols, row_ok, col_ok) - shift[:, None], 0.0)
-            s1 += tl.sum(xs, 1)
-            s2 += tl.sum(xs * xs, 1)
-            a_c = load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok)
-            cct_c = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
-            k_c = load_tile(kabs_base, skd, skh, cols, offs_hm, col_ok, hm_ok)
-            v_c = load_tile(WV, swd, swe, cols, offs_dq, col_ok, dq_ok)
-            xa = tl.dot(xs, a_c, xa, input_precision=PREC)
-            xcc = tl.dot(xs, cct_c, xcc, input_precision=PREC)
-            xk = tl.dot(xs, k_c, xk, input_precision=PREC)
-            xv = tl.dot(xs, v_c, xv, input_precision=PREC)
+        s1, s2, xa, xcc, xk, xv = _pass_1(x_rows, sxd, row_ok, shift, d, a_base, sad, sam, cc_base, scd, scm,
+                                          kabs_base, skd, skh, WV, swd, swe, offs_c, offs_m, m_ok, offs_hm, hm_ok,
+                                          offs_dq, dq_ok, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, BLOCK_D, PREC)
         # the per-sample terms, loaded here rather than held across the column loop (registers)
-        mm_ok = m_ok[:, None] & m_ok[None, :]
-        gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=mm_ok, other=0.0)
-        ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :],
-                     other=0.0)
-        cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :],
-                     other=0.0)
-        cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
-        ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
-        vsum = tl.load(VSUM + offs_dq, mask=dq_ok, other=0.0)
+        gc, ck, cv, cola, ksum, vsum = _sample_terms(GC, CK, CV, COLA, KSUM, VSUM, b, M, HM, D, offs_m, m_ok,
+                                                     offs_hm, hm_ok, offs_dq, dq_ok)
         mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
-        # OCA: probabilities, the projection, x_out's coefficients
-        scores = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
-        scores = tl.where(m_ok[None, :], scores, float("-inf"))
-        p = tl.exp(scores - tl.max(scores, 1)[:, None])
-        p = p / tl.sum(p, 1)[:, None]
-        pc = tl.sum(p * cbar[None, :], 1)  # P.cbar
-        # rows of Cc sum to 0, so x Cc^T = (x - mean) Cc^T = (x - shift) Cc^T = xcc
-        dot = tl.sum(p * xcc, 1) + d * mean * pc  # <Delta, x> = P.(x Cc^T) + sum(x) P.cbar
-        pgp = tl.sum(p * tl.dot(p, gc, input_precision=PREC), 1)  # |P Cc|^2
-        if ORTH == ORTH_HARD:
-            coef = 1.0 - gate * dot / (xx + orth_eps)
-        else:
-            coef = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-        if ORTH == ORTH_SOFT:
-            dd = pgp + d * pc * pc  # |Delta|^2 (the centred and the constant part are orthogonal)
-            tl.store(COS2 + b * N + rows, dot * dot / (dd * xx + cos2_eps), mask=row_ok)
-        mean2 = coef * mean + gate * pc
-        var2 = coef * coef * m2 + 2.0 * coef * gate * tl.sum(p * xcc, 1) + gate * gate * pgp
-        rstd2 = 1.0 / tl.sqrt(tl.maximum(var2, 0.0) / d + ln_eps)
-        # the query attention on LN(x_out), from the products
-        s = rstd2[:, None] * (coef[:, None] * (xk - dm[:, None] * ksum[None, :])
-                              + gate * tl.dot(p, ck, input_precision=PREC))
+        p, pc, coef, rstd2 = _oca_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok,
+                                       COS2 + b * N + rows, row_ok, ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, PREC)
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
-        s = tl.where(valid[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(s, 0))
-        alpha = tl.exp(m_run - m_new)
-        pq = tl.exp(s - m_new[None, :])
-        l_run = l_run * alpha + tl.sum(pq, 0)
-        m_run = m_new
-        # the values only now: formed earlier they would be live through the softmax update
-        v = rstd2[:, None] * (coef[:, None] * (xv - dm[:, None] * vsum[None, :])
-                              + gate * tl.dot(p, cv, input_precision=PREC))
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(pq), v, input_precision=PREC)
+        m_run, l_run, acc = _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, l_run, acc,
+                                    PREC)
         # pass 2: x_out, the only write of a (B, N, d) tensor
-        out_rows = OUT + (b * N + rows.to(tl.int64)) * d
-        for c0 in range(0, d, BLOCK_C):
-            cols = c0 + offs_c
-            col_ok = cols < d
-            xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
-            delta = tl.dot(p, load_tile(cc_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)
-            oc = coef[:, None] * xc + gate * (delta + pc[:, None])
-            tl.store(out_rows[:, None] + cols[None, :], cast_out(oc, OUT.dtype.element_ty, ROUND_BY_HAND),
-                     mask=row_ok[:, None] & col_ok[None, :])
+        _pass_2(x_rows, sxd, OUT + (b * N + rows.to(tl.int64)) * d, row_ok, d, p, pc, coef, gate, cc_base, scm, scd,
+                offs_c, offs_m, m_ok, BLOCK_C, PREC, ROUND_BY_HAND)
     state = (b * n_splits + split) * HM
     tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
     tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)

@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from .argtypes import Parser, non_negative_int, positive_int
-from .checkpoint import describe, load_checkpoint
 from .classify import TEMPLATES
-from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
-from .errors import UserError, run_cli
-from .evaluation import (check_templates, default_model_name, evaluate_classification, evaluate_retrieval,
-                         load_eval_data)
+from .cli_args import check_out_dir, resolve_device
+from .errors import run_cli
+from .evaluation import (check_templates, evaluate_classification, evaluate_retrieval, load_eval_data,
+                         model_to_evaluate)
 from .logging_utils import json_safe, markdown_table
-from .methods import build_from_checkpoint, build_method, canonical, check_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,42 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
         fused = False
 
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        with user_errors(f"checkpoint {ckpt['path']}: "):
-            method = canonical(ckpt.get("method") or "nearl")
-        if args.method:
-            with user_errors("--method: "):
-                wanted = canonical(args.method)
-            if wanted != method:
-                raise UserError(f"--method {args.method} but the checkpoint {ckpt['path']} holds method {method!r}")
-        print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
-        pretrained = args.pretrained if args.pretrained is not None else "checkpoint"
-        if args.model or args.pretrained is not None:
-            check_backbone(args.model or ckpt.get("model_name") or "",
-                           ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained)
-        with user_errors(f"checkpoint {ckpt['path']} does not fit the model asked for: "):
-            model = build_from_checkpoint(ckpt, fused=fused, pretrained=pretrained, model_name=args.model)
-        task = args.task or ckpt.get("task", "retrieval")
-        source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
-        label = ("NEARL-CLIP" if method == "nearl" else method) + f" ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
-    else:
-        ckpt = None
-        with user_errors("--method: "):
-            method = canonical(args.method or "nearl")
-        name = args.model or default_model_name(args.pretrained)
-        check_backbone(name, args.pretrained)
-        model = build_method(method, name, args.pretrained, fused=fused, seed=args.seed)
-        task = args.task or "retrieval"
-        source = args.pretrained
-        label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
-        if method not in ("nearl", "zeroshot"):
-            print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
-    with user_errors():
-        check_task(method, task)
-    if source is None:
-        print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {args.seed if ckpt is None else ckpt.get('backbone_seed')}); "
-              "numbers only check the pipeline.")
+    chosen = model_to_evaluate(args.checkpoint, method=args.method, model_name=args.model,
+                               pretrained=args.pretrained, task=args.task, seed=args.seed, fused=fused)
+    model, method, task, source, label, ckpt = (chosen.model, chosen.method, chosen.task, chosen.source,
+                                                chosen.label, chosen.checkpoint)
     model.to(device).eval()
 
     records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,

@@ -4,15 +4,19 @@ line)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .checkpoint import describe, load_checkpoint
 from .classify import TEMPLATES, classification_logits
+from .cli_args import check_backbone, user_errors
 from .data import demo
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.labelled import NOT_A_SOURCE, read_coop_split, read_image_folder, split_folders
@@ -20,6 +24,7 @@ from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.manifests import read_image_text
 from .data.records import ImageTextRecord, LabelledRecord
 from .errors import UserError
+from .methods import build_from_checkpoint, build_method, canonical, check_task
 
 logger = logging.getLogger("nearl.evaluate")  # the name its messages have always carried
 
@@ -237,3 +242,59 @@ def check_templates(templates: Optional[Sequence[str]]) -> None:
     bad = [t for t in templates or () if t.count("{}") != 1]
     if bad:
         raise UserError(f"--templates: each template needs exactly one '{{}}' for the class name, got {bad}")
+
+
+@dataclass
+class ModelToEvaluate:
+    model: nn.Module
+    method: str
+    task: str
+    source: Optional[str]  # the backbone's weights (None: random)
+    label: str  # the results table's row name
+    checkpoint: Optional[Dict[str, Any]]
+
+
+def model_to_evaluate(checkpoint: Optional[str], *, method: Optional[str] = None, model_name: Optional[str] = None,
+                      pretrained: Optional[str] = None, task: Optional[str] = None, seed: int = 0,
+                      fused: bool = False) -> ModelToEvaluate:
+    """The model `python -m nearl.evaluate` evaluates: the one a checkpoint (file or run folder)
+    describes (`method`, when given, must match it; `model_name` / `pretrained` override its
+    backbone), or without one a fresh model of `method` (nearl: the frozen CLIP). What was chosen
+    is said once; a mismatch is a UserError."""
+    method_arg, task_arg = method, task
+    if checkpoint:
+        ckpt = load_checkpoint(checkpoint)
+        with user_errors(f"checkpoint {ckpt['path']}: "):
+            method = canonical(ckpt.get("method") or "nearl")
+        if method_arg:
+            with user_errors("--method: "):
+                wanted = canonical(method_arg)
+            if wanted != method:
+                raise UserError(f"--method {method_arg} but the checkpoint {ckpt['path']} holds method {method!r}")
+        print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
+        chosen = pretrained if pretrained is not None else "checkpoint"
+        source = ckpt.get("pretrained") if chosen == "checkpoint" else chosen
+        if model_name or pretrained is not None:
+            check_backbone(model_name or ckpt.get("model_name") or "", source)
+        with user_errors(f"checkpoint {ckpt['path']} does not fit the model asked for: "):
+            model = build_from_checkpoint(ckpt, fused=fused, pretrained=chosen, model_name=model_name)
+        task = task_arg or ckpt.get("task", "retrieval")
+        label = f"{'NEARL-CLIP' if method == 'nearl' else method} ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
+    else:
+        ckpt = None
+        with user_errors("--method: "):
+            method = canonical(method_arg or "nearl")
+        name = model_name or default_model_name(pretrained)
+        check_backbone(name, pretrained)
+        model = build_method(method, name, pretrained, fused=fused, seed=seed)
+        task = task_arg or "retrieval"
+        source = pretrained
+        label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
+        if method not in ("nearl", "zeroshot"):
+            print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
+    with user_errors():
+        check_task(method, task)
+    if source is None:
+        shown = seed if ckpt is None else ckpt.get("backbone_seed")
+        print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {shown}); numbers only check the pipeline.")
+    return ModelToEvaluate(model, method, task, source, label, ckpt)

@@ -1,8 +1,8 @@
 """The public functional API (SPEC section 4): `oca` and `nearl_layer`.
 
 `impl="reference"` runs the plain-PyTorch statement of the math (nearl/reference.py);
-`impl="triton"` runs the fused kernels (`nearl_kernels`, the kernels/ folder); `impl="auto"` picks Triton for CUDA tensors
-(or everywhere under TRITON_INTERPRET=1) and the reference otherwise.
+`impl="triton"` runs the fused kernels (`nearl_kernels`, the kernels/ folder); `impl="auto"` picks
+Triton for CUDA tensors (or everywhere under TRITON_INTERPRET=1) and the reference otherwise.
 """
 from __future__ import annotations
 

@@ -68,6 +68,7 @@ except ImportError:  # older triton: the same rules, written out
             return ("i32" if -2 ** 31 <= val < 2 ** 31 else "i64"), ("D" if val % 16 == 0 else "")
         raise TypeError(f"cannot specialise {type(val).__name__}")
 
+import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels onto kernels/)
 from nearl_kernels import layer as L  # noqa: E402
 from nearl_kernels import layer_bwd_kernels as LKB  # noqa: E402
 from nearl_kernels import layer_kernels as LK  # noqa: E402

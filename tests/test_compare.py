@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nearl import compare as CMP
+from nearl import comparison as CMPL
 from nearl import evaluate as E
 from nearl.checkpoint import load_checkpoint
 from nearl.errors import UserError
@@ -74,18 +75,18 @@ def test_compare_refuses_methods_outside_the_task(tmp_path):
     with pytest.raises(ValueError, match="coop, linear-probe do not apply to task 'retrieval'"):
         CMP.main(["--task", "retrieval", "--methods", "nearl,coop,linear-probe", "--out", str(tmp_path), *FAST])
     assert not (tmp_path / "runs").exists()  # refused before any run
-    assert CMP._methods(CMP.build_parser().parse_args(["--task", "retrieval"])) == [
+    assert CMPL._methods(CMPL.build_parser().parse_args(["--task", "retrieval"])) == [
         "nearl", "alta", "clip-adapter", "zeroshot"]
 
 
 def test_mean_std_and_step_time(tmp_path):
-    s = CMP.mean_std([1.0, 2.0, 4.0])
+    s = CMPL.mean_std([1.0, 2.0, 4.0])
     assert s["mean"] == pytest.approx(7 / 3) and s["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
-    assert CMP.mean_std([3.0])["std"] is None and CMP.mean_std([None])["mean"] is None
+    assert CMPL.mean_std([3.0])["std"] is None and CMPL.mean_std([None])["mean"] is None
     log = tmp_path / "metrics.jsonl"
     recs = [{"kind": "train", "step": i + 1, "samples": 8, "samples_per_s": 8 / t} for i, t in enumerate([9.0, 1.0, 3.0, 2.0])]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs + [{"kind": "val", "step": 4}]))
-    assert CMP.step_time(log) == pytest.approx(2.0)  # median of 1, 3, 2: the first (warm-up) step left out
+    assert CMPL.step_time(log) == pytest.approx(2.0)  # median of 1, 3, 2: the first (warm-up) step left out
 
 
 def test_a_second_comparison_in_the_same_folder_needs_overwrite(tmp_path, monkeypatch):

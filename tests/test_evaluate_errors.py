@@ -67,7 +67,7 @@ def test_evaluate_bad_checkpoint_is_one_line_and_status_2(tmp_path):
 
 
 def test_compare_bad_sizes_and_seeds_are_refused(tmp_path, capsys):
-    from nearl import compare as C
+    from nearl import comparison as C
     for flag in ("--eval-batch-size=0", "--batch-size=-1", "--max-steps=0", "--k-shot=0", "--workers=-2"):
         with pytest.raises(SystemExit) as e:  # used to run a whole comparison, or fail deep inside it
             C.build_parser().parse_args([flag])

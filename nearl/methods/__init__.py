@@ -24,8 +24,8 @@ from typing import Tuple
 
 from .base import MethodConfig, MethodModel
 from .registry import (MethodSpec, Option, add_method_options, build_from_checkpoint, build_method, canonical,
-                       check_task, config_fields, fixed_on_resume, method_config, method_of, methods_for, names,
-                       register, spec)
+                       check_options, check_task, config_fields, fixed_on_resume, method_config, method_of,
+                       methods_for, names, register, spec)
 
 # The order of listings and of nearl.compare's table.
 METHOD_MODULES = ("nearl", "alta", "clip_adapter", "coop", "linear_probe", "zeroshot")
@@ -35,5 +35,5 @@ for _name in METHOD_MODULES:
 METHODS: Tuple[str, ...] = names()
 
 __all__ = ["METHODS", "METHOD_MODULES", "MethodConfig", "MethodModel", "MethodSpec", "Option", "add_method_options",
-           "build_from_checkpoint", "build_method", "canonical", "check_task", "config_fields", "fixed_on_resume",
-           "method_config", "method_of", "methods_for", "spec"]
+           "build_from_checkpoint", "build_method", "canonical", "check_options", "check_task", "config_fields",
+           "fixed_on_resume", "method_config", "method_of", "methods_for", "spec"]

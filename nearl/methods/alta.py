@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..frozen import count
 from ..model import NEARLOutput, TowerResult
 from ..towers import PreNormParts
@@ -198,8 +199,13 @@ class ALTA(MethodModel):
         return rows
 
 
+def _check_options(args) -> None:
+    if getattr(args, "multiview", False) and getattr(args, "task", "retrieval") != "retrieval":
+        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' (got task {args.task!r})")
+
+
 SPEC = MethodSpec(
-    model_cls=ALTA, config_cls=ALTAConfig,
+    model_cls=ALTA, config_cls=ALTAConfig, check=_check_options,
     summary="ALTA adapters in every block of both towers",
     options=(
         REDUCTION,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..errors import UserError
 from ..model import SCHEMAS, create_backbone
 
 
@@ -48,6 +49,8 @@ class MethodSpec:
     config_from_data: Optional[Callable[[Any], Dict[str, Any]]] = None
     # "gradient": the shared training loop; "features": fitted on cached features, in one process
     trainer: str = "gradient"
+    # more checks of the parsed options than their types make (UserError); `check_options` runs it
+    check: Optional[Callable[[argparse.Namespace], None]] = None
 
     @property
     def name(self) -> str:
@@ -179,6 +182,19 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
 def fixed_on_resume() -> Tuple[str, ...]:
     """The dests of the options that shape a model."""
     return tuple(dest for dest, (opt, _) in _options().items() if opt.fixed)
+
+
+def check_options(name: str, args: argparse.Namespace) -> None:
+    """A switch of another method turned on (a store_true option it declares, such as alta's
+    --multiview) is a UserError naming its method, not silently ignored; then the method's own check."""
+    s = spec(name)
+    own = {opt.dest for opt in s.options}
+    for dest, (opt, users) in _options().items():
+        if dest not in own and opt.kwargs.get("action") == "store_true" and getattr(args, dest, False):
+            raise UserError(f"{opt.flags[0]} is an option of method {' / '.join(repr(u) for u in users)} "
+                            f"(got method {s.name!r})")
+    if s.check is not None:
+        s.check(args)
 
 
 def method_config(name: str, args: argparse.Namespace, data: Any = None) -> Dict[str, Any]:

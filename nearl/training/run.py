@@ -15,7 +15,7 @@ from ..cli_args import check_backbone, user_errors
 from ..data.loadable import require_loadable
 from ..errors import UserError
 from ..evaluation import default_model_name
-from ..methods import build_method, canonical, check_task, method_config, spec as method_spec
+from ..methods import build_method, canonical, check_options, check_task, method_config, spec as method_spec
 from ..run_dir import RunLock, prepare as prepare_run_dir
 from .data import load_train_data
 from .features import fit_on_features
@@ -108,9 +108,7 @@ def _resolve(args, info: D.DistInfo):
         args.method = method
         check_task(method, args.task)
     check_backbone(model_name, args.pretrained)
-    if getattr(args, "multiview", False) and (method != "alta" or args.task != "retrieval"):
-        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' "
-                        f"(got method {method!r}, task {args.task!r})")
+    check_options(method, args)
     spec = method_spec(method)
     if spec.trainer == "features" and info.distributed:
         raise UserError(f"method {method!r} fits on cached features in one process; run it without torchrun")

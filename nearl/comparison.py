@@ -1,0 +1,428 @@
+"""Comparison of adaptation methods, the library: the options of a comparison, its runs (each
+trained by `nearl.training.fit` and evaluated by `nearl.evaluation`), their measurements, the
+report and the plot. `python -m nearl.compare` is its command line; its description below."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import evaluation as EV
+from . import training
+from .argtypes import Parser, non_negative_int, positive_int
+from .checkpoint import LAST, load_checkpoint
+from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
+from .errors import UserError
+from .logging_utils import json_safe, read_metrics
+from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
+from .run_dir import run_files
+
+logger = logging.getLogger("nearl.compare")
+
+DESCRIPTION = """Compare adaptation methods fairly: same backbone, data, seeds and step budget, one command.
+
+    python -m nearl.compare --max-steps 2 --seeds 0,1 --out runs/cmp          # embedded demo set, CPU
+    python -m nearl.compare --model ViT-B-16 --pretrained openai --task classification \\
+        --data split.json --root images/ --k-shot 16 --methods nearl,alta,clip-adapter,coop,linear-probe,zeroshot \\
+        --seeds 0,1,2 --max-steps 500 --batch-size 32 --precision bf16 --out runs/cmp
+
+Every (method, seed) is trained in this process by nearl.train (same data pipeline, loop, optimiser,
+schedule and checkpoints; --max-steps optimizer steps, or L-BFGS iterations for linear-probe, none
+for zeroshot), then its final checkpoint (last.pt, not the best on validation: equal budgets) is
+rebuilt and evaluated by nearl.evaluate on --split (default test; falls back to val). Seeds fix the
+data order, the initial weights and, without --pretrained, the random backbone, which is then the
+same for every method of one seed.
+
+Outputs in --out: comparison.md and comparison.json (task metrics as mean and standard deviation
+over seeds, learnable parameters, training time per step, peak memory, inference images/s),
+comparison.png (the main metric with std error bars), and runs/<method>/seed<k>/ (each run's
+metrics.jsonl, curves.png and checkpoints).
+
+Measurements: time per step is the median wall time of an optimizer step (data loading included;
+the first step, which pays for warm-up, is left out when there are more); peak memory is
+torch.cuda.max_memory_allocated over training and evaluation on a GPU, and "n/a" on CPU (the JSON
+then gives the process's peak RSS, which only grows over the whole comparison); inference images/s
+is encode_image on a fixed batch of random images, after warm-up, for the first seed's model.
+"""
+MAIN_METRIC = {"retrieval": "mean_recall", "classification": "accuracy"}
+SHOWN = {"retrieval": ("mean_recall", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
+         "classification": ("accuracy", "macro_f1", "macro_auc")}
+PIPELINE_NOTE = ("These numbers only show that the pipeline runs: {why}. They say nothing about "
+                 "which method is better.")
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m nearl.compare", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help="comma-separated, from " + ", ".join(METHODS) +
+                   " (default: every method that applies to --task)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps per run (L-BFGS iterations "
+                   "per candidate for linear-probe); default %(default)s")
+    p.add_argument("--task", choices=("retrieval", "classification"), default="classification")
+    p.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU or --pretrained, "
+                   "NEARL-Tiny otherwise)")
+    p.add_argument("--pretrained", help="backbone weights (default: none = random backbone)")
+    p.add_argument("--data", help="as nearl.train --data (default: the embedded demo set)")
+    p.add_argument("--val-data")
+    p.add_argument("--test-data", help="evaluation source (default: --data, split --split)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--root")
+    p.add_argument("--k-shot", type=positive_int)
+    p.add_argument("--templates", nargs="+")
+    p.add_argument("--split", default="test", help="evaluated split (default test; falls back to val)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--eval-batch-size", type=positive_int)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=non_negative_int)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--fused", action="store_true", help="nearl's Triton kernels (CUDA only)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--bench-batch", type=positive_int, default=32, help="batch of the inference throughput probe")
+    p.add_argument("--bench-iters", type=positive_int, default=10, help="timed iterations of that probe (after 2 warm-up)")
+    p.add_argument("--train-args", default="", help="extra nearl.train arguments for every run, one string "
+                   "(e.g. \"--grad-clip 0.5\")")
+    p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
+                   help="extra nearl.train arguments for one method, e.g. \"alta=--multiview\" or "
+                        "\"coop=--n-ctx 8\" (repeatable)")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again over an earlier comparison in --out (each run's folder is emptied first)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _methods(args) -> List[str]:
+    if not args.methods:
+        return list(methods_for(args.task))
+    with user_errors("--methods: "):
+        chosen = [canonical(m) for m in args.methods.split(",") if m.strip()]
+    if not chosen:
+        raise UserError(f"--methods {args.methods!r} names no method")
+    bad = [m for m in chosen if m not in methods_for(args.task)]
+    if bad:
+        raise UserError(f"method(s) {', '.join(bad)} do not apply to task {args.task!r} "
+                         f"(it takes: {', '.join(methods_for(args.task))}); drop them or change --task")
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"--methods: a method is listed twice: {chosen}")
+    return chosen
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise UserError("--seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: a seed is listed twice: {seeds}")
+    return seeds
+
+
+def train_argv(args, method: str, seed: int, out: Path, model_name: str) -> List[str]:
+    argv = ["--method", method, "--seed", seed, "--max-steps", args.max_steps, "--task", args.task,
+            "--model", model_name, "--batch-size", args.batch_size, "--lr", args.lr,
+            "--weight-decay", args.weight_decay, "--precision", args.precision, "--workers", args.workers,
+            "--eval-every", 0, "--out", out, "--format", args.format]
+    for flag, value in (("--pretrained", args.pretrained), ("--data", args.data), ("--val-data", args.val_data),
+                        ("--root", args.root), ("--k-shot", args.k_shot), ("--warmup", args.warmup),
+                        ("--device", args.device), ("--eval-batch-size", args.eval_batch_size)):
+        if value is not None:
+            argv += [flag, value]
+    if args.templates:
+        argv += ["--templates", *args.templates]
+    if args.fused:
+        argv.append("--fused")
+    if args.overwrite:
+        argv.append("--overwrite")
+    if args.no_progress:
+        argv.append("--no-progress")
+    argv += args.train_args.split()
+    argv += method_args(args).get(method, [])
+    return [str(a) for a in argv]
+
+
+def method_args(args) -> Dict[str, List[str]]:
+    """--method-args "alta=--multiview" ... -> {"alta": ["--multiview"]}."""
+    out: Dict[str, List[str]] = {}
+    for item in args.method_args or []:
+        if "=" not in item:
+            raise UserError(f"--method-args takes METHOD=ARGS, got {item!r}")
+        name, rest = item.split("=", 1)
+        with user_errors("--method-args: "):
+            name = canonical(name)
+        out.setdefault(name, []).extend(rest.split())
+    return out
+
+
+# ----------------------------------------------------------------------------- measurements
+def step_time(metrics_path: Path) -> Optional[float]:
+    """Median seconds per optimizer step from metrics.jsonl (the first step left out when there are more)."""
+    times = [r["samples"] / r["samples_per_s"] for r in read_metrics(metrics_path)
+             if r.get("kind") == "train" and r.get("samples_per_s")]
+    if len(times) > 1:
+        times = times[1:]
+    if not times:
+        return None
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+
+
+@torch.no_grad()
+def inference_throughput(model, device: torch.device, batch: int, iters: int, precision: str) -> float:
+    """Images per second through model.encode_image on a fixed random batch, after 2 warm-up calls."""
+    size = model.tower("vision").image_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with EV.autocast(device, precision):
+            for _ in range(2):
+                model.encode_image(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model.encode_image(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return batch * iters / (time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; None with one value) of the non-None values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": list(values)}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals), "values": list(values)}
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(args, method: str, seed: int, out: Path, model_name: str, device: torch.device,
+            eval_data, bench: bool) -> Dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    summary = training.fit(training.parse_args(train_argv(args, method, seed, out, model_name)))
+    train_wall = time.perf_counter() - t0
+    ckpt = load_checkpoint(out / LAST)
+    model = build_from_checkpoint(ckpt, fused=args.fused and device.type == "cuda").to(device).eval()
+    records, classnames, split, src = eval_data
+    kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
+              precision=args.precision, progress=not args.no_progress)
+    if args.task == "retrieval":
+        metrics = EV.evaluate_retrieval(model, records, **kw)
+    else:
+        metrics = EV.evaluate_classification(model, records, classnames,
+                                            templates=args.templates or EV.TEMPLATES, **kw)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    ips = inference_throughput(model, device, args.bench_batch, args.bench_iters, args.precision) if bench else None
+    return {"seed": seed, "steps": summary["step"], "metrics": metrics,
+            "learnable_parameters": model.num_trainable_parameters(),
+            "time_per_step_s": step_time(out / "metrics.jsonl") if summary["step"] else None,
+            "train_wall_s": train_wall, "peak_memory_mb": peak, "inference_images_per_s": ips,
+            "checkpoint": str(out / LAST), "split": split, "extra": {k: v for k, v in summary.items()
+                                                                    if k in ("weight_decay",)}}
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    if stat["std"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def summarise(runs: Dict[str, List[Dict[str, Any]]], task: str) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for method, rs in runs.items():
+        keys = [k for k in rs[0]["metrics"] if isinstance(rs[0]["metrics"][k], (int, float)) and not k.startswith("n_")]
+        out[method] = {
+            "metrics": {k: mean_std([r["metrics"].get(k) for r in rs]) for k in keys},
+            "learnable_parameters": rs[0]["learnable_parameters"],
+            "time_per_step_s": mean_std([r["time_per_step_s"] for r in rs]),
+            "train_wall_s": mean_std([r["train_wall_s"] for r in rs]),
+            "peak_memory_mb": mean_std([r["peak_memory_mb"] for r in rs]),
+            "inference_images_per_s": next((r["inference_images_per_s"] for r in rs
+                                            if r["inference_images_per_s"] is not None), None),
+            "runs": rs,
+        }
+    return out
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    task, cfg = report["task"], report["config"]
+    shown = [k for k in SHOWN[task] if any(k in m["metrics"] for m in report["methods"].values())]
+    on_gpu = report["device"].startswith("cuda")
+    head = ["method", *shown, "learnable params", "s / train step", "peak memory (MB)", "inference img/s"]
+    lines = [f"# Method comparison: {task} on {report['data']} ({report['split']} split)", ""]
+    if report.get("note"):
+        lines += [f"**{report['note']}**", ""]
+    lines += [f"Backbone {cfg['model']} ({cfg['pretrained'] or 'RANDOM weights, no --pretrained'}); "
+              f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['max_steps']} steps per run, batch {cfg['batch_size']}, "
+              f"lr {cfg['lr']}, precision {cfg['precision']}; device {report['device']}. Metrics are mean ± "
+              f"standard deviation over seeds (percent), on the final checkpoint of each run.", ""]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|---|" + "---:|" * (len(head) - 1))
+    for method, m in report["methods"].items():
+        step = m["time_per_step_s"]
+        cells = [method, *[_fmt(m["metrics"][k]) if k in m["metrics"] else "" for k in shown],
+                 f"{m['learnable_parameters']:,}",
+                 "n/a (no training)" if step["mean"] is None else _fmt(step, 4),
+                 _fmt(m["peak_memory_mb"], 0) if on_gpu else "n/a (CPU)",
+                 "n/a" if m["inference_images_per_s"] is None else f"{m['inference_images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Notes:",
+              "- s / train step: median wall time of one optimizer step, data loading included (first step left "
+              "out); for linear-probe one L-BFGS iteration on cached features (feature extraction excluded).",
+              "- peak memory: torch.cuda.max_memory_allocated over training and evaluation of a run"
+              + ("." if on_gpu else f"; not measured on CPU (this process's peak RSS over the whole comparison "
+                                    f"was {report['peak_rss_mb']:.0f} MB)."),
+              f"- inference img/s: encode_image on a batch of {cfg['bench_batch']} random images, "
+              f"{cfg['bench_iters']} timed calls after 2 warm-up ones, first seed's model.",
+              f"- the main metric ({MAIN_METRIC[task]}) is plotted in {Path(report['files']['png']).name}."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(report: Dict[str, Any], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    key = MAIN_METRIC[report["task"]]
+    names = list(report["methods"])
+    stats = [report["methods"][m]["metrics"].get(key, {"mean": None, "std": None}) for m in names]
+    means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+    errs = [s["std"] if s["std"] is not None else 0.0 for s in stats]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(names) + 1.5), 4))
+    bars = ax.bar(names, means, yerr=errs, capsize=5, color="#4C72B0", edgecolor="black", linewidth=0.6)
+    for b, s in zip(bars, stats):
+        if s["mean"] is not None:
+            ax.annotate(f"{s['mean']:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    n_seeds = len(report["config"]["seeds"])
+    ax.set(ylabel=f"{key} (%)", title=f"{report['task']}: {key}, mean ± std over {n_seeds} seed(s)")
+    ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errs)) * 1.1))
+    ax.grid(axis="y", alpha=0.3)
+    if report.get("note"):
+        ax.text(0.5, 0.97, "pipeline check only: random backbone / tiny data", transform=ax.transAxes,
+                ha="center", va="top", fontsize=8, color="#aa0000")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def _check_earlier_runs(out: Path, methods, seeds, overwrite: bool) -> None:
+    """Refuse, before any work, to train over an earlier comparison's runs unless --overwrite (which
+    each training run then applies to its own folder)."""
+    if overwrite:
+        return
+    held = [str(run_folder(out, m, s)) for m in methods for s in seeds if run_files(run_folder(out, m, s))]
+    if held:
+        raise UserError(f"{held[0]}{f' and {len(held) - 1} more' if len(held) > 1 else ''} already hold runs of an "
+                        f"earlier comparison; pass --overwrite to run it again there, or choose another --out")
+
+
+def compare(args) -> Dict[str, Any]:
+    methods, seeds = _methods(args), _seeds(args.seeds)
+    unknown = sorted(set(method_args(args)) - set(methods))
+    if unknown:
+        raise UserError(f"--method-args for {unknown}, which are not among --methods {methods}")
+    with user_errors():
+        for m in methods:
+            check_task(m, args.task)
+    if args.max_steps < 1:
+        raise UserError("--max-steps must be >= 1")
+    device = resolve_device(args.device)
+    EV.check_templates(args.templates)
+    check_out_dir(args.out)
+    model_name = args.model or EV.default_model_name(args.pretrained)
+    check_backbone(model_name, args.pretrained)
+    out = Path(args.out)
+    _check_earlier_runs(out, methods, seeds, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    why = []
+    if args.pretrained is None:
+        why.append(f"the {model_name} backbone is RANDOM (no --pretrained), not CLIP")
+    if args.data is None:
+        why.append("the data are the tiny embedded demo set (nearl.data.demo), whose views of one image "
+                   "land in several splits")
+    note = PIPELINE_NOTE.format(why="; ".join(why)) if why else None
+    if note:
+        print(f"NOTE: {note}", flush=True)
+
+    eval_data = EV.load_eval_data(args.task, args.test_data or args.data, fmt=args.format, root=args.root,
+                                 split=args.split)
+    runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
+    total, i = len(methods) * len(seeds), 0
+    for method in methods:
+        for seed in seeds:
+            i += 1
+            what = {"zeroshot": "no training", "linear-probe": f"fitting, {args.max_steps} L-BFGS iterations "
+                    "per weight-decay candidate"}.get(method, f"training {args.max_steps} steps")
+            print(f"\n=== [{i}/{total}] method {method}, seed {seed}: {what} ===", flush=True)
+            r = run_one(args, method, seed, run_folder(out, method, seed), model_name, device, eval_data,
+                        bench=seed == seeds[0])
+            runs[method].append(r)
+            shown = {k: r["metrics"][k] for k in SHOWN[args.task] if k in r["metrics"]}
+            print(f"=== [{i}/{total}] method {method}, seed {seed}: " +
+                  " ".join(f"{k}={v:.2f}" for k, v in shown.items()) +
+                  f", {r['learnable_parameters']:,} learnable parameters, {r['train_wall_s']:.1f}s ===", flush=True)
+
+    report = {
+        "task": args.task, "data": eval_data[3], "split": eval_data[2], "device": str(device), "note": note,
+        "main_metric": MAIN_METRIC[args.task],
+        "config": {"methods": methods, "seeds": seeds, "max_steps": args.max_steps, "model": model_name,
+                   "pretrained": args.pretrained, "batch_size": args.batch_size, "lr": args.lr,
+                   "weight_decay": args.weight_decay, "precision": args.precision, "k_shot": args.k_shot,
+                   "bench_batch": args.bench_batch, "bench_iters": args.bench_iters,
+                   "train_args": args.train_args, "method_args": method_args(args),
+                   "train_data": args.data or "embedded demo set"},
+        "peak_rss_mb": peak_rss_mb(), "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else
+        "n/a on CPU (see peak_rss_mb: this process's peak RSS over the whole comparison)",
+        "files": {"md": str(out / "comparison.md"), "json": str(out / "comparison.json"),
+                  "png": str(out / "comparison.png")},
+        "methods": summarise(runs, args.task),
+    }
+    bar_plot(report, out / "comparison.png")
+    md = markdown(report)
+    (out / "comparison.md").write_text(md)
+    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")
+    print("\n" + md)
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}", flush=True)
+    return report
