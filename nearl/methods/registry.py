@@ -171,7 +171,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     for dest, (opt, users) in _options().items():
         owner = users[0]
         if owner not in groups:
-            title = "NEARL-CLIP options" if owner == "nearl" else f"{owner} options (ignored by other methods)"
+            title = ("NEARL-CLIP options" if owner == "nearl"
+                     else f"{owner} options (another method ignores their values and refuses their switches)")
             groups[owner] = parser.add_argument_group(title)
         kwargs = dict(opt.kwargs)
         if len(users) > 1:
