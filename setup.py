@@ -18,7 +18,8 @@ setup(
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",
-        "open_clip_torch>=3.1",  # nearl/towers.py steps tower internals 3.1 introduced
+        "open_clip_torch>=3.1",  # nearl/towers/open_clip_*.py step tower internals 3.1 introduced
+        "transformers>=4.57",  # Hugging Face text towers (BiomedCLIP's PubMedBERT): 4.5x and 5.x are stepped alike
         "nvtx",
         "numpy>=2.0",
         "pillow",

@@ -42,6 +42,8 @@ def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs)
     """
     if pretrained is not None and pretrained.startswith(SCHEMAS):
         return open_clip.create_model(pretrained, **kwargs)
+    if pretrained is None:  # random weights, offline: not even a Hugging Face text tower's own weights
+        kwargs.setdefault("pretrained_hf", False)
     return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
 
 

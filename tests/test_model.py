@@ -169,6 +169,9 @@ def test_hf_hub_source_is_passed_to_open_clip_as_the_model_name(monkeypatch):
     assert create_backbone("ViT-B-16", "hf-hub:org/repo") == "m" and seen == {"name": "hf-hub:org/repo"}
     create_backbone("ViT-B-16", "openai")
     assert seen == {"name": "ViT-B-16", "pretrained": "openai"}
+    seen.clear()
+    create_backbone("ViT-B-16", None)  # random weights offline: no Hugging Face text weights fetched either
+    assert seen == {"name": "ViT-B-16", "pretrained": None, "pretrained_hf": False}
 
 
 def test_fused_model_on_cpu_without_interpreter_says_why(monkeypatch):

@@ -49,6 +49,7 @@ class CoOp(MethodModel):
         config = config or CoOpConfig()
         super().__init__(backbone, config, **kw)
         self._text = self.tower("text")
+        self._text.position_rows(1, 1)  # a tower that cannot take the context says so here, not mid-training
         context = self._text.context_length
         n_ctx = config.n_ctx
         if n_ctx + 3 > context:  # SOS + context + >= 1 class token + EOS

@@ -2,8 +2,10 @@
 through the protocol in `base.py` (stem, blocks, pooling, projection, width, depth, masks), and
 `towers_of` picks the module that implements it for a backbone.
 
-Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransformer) and
-`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer). A new type is a new
+Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransformer),
+`timm_vision.py` (open_clip's TimmModel around a timm VisionTransformer, as in BiomedCLIP),
+`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer) and `hf_text.py` (its
+HFTextEncoder around a BERT-style encoder, as in BiomedCLIP). A new type is a new
 module with a `Tower` subclass, listed in TOWER_TYPES.
 """
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Dict
 from torch import nn
 
 from .base import PreNormParts, Tower
+from .hf_text import HFText
 from .open_clip_text import OpenClipText
 from .open_clip_vision import OpenClipVision
+from .timm_vision import TimmVision
 
-TOWER_TYPES = {"vision": (OpenClipVision,), "text": (OpenClipText,)}
+TOWER_TYPES = {"vision": (OpenClipVision, TimmVision), "text": (OpenClipText, HFText)}
 
 
 def tower_of(backbone: nn.Module, kind: str) -> Tower:
@@ -28,7 +32,7 @@ def tower_of(backbone: nn.Module, kind: str) -> Tower:
         if cls.accepts(backbone):
             return cls(backbone)
     known = ", ".join(cls.type_name for cls in TOWER_TYPES[kind])
-    found = "; ".join(cls.found(backbone) for cls in TOWER_TYPES[kind])
+    found = "; ".join(dict.fromkeys(cls.found(backbone) for cls in TOWER_TYPES[kind]))  # each said once
     raise ValueError(f"no supported {kind} tower in {type(backbone).__name__}: found {found}. "
                      f"NEARL-CLIP steps these {kind} tower types block by block: {known}")
 
@@ -38,4 +42,4 @@ def towers_of(backbone: nn.Module) -> Dict[str, Tower]:
     return {kind: tower_of(backbone, kind) for kind in TOWER_TYPES}
 
 
-__all__ = ["PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "tower_of", "towers_of"]
+__all__ = ["HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "TimmVision", "tower_of", "towers_of"]

@@ -79,6 +79,12 @@ class Tower:
         """(B, N) bool, True at the tokens the head can see; None when every token counts."""
         return None
 
+    def position_rows(self, start: int, n: int) -> torch.Tensor:
+        """Text towers: (n, width), the position embedding the stem adds at start .. start + n - 1
+        (CoOp places its learned context there); a ValueError where the stem's output has no such
+        place."""
+        raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot take learned context tokens (coop)")
+
     def output_dim(self) -> int:
         """Width of the tower's output features."""
         raise NotImplementedError

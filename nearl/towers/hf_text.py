@@ -1,0 +1,118 @@
+"""open_clip's HFTextEncoder around a Hugging Face BERT/RoBERTa-style encoder (BiomedCLIP's
+PubMedBERT text tower), stepped as its own forward runs it: the embeddings, the encoder's layers
+under the padding mask the model itself builds, open_clip's pooler and projection.
+
+The layers' arguments (the attention mask in whatever form this transformers version and attention
+implementation use, and the rest) are taken from the model's own forward: the stem runs it up to
+its first layer and keeps what that layer is called with, which every layer is called with again
+(transformers 4.5x passes per-layer head masks, None unless asked for; 5.x passes none). So the
+stepped tower computes exactly what the encoder computes, across transformers versions. Its
+attention is bidirectional: every token that is not padding counts (`valid_mask`)."""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from torch import nn
+
+from .base import Tower
+
+try:  # transformers is needed only for these towers
+    from open_clip.hf_model import ClsPooler, HFTextEncoder
+    from transformers.modeling_outputs import BaseModelOutput
+except ImportError:  # pragma: no cover
+    HFTextEncoder = ClsPooler = BaseModelOutput = None
+
+
+class _FirstLayerReached(Exception):
+    """Stops the encoder's forward once its first layer's inputs are known."""
+
+
+class HFText(Tower):
+    kind = "text"
+    type_name = "open_clip HFTextEncoder around a BERT/RoBERTa-style encoder"
+
+    def __init__(self, backbone: nn.Module):
+        if not self.accepts(backbone):
+            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        self.text = backbone.text
+        self.model = self.text.transformer
+        self._blocks = list(self.model.encoder.layer)
+        self.pad_id = self.text.config.pad_token_id
+
+    @classmethod
+    def accepts(cls, backbone: nn.Module) -> bool:
+        text = getattr(backbone, "text", None)
+        if HFTextEncoder is None or not isinstance(text, HFTextEncoder):
+            return False
+        model = text.transformer
+        return hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")
+
+    @classmethod
+    def found(cls, backbone: nn.Module) -> str:
+        text = getattr(backbone, "text", None)
+        if HFTextEncoder is not None and isinstance(text, HFTextEncoder):
+            return f"an HFTextEncoder around {type(text.transformer).__name__}, which has no BERT-style encoder.layer"
+        return f"a text tower of type {type(text).__name__}" if text is not None else "no `text` tower"
+
+    @property
+    def width(self) -> int:
+        return int(self.text.config.hidden_size)
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        return self._blocks
+
+    def padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The attention mask HFTextEncoder gives its model: 1 where the token is not padding."""
+        return (tokens != self.pad_id).long()
+
+    def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Any]:
+        """(the embeddings, the first layer's other arguments, which `block` passes to every layer)."""
+        seen = {}
+
+        def first_layer(module, args, kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+            raise _FirstLayerReached
+
+        hook = self._blocks[0].register_forward_pre_hook(first_layer, with_kwargs=True)
+        try:
+            self.model(input_ids=tokens, attention_mask=self.padding(tokens))
+        except _FirstLayerReached:
+            pass
+        finally:
+            hook.remove()
+        args, kwargs = seen["args"], dict(seen["kwargs"])
+        x = args[0] if args else kwargs.pop("hidden_states")
+        return x, (args[1:], kwargs)
+
+    def block(self, k: int, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
+        args, kwargs = attn_mask
+        out = self._blocks[k](x, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x the tensor
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        pooler = self.text.pooler
+        if isinstance(pooler, ClsPooler) and pooler.use_pooler_output and getattr(self.model, "pooler", None) is not None:
+            return self.model.pooler(x)  # what the model's own output carries as pooler_output
+        return pooler(BaseModelOutput(last_hidden_state=x), self.padding(tokens))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text.proj(pooled)
+
+    def valid_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens != self.pad_id
+
+    def projection_parameters(self) -> List[nn.Parameter]:
+        return list(self.text.proj.parameters())
+
+    def output_dim(self) -> int:
+        return int(self.text.output_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text.context_length)
+
+    def position_rows(self, start: int, n: int) -> torch.Tensor:
+        raise ValueError(f"the text tower ({self.type_name}) normalises its embeddings before the first block, so "
+                         "learned context tokens (coop) cannot be placed in its stem's output")

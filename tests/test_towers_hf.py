@@ -1,0 +1,123 @@
+"""BiomedCLIP's architecture (tests/tiny_biomed.py): the timm image tower and the Hugging Face BERT
+text tower (nearl/towers/hf_text.py), offline, on every supported path."""
+import numpy as np
+import pytest
+import torch
+
+import nearl
+from nearl import methods as MT
+from nearl.checkpoint import load_checkpoint
+from nearl.towers import HFText, TimmVision
+from test_train import FAST, make_image_folder, make_manifest, run, train_losses
+import tiny_biomed
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CAPTIONS = ["a chest x-ray with a small left effusion", "axial ct of the abdomen", "fundus photograph"]
+
+
+@pytest.fixture(scope="module")
+def name(tmp_path_factory):
+    return tiny_biomed.register(tmp_path_factory.mktemp("biomed"))
+
+
+def batch(model, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), model.tokenizer()(CAPTIONS[:n])
+
+
+def test_a_fresh_model_is_the_frozen_biomedclip_bit_for_bit(name):
+    model = nearl.build(name)
+    assert isinstance(model.tower("vision"), TimmVision) and isinstance(model.tower("text"), HFText)
+    images, tokens = batch(model)
+    assert tokens.shape == (3, 32) and (tokens == 0).any()  # padded: the mask matters
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
+    tokens_out = model(images.requires_grad_(), tokens).text_features
+    assert torch.equal(tokens_out, model.backbone.encode_text(tokens))
+
+
+def test_the_text_tower_steps_as_bert_with_its_padding_mask(name):
+    model = nearl.build(name)
+    tower = model.tower("text")
+    _, tokens = batch(model)
+    assert torch.equal(tower.valid_mask(tokens), tokens != 0) and tower.width == 48 and tower.depth == 2
+    with torch.no_grad():
+        x, mask = tower.stem(tokens)
+        for k in range(tower.depth):
+            x = tower.block(k, x, mask)
+        assert torch.equal(tower.head(x, tokens), model.backbone.encode_text(tokens))
+        # the padding really is masked: changing a padded position's token leaves the features alone
+        other = tokens.clone()
+        other[tokens == 0] = 7
+        x2, mask2 = tower.stem(other)
+        assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
+    assert tower.output_dim() == 32
+
+
+def test_fused_and_reference_agree_on_both_towers(name):
+    torch.manual_seed(0)
+    model = nearl.build(name).to(DEV)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    images, tokens = (t.to(DEV) for t in batch(model, n=2))
+    results = []
+    for fused in (False, True):
+        model.fused = fused
+        model.zero_grad(set_to_none=True)
+        out = model(images, tokens)
+        nearl.NEARLLoss.from_config(model.config)(out)["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_grads), (got, grads) = results
+    for field in ("image_features", "text_features", "image_queries", "text_queries"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        assert (g - ref_grads[n]).norm() <= 1e-3 * ref_grads[n].norm() + 1e-7, n
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("biomed-data")
+    return {"manifest": make_manifest(root / "data", n_train=8, n_val=4),
+            "folder": make_image_folder(root / "folder", per_class=(4, 2))}
+
+
+@pytest.mark.parametrize("method,task", [("nearl", "retrieval"), ("nearl", "classification"),
+                                         ("clip-adapter", "retrieval"), ("linear-probe", "classification"),
+                                         ("zeroshot", "retrieval")])
+def test_methods_train_resume_and_restore_on_biomedclip(tmp_path, name, data, method, task):
+    src = data["manifest"] if task == "retrieval" else data["folder"]
+    common = ["--method", method, "--task", task, "--model", name, "--data", src, "--batch-size", 4,
+              "--warmup", 1, "--eval-every", 0, "--out", tmp_path / "run", *FAST]
+    summary = run(common + ["--max-steps", 2])
+    assert summary["method"] == method
+    if method == "nearl":  # and a resume continues it
+        assert run(common + ["--max-steps", 3, "--resume", tmp_path / "run"])["step"] == 3
+    assert all(np.isfinite(train_losses(tmp_path / "run")[0]))
+    ckpt = load_checkpoint(tmp_path / "run")
+    restored = MT.build_from_checkpoint(ckpt)
+    for k, v in restored.trainable_state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+
+
+@pytest.mark.parametrize("method,why", [("alta", "cannot split its blocks into branches"),
+                                        ("coop", "learned context tokens \\(coop\\) cannot be placed")])
+def test_methods_a_bert_text_tower_cannot_take_say_so(name, method, why):
+    with pytest.raises(ValueError, match=why):
+        MT.build_method(method, name)
+
+
+def test_biomedclip_at_full_size_its_parameters_and_a_frozen_text_pass(tmp_path, capsys):
+    """The README's BiomedCLIP row: NEARL-CLIP's learnable parameters on BiomedCLIP's real
+    architecture, and a padded 256-token caption through the stepped PubMedBERT, bit for bit."""
+    model = nearl.build(tiny_biomed.register_full(tmp_path))
+    model.print_parameter_breakdown()
+    table = capsys.readouterr().out
+    assert "Total learnable                                  1,690,776" in table, table
+    assert "Frozen backbone                                195,902,721" in table, table
+    assert (model.tower("vision").width, model.tower("text").width, model.tower("text").depth) == (768, 768, 12)
+    tokens = torch.randint(1000, 2000, (1, 256), generator=torch.Generator().manual_seed(0))
+    tokens[0, 0], tokens[0, 39], tokens[0, 40:] = 2, 3, 0  # [CLS] ... [SEP] then padding
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))

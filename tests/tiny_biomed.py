@@ -1,0 +1,71 @@
+"""NEARL-Tiny-BiomedCLIP: BiomedCLIP's architecture at a CPU size, offline. The image tower is
+open_clip's TimmModel around a timm ViT (tests/tiny_timm.py), the text tower open_clip's
+HFTextEncoder around a 2-layer BERT with a WordPiece vocabulary written here, BiomedCLIP's
+class-token pooler and MLP projection, a 32-token context with padding. `register(folder)` writes
+the BERT folder and the open_clip config there and makes the model known in this process."""
+import json
+from pathlib import Path
+
+import open_clip
+
+import tiny_timm
+
+NAME = "NEARL-Tiny-BiomedCLIP"
+WORDS = ("a the of with and in on left right small large chest x ray ct mr axial abdomen fundus photograph lung "
+         "heart effusion normal image brain liver kidney bone").split()
+VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789")
+         + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + list(".,-:;()/'"))
+
+
+def write_bert(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": len(VOCAB), "hidden_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 96, "max_position_embeddings": 32,
+        "type_vocab_size": 2, "pad_token_id": 0, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32}))
+    return folder
+
+
+def register(folder: Path) -> str:
+    tiny_timm.register()
+    bert = write_bert(Path(folder) / "bert")
+    configs = Path(folder) / "model_configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / f"{NAME}.json").write_text(json.dumps({
+        "embed_dim": 32, "custom_text": True,
+        "vision_cfg": {"timm_model_name": "nearl_tiny_vit", "timm_model_pretrained": False, "timm_pool": "token",
+                       "timm_proj": "linear", "image_size": 32},
+        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}}))
+    open_clip.add_model_config(configs)
+    return NAME
+
+
+FULL = "BiomedCLIP-architecture"
+
+
+def register_full(folder: Path) -> str:
+    """BiomedCLIP at full size (microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224's open_clip
+    config: timm vit_base_patch16_224 with class-token pooling and a linear head to 512, PubMedBERT
+    base (768 wide, 12 layers, vocabulary 30522) with the [CLS] pooler and an MLP projection, a
+    256-token context), random weights, offline: a local BERT config, no vocabulary."""
+    bert = Path(folder) / "pubmedbert"
+    bert.mkdir(parents=True, exist_ok=True)
+    (bert / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 768,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+        "type_vocab_size": 2, "pad_token_id": 0, "hidden_act": "gelu", "layer_norm_eps": 1e-12}))
+    configs = Path(folder) / "model_configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / f"{FULL}.json").write_text(json.dumps({
+        "embed_dim": 512, "custom_text": True,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}}))
+    open_clip.add_model_config(configs)
+    return FULL
