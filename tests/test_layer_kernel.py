@@ -60,6 +60,8 @@ CASES = [
     (1, 197, 16, 16, 32, False, "soft", torch.float32, False),
     (2, 77, 80, 16, 32, True, "hard", torch.bfloat16, True),
     (2, 50, 48, 8, 32, False, "soft", torch.float16, True),
+    (2, 256, 48, 16, 128, True, "hard", torch.bfloat16, True),  # BiomedCLIP's text: 256 tokens, padding mask
+    (1, 40, 1152, 16, 128, True, "soft", torch.bfloat16, True),  # SigLIP so400m's width
 ]
 
 

@@ -84,8 +84,8 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,task", [("nearl", "retrieval"), ("nearl", "classification"),
-                                         ("clip-adapter", "retrieval"), ("linear-probe", "classification"),
-                                         ("zeroshot", "retrieval")])
+                                         ("clip-adapter", "retrieval"), ("coop", "classification"),
+                                         ("linear-probe", "classification"), ("zeroshot", "retrieval")])
 def test_methods_train_resume_and_restore_on_biomedclip(tmp_path, name, data, method, task):
     src = data["manifest"] if task == "retrieval" else data["folder"]
     common = ["--method", method, "--task", task, "--model", name, "--data", src, "--batch-size", 4,
@@ -101,11 +101,24 @@ def test_methods_train_resume_and_restore_on_biomedclip(tmp_path, name, data, me
         assert torch.equal(v, ckpt["model"][k]), k
 
 
-@pytest.mark.parametrize("method,why", [("alta", "cannot split its blocks into branches"),
-                                        ("coop", "learned context tokens \\(coop\\) cannot be placed")])
-def test_methods_a_bert_text_tower_cannot_take_say_so(name, method, why):
-    with pytest.raises(ValueError, match=why):
-        MT.build_method(method, name)
+def test_alta_says_it_cannot_split_a_bert_text_tower(name):
+    with pytest.raises(ValueError, match="text tower .*HFTextEncoder.* cannot split its blocks into branches"):
+        MT.build_method("alta", name)
+
+
+def test_coop_context_goes_after_cls_in_place_of_the_word_embeddings(name):
+    """BERT normalises its embeddings: the learned context replaces the placeholders' word
+    embeddings before that, so with the placeholder's own embedding the prompt is the plain text."""
+    model = MT.build_method("coop", name, n_ctx=4)
+    tokens = model.class_prompt_tokens(["effusion", "normal"])
+    x_id = model.tokenizer().tokenizer.convert_tokens_to_ids("x")
+    assert tokens[0, 0] == 2 and (tokens[:, 1:5] == x_id).all()  # [CLS], then the context
+    with torch.no_grad():
+        before = model.prompt_tower(tokens).features
+        model.ctx.copy_(model.backbone.text.transformer.embeddings.word_embeddings.weight[x_id].expand(4, -1))
+        plain = model.prompt_tower(tokens).features
+    assert not torch.equal(before, plain)
+    assert torch.equal(plain, model.backbone.encode_text(tokens))
 
 
 def test_biomedclip_at_full_size_its_parameters_and_a_frozen_text_pass(tmp_path, capsys):

@@ -49,7 +49,9 @@ class CoOp(MethodModel):
         config = config or CoOpConfig()
         super().__init__(backbone, config, **kw)
         self._text = self.tower("text")
-        self._text.position_rows(1, 1)  # a tower that cannot take the context says so here, not mid-training
+        if not self._text.takes_context:  # said here, not mid-training
+            raise ValueError(f"coop places learned context tokens in the text tower's stem; the text tower "
+                             f"({self._text.type_name}) cannot take them")
         context = self._text.context_length
         n_ctx = config.n_ctx
         if n_ctx + 3 > context:  # SOS + context + >= 1 class token + EOS
@@ -91,11 +93,8 @@ class CoOp(MethodModel):
 
     def prompt_tower(self, tokens: torch.Tensor) -> TowerResult:
         """Class prompts with the learned context: positions 1..M hold ctx (+ their position embedding)."""
-        tower, n = self._text, self.n_ctx
-        x, attn_mask = tower.stem(tokens)
-        pos = tower.position_rows(1, n).to(x.dtype)
-        ctx = (self.ctx.to(x.dtype) + pos).unsqueeze(0).expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + n:]], dim=1)
+        tower = self._text
+        x, attn_mask = tower.context_stem(tokens, self.ctx, at=1)  # after the start-of-text token ([CLS] for BERT)
         for k in range(tower.depth):
             x = tower.block(k, x, attn_mask)
         return TowerResult(tower.head(x, tokens), None, None)

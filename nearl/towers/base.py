@@ -26,6 +26,7 @@ class Tower:
 
     kind: str = "?"
     type_name: str = "?"  # what the factory's messages call this tower type
+    takes_context: bool = False  # text towers: `context_stem` can place learned context tokens (CoOp)
 
     @classmethod
     def accepts(cls, backbone: nn.Module) -> bool:
@@ -79,10 +80,10 @@ class Tower:
         """(B, N) bool, True at the tokens the head can see; None when every token counts."""
         return None
 
-    def position_rows(self, start: int, n: int) -> torch.Tensor:
-        """Text towers: (n, width), the position embedding the stem adds at start .. start + n - 1
-        (CoOp places its learned context there); a ValueError where the stem's output has no such
-        place."""
+    def context_stem(self, tokens: torch.Tensor, context: torch.Tensor, at: int = 1
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The stem with `context` (n, width) in place of the token embeddings of positions
+        at .. at + n - 1 (CoOp's learned context; towers with `takes_context` only)."""
         raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot take learned context tokens (coop)")
 
     def output_dim(self) -> int:

@@ -31,6 +31,7 @@ class _FirstLayerReached(Exception):
 class HFText(Tower):
     kind = "text"
     type_name = "open_clip HFTextEncoder around a BERT/RoBERTa-style encoder"
+    takes_context = True
 
     def __init__(self, backbone: nn.Module):
         if not self.accepts(backbone):
@@ -69,6 +70,17 @@ class HFText(Tower):
 
     def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Any]:
         """(the embeddings, the first layer's other arguments, which `block` passes to every layer)."""
+        return self._first_layer_inputs(tokens, input_ids=tokens)
+
+    def context_stem(self, tokens: torch.Tensor, context: torch.Tensor, at: int = 1) -> Tuple[torch.Tensor, Any]:
+        """The context replaces the word embeddings (before the position and type embeddings and the
+        embeddings' LayerNorm, as a word would)."""
+        words = self.model.embeddings.word_embeddings(tokens)
+        n = context.shape[0]
+        ctx = context.to(words.dtype).unsqueeze(0).expand(words.shape[0], -1, -1)
+        return self._first_layer_inputs(tokens, inputs_embeds=torch.cat([words[:, :at], ctx, words[:, at + n:]], dim=1))
+
+    def _first_layer_inputs(self, tokens: torch.Tensor, **inputs) -> Tuple[torch.Tensor, Any]:
         seen = {}
 
         def first_layer(module, args, kwargs):
@@ -77,7 +89,7 @@ class HFText(Tower):
 
         hook = self._blocks[0].register_forward_pre_hook(first_layer, with_kwargs=True)
         try:
-            self.model(input_ids=tokens, attention_mask=self.padding(tokens))
+            self.model(attention_mask=self.padding(tokens), **inputs)
         except _FirstLayerReached:
             pass
         finally:
@@ -112,7 +124,3 @@ class HFText(Tower):
     @property
     def context_length(self) -> int:
         return int(self.text.context_length)
-
-    def position_rows(self, start: int, n: int) -> torch.Tensor:
-        raise ValueError(f"the text tower ({self.type_name}) normalises its embeddings before the first block, so "
-                         "learned context tokens (coop) cannot be placed in its stem's output")

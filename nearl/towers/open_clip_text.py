@@ -16,6 +16,7 @@ from .open_clip_blocks import prenorm_parts, run_block
 class OpenClipText(Tower):
     kind = "text"
     type_name = "open_clip text transformer"
+    takes_context = True
 
     def __init__(self, backbone: nn.Module):
         if not self.accepts(backbone):
@@ -57,9 +58,15 @@ class OpenClipText(Tower):
     def context_length(self) -> int:
         return int(self.src.positional_embedding.shape[0])
 
-    def position_rows(self, start: int, n: int) -> torch.Tensor:
-        """(n, width): the position embedding the stem adds at positions start .. start + n - 1."""
-        return self.src.positional_embedding[start:start + n]
+    def context_stem(self, tokens: torch.Tensor, context: torch.Tensor, at: int = 1
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The stem adds the position embedding to the token embeddings; at the context's positions
+        it adds it to the context instead."""
+        x, attn_mask = self.stem(tokens)
+        n = context.shape[0]
+        pos = self.src.positional_embedding[at:at + n].to(x.dtype)
+        ctx = (context.to(x.dtype) + pos).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :at], ctx, x[:, at + n:]], dim=1), attn_mask
 
     def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if isinstance(self.src, TextTransformer):
