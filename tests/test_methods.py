@@ -73,7 +73,7 @@ def test_alta_block_is_the_stated_formula():
         h2 = block.ln_2(x2)
         mlp = block.mlp.c_proj(F.gelu(block.mlp.c_fc(h2)))
         expected = x2 + mlp + 0.5 * ad.mlp.up(F.gelu(ad.mlp.down(h2)))
-        got = adapted_block(model.tower("text").prenorm_parts(0), x, ad, 0.5, mask)
+        got = adapted_block(model.tower("text"), 0, x, ad, 0.5, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

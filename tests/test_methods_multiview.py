@@ -120,7 +120,7 @@ def test_missing_view_is_left_out_of_the_mean():
                 x, _ = tower.stem(views[b, v][None])
                 x = x + model.view_embed[SLOT_VIEW[v]] + model.time_embed[SLOT_TIME[v]]
                 for k in range(tower.depth):
-                    x = adapted_block(tower.prenorm_parts(k), x, model.adapters["vision"][k], 0.5)
+                    x = adapted_block(tower, k, x, model.adapters["vision"][k], 0.5)
                 pooled.append(model.backbone.visual._pool(x)[0])
             expected = torch.cat(pooled).mean(dim=0, keepdim=True) @ proj
             torch.testing.assert_close(got[b:b + 1], expected, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,10 @@ Linear d/r -> d, the up-projection zero-initialised, r = 4):
     h = ln_2(x)
     x = x + ls_2(mlp(h)) + 0.5 * adapter_mlp(h)      # parallel to the frozen MLP, scaled by 0.5
 
+In post-norm blocks (BERT, BiomedCLIP's text tower) the same two adapters sit where the residual
+stream is after attention, x1 = LN1(x + attn(x)) + adapter_attn(.), and beside the MLP, inside
+LN2: LN2(x1 + mlp(x1) + 0.5 * adapter_mlp(x1)) (`Tower.adapted_block`).
+
 Every LayerNorm of the backbone and the final projections (visual.proj, text_projection; ln_post
 and ln_final are among the LayerNorms) are trained too; everything else stays frozen. Since the
 up-projections start at zero, a fresh model computes exactly the frozen CLIP.
@@ -33,7 +37,7 @@ from torch import nn
 from ..errors import UserError
 from ..frozen import count
 from ..model import NEARLOutput, TowerResult
-from ..towers import PreNormParts
+from ..towers import Tower
 from .base import REDUCTION, MethodConfig, MethodModel
 from .multiview import VIEW_COLUMNS
 from .registry import MethodSpec, Option
@@ -77,13 +81,12 @@ class BlockAdapters(nn.Module):
         self.mlp = Adapter(width, reduction)
 
 
-def adapted_block(parts: PreNormParts, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
-                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A pre-norm residual block (split by its tower, `Tower.prenorm_parts`) with the two ALTA adapters."""
-    x = x + parts.attention(x, attn_mask)
-    x = x + adapters.attn(x)
-    h = parts.norm2(x)
-    return x + parts.mlp(h) + mlp_scale * adapters.mlp(h)
+def adapted_block(tower: Tower, k: int, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
+                  attn_mask=None) -> torch.Tensor:
+    """Block k of `tower` with the two ALTA adapters: the attention adapter on the residual stream
+    after attention (with its own skip), the MLP adapter beside the MLP, scaled (`Tower.adapted_block`
+    puts them there for pre-norm and for BERT's post-norm blocks)."""
+    return tower.adapted_block(k, x, attn_mask, lambda h: h + adapters.attn(h), lambda h: mlp_scale * adapters.mlp(h))
 
 
 class ALTA(MethodModel):
@@ -93,10 +96,9 @@ class ALTA(MethodModel):
         config = config or ALTAConfig()
         super().__init__(backbone, config, **kw)
         self.adapters = nn.ModuleDict()
-        self._parts: Dict[str, List[PreNormParts]] = {}  # each block at its branches (a ValueError if it has none)
         for kind in ("vision", "text"):
             tower = self.tower(kind)
-            self._parts[kind] = [tower.prenorm_parts(k) for k in range(tower.depth)]
+            tower.check_adapted_blocks()  # a ValueError here for blocks the adapters cannot go into
             self.adapters[kind] = nn.ModuleList(BlockAdapters(tower.width, config.reduction) for _ in tower.blocks)
         # The backbone parts ALTA trains: every LayerNorm and the two final projections.
         self._unfrozen_norms: List[nn.Parameter] = []
@@ -125,8 +127,9 @@ class ALTA(MethodModel):
 
     # ----------------------------------------------------------------- towers
     def _run(self, kind: str, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        for parts, ad in zip(self._parts[kind], self.adapters[kind]):
-            x = adapted_block(parts, x, ad, self.config.mlp_scale, attn_mask)
+        tower = self.tower(kind)
+        for k, ad in enumerate(self.adapters[kind]):
+            x = adapted_block(tower, k, x, ad, self.config.mlp_scale, attn_mask)
         return x
 
     def _slot_embedding(self, slots: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,23 @@ class Tower:
         """Block k split at its branches; a ValueError for a block that is not pre-norm residual."""
         raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot split its blocks into branches")
 
+    def check_adapted_blocks(self) -> None:
+        """A ValueError when `adapted_block` cannot run this tower's blocks."""
+        for k in range(self.depth):
+            self.prenorm_parts(k)
+
+    def adapted_block(self, k: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      after_attention: Callable[[torch.Tensor], torch.Tensor],
+                      beside_mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Block k with two additions (ALTA's adapters): `after_attention` maps the residual stream
+        once attention is added to it, and `beside_mlp(h)` is added to the MLP's output, h being the
+        MLP's input. With after_attention = identity and beside_mlp = 0 it is the block. Pre-norm:
+        x = after_attention(x + attn(x)); h = norm2(x); x + mlp(h) + beside_mlp(h)."""
+        parts = self.prenorm_parts(k)
+        x = after_attention(x + parts.attention(x, attn_mask))
+        h = parts.norm2(x)
+        return x + parts.mlp(h) + beside_mlp(h)
+
     def pool(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Final tokens -> the pooled (B, width) feature the projection takes."""
         raise NotImplementedError

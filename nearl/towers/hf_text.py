@@ -103,6 +103,33 @@ class HFText(Tower):
         out = self._blocks[k](x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x the tensor
 
+    def check_adapted_blocks(self) -> None:
+        for blk in self._blocks:
+            if not (hasattr(blk, "attention") and hasattr(getattr(blk, "output", None), "dense")):
+                raise ValueError(f"the text tower has {type(blk).__name__} layers; adapters go into BERT-style "
+                                 "layers (attention, then output.dense) only")
+
+    def adapted_block(self, k, x, attn_mask, after_attention, beside_mlp):
+        """Post-norm (BERT): x1 = after_attention(LN1(x + attn(x))), then LN2(x1 + mlp(x1) +
+        beside_mlp(x1)). The layer runs its own forward; hooks add the two terms where they go (its
+        attention's output, and its output.dense before dropout and LN2), so any transformers
+        version's layer signature works."""
+        layer, seen = self._blocks[k], {}
+
+        def on_attention(module, args, output):
+            seen["h"] = after_attention(output[0])
+            return (seen["h"], *output[1:])
+
+        def on_dense(module, args, output):
+            return output + beside_mlp(seen["h"])
+
+        hooks = [layer.attention.register_forward_hook(on_attention), layer.output.dense.register_forward_hook(on_dense)]
+        try:
+            return self.block(k, x, attn_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         pooler = self.text.pooler
         if isinstance(pooler, ClsPooler) and pooler.use_pooler_output and getattr(self.model, "pooler", None) is not None:
