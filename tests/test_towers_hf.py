@@ -8,6 +8,7 @@ import nearl
 from nearl import methods as MT
 from nearl.checkpoint import load_checkpoint
 from nearl.towers import HFText, TimmVision
+from test_model_fused import features_and_grads
 from test_train import FAST, make_image_folder, make_manifest, run, train_losses
 import tiny_biomed
 
@@ -62,14 +63,8 @@ def test_fused_and_reference_agree_on_both_towers(name):
         for p in model.adapters.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     images, tokens = (t.to(DEV) for t in batch(model, n=2))
-    results = []
-    for fused in (False, True):
-        model.fused = fused
-        model.zero_grad(set_to_none=True)
-        out = model(images, tokens)
-        nearl.NEARLLoss.from_config(model.config)(out)["loss"].backward()
-        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (ref, ref_grads), (got, grads) = results
+    ref, ref_grads = features_and_grads(model, images, tokens, fused=False)
+    got, grads = features_and_grads(model, images, tokens, fused=True)
     for field in ("image_features", "text_features", "image_queries", "text_queries"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-4, atol=1e-5)
     for n, g in grads.items():

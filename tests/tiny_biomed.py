@@ -17,14 +17,19 @@ VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefgh
          + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + list(".,-:;()/'"))
 
 
+def write_bert_config(folder: Path, **sizes) -> None:
+    """A BERT config.json (dropout 0.1 as in BERT; the backbone runs in eval mode)."""
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "type_vocab_size": 2, "pad_token_id": 0,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, **sizes}))
+
+
 def write_bert(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": len(VOCAB), "hidden_size": 48,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 96, "max_position_embeddings": 32,
-        "type_vocab_size": 2, "pad_token_id": 0, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}))
+    write_bert_config(folder, vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=96, max_position_embeddings=32)
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32}))
     return folder
@@ -55,10 +60,8 @@ def register_full(folder: Path) -> str:
     256-token context), random weights, offline: a local BERT config, no vocabulary."""
     bert = Path(folder) / "pubmedbert"
     bert.mkdir(parents=True, exist_ok=True)
-    (bert / "config.json").write_text(json.dumps({
-        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 768,
-        "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
-        "type_vocab_size": 2, "pad_token_id": 0, "hidden_act": "gelu", "layer_norm_eps": 1e-12}))
+    write_bert_config(bert, vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512)
     configs = Path(folder) / "model_configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / f"{FULL}.json").write_text(json.dumps({

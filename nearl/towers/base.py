@@ -28,6 +28,10 @@ class Tower:
     type_name: str = "?"  # what the factory's messages call this tower type
     takes_context: bool = False  # text towers: `context_stem` can place learned context tokens (CoOp)
 
+    def __init__(self, backbone: nn.Module):
+        if not self.accepts(backbone):
+            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+
     @classmethod
     def accepts(cls, backbone: nn.Module) -> bool:
         """True when this type can step `backbone`'s tower of its kind."""

@@ -34,8 +34,7 @@ class HFText(Tower):
     takes_context = True
 
     def __init__(self, backbone: nn.Module):
-        if not self.accepts(backbone):
-            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        super().__init__(backbone)
         self.text = backbone.text
         self.model = self.text.transformer
         self._blocks = list(self.model.encoder.layer)

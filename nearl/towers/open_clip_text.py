@@ -19,8 +19,7 @@ class OpenClipText(Tower):
     takes_context = True
 
     def __init__(self, backbone: nn.Module):
-        if not self.accepts(backbone):
-            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        super().__init__(backbone)
         text = getattr(backbone, "text", None)
         if text is not None:
             self.src, self.pool_type, self.eos_id = text, text.pool_type, getattr(text, "eos_id", None)

@@ -17,8 +17,7 @@ class OpenClipVision(Tower):
     type_name = "open_clip VisionTransformer"
 
     def __init__(self, backbone: nn.Module):
-        if not self.accepts(backbone):
-            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        super().__init__(backbone)
         self.visual = backbone.visual
         self._blocks = list(self.visual.transformer.resblocks)
 

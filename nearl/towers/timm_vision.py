@@ -23,8 +23,7 @@ class TimmVision(Tower):
     type_name = "open_clip TimmModel around a timm VisionTransformer"
 
     def __init__(self, backbone: nn.Module):
-        if not self.accepts(backbone):
-            raise ValueError(f"{self.type_name} expected, found {self.found(backbone)}")
+        super().__init__(backbone)
         self.visual = backbone.visual
         self.trunk = self.visual.trunk
         self._blocks = list(self.trunk.blocks)
