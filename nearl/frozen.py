@@ -7,7 +7,7 @@ text_tower.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import open_clip
 import torch
@@ -45,6 +45,12 @@ class FrozenCLIPWrapper(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.backbone.logit_scale.detach().exp()
+
+    @property
+    def logit_bias(self) -> Optional[torch.Tensor]:
+        """A SigLIP backbone's learned bias (frozen), None for a CLIP backbone."""
+        bias = getattr(self.backbone, "logit_bias", None)
+        return None if bias is None else bias.detach()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.image_tower(images).features

@@ -26,6 +26,7 @@ class NEARLOutput(NamedTuple):
     text_queries: torch.Tensor  # (B, M, D): the final Q_t
     orth_penalty: Optional[torch.Tensor]  # mean cos^2 over adapted layers with orth="soft", else None
     logit_scale: torch.Tensor  # the frozen backbone's exp(logit_scale)
+    logit_bias: Optional[torch.Tensor] = None  # SigLIP backbones' learned bias (their loss is SigLIP's); else None
 
 
 class TowerResult(NamedTuple):
@@ -108,7 +109,8 @@ class NEARLCLIP(FrozenCLIPWrapper):
         image, text = self.image_tower(images), self.text_tower(tokens)
         penalties = [p for p in (image.orth_penalty, text.orth_penalty) if p is not None]
         penalty = torch.stack(penalties).mean() if penalties else None
-        return NEARLOutput(image.features, text.features, image.queries, text.queries, penalty, self.logit_scale)
+        return NEARLOutput(image.features, text.features, image.queries, text.queries, penalty, self.logit_scale,
+                           self.logit_bias)
 
     # ----------------------------------------------------------------- parameters
     def parameter_breakdown(self) -> Dict[str, int]:

@@ -185,7 +185,7 @@ class ALTA(MethodModel):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, view_mask: Optional[torch.Tensor] = None):
         return NEARLOutput(self.image_tower(images, view_mask).features, self.text_tower(tokens).features,
-                           None, None, None, self.logit_scale)
+                           None, None, None, self.logit_scale, self.logit_bias)
 
     # ----------------------------------------------------------------- parameters
     def decays(self, name: str, p: torch.Tensor) -> bool:

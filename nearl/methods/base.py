@@ -75,7 +75,7 @@ class MethodModel(FrozenCLIPWrapper):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> NEARLOutput:
         self.check_task("retrieval")
         return NEARLOutput(self.image_tower(images).features, self.text_tower(tokens).features,
-                           None, None, None, self.logit_scale)
+                           None, None, None, self.logit_scale, self.logit_bias)
 
     @classmethod
     def check_task(cls, task: str) -> None:
