@@ -7,14 +7,18 @@ import nearl
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: the interpreter (conftest.py)
 
 
-def trained_like(orth="hard"):
-    """A tiny model whose adapters are no longer at init (W_up != 0), so OCA really acts."""
-    torch.manual_seed(0)
-    model = nearl.build("NEARL-Tiny", orth=orth)
+def perturb_adapters(model):
+    """Adapters off their init (W_up != 0), so OCA really acts; draws from the global generator."""
     with torch.no_grad():
         for p in model.adapters.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return model.to(DEV)
+    return model
+
+
+def trained_like(orth="hard"):
+    """A tiny model whose adapters are no longer at init (W_up != 0), so OCA really acts."""
+    torch.manual_seed(0)
+    return perturb_adapters(nearl.build("NEARL-Tiny", orth=orth)).to(DEV)
 
 
 def batch(model):
@@ -34,10 +38,8 @@ def features_and_grads(model, images, tokens, fused, autocast=None):
     return out, grads
 
 
-@pytest.mark.parametrize("orth", ["hard", "soft"])
-def test_fused_model_matches_reference_features_and_gradients(orth):
-    model = trained_like(orth)
-    images, tokens = batch(model)
+def assert_fused_matches_reference(model, images, tokens):
+    """Features, queries and every learnable gradient: fused (interpreter) against reference."""
     ref_out, ref_grads = features_and_grads(model, images, tokens, fused=False)
     out, grads = features_and_grads(model, images, tokens, fused=True)
     for name in ("image_features", "text_features", "image_queries", "text_queries"):
@@ -46,6 +48,12 @@ def test_fused_model_matches_reference_features_and_gradients(orth):
     for n, g in grads.items():
         scale = ref_grads[n].norm()
         assert (g - ref_grads[n]).norm() <= 1e-3 * scale + 1e-7, n
+
+
+@pytest.mark.parametrize("orth", ["hard", "soft"])
+def test_fused_model_matches_reference_features_and_gradients(orth):
+    model = trained_like(orth)
+    assert_fused_matches_reference(model, *batch(model))
 
 
 def test_fused_model_under_bf16_autocast_is_as_accurate_as_the_reference():

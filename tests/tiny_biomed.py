@@ -35,19 +35,24 @@ def write_bert(folder: Path) -> Path:
     return folder
 
 
+def add_config(folder: Path, name: str, config: dict) -> str:
+    """Write `name`'s open_clip model config under folder/model_configs and make it known to open_clip."""
+    configs = Path(folder) / "model_configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(configs)
+    return name
+
+
 def register(folder: Path) -> str:
     tiny_timm.register()
     bert = write_bert(Path(folder) / "bert")
-    configs = Path(folder) / "model_configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    (configs / f"{NAME}.json").write_text(json.dumps({
+    return add_config(folder, NAME, {
         "embed_dim": 32, "custom_text": True,
         "vision_cfg": {"timm_model_name": "nearl_tiny_vit", "timm_model_pretrained": False, "timm_pool": "token",
                        "timm_proj": "linear", "image_size": 32},
         "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}}))
-    open_clip.add_model_config(configs)
-    return NAME
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}})
 
 
 FULL = "BiomedCLIP-architecture"
@@ -62,13 +67,9 @@ def register_full(folder: Path) -> str:
     bert.mkdir(parents=True, exist_ok=True)
     write_bert_config(bert, vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, max_position_embeddings=512)
-    configs = Path(folder) / "model_configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    (configs / f"{FULL}.json").write_text(json.dumps({
+    return add_config(folder, FULL, {
         "embed_dim": 512, "custom_text": True,
         "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
                        "timm_proj": "linear", "image_size": 224},
         "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}}))
-    open_clip.add_model_config(configs)
-    return FULL
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}})

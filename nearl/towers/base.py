@@ -108,8 +108,16 @@ class Tower:
         raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot take learned context tokens (coop)")
 
     def output_dim(self) -> int:
-        """Width of the tower's output features."""
-        raise NotImplementedError
+        """Width of the tower's output features. Vision towers: found by running one zero image
+        through stem, blocks and head; a tower that knows it without that says so itself."""
+        if self.kind != "vision":
+            raise NotImplementedError
+        dev = next(self.blocks[0].parameters()).device
+        with torch.no_grad():
+            x, attn_mask = self.stem(torch.zeros(1, 3, *self.image_size, device=dev))
+            for k in range(self.depth):
+                x = self.block(k, x, attn_mask)
+            return int(self.head(x, None).shape[-1])
 
     # ----------------------------------------------------------------- parameters
     def projection_parameters(self) -> List[nn.Parameter]:

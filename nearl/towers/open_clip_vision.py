@@ -68,14 +68,8 @@ class OpenClipVision(Tower):
         return [self.visual.proj] if self.visual.proj is not None else []
 
     def output_dim(self) -> int:
-        """Width of the tower's features."""
         if isinstance(self.visual.proj, torch.Tensor):
             return int(self.visual.proj.shape[1])
-        dev = next(self.visual.parameters()).device
-        with torch.no_grad():
-            x, _ = self.stem(torch.zeros(1, 3, *self.image_size, device=dev))
-            for k in range(self.depth):
-                x = self.block(k, x)
-            return int(self.head(x, None).shape[-1])
+        return super().output_dim()
 
 

@@ -84,11 +84,3 @@ class TimmVision(Tower):
 
     def projection_parameters(self) -> List[nn.Parameter]:
         return list(self.visual.head.parameters()) + list(self.trunk.head.parameters())
-
-    def output_dim(self) -> int:
-        dev = next(self.visual.parameters()).device
-        with torch.no_grad():
-            x, _ = self.stem(torch.zeros(1, 3, *self.image_size, device=dev))
-            for k in range(self.depth):
-                x = self.block(k, x)
-            return int(self.head(x, None).shape[-1])
