@@ -25,12 +25,14 @@ registers under pressure
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +41,11 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)
 for _name in ("NEARL_TILING", "NEARL_SM_COUNT"):  # the targets' own tiles, whatever the caller's environment
     os.environ.pop(_name, None)
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nearl_compile_check_")
+if "NEARL_COMPILE_CHECK_CACHE" not in os.environ:  # workers (fork or spawn) share the parent's
+    os.environ["NEARL_COMPILE_CHECK_CACHE"] = tempfile.mkdtemp(prefix="nearl_compile_check_")
+    # a run compiles up to 800 MB of kernels: left behind, 251 runs had filled 16 GB of /tmp
+    atexit.register(shutil.rmtree, os.environ["NEARL_COMPILE_CHECK_CACHE"], ignore_errors=True)
+os.environ["TRITON_CACHE_DIR"] = os.environ["NEARL_COMPILE_CHECK_CACHE"]
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spills
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

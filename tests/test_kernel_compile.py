@@ -46,9 +46,10 @@ def _table(rows):
     return "\n".join(lines)
 
 
-def test_kernels_compile_for_sm90_and_sm80():
+def test_kernels_compile_for_sm90_and_sm80(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TMPDIR"] = str(tmp_path)  # where the script's kernel cache goes, to check it is removed
     args = [sys.executable, SCRIPT, "--targets", "90,80", "--jobs", "2"]
     if os.environ.get("NEARL_COMPILE_ALL") == "1":
         args.append("--full")
@@ -67,6 +68,7 @@ def test_kernels_compile_for_sm90_and_sm80():
     print(_table(rows))
     print(f"{len(rows)} compiles in {time.time() - t0:.0f} s: {summary}")
     assert rows, f"no compile results; stderr:\n{proc.stderr[-4000:]}"
+    assert not list(tmp_path.iterdir()), f"the compile check left its cache behind: {list(tmp_path.iterdir())}"
     assert {r["cc"] for r in rows} == {80, 90}
     assert {r["kernel"] for r in rows} == {"_oca_fwd_kernel", "_oca_bwd_rows_kernel", "_oca_bwd_cols_kernel",
                                            "layer_fwd_kernel", "layer_bwd_rows_kernel",
