@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
     p.add_argument("--model", help="open_clip architecture (default: the checkpoint's; without one, "
                    "ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
-    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir: "
+    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
                    "(default: the checkpoint's; without one: random)")
     p.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
     p.add_argument("--task", choices=("retrieval", "classification"),

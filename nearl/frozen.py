@@ -1,4 +1,4 @@
-"""What every adapted model shares: a frozen open_clip backbone and the plumbing around its
+"""What every adapted model shares: a frozen backbone (open_clip's, or a transformers checkpoint's) and the plumbing around its
 learnable parts (trainable parameters and their state, the parameter table, data helpers).
 
 NEARLCLIP (nearl/model.py) and the comparison methods (nearl/methods/) subclass it; the training
@@ -101,4 +101,5 @@ class FrozenCLIPWrapper(nn.Module):
         return image_transform_v2(PreprocessCfg(**self.tower("vision").preprocess_cfg), is_train=train)
 
     def tokenizer(self):
-        return open_clip.get_tokenizer(self.model_name)
+        own = getattr(self.backbone, "tokenizer", None)  # a transformers checkpoint's own (transformers_backbone.py)
+        return own() if callable(own) else open_clip.get_tokenizer(self.model_name)

@@ -8,15 +8,16 @@ import open_clip
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, transformers_backbone
 from .config import NEARLConfig
+from .errors import UserError
 from .frozen import FrozenCLIPWrapper, count
 from .modules import QueryBank, TowerAdapter, USEformer, layer_params
 
 # Small architectures of our own (NEARL-Tiny: a CPU-sized ViT for tests and smoke runs).
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
-SCHEMAS = ("hf-hub:", "local-dir:")
+SCHEMAS = ("hf-hub:", "local-dir:", transformers_backbone.SCHEMA)
 
 
 class NEARLOutput(NamedTuple):
@@ -36,11 +37,21 @@ class TowerResult(NamedTuple):
 
 
 def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs) -> nn.Module:
-    """open_clip.create_model, with `pretrained` also taking 'hf-hub:' / 'local-dir:' sources.
+    """open_clip.create_model, with `pretrained` also taking 'hf-hub:' / 'local-dir:' sources, and
+    transformers CLIPModel / SiglipModel checkpoints named 'transformers:<repo id or folder>'.
 
     A tag ('openai', 'laion2b_s34b_b88k') or a checkpoint file goes to open_clip as `pretrained`;
-    a schema source names the architecture and weights itself, so it becomes the model name.
+    a schema source names the architecture and weights itself, so it becomes the model name. A
+    'transformers:' model name with no pretrained source builds random weights from its config.
     """
+    tf = transformers_backbone.SCHEMA
+    if pretrained is not None and pretrained.startswith(tf):
+        return transformers_backbone.create(pretrained[len(tf):], weights=True)
+    if model_name.startswith(tf):
+        if pretrained is not None:
+            raise UserError(f"pretrained={pretrained!r} cannot weight {model_name!r}: give pretrained="
+                             f"'{model_name}' for its own weights, or none for random weights")
+        return transformers_backbone.create(model_name[len(tf):], weights=False)
     if pretrained is not None and pretrained.startswith(SCHEMAS):
         return open_clip.create_model(pretrained, **kwargs)
     if pretrained is None:  # random weights, offline: not even a Hugging Face text tower's own weights
@@ -125,12 +136,14 @@ class NEARLCLIP(FrozenCLIPWrapper):
 
 
 def build(model_name: str, pretrained: Optional[str] = None, fused: bool = False, **config) -> NEARLCLIP:
-    """A NEARL-CLIP model around a frozen open_clip backbone.
+    """A NEARL-CLIP model around a frozen CLIP-style backbone.
 
     model_name: an open_clip architecture ('ViT-B-16', 'NEARL-Tiny', or an 'hf-hub:' / 'local-dir:'
-    source); pretrained: an open_clip tag, a checkpoint file, or an 'hf-hub:' / 'local-dir:' source
-    (None: random weights, offline). config: NEARLConfig fields (num_queries, query_dim, heads, rank,
-    vision_layers, text_layers, orth, lambda_q, lambda_orth, ...).
+    source), or 'transformers:<repo id or folder>' for a transformers CLIPModel / SiglipModel;
+    pretrained: an open_clip tag, a checkpoint file, or an 'hf-hub:' / 'local-dir:' /
+    'transformers:' source (None: random weights, offline when the config is local).
+    config: NEARLConfig fields (num_queries, query_dim, heads, rank, vision_layers, text_layers, orth,
+    lambda_q, lambda_orth, ...).
     """
     backbone = create_backbone(model_name, pretrained)
     name = pretrained if pretrained is not None and pretrained.startswith(SCHEMAS) else model_name

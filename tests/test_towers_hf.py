@@ -11,6 +11,7 @@ from nearl.towers import HFText, TimmVision
 from test_model_fused import assert_fused_matches_reference, perturb_adapters
 from test_train import FAST, make_image_folder, make_manifest, run, train_losses
 import tiny_biomed
+import tiny_roberta
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CAPTIONS = ["a chest x-ray with a small left effusion", "axial ct of the abdomen", "fundus photograph"]
@@ -139,3 +140,35 @@ def test_biomedclip_at_full_size_its_parameters_and_a_frozen_text_pass(tmp_path,
     tokens[0, 0], tokens[0, 39], tokens[0, 40:] = 2, 3, 0  # [CLS] ... [SEP] then padding
     with torch.no_grad():
         assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+
+
+# ----------------------------------------------------------------------------- RoBERTa
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    return tiny_roberta.register(tmp_path_factory.mktemp("roberta"))
+
+
+def test_roberta_steps_bit_for_bit_with_its_padding_id_and_mean_pooling(roberta):
+    """RoBERTa pads with id 1 and counts positions from there: the stepped tower is its forward."""
+    model = nearl.build(roberta)
+    tower = model.tower("text")
+    assert isinstance(tower, HFText) and tower.pad_id == tiny_roberta.PAD
+    images, tokens = batch(model)
+    assert tokens[0, 0] == 0 and (tokens == tiny_roberta.PAD).any()
+    assert torch.equal(tower.valid_mask(tokens), tokens != tiny_roberta.PAD)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
+        other = tokens.clone()  # padding is masked and left out of the mean
+        other[tokens == tiny_roberta.PAD] = 7
+        assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
+
+
+def test_roberta_fused_and_reference_agree_and_alta_starts_as_the_frozen_model(roberta):
+    torch.manual_seed(0)
+    model = perturb_adapters(nearl.build(roberta)).to(DEV)
+    assert_fused_matches_reference(model, *(t.to(DEV) for t in batch(model, n=2)))
+    alta = MT.build_method("alta", roberta)
+    images, tokens = batch(alta)
+    with torch.no_grad():
+        assert torch.equal(alta.encode_text(tokens), alta.backbone.encode_text(tokens))

@@ -87,14 +87,16 @@ class CoOp(MethodModel):
         tokens = tok([f"{prefix} {n}" for n in names])
         if encode is not None:
             x_id = encode(PLACEHOLDER)
-            if len(x_id) == 1 and not bool((tokens[:, 1:1 + self.n_ctx] == x_id[0]).all()):
-                raise ValueError("coop: the context placeholders did not land on positions 1..M")
+            at = self._text.context_at
+            if len(x_id) == 1 and not bool((tokens[:, at:at + self.n_ctx] == x_id[0]).all()):
+                raise ValueError(f"coop: the context placeholders did not land on positions {at}..{at + self.n_ctx - 1}")
         return tokens
 
     def prompt_tower(self, tokens: torch.Tensor) -> TowerResult:
-        """Class prompts with the learned context: positions 1..M hold ctx (+ their position embedding)."""
+        """Class prompts with the learned context: M positions after the start token hold ctx (+ their
+        position embedding)."""
         tower = self._text
-        x, attn_mask = tower.context_stem(tokens, self.ctx, at=1)  # after the start-of-text token ([CLS] for BERT)
+        x, attn_mask = tower.context_stem(tokens, self.ctx, at=tower.context_at)  # after [CLS] / <start_of_text>
         for k in range(tower.depth):
             x = tower.block(k, x, attn_mask)
         return TowerResult(tower.head(x, tokens), None, None)

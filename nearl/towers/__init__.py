@@ -4,9 +4,10 @@ through the protocol in `base.py` (stem, blocks, pooling, projection, width, dep
 
 Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransformer),
 `timm_vision.py` (open_clip's TimmModel around a timm VisionTransformer, as in BiomedCLIP),
-`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer) and `hf_text.py` (its
-HFTextEncoder around a BERT-style encoder, as in BiomedCLIP). A new type is a new
-module with a `Tower` subclass, listed in TOWER_TYPES.
+`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer), `hf_text.py` (its
+HFTextEncoder around a BERT-style encoder, as in BiomedCLIP), and `hf_clip_vision.py` /
+`hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, nearl/transformers_backbone.py).
+A new type is a new module with a `Tower` subclass, listed in TOWER_TYPES.
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from typing import Dict
 from torch import nn
 
 from .base import PreNormParts, Tower
+from .hf_clip_text import HFCLIPText
+from .hf_clip_vision import HFCLIPVision
 from .hf_text import HFText
 from .open_clip_text import OpenClipText
 from .open_clip_vision import OpenClipVision
 from .timm_vision import TimmVision
 
-TOWER_TYPES = {"vision": (OpenClipVision, TimmVision), "text": (OpenClipText, HFText)}
+TOWER_TYPES = {"vision": (OpenClipVision, TimmVision, HFCLIPVision), "text": (OpenClipText, HFText, HFCLIPText)}
 
 
 def tower_of(backbone: nn.Module, kind: str) -> Tower:
@@ -42,4 +45,4 @@ def towers_of(backbone: nn.Module) -> Dict[str, Tower]:
     return {kind: tower_of(backbone, kind) for kind in TOWER_TYPES}
 
 
-__all__ = ["HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "TimmVision", "tower_of", "towers_of"]
+__all__ = ["HFCLIPText", "HFCLIPVision", "HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "TimmVision", "tower_of", "towers_of"]

@@ -2,7 +2,7 @@
 
 A tower is stepped as stem -> blocks -> pooling -> projection, with the tokens batch-first
 (B, N, width) between blocks whatever the backbone's own layout. One module per tower type
-implements it (`open_clip_vision.py`, `open_clip_text.py`); `nearl.towers.towers_of` picks them.
+implements it (`open_clip_vision.py`, `open_clip_text.py`, ...); `nearl.towers.towers_of` picks them.
 Nothing outside those modules reads a backbone's tower internals.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Tower:
     kind: str = "?"
     type_name: str = "?"  # what the factory's messages call this tower type
     takes_context: bool = False  # text towers: `context_stem` can place learned context tokens (CoOp)
+    context_at: int = 1  # where learned context goes: after the start token ([CLS], <start_of_text>)
 
     def __init__(self, backbone: nn.Module):
         if not self.accepts(backbone):

@@ -2,12 +2,10 @@
 PubMedBERT text tower), stepped as its own forward runs it: the embeddings, the encoder's layers
 under the padding mask the model itself builds, open_clip's pooler and projection.
 
-The layers' arguments (the attention mask in whatever form this transformers version and attention
-implementation use, and the rest) are taken from the model's own forward: the stem runs it up to
-its first layer and keeps what that layer is called with, which every layer is called with again
-(transformers 4.5x passes per-layer head masks, None unless asked for; 5.x passes none). So the
-stepped tower computes exactly what the encoder computes, across transformers versions. Its
-attention is bidirectional: every token that is not padding counts (`valid_mask`)."""
+The layers' arguments are the model's own (hf_layers.py: transformers 4.5x passes per-layer head
+masks, None unless asked for; 5.x passes none), so the stepped tower computes exactly what the
+encoder computes. Its attention is bidirectional: every token that is not padding counts
+(`valid_mask`)."""
 from __future__ import annotations
 
 from typing import Any, List, Tuple
@@ -16,16 +14,13 @@ import torch
 from torch import nn
 
 from .base import Tower
+from .hf_layers import call_layer, first_layer_inputs, spliced_embeddings
 
 try:  # transformers is needed only for these towers
     from open_clip.hf_model import ClsPooler, HFTextEncoder
     from transformers.modeling_outputs import BaseModelOutput
 except ImportError:  # pragma: no cover
     HFTextEncoder = ClsPooler = BaseModelOutput = None
-
-
-class _FirstLayerReached(Exception):
-    """Stops the encoder's forward once its first layer's inputs are known."""
 
 
 class HFText(Tower):
@@ -69,38 +64,17 @@ class HFText(Tower):
 
     def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Any]:
         """(the embeddings, the first layer's other arguments, which `block` passes to every layer)."""
-        return self._first_layer_inputs(tokens, input_ids=tokens)
+        return first_layer_inputs(lambda: self.model(input_ids=tokens, attention_mask=self.padding(tokens)),
+                                  self._blocks[0])
 
     def context_stem(self, tokens: torch.Tensor, context: torch.Tensor, at: int = 1) -> Tuple[torch.Tensor, Any]:
         """The context replaces the word embeddings (before the position and type embeddings and the
         embeddings' LayerNorm, as a word would)."""
-        words = self.model.embeddings.word_embeddings(tokens)
-        n = context.shape[0]
-        ctx = context.to(words.dtype).unsqueeze(0).expand(words.shape[0], -1, -1)
-        return self._first_layer_inputs(tokens, inputs_embeds=torch.cat([words[:, :at], ctx, words[:, at + n:]], dim=1))
-
-    def _first_layer_inputs(self, tokens: torch.Tensor, **inputs) -> Tuple[torch.Tensor, Any]:
-        seen = {}
-
-        def first_layer(module, args, kwargs):
-            seen["args"], seen["kwargs"] = args, kwargs
-            raise _FirstLayerReached
-
-        hook = self._blocks[0].register_forward_pre_hook(first_layer, with_kwargs=True)
-        try:
-            self.model(attention_mask=self.padding(tokens), **inputs)
-        except _FirstLayerReached:
-            pass
-        finally:
-            hook.remove()
-        args, kwargs = seen["args"], dict(seen["kwargs"])
-        x = args[0] if args else kwargs.pop("hidden_states")
-        return x, (args[1:], kwargs)
+        with spliced_embeddings(self.model.embeddings.word_embeddings, context, at):
+            return self.stem(tokens)
 
     def block(self, k: int, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
-        args, kwargs = attn_mask
-        out = self._blocks[k](x, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x the tensor
+        return call_layer(self._blocks[k], x, attn_mask)
 
     def check_adapted_blocks(self) -> None:
         for blk in self._blocks:

@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--method", type=_method, default="nearl", help="adaptation method: " + ", ".join(METHODS) +
                    " (default nearl; see nearl/methods/)")
-    g.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
+    g.add_argument("--model", help="open_clip architecture, or transformers:<repo id or folder> for a transformers "
+                   "CLIPModel / SiglipModel (default: ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
     g.add_argument("--pretrained", help="backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
-                   "checkpoint file, hf-hub:org/repo or local-dir:path (default: none = random backbone)")
+                   "checkpoint file, hf-hub:org/repo, local-dir:path or transformers:<repo id or folder> "
+                   "(default: none = random backbone)")
     g.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
     add_method_options(p)  # each method's own options, declared in its module (nearl/methods/)
 

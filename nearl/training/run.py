@@ -101,8 +101,9 @@ def _resolve(args, info: D.DistInfo):
                else "GPU found" if torch.cuda.is_available() else "no GPU: a CPU-sized backbone")
         say(info, f"--model not given: using {model_name} ({why})")
     if args.pretrained is None:
+        example = model_name if model_name.startswith("transformers:") else "openai"
         say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {args.seed}), not CLIP. "
-                  "The run exercises the pipeline; pass --pretrained (e.g. openai) for a real model.")
+                  f"The run exercises the pipeline; pass --pretrained (e.g. {example}) for a real model.")
     with user_errors("--method: "):
         method = canonical(getattr(args, "method", None) or "nearl")
         args.method = method

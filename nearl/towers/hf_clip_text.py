@@ -1,0 +1,100 @@
+"""The text tower of a Hugging Face transformers CLIPModel or SiglipModel
+(nearl/transformers_backbone.py), stepped as its own forward runs it: token and position
+embeddings, the encoder's layers (CLIP's under its causal mask, SigLIP's bidirectional over the
+padded text), final_layer_norm, then CLIP's pooling at the end-of-text token and text_projection,
+or SigLIP's last token and head."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .base import Tower
+from .hf_clip_vision import hf_clip_model
+from .hf_layers import call_layer, check_prenorm_layers, first_layer_inputs, prenorm_adapted_layer, spliced_embeddings
+
+
+class HFCLIPText(Tower):
+    kind = "text"
+    type_name = "transformers CLIPModel / SiglipModel text tower"
+    takes_context = True
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.hf = hf_clip_model(backbone)
+        self.model = self.hf.text_model
+        self.siglip = self.hf.config.model_type == "siglip"
+        self.eos_id = self.model.config.eos_token_id
+        self._blocks = list(self.model.encoder.layers)
+
+    @classmethod
+    def accepts(cls, backbone: nn.Module) -> bool:
+        return hf_clip_model(backbone) is not None
+
+    @classmethod
+    def found(cls, backbone: nn.Module) -> str:
+        return f"{type(backbone).__name__}, not a transformers CLIPModel / SiglipModel"
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        return self._blocks
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def context_at(self) -> int:
+        """Where learned context goes: after the start token CLIP's tokenizer adds; SigLIP's adds none."""
+        return 0 if self.siglip else 1
+
+    def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Any]:
+        return first_layer_inputs(lambda: self.model(input_ids=tokens), self._blocks[0])
+
+    def context_stem(self, tokens: torch.Tensor, context: torch.Tensor, at: int = 1) -> Tuple[torch.Tensor, Any]:
+        """The context replaces the token embeddings (the position embedding is added to it as to a word)."""
+        with spliced_embeddings(self.model.embeddings.token_embedding, context, at):
+            return self.stem(tokens)
+
+    def block(self, k: int, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
+        return call_layer(self._blocks[k], x, attn_mask)
+
+    def check_adapted_blocks(self) -> None:
+        check_prenorm_layers(self._blocks, self.kind)
+
+    def adapted_block(self, k, x, attn_mask, after_attention, beside_mlp):
+        return prenorm_adapted_layer(self._blocks[k], x, attn_mask, after_attention, beside_mlp)
+
+    def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the position CLIP's text tower pools: the highest id for configs from before
+        transformers' eos_token_id fix (eos_token_id = 2), else the first end-of-text token."""
+        ids = tokens.to(torch.int)
+        return ids.argmax(dim=-1) if self.eos_id == 2 else (ids == self.eos_id).int().argmax(dim=-1)
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.model.final_layer_norm(x)
+        if self.siglip:
+            return x[:, -1, :]
+        return x[torch.arange(x.shape[0], device=x.device), self.end_of_text(tokens).to(x.device)]
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.model.head(pooled) if self.siglip else self.hf.text_projection(pooled)
+
+    def projection_parameters(self) -> List[nn.Parameter]:
+        return list((self.model.head if self.siglip else self.hf.text_projection).parameters())
+
+    def valid_mask(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """CLIP: True up to and including the end-of-text token it pools (causal, as open_clip's
+        towers); SigLIP: None, its text tower attends to every position, padding included."""
+        if self.siglip:
+            return None
+        n = tokens.shape[1]
+        return torch.arange(n, device=tokens.device)[None, :] <= self.end_of_text(tokens)[:, None]
+
+    def output_dim(self) -> int:
+        return int(self.hf.config.projection_dim if not self.siglip else self.model.config.projection_size)
