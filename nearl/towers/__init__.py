@@ -6,7 +6,8 @@ Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransform
 `timm_vision.py` (open_clip's TimmModel around a timm VisionTransformer, as in BiomedCLIP),
 `open_clip_text.py` (its CLIP text transformer, inline or TextTransformer), `hf_text.py` (its
 HFTextEncoder around a BERT-style encoder, as in BiomedCLIP), and `hf_clip_vision.py` /
-`hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, nearl/transformers_backbone.py).
+`hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, on `hf_clip_base.py`;
+nearl/transformers_backbone.py builds the backbone).
 A new type is a new module with a `Tower` subclass, listed in TOWER_TYPES.
 """
 from __future__ import annotations

@@ -10,39 +10,19 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Tower
-from .hf_clip_vision import hf_clip_model
-from .hf_layers import call_layer, check_prenorm_layers, first_layer_inputs, prenorm_adapted_layer, spliced_embeddings
+from .hf_clip_base import HFCLIPTower
+from .hf_layers import first_layer_inputs, spliced_embeddings
 
 
-class HFCLIPText(Tower):
+class HFCLIPText(HFCLIPTower):
     kind = "text"
     type_name = "transformers CLIPModel / SiglipModel text tower"
     takes_context = True
+    tower_attr = "text_model"
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
-        self.hf = hf_clip_model(backbone)
-        self.model = self.hf.text_model
-        self.siglip = self.hf.config.model_type == "siglip"
         self.eos_id = self.model.config.eos_token_id
-        self._blocks = list(self.model.encoder.layers)
-
-    @classmethod
-    def accepts(cls, backbone: nn.Module) -> bool:
-        return hf_clip_model(backbone) is not None
-
-    @classmethod
-    def found(cls, backbone: nn.Module) -> str:
-        return f"{type(backbone).__name__}, not a transformers CLIPModel / SiglipModel"
-
-    @property
-    def width(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    @property
-    def blocks(self) -> List[nn.Module]:
-        return self._blocks
 
     @property
     def context_length(self) -> int:
@@ -60,15 +40,6 @@ class HFCLIPText(Tower):
         """The context replaces the token embeddings (the position embedding is added to it as to a word)."""
         with spliced_embeddings(self.model.embeddings.token_embedding, context, at):
             return self.stem(tokens)
-
-    def block(self, k: int, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
-        return call_layer(self._blocks[k], x, attn_mask)
-
-    def check_adapted_blocks(self) -> None:
-        check_prenorm_layers(self._blocks, self.kind)
-
-    def adapted_block(self, k, x, attn_mask, after_attention, beside_mlp):
-        return prenorm_adapted_layer(self._blocks[k], x, attn_mask, after_attention, beside_mlp)
 
     def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the position CLIP's text tower pools: the highest id for configs from before
