@@ -27,11 +27,17 @@ setup(
         "pydicom>=3.0",
         "scikit-image",
         "matplotlib",
+        "safetensors>=0.4",  # shareable adapter files (nearl/adapter_files.py)
+        "scikit-learn>=1.4.2",  # macro-F1 / macro-AUC (nearl/metrics.py); 1.4.2 is the first for numpy 2
     ],
     entry_points={"console_scripts": ["nearl-train=nearl.train:cli", "nearl-evaluate=nearl.evaluate:cli",
-                                      "nearl-compare=nearl.compare:cli"]},
+                                      "nearl-compare=nearl.compare:cli", "nearl-export=nearl.export:cli",
+                                      "nearl-predict=nearl.predict:cli"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "tensorboard"],  # tensorboard: tests/test_tracking.py
         "gpu": ["xformers"],
+        # --report-to tensorboard / wandb (nearl/training/tracking.py)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
 )

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (--kernel model)")
     g.add_argument("--model", default=None, help="open_clip architecture (default: ViT-B-16; NEARL-Tiny on CPU)")
     g.add_argument("--batch", type=int, default=None, help="batch size (default: 128; 8 on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="also run the training step with the frozen blocks checkpointed "
+                        "(model.set_grad_checkpointing) and compare peak memory (CUDA only) and step time")
     g = p.add_argument_group("run")
     g.add_argument("--reps", type=int, default=None,
                    help="timed repetitions (default: 100 on GPU, 20 for model; 5 / 3 on CPU)")
@@ -78,6 +81,8 @@ def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Name
         args.shape = "vit-b16"
     if args.traffic and model:
         raise ValueError("--traffic counts --kernel oca or layer, not model")
+    if args.grad_checkpointing and not model:
+        raise ValueError("--grad-checkpointing compares --kernel model's training step")
     if args.mode is None:
         args.mode = "fwd,bwd" if args.traffic else "all"
     args.traffic_modes = parse_modes(args.mode)  # validate early

@@ -11,7 +11,7 @@ and a crash cannot take the rest down):
   model-tests     pytest tests/test_model_fused.py (needs open_clip)
   oca-vit-b16, layer-vit-b16, layer-text-b16, oca-text-b16
                   python -m bench.run --kernel oca|layer --shape ... --dtype bf16 --mode all
-  model           python -m bench.run --kernel model (needs open_clip)
+  model           python -m bench.run --kernel model --grad-checkpointing (needs open_clip)
   memcheck        compute-sanitizer --tool memcheck python -m bench.memcheck_case (when on the PATH)
 A step is not started when less than its minimum time is left, and is stopped at its share of the
 budget or at the budget's end; both are written down as such, and the run goes on. Each step writes
@@ -90,7 +90,8 @@ def plan(dry_run: bool) -> List[Step]:
         bench("layer", "vit-b16"),
         bench("layer", "text-b16"),
         bench("oca", "text-b16"),
-        Step("model", "bench.run --kernel model", "bench", ["bench.run", "--kernel", "model", "--dtype", "bf16"],
+        Step("model", "bench.run --kernel model", "bench", ["bench.run", "--kernel", "model", "--dtype", "bf16",
+                                                            "--grad-checkpointing"],
              share=0.35, min_s=60, needs=("open_clip",),
              dry_args=["--device", "cpu", "--batch", "2", "--reps", "1", "--warmup", "0"]),
         Step("memcheck", "compute-sanitizer memcheck: one OCA and one layer fwd+bwd", "memcheck",

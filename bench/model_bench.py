@@ -16,6 +16,9 @@
                        grad: backward runs through blocks k0+1..L of both towers, data gradients only,
                        and stops there. Nothing an adapter method can do costs less than this.
     - nearl-reference / nearl-fused: the real step.
+    - with --grad-checkpointing, nearl-reference+ckpt / nearl-fused+ckpt: the same step with
+      model.set_grad_checkpointing(True) (the backward runs each frozen block again instead of
+      keeping its activations); `grad_checkpointing` in the JSON compares each with its plain row.
     Ratios: time / limit time, and the fused / reference peak-memory ratio.
 (3) `--profile FILE`: a torch profiler chrome trace of two reps of every variant; `--nvtx`: ranges
     per variant and phase ("model/nearl-fused/train" > "forward" > "image_tower" > "block3" >
@@ -44,6 +47,7 @@ from .report import CPU_NOTE, environment, format_table, num, span
 from .timing import Timer
 
 MIB = 2 ** 20
+CKPT = "+ckpt"  # suffix of a training variant run with model.set_grad_checkpointing(True)
 
 
 def random_tokens(batch: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -182,6 +186,7 @@ class ModelBench:
 
     def train_step(self, variant: str, optimizer) -> Callable[[], None]:
         model, r = self.model, self.ranges
+        base, checkpointed = variant.removesuffix(CKPT), variant.endswith(CKPT)
 
         if variant == "limit":
             def limit():
@@ -199,7 +204,8 @@ class ModelBench:
             return limit
 
         def step():
-            model.fused = variant == "nearl-fused"
+            model.fused = base == "nearl-fused"
+            model.set_grad_checkpointing(checkpointed)
             with self.autocast():
                 with r.range("forward"):
                     out = model(self.images, self.tokens)
@@ -239,7 +245,7 @@ class ModelBench:
         return None
 
     def _row_status(self, variant: str) -> Optional[str]:
-        return self.fused_reason if variant == "nearl-fused" else None
+        return self.fused_reason if variant.startswith("nearl-fused") else None
 
     def inference(self) -> List[dict]:
         self.model.eval()
@@ -284,7 +290,10 @@ class ModelBench:
         self.model.train()
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-4, weight_decay=0.05)
         rows = []
-        for variant in ("limit", "nearl-reference", "nearl-fused"):
+        variants = ("limit", "nearl-reference", "nearl-fused")
+        if getattr(self.args, "grad_checkpointing", False):
+            variants += ("nearl-reference" + CKPT, "nearl-fused" + CKPT)
+        for variant in variants:
             row = {"variant": variant}
             if self._row_status(variant):
                 row.update(status=self.fused_reason.split(":")[0], reason=self.fused_reason)
@@ -306,6 +315,7 @@ class ModelBench:
             optimizer.zero_grad(set_to_none=True)
             self._free()
         self.model.fused = False
+        self.model.set_grad_checkpointing(False)
         by = {r["variant"]: r for r in rows if r["status"] == "ok"}
         for r in rows:
             if r["status"] != "ok":
@@ -374,6 +384,8 @@ class ModelBench:
             "feature_rel_err_fused_vs_reference": fused_err,
             "inference": infer,
             "train": train,
+            "grad_checkpointing": (checkpointing_summary(train, self.on_gpu)
+                                   if getattr(self.args, "grad_checkpointing", False) else None),
             "definitions": {
                 "clip": "model.backbone.encode_image alone under torch.no_grad (the inference limit)",
                 "limit": "frozen backbone: forward of both towers + CLIP loss + backward of activations only, "
@@ -383,6 +395,8 @@ class ModelBench:
                 "x_limit": "median time / median time of the limit",
                 "peak_mib": "torch.cuda.max_memory_allocated after reset, one step (weights and optimizer state "
                             "included); peak_above_resident_mib subtracts what was allocated before the step",
+                "+ckpt": "the train step with model.set_grad_checkpointing(True): no activation kept inside a "
+                         "frozen block, the backward runs it again",
             },
         }
 
@@ -428,9 +442,45 @@ def format_model_report(p: dict) -> str:
             "limit (1): the frozen CLIP's encode_image; limit (2): frozen forward of both towers + CLIP loss + "
             "backward of activations down to the first adapted block (no weight grads).",
             "mem/ref: fused / reference peak memory above resident (weights, optimizer state)."]
+    foot += format_checkpointing(p.get("grad_checkpointing"))
     if not on_gpu:
         foot.append("CPU numbers: correctness/smoke only; memory is measured on CUDA only.")
     return "\n".join(head + ["", infer, "", train, ""] + foot)
+
+
+def checkpointing_summary(train: List[dict], on_gpu: bool) -> Dict[str, dict]:
+    """Per implementation, the checkpointed step against the plain one: peak memory above resident
+    (CUDA only; None on the CPU) and step time, each with its ratio (checkpointed / plain)."""
+    by = {r["variant"]: r for r in train if r["status"] == "ok"}
+    out = {}
+    for base in ("nearl-reference", "nearl-fused"):
+        plain, ckpt = by.get(base), by.get(base + CKPT)
+        if plain is None or ckpt is None:
+            continue
+        without, with_ = plain.get("peak_above_resident_mib"), ckpt.get("peak_above_resident_mib")
+        out[base] = {
+            "peak_above_resident_mib": {"without": without, "with": with_},
+            "peak_ratio": with_ / without if on_gpu and without else None,
+            "time_ratio": ckpt["timing"]["median_ms"] / plain["timing"]["median_ms"],
+        }
+    return out
+
+
+def format_checkpointing(summary: Optional[Dict[str, dict]]) -> List[str]:
+    """The footer lines of --grad-checkpointing (none without it)."""
+    if summary is None:
+        return []
+    if not summary:
+        return ["grad checkpointing: no pair of plain and checkpointed rows ran (see the table)."]
+    lines = []
+    for base, s in summary.items():
+        peak = s["peak_above_resident_mib"]
+        memory = ("peak memory needs CUDA (torch.cuda.max_memory_allocated): not measured on the CPU"
+                  if peak["without"] is None or peak["with"] is None else
+                  f"peak above resident {peak['without']:.0f} -> {peak['with']:.0f} MiB "
+                  f"({num(s['peak_ratio'], '.2f')}x)")
+        lines.append(f"grad checkpointing, {base}: {memory}; step time {s['time_ratio']:.2f}x")
+    return lines
 
 
 def run_model(args, device: torch.device, ranges: Ranges) -> Tuple[dict, str]:

@@ -10,7 +10,8 @@ from .config import NEARLConfig  # noqa: E402
 
 # The model and the loss import open_clip; loading them on first use keeps `from nearl import ops`
 # (the kernels, their tests and `bench.run --kernel oca | layer`) working where open_clip is absent.
-_LAZY = {"build": "model", "NEARLCLIP": "model", "NEARLOutput": "model", "NEARLLoss": "losses"}
+_LAZY = {"build": "model", "NEARLCLIP": "model", "NEARLOutput": "model", "NEARLLoss": "losses",
+         "load": "adapter_files"}
 
 
 def __getattr__(name):
@@ -25,5 +26,5 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["ops", "reference", "build", "NEARLCLIP", "NEARLConfig", "NEARLLoss", "NEARLOutput"]
+__all__ = ["ops", "reference", "build", "load", "NEARLCLIP", "NEARLConfig", "NEARLLoss", "NEARLOutput"]
 __version__ = "0.1.0"

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
@@ -22,8 +21,12 @@ from .argtypes import Parser, non_negative_int, positive_int
 from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError
+from .plots import save_figure
 from .logging_utils import json_safe, read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
+from .protocols import (B2N_KEYS, PROTOCOLS, Run, eval_sets, few_shot_plot, few_shot_table, harmonic_mean, plan,
+                        run_metrics)
+from .protocols import check as check_protocol
 from .run_dir import run_files
 
 logger = logging.getLogger("nearl.compare")
@@ -34,6 +37,14 @@ DESCRIPTION = """Compare adaptation methods fairly: same backbone, data, seeds a
     python -m nearl.compare --model ViT-B-16 --pretrained openai --task classification \\
         --data split.json --root images/ --k-shot 16 --methods nearl,alta,clip-adapter,coop,linear-probe,zeroshot \\
         --seeds 0,1,2 --max-steps 500 --batch-size 32 --precision bf16 --out runs/cmp
+    python -m nearl.compare --protocol base2novel --data split.json --k-shot 16 --seeds 1,2,3 ...
+    python -m nearl.compare --protocol few-shot --shots 1,2,4,8,16 --data split.json --seeds 1,2,3 ...
+
+Protocols: standard (above); base2novel (CoOp's): every run trains on the base classes (the first
+half of the class list, nearl.train --classes base) and is evaluated on the base and on the novel
+classes of --split, each among its own classes, reported as base, novel and their harmonic mean HM
+(linear-probe cannot score unseen classes and is left out); few-shot: one run per K of --shots
+(nearl.train --k-shot K), accuracy against K as a table and a plot.
 
 Every (method, seed) is trained in this process by nearl.train (same data pipeline, loop, optimiser,
 schedule and checkpoints; --max-steps optimizer steps, or L-BFGS iterations for linear-probe, none
@@ -67,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated, from " + ", ".join(METHODS) +
                    " (default: every method that applies to --task)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="standard (default): train on "
+                   "--data, evaluate on --split; base2novel: train on the base classes, report base, novel and "
+                   "their harmonic mean; few-shot: accuracy against K for each K of --shots (classification)")
+    p.add_argument("--shots", default="1,2,4,8,16", help="few-shot: images per class, comma-separated "
+                   "(default %(default)s)")
     p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps per run (L-BFGS iterations "
                    "per candidate for linear-probe); default %(default)s")
     p.add_argument("--task", choices=("retrieval", "classification"), default="classification")
@@ -223,31 +239,36 @@ def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one run
-def run_one(args, method: str, seed: int, out: Path, model_name: str, device: torch.device,
-            eval_data, bench: bool) -> Dict[str, Any]:
+def run_one(args, run: Run, model_name: str, device: torch.device, eval_sets: Dict[str, tuple],
+            bench: bool) -> Dict[str, Any]:
+    """Train `run` with nearl.train, rebuild its final checkpoint, evaluate it on every eval set."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    out = run.folder
     t0 = time.perf_counter()
-    summary = training.fit(training.parse_args(train_argv(args, method, seed, out, model_name)))
+    argv = train_argv(args, run.method, run.seed, out, model_name) + list(run.extra_argv)
+    summary = training.fit(training.parse_args(argv))
     train_wall = time.perf_counter() - t0
     ckpt = load_checkpoint(out / LAST)
     model = build_from_checkpoint(ckpt, fused=args.fused and device.type == "cuda").to(device).eval()
-    records, classnames, split, src = eval_data
     kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
               precision=args.precision, progress=not args.no_progress)
-    if args.task == "retrieval":
-        metrics = EV.evaluate_retrieval(model, records, **kw)
-    else:
-        metrics = EV.evaluate_classification(model, records, classnames,
-                                            templates=args.templates or EV.TEMPLATES, **kw)
+    results = {}
+    for name, (records, classnames, _split, _src) in eval_sets.items():
+        if args.task == "retrieval":
+            results[name] = EV.evaluate_retrieval(model, records, **kw)
+        else:
+            results[name] = EV.evaluate_classification(model, records, classnames,
+                                                       templates=args.templates or EV.TEMPLATES, **kw)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     ips = inference_throughput(model, device, args.bench_batch, args.bench_iters, args.precision) if bench else None
-    return {"seed": seed, "steps": summary["step"], "metrics": metrics,
+    return {"seed": run.seed, "shots": run.shots, "steps": summary["step"],
+            "metrics": run_metrics(args.protocol, results), "results": results,
             "learnable_parameters": model.num_trainable_parameters(),
             "time_per_step_s": step_time(out / "metrics.jsonl") if summary["step"] else None,
             "train_wall_s": train_wall, "peak_memory_mb": peak, "inference_images_per_s": ips,
-            "checkpoint": str(out / LAST), "split": split, "extra": {k: v for k, v in summary.items()
-                                                                    if k in ("weight_decay",)}}
+            "checkpoint": str(out / LAST), "split": next(iter(eval_sets.values()))[2],
+            "extra": {k: v for k, v in summary.items() if k in ("weight_decay",)}}
 
 
 # ----------------------------------------------------------------------------- report
@@ -276,20 +297,42 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]], task: str) -> Dict[str, Dic
     return out
 
 
-def markdown(report: Dict[str, Any]) -> str:
+def summarise_by_shots(runs: Dict[str, List[Dict[str, Any]]], task: str) -> Dict[str, Dict[str, Any]]:
+    """few-shot: per method, `summarise` of the runs of each K."""
+    out = {}
+    for method, rs in runs.items():
+        shots = sorted({r["shots"] for r in rs})
+        out[method] = {"learnable_parameters": rs[0]["learnable_parameters"],
+                       "shots": {str(k): summarise({method: [r for r in rs if r["shots"] == k]}, task)[method]
+                                 for k in shots}}
+    return out
+
+
+def _header(report: Dict[str, Any]) -> List[str]:
     task, cfg = report["task"], report["config"]
-    shown = [k for k in SHOWN[task] if any(k in m["metrics"] for m in report["methods"].values())]
-    on_gpu = report["device"].startswith("cuda")
-    head = ["method", *shown, "learnable params", "s / train step", "peak memory (MB)", "inference img/s"]
-    lines = [f"# Method comparison: {task} on {report['data']} ({report['split']} split)", ""]
+    protocol = "" if report["protocol"] == "standard" else f" ({report['protocol']} protocol)"
+    lines = [f"# Method comparison{protocol}: {task} on {report['data']} ({report['split']} split)", ""]
     if report.get("note"):
         lines += [f"**{report['note']}**", ""]
-    lines += [f"Backbone {cfg['model']} ({cfg['pretrained'] or 'RANDOM weights, no --pretrained'}); "
-              f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['max_steps']} steps per run, batch {cfg['batch_size']}, "
-              f"lr {cfg['lr']}, precision {cfg['precision']}; device {report['device']}. Metrics are mean ± "
-              f"standard deviation over seeds (percent), on the final checkpoint of each run.", ""]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|---|" + "---:|" * (len(head) - 1))
+    return lines + [f"Backbone {cfg['model']} ({cfg['pretrained'] or 'RANDOM weights, no --pretrained'}); "
+                    f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['max_steps']} steps per run, batch "
+                    f"{cfg['batch_size']}, lr {cfg['lr']}, precision {cfg['precision']}; device {report['device']}. "
+                    f"Metrics are mean ± standard deviation over seeds (percent), on the final checkpoint of each "
+                    f"run.", ""]
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    if report["protocol"] == "few-shot":
+        return "\n".join(_header(report) + few_shot_table(report) + [
+            "", "Notes:", "- accuracy on the evaluated split; each run trained on K images per class "
+            "(nearl.train --k-shot K, drawn by the run's seed)",
+            f"- accuracy against K is plotted in {Path(report['files']['png']).name}."]) + "\n"
+    cfg = report["config"]
+    shown = report["shown"]
+    on_gpu = report["device"].startswith("cuda")
+    head = ["method", *[k if k != "hm" else "HM" for k in shown], "learnable params", "s / train step",
+            "peak memory (MB)", "inference img/s"]
+    lines = _header(report) + ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for method, m in report["methods"].items():
         step = m["time_per_step_s"]
         cells = [method, *[_fmt(m["metrics"][k]) if k in m["metrics"] else "" for k in shown],
@@ -298,128 +341,155 @@ def markdown(report: Dict[str, Any]) -> str:
                  _fmt(m["peak_memory_mb"], 0) if on_gpu else "n/a (CPU)",
                  "n/a" if m["inference_images_per_s"] is None else f"{m['inference_images_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Notes:",
-              "- s / train step: median wall time of one optimizer step, data loading included (first step left "
+    lines += ["", "Notes:"]
+    if report["protocol"] == "base2novel":
+        lines.append(f"- base2novel: trained on the base classes {report['classes']['base']}; base / novel: "
+                     f"accuracy on the images of the base / novel classes {report['classes']['novel']}, each "
+                     "scored among its own classes; HM = 2 base novel / (base + novel) of the mean base and "
+                     "novel accuracies (as CoCoOp's tables), ± the spread of the per-seed HM")
+    lines += ["- s / train step: median wall time of one optimizer step, data loading included (first step left "
               "out); for linear-probe one L-BFGS iteration on cached features (feature extraction excluded).",
               "- peak memory: torch.cuda.max_memory_allocated over training and evaluation of a run"
               + ("." if on_gpu else f"; not measured on CPU (this process's peak RSS over the whole comparison "
                                     f"was {report['peak_rss_mb']:.0f} MB)."),
               f"- inference img/s: encode_image on a batch of {cfg['bench_batch']} random images, "
               f"{cfg['bench_iters']} timed calls after 2 warm-up ones, first seed's model.",
-              f"- the main metric ({MAIN_METRIC[task]}) is plotted in {Path(report['files']['png']).name}."]
+              f"- {', '.join(report['plotted'])} plotted in {Path(report['files']['png']).name}."]
     return "\n".join(lines) + "\n"
 
 
 def bar_plot(report: Dict[str, Any], path: Path) -> Path:
+    """Grouped bars: each plotted metric (mean, std error bars) for each method."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    key = MAIN_METRIC[report["task"]]
-    names = list(report["methods"])
-    stats = [report["methods"][m]["metrics"].get(key, {"mean": None, "std": None}) for m in names]
-    means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
-    errs = [s["std"] if s["std"] is not None else 0.0 for s in stats]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(names) + 1.5), 4))
-    bars = ax.bar(names, means, yerr=errs, capsize=5, color="#4C72B0", edgecolor="black", linewidth=0.6)
-    for b, s in zip(bars, stats):
-        if s["mean"] is not None:
-            ax.annotate(f"{s['mean']:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    keys, names = report["plotted"], list(report["methods"])
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(names) * len(keys) ** 0.5 + 1.5), 4))
+    top = 100.0
+    for i, key in enumerate(keys):
+        stats = [report["methods"][m]["metrics"].get(key, {"mean": None, "std": None}) for m in names]
+        means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+        errs = [s["std"] if s["std"] is not None else 0.0 for s in stats]
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(names))]
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=4, label=key if key != "hm" else "HM",
+                      edgecolor="black", linewidth=0.6)
+        top = max(top, max(m + e for m, e in zip(means, errs)) * 1.1)
+        for b, st in zip(bars, stats):
+            if st["mean"] is not None:
+                ax.annotate(f"{st['mean']:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
     n_seeds = len(report["config"]["seeds"])
-    ax.set(ylabel=f"{key} (%)", title=f"{report['task']}: {key}, mean ± std over {n_seeds} seed(s)")
-    ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errs)) * 1.1))
+    shown = ", ".join(k if k != "hm" else "HM" for k in keys)
+    ax.set(ylabel="percent", title=f"{report['task']}: {shown}, mean ± std over {n_seeds} seed(s)", ylim=(0, top))
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.grid(axis="y", alpha=0.3)
+    if len(keys) > 1:
+        ax.legend(fontsize=8, loc="upper right")
     if report.get("note"):
         ax.text(0.5, 0.97, "pipeline check only: random backbone / tiny data", transform=ax.transAxes,
                 ha="center", va="top", fontsize=8, color="#aa0000")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
-def run_folder(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / method / f"seed{seed}"
-
-
-def _check_earlier_runs(out: Path, methods, seeds, overwrite: bool) -> None:
+def _check_earlier_runs(runs: Sequence[Run], overwrite: bool) -> None:
     """Refuse, before any work, to train over an earlier comparison's runs unless --overwrite (which
     each training run then applies to its own folder)."""
     if overwrite:
         return
-    held = [str(run_folder(out, m, s)) for m in methods for s in seeds if run_files(run_folder(out, m, s))]
+    held = [str(r.folder) for r in runs if run_files(r.folder)]
     if held:
         raise UserError(f"{held[0]}{f' and {len(held) - 1} more' if len(held) > 1 else ''} already hold runs of an "
                         f"earlier comparison; pass --overwrite to run it again there, or choose another --out")
 
 
-def compare(args) -> Dict[str, Any]:
-    methods, seeds = _methods(args), _seeds(args.seeds)
-    unknown = sorted(set(method_args(args)) - set(methods))
-    if unknown:
-        raise UserError(f"--method-args for {unknown}, which are not among --methods {methods}")
-    with user_errors():
-        for m in methods:
-            check_task(m, args.task)
-    if args.max_steps < 1:
-        raise UserError("--max-steps must be >= 1")
-    device = resolve_device(args.device)
-    EV.check_templates(args.templates)
-    check_out_dir(args.out)
-    model_name = args.model or EV.default_model_name(args.pretrained)
-    check_backbone(model_name, args.pretrained)
-    out = Path(args.out)
-    _check_earlier_runs(out, methods, seeds, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+def _pipeline_note(args, model_name: str) -> Optional[str]:
     why = []
     if args.pretrained is None:
         why.append(f"the {model_name} backbone is RANDOM (no --pretrained), not CLIP")
     if args.data is None:
         why.append("the data are the tiny embedded demo set (nearl.data.demo), whose views of one image "
                    "land in several splits")
-    note = PIPELINE_NOTE.format(why="; ".join(why)) if why else None
-    if note:
-        print(f"NOTE: {note}", flush=True)
+    return PIPELINE_NOTE.format(why="; ".join(why)) if why else None
 
-    eval_data = EV.load_eval_data(args.task, args.test_data or args.data, fmt=args.format, root=args.root,
-                                 split=args.split)
-    runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
-    total, i = len(methods) * len(seeds), 0
-    for method in methods:
-        for seed in seeds:
-            i += 1
-            what = {"zeroshot": "no training", "linear-probe": f"fitting, {args.max_steps} L-BFGS iterations "
-                    "per weight-decay candidate"}.get(method, f"training {args.max_steps} steps")
-            print(f"\n=== [{i}/{total}] method {method}, seed {seed}: {what} ===", flush=True)
-            r = run_one(args, method, seed, run_folder(out, method, seed), model_name, device, eval_data,
-                        bench=seed == seeds[0])
-            runs[method].append(r)
-            shown = {k: r["metrics"][k] for k in SHOWN[args.task] if k in r["metrics"]}
-            print(f"=== [{i}/{total}] method {method}, seed {seed}: " +
-                  " ".join(f"{k}={v:.2f}" for k, v in shown.items()) +
-                  f", {r['learnable_parameters']:,} learnable parameters, {r['train_wall_s']:.1f}s ===", flush=True)
 
+def _run_all(args, runs: List[Run], model_name: str, device: torch.device,
+             sets: Dict[str, tuple]) -> Dict[str, List[Dict[str, Any]]]:
+    """Every planned run, with a line before and after each; {method: [its runs' results]}."""
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for i, run in enumerate(runs, 1):
+        what = {"zeroshot": "no training", "linear-probe": f"fitting, {args.max_steps} L-BFGS iterations "
+                "per weight-decay candidate"}.get(run.method, f"training {args.max_steps} steps")
+        label = f"method {run.method}, " + ("" if run.shots is None else f"K = {run.shots}, ") + f"seed {run.seed}"
+        print(f"\n=== [{i}/{len(runs)}] {label}: {what} ===", flush=True)
+        first = not any(r.method == run.method for r in runs[:i - 1])
+        r = run_one(args, run, model_name, device, sets, bench=first)
+        out.setdefault(run.method, []).append(r)
+        shown = {k: v for k, v in r["metrics"].items() if k in SHOWN[args.task] + B2N_KEYS}
+        print(f"=== [{i}/{len(runs)}] {label}: " + " ".join(f"{k}={v:.2f}" for k, v in shown.items()) +
+              f", {r['learnable_parameters']:,} learnable parameters, {r['train_wall_s']:.1f}s ===", flush=True)
+    return out
+
+
+def _report(args, methods, seeds, model_name, device, note, sets, runs, out: Path) -> Dict[str, Any]:
+    first = next(iter(sets.values()))
+    b2n = args.protocol == "base2novel"
     report = {
-        "task": args.task, "data": eval_data[3], "split": eval_data[2], "device": str(device), "note": note,
-        "main_metric": MAIN_METRIC[args.task],
+        "task": args.task, "protocol": args.protocol, "data": first[3], "split": first[2], "device": str(device),
+        "note": note, "main_metric": "hm" if b2n else MAIN_METRIC[args.task],
+        "shown": list(B2N_KEYS) if b2n else list(SHOWN[args.task]),
+        "plotted": list(B2N_KEYS) if b2n else [MAIN_METRIC[args.task]],
         "config": {"methods": methods, "seeds": seeds, "max_steps": args.max_steps, "model": model_name,
                    "pretrained": args.pretrained, "batch_size": args.batch_size, "lr": args.lr,
                    "weight_decay": args.weight_decay, "precision": args.precision, "k_shot": args.k_shot,
-                   "bench_batch": args.bench_batch, "bench_iters": args.bench_iters,
+                   "shots": sorted({r["shots"] for rs in runs.values() for r in rs}) if args.protocol == "few-shot"
+                   else None, "bench_batch": args.bench_batch, "bench_iters": args.bench_iters,
                    "train_args": args.train_args, "method_args": method_args(args),
                    "train_data": args.data or "embedded demo set"},
         "peak_rss_mb": peak_rss_mb(), "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else
         "n/a on CPU (see peak_rss_mb: this process's peak RSS over the whole comparison)",
         "files": {"md": str(out / "comparison.md"), "json": str(out / "comparison.json"),
                   "png": str(out / "comparison.png")},
-        "methods": summarise(runs, args.task),
     }
-    bar_plot(report, out / "comparison.png")
+    if b2n:
+        report["classes"] = {name: list(data[1]) for name, data in sets.items()}
+    summary = summarise_by_shots if args.protocol == "few-shot" else summarise
+    report["methods"] = summary(runs, args.task)
+    if b2n:  # the harmonic mean of the mean accuracies, as CoCoOp's tables give it; std over seeds kept
+        for m in report["methods"].values():
+            base, novel = m["metrics"]["base"]["mean"], m["metrics"]["novel"]["mean"]
+            m["metrics"]["hm"]["mean"] = harmonic_mean(base, novel)
+    return report
+
+
+def compare(args) -> Dict[str, Any]:
+    methods, seeds = _methods(args), _seeds(args.seeds)
+    methods = check_protocol(args, methods, chosen_by_user=bool(args.methods))
+    unknown = sorted(set(method_args(args)) - set(methods))
+    if unknown:
+        raise UserError(f"--method-args for {unknown}, which are not among --methods {methods}")
+    with user_errors():
+        for m in methods:
+            check_task(m, args.task)
+    device = resolve_device(args.device)
+    EV.check_templates(args.templates)
+    check_out_dir(args.out)
+    model_name = args.model or EV.default_model_name(args.pretrained)
+    check_backbone(model_name, args.pretrained)
+    out = Path(args.out)
+    runs = plan(args, methods, seeds, out)
+    _check_earlier_runs(runs, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    note = _pipeline_note(args, model_name)
+    if note:
+        print(f"NOTE: {note}", flush=True)
+    sets = eval_sets(args)
+    results = _run_all(args, runs, model_name, device, sets)
+    report = _report(args, methods, seeds, model_name, device, note, sets, results, out)
+    (few_shot_plot if args.protocol == "few-shot" else bar_plot)(report, out / "comparison.png")
     md = markdown(report)
     (out / "comparison.md").write_text(md)
     (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")

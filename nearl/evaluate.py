@@ -2,6 +2,7 @@
 
     python -m nearl.evaluate --checkpoint runs/demo                # a trained run (its last.pt)
     python -m nearl.evaluate --checkpoint runs/demo/best.pt --data test.csv --out results/
+    python -m nearl.evaluate --adapter adapters/demo --data test.csv   # a folder of python -m nearl.export
     python -m nearl.evaluate --model ViT-B-16 --pretrained openai --task classification \\
         --data split.json --root images/                          # zero-shot: the frozen CLIP
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from .adapter_files import adapter_to_evaluate
 from .argtypes import Parser, non_negative_int, positive_int
 from .classify import TEMPLATES
 from .cli_args import check_out_dir, resolve_device
@@ -33,7 +35,9 @@ from .logging_utils import json_safe, markdown_table
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m nearl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
+    which.add_argument("--adapter", help="an adapter folder (python -m nearl.export); refuses another backbone")
     p.add_argument("--method", help="without --checkpoint: the method to build fresh (default nearl, which "
                    "computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
     p.add_argument("--model", help="open_clip architecture (default: the checkpoint's; without one, "
@@ -48,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="retrieval source format: auto|manifest|roco|medicat")
     p.add_argument("--root", help="image root (manifest / CoOp JSON)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
+    p.add_argument("--classes", choices=("all", "base", "novel"), default="all", help="classification: evaluate "
+                   "on the base classes (the first half, CoOp's base-to-novel protocol), the novel ones, or all")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
@@ -74,14 +80,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
         fused = False
 
-    chosen = model_to_evaluate(args.checkpoint, method=args.method, model_name=args.model,
-                               pretrained=args.pretrained, task=args.task, seed=args.seed, fused=fused)
+    if args.adapter:  # an adapter folder: its own backbone (fingerprint checked), method and task
+        chosen = adapter_to_evaluate(args.adapter, method=args.method, model_name=args.model,
+                                     pretrained=args.pretrained, task=args.task, fused=fused)
+    else:
+        chosen = model_to_evaluate(args.checkpoint, method=args.method, model_name=args.model,
+                                   pretrained=args.pretrained, task=args.task, seed=args.seed, fused=fused)
     model, method, task, source, label, ckpt = (chosen.model, chosen.method, chosen.task, chosen.source,
                                                 chosen.label, chosen.checkpoint)
     model.to(device).eval()
 
     records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
-                                                     split=args.split)
+                                                     split=args.split, classes=args.classes)
     kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
               progress=not args.no_progress, source=src)
     if task == "retrieval":
@@ -92,11 +102,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   f"{classnames} by their prompts")
         results = evaluate_classification(model, records, classnames, templates=args.templates or TEMPLATES, **kw)
 
-    report = {"task": task, "method": method, "data": src, "split": split, "model": model.model_name,
+    report = {"task": task, "method": method, "data": src, "split": split, "classes": args.classes,
+              "model": model.model_name,
               "pretrained": source, "learnable_parameters": model.num_trainable_parameters(),
               "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results}
+    classes = "" if args.classes == "all" else f", {args.classes} classes"
     table = markdown_table({label: {k: v for k, v in results.items() if not k.startswith("n_") and k != "auc_classes"}},
-                           title=f"{task} on {src} ({split}, {results.get('n_images')} images)")
+                           title=f"{task} on {src} ({split}{classes}, {results.get('n_images')} images)")
     print(table)
     if args.out:
         out = Path(args.out)

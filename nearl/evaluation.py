@@ -19,7 +19,7 @@ from .classify import TEMPLATES, classification_logits
 from .cli_args import check_backbone, user_errors
 from .data import demo
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
-from .data.labelled import NOT_A_SOURCE, read_coop_split, read_image_folder, split_folders
+from .data.labelled import NOT_A_SOURCE, read_coop_split, read_image_folder, select_classes, split_folders
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.manifests import read_image_text
 from .data.records import ImageTextRecord, LabelledRecord
@@ -178,14 +178,26 @@ def _select_split(records: List[ImageTextRecord], split: str) -> Tuple[List[Imag
 
 
 def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: Optional[str] = None,
-                   split: str = "test"):
-    """(records, classnames or None, split actually used, source description)."""
-    if task == "retrieval":
-        path = Path(data) if data else demo.demo_manifest()
-        kw = {"root": root} if root else {}
-        records = read_image_text(path, format=fmt, **kw)
-        chosen, used = _select_split(records, split)
-        return chosen, None, used, str(path)
+                   split: str = "test", classes: str = "all"):
+    """(records, classnames or None, split actually used, source description); classification keeps
+    the `classes` of CoOp's base-to-novel split ("base", "novel") or all of them."""
+    if task != "retrieval":
+        records, classnames, used, src = _load_labelled(data, root=root, split=split)
+        try:
+            records, classnames = select_classes(records, classnames, classes)
+        except ValueError as err:
+            raise UserError(f"--classes {classes}: {err}") from None
+        return records, classnames, used, src
+    if classes != "all":
+        raise UserError("--classes applies to --task classification only")
+    path = Path(data) if data else demo.demo_manifest()
+    records = read_image_text(path, format=fmt, **({"root": root} if root else {}))
+    chosen, used = _select_split(records, split)
+    return chosen, None, used, str(path)
+
+
+def _load_labelled(data: Optional[str], *, root: Optional[str], split: str):
+    """(records, classnames, split used, source) of a CoOp split file or an ImageFolder."""
     path = Path(data) if data else demo.demo_split_json()
     if path.suffix.lower() == ".json":
         splits, classnames = read_coop_split(path, root=Path(root) if root else path.parent)

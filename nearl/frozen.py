@@ -7,14 +7,18 @@ text_tower.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .towers import Tower, tower_of
+
+# ALTA's two additions to a block: (after_attention, beside_mlp), as `Tower.adapted_block` takes them.
+BlockAdditions = Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def count(params) -> int:
@@ -29,6 +33,7 @@ class FrozenCLIPWrapper(nn.Module):
         self.model_name = model_name
         self.backbone = backbone.requires_grad_(False).eval()
         self._tower_cache: Dict[str, Tower] = {}  # plain objects holding references into the backbone
+        self.grad_checkpointing = False  # see set_grad_checkpointing
 
     def tower(self, kind: str) -> Tower:
         """The backbone's "vision" or "text" tower behind `nearl.towers`' protocol (found on first
@@ -41,6 +46,26 @@ class FrozenCLIPWrapper(nn.Module):
         super().train(mode)
         self.backbone.eval()  # frozen: dropout and friends stay off whatever the adapters do
         return self
+
+    # ----------------------------------------------------------------- stepping blocks
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """open_clip's switch: while training with grad enabled, keep no activation inside a frozen
+        block; the backward runs the block again instead (less memory for about one more forward)."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_block(self, tower: Tower, k: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                  additions: Optional[BlockAdditions] = None) -> torch.Tensor:
+        """Block k of `tower` (`tower.adapted_block` with ALTA's `additions` when given). The model and
+        every method step their blocks here, so grad checkpointing reaches them all."""
+        if additions is None:
+            def step(x, attn_mask):
+                return tower.block(k, x, attn_mask)
+        else:
+            def step(x, attn_mask):
+                return tower.adapted_block(k, x, attn_mask, *additions)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(step, x, attn_mask, use_reentrant=False)
+        return step(x, attn_mask)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score, roc_auc_score
 
 logger = logging.getLogger("nearl.metrics")
 
@@ -105,31 +106,15 @@ def mean_recall(metrics: Dict[str, float]) -> float:
     return float(sum(values) / len(values))
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (what the Mann-Whitney AUC needs)."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
-def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC = P(score of a random positive > a random negative), ties counting one half."""
-    positive = positive.astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = _average_ranks(scores.astype(np.float64))
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """accuracy, macro_f1 and macro_auc (all percent) of (n, C) logits against (n,) labels.
 
-    macro_f1 averages per-class F1 over the classes that occur in the labels or the predictions
-    (a class never predicted correctly scores 0), as scikit-learn's average="macro" does.
-    macro_auc averages one-vs-rest ROC AUC of the softmax probabilities over the classes present in
-    the labels, each of which then has positives and negatives. With a single class present the AUC
-    is undefined: macro_auc is nan, "auc_classes" is 0 and a warning says why.
+    macro_f1 is scikit-learn's f1_score(average="macro") over the classes that occur in the labels
+    or the predictions (a class never predicted correctly scores 0). macro_auc is scikit-learn's
+    roc_auc_score(average="macro") of the one-vs-rest softmax probabilities over the classes
+    present in the labels, each of which then has positives and negatives (ties count one half).
+    With a single class present the AUC is undefined: macro_auc is nan, "auc_classes" is 0 and a
+    warning says why.
     """
     _check_2d("logits", logits)
     y = torch.as_tensor(labels).reshape(-1).long().cpu().numpy()
@@ -144,26 +129,27 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     probs = torch.softmax(logits.detach().double().nan_to_num(0.0, 0.0, 0.0), dim=1).cpu().numpy()
     pred = np.where(bad, -1, probs.argmax(axis=1))  # a non-finite row predicts no class: always wrong
 
-    f1s = []
-    for c in np.union1d(np.unique(y), np.unique(pred[pred >= 0])):
-        tp = int(((pred == c) & (y == c)).sum())
-        fp = int(((pred == c) & (y != c)).sum())
-        fn = int(((pred != c) & (y == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn))  # equals 2PR/(P+R); 0 when tp == 0
+    # The classes seen in the labels or the predictions; the -1 of a non-finite row is no class, so
+    # such a row counts only as a false negative of its label.
+    seen = np.union1d(np.unique(y), np.unique(pred[pred >= 0]))
+    macro_f1 = f1_score(y, pred, labels=seen, average="macro", zero_division=0)
 
     present = np.unique(y)
-    # A non-finite row scores worst for every class: below all others where it is a positive, above
-    # all others where it is a negative.
-    auc_scores = lambda c: np.where(bad, np.where(y == c, -np.inf, np.inf), probs[:, c])
-    aucs = [binary_auc(auc_scores(c), y == c) for c in present] if len(present) > 1 else []
-    if not aucs:
+    if len(present) > 1:
+        # One-vs-rest over the classes present. A non-finite row scores worst for every class: below
+        # every probability (-1) where it is a positive, above every one (2) where it is a negative.
+        positive = y[:, None] == present[None, :]
+        scores = np.where(bad[:, None], np.where(positive, -1.0, 2.0), probs[:, present])
+        macro_auc = 100.0 * float(roc_auc_score(positive.astype(int), scores, average="macro"))
+    else:
         logger.warning("macro_auc is undefined: the labels contain a single class (%s), so no "
                        "class has both positives and negatives", present.tolist())
+        macro_auc = float("nan")
     out = {
         "accuracy": 100.0 * float((pred == y).mean()),
-        "macro_f1": 100.0 * float(np.mean(f1s)),
-        "macro_auc": 100.0 * float(np.mean(aucs)) if aucs else float("nan"),
-        "auc_classes": float(len(aucs)),
+        "macro_f1": 100.0 * float(macro_f1),
+        "macro_auc": macro_auc,
+        "auc_classes": float(len(present)) if len(present) > 1 else 0.0,
     }
     if bad.any():
         _warn_nonfinite("logit rows", int(bad.sum()), n, "counted as wrong predictions")

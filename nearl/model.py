@@ -93,7 +93,7 @@ class NEARLCLIP(FrozenCLIPWrapper):
         q = self.queries.initial(kind)
         penalties = []
         for k in range(1, tower.depth + 1):
-            x = tower.block(k - 1, x, attn_mask)
+            x = self.run_block(tower, k - 1, x, attn_mask)
             if adapter is None or str(k) not in adapter.layers:
                 continue
             params = layer_params(adapter, adapter.layers[str(k)], self.useformer)

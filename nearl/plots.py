@@ -44,9 +44,16 @@ def plot_curves(metrics_path: PathLike, out_path: PathLike) -> Path:
         ax_val.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax_val.transAxes)
     ax_val.grid(alpha=0.3)
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    return save_figure(fig, out_path, dpi=100)
+
+
+def save_figure(fig, path: PathLike, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    os.replace(tmp, path)
+    return path

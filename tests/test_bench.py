@@ -114,8 +114,41 @@ def test_cli_model_profile_nvtx(tmp_path, capsys):
     assert any(e.get("name") == "model/nearl-reference/train" for e in events)
 
 
+def test_cli_model_grad_checkpointing(tmp_path, capsys):
+    """--grad-checkpointing adds the checkpointed training rows and compares them with the plain ones;
+    on the CPU it says that peak memory needs CUDA."""
+    out = tmp_path / "model.json"
+    argv = ["--kernel", "model", "--batch", "2", "--reps", "1", "--warmup", "0", "--grad-checkpointing",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert [r["variant"] for r in payload["train"]] == ["limit", "nearl-reference", "nearl-fused",
+                                                        "nearl-reference+ckpt", "nearl-fused+ckpt"]
+    summary = payload["grad_checkpointing"]
+    assert "nearl-reference" in summary and summary["nearl-reference"]["time_ratio"] > 0
+    if not torch.cuda.is_available():
+        assert summary["nearl-reference"]["peak_ratio"] is None
+        assert "grad checkpointing, nearl-reference: peak memory needs CUDA" in text
+
+
+def test_checkpointing_report_with_gpu_rows():
+    from nearl_bench.model_bench import checkpointing_summary, format_checkpointing
+    row = lambda v, ms, mib: {"variant": v, "status": "ok", "timing": {"median_ms": ms},
+                              "peak_above_resident_mib": mib}
+    train = [row("nearl-reference", 10.0, 800.0), row("nearl-reference+ckpt", 13.0, 200.0),
+             {"variant": "nearl-fused", "status": "skipped"}, {"variant": "nearl-fused+ckpt", "status": "skipped"}]
+    summary = checkpointing_summary(train, on_gpu=True)
+    assert list(summary) == ["nearl-reference"]
+    assert summary["nearl-reference"]["peak_ratio"] == 0.25 and summary["nearl-reference"]["time_ratio"] == 1.3
+    assert format_checkpointing(summary) == [
+        "grad checkpointing, nearl-reference: peak above resident 800 -> 200 MiB (0.25x); step time 1.30x"]
+    assert format_checkpointing(None) == []
+
+
 def test_cli_rejects_bad_options(capsys):
-    for argv in (["--mode", "sideways"], ["--providers", "reference,cuda-magic"], ["--B", "0"]):
+    for argv in (["--mode", "sideways"], ["--providers", "reference,cuda-magic"], ["--B", "0"],
+                 ["--kernel", "oca", "--grad-checkpointing"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2

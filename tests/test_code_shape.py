@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMAND_LINES = {"train", "evaluate", "compare"}  # nearl/<name>.py: thin modules over the library
+COMMAND_LINES = {"train", "evaluate", "compare", "export", "predict"}  # nearl/<name>.py: thin modules over the library
 
 
 def library_files():

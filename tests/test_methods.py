@@ -307,8 +307,9 @@ def test_the_registry_holds_every_method_once_with_its_options():
     assert MT.spec("nearl").model_cls is NEARLCLIP and MT.method_of(MT.build_method("nearl", "NEARL-Tiny")) == "nearl"
     actions = [a for a in T.build_parser()._actions if "--reduction" in a.option_strings]
     assert len(actions) == 1 and actions[0].help.startswith("alta, clip-adapter:"), [a.help for a in actions]
-    assert set(T.FIXED_ON_RESUME) == {"method", "task", "model", "seed", "num_queries", "query_dim", "heads", "rank",
-                                      "vision_layers", "text_layers", "reduction", "n_ctx", "multiview"}
+    assert set(T.FIXED_ON_RESUME) == {"method", "task", "model", "seed", "classes", "num_queries", "query_dim",
+                                      "heads", "rank", "vision_layers", "text_layers", "reduction", "n_ctx",
+                                      "multiview"}
     assert MT.method_config("coop", T.parse_args(["--method", "coop", "--n-ctx", "3"])) == {"n_ctx": 3}
     with pytest.raises(ValueError, match="registered twice"):
         MT.register(MT.spec("coop"))

@@ -185,3 +185,54 @@ def test_classification_nan_rows_are_wrong():
     assert m["macro_f1"] == pytest.approx(100 * (0 + 4 / 5 + 2 / 3) / 3)
     # AUC class 0: positive row 0 now below every negative: pos .35 vs .10,.10,.10,.50 -> 3 of 8
     assert m["macro_auc"] < classification_metrics(P.log(), LABELS)["macro_auc"]
+
+
+# ----------------------------------------------------------------------------- scikit-learn agrees with the definitions
+def _hand_f1(pred, y):
+    """Per-class F1 = 2tp / (2tp + fp + fn) over the classes in the labels or the predictions."""
+    classes = sorted(set(y.tolist()) | set(pred[pred >= 0].tolist()))
+    f1s = []
+    for c in classes:
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return 100 * sum(f1s) / len(f1s)
+
+
+def _hand_auc(scores, positive):
+    """Mann-Whitney: the share of (positive, negative) pairs ordered right, ties one half."""
+    pos, neg = scores[positive], scores[~positive]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sklearn_metrics_match_the_hand_written_definitions(seed):
+    """Random logits with ties, a class never in the labels, a class never predicted and NaN rows."""
+    g = torch.Generator().manual_seed(seed)
+    n, C = 40, 5
+    logits = torch.randint(0, 3, (n, C), generator=g).double()  # coarse values: many ties
+    logits[:, 4] -= 10  # class 4 is never predicted
+    labels = torch.randint(0, 4, (n,), generator=g)  # class 4 never occurs either
+    labels[labels == 3] = 0  # nor class 3, which may still be predicted
+    logits[torch.randperm(n, generator=g)[:3], 1] = NAN
+    m = classification_metrics(logits, labels)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    probs = torch.softmax(logits.nan_to_num(0.0), dim=1)
+    pred = torch.where(bad, -1, probs.argmax(dim=1))
+    assert m["macro_f1"] == pytest.approx(_hand_f1(pred, labels))
+    present = sorted(set(labels.tolist()))
+    aucs = []
+    for c in present:
+        worst = torch.where(labels == c, -math.inf, math.inf)
+        aucs.append(_hand_auc(torch.where(bad, worst, probs[:, c]), labels == c))
+    assert m["macro_auc"] == pytest.approx(100 * float(sum(aucs)) / len(aucs))
+    assert m["auc_classes"] == len(present) and m["nonfinite_rows"] == 3
+
+
+def test_macro_auc_is_sklearn_ovr_when_every_class_occurs():
+    from sklearn.metrics import roc_auc_score
+    m = classification_metrics(P.log(), LABELS)
+    expected = roc_auc_score(LABELS.numpy(), P.numpy(), multi_class="ovr", average="macro")
+    assert m["macro_auc"] == pytest.approx(100 * expected)

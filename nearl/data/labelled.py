@@ -168,3 +168,22 @@ def subset_by_labels(records: Iterable[LabelledRecord], labels: Iterable[int],
     keep = sorted(set(int(l) for l in labels))
     new = {old: i for i, old in enumerate(keep)}
     return [replace(r, label=new[r.label]) if relabel else r for r in records if r.label in new]
+
+
+CLASS_SUBSETS = ("all", "base", "novel")
+
+
+def select_classes(records: Iterable[LabelledRecord], classnames: Sequence[str], which: str
+                   ) -> Tuple[List[LabelledRecord], List[str]]:
+    """The records and class names of `which` ("all", or base / novel of `base_novel_split`), labels
+    renumbered 0..K-1 in the subset's class order."""
+    if which not in CLASS_SUBSETS:
+        raise ValueError(f"classes must be one of {CLASS_SUBSETS}, got {which!r}")
+    if which == "all":
+        return list(records), list(classnames)
+    base, novel = base_novel_split(classnames)
+    labels = base if which == "base" else novel
+    if not labels:
+        raise ValueError(f"{len(classnames)} class(es) {list(classnames)} leave no {which} classes: the "
+                         "base-to-novel protocol needs at least two")
+    return subset_by_labels(records, labels), [classnames[i] for i in labels]

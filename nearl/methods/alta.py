@@ -81,12 +81,17 @@ class BlockAdapters(nn.Module):
         self.mlp = Adapter(width, reduction)
 
 
+def additions(adapters: BlockAdapters, mlp_scale: float):
+    """The two ALTA adapters as `Tower.adapted_block` takes them: the attention adapter on the residual
+    stream after attention (with its own skip), the MLP adapter beside the MLP, scaled."""
+    return (lambda h: h + adapters.attn(h)), (lambda h: mlp_scale * adapters.mlp(h))
+
+
 def adapted_block(tower: Tower, k: int, x: torch.Tensor, adapters: BlockAdapters, mlp_scale: float,
                   attn_mask=None) -> torch.Tensor:
-    """Block k of `tower` with the two ALTA adapters: the attention adapter on the residual stream
-    after attention (with its own skip), the MLP adapter beside the MLP, scaled (`Tower.adapted_block`
-    puts them there for pre-norm and for BERT's post-norm blocks)."""
-    return tower.adapted_block(k, x, attn_mask, lambda h: h + adapters.attn(h), lambda h: mlp_scale * adapters.mlp(h))
+    """Block k of `tower` with the two ALTA adapters (`Tower.adapted_block` puts them there for
+    pre-norm and for BERT's post-norm blocks)."""
+    return tower.adapted_block(k, x, attn_mask, *additions(adapters, mlp_scale))
 
 
 class ALTA(MethodModel):
@@ -129,7 +134,7 @@ class ALTA(MethodModel):
     def _run(self, kind: str, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         tower = self.tower(kind)
         for k, ad in enumerate(self.adapters[kind]):
-            x = adapted_block(tower, k, x, ad, self.config.mlp_scale, attn_mask)
+            x = self.run_block(tower, k, x, attn_mask, additions(ad, self.config.mlp_scale))
         return x
 
     def _slot_embedding(self, slots: torch.Tensor) -> torch.Tensor:

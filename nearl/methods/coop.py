@@ -98,7 +98,7 @@ class CoOp(MethodModel):
         tower = self._text
         x, attn_mask = tower.context_stem(tokens, self.ctx, at=tower.context_at)  # after [CLS] / <start_of_text>
         for k in range(tower.depth):
-            x = tower.block(k, x, attn_mask)
+            x = self.run_block(tower, k, x, attn_mask)
         return TowerResult(tower.head(x, tokens), None, None)
 
     def _breakdown(self) -> Dict[str, int]:

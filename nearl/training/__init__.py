@@ -5,6 +5,7 @@
     run.py       fit(): the output folder, the method and backbone, the trainer
     loop.py      the gradient loop (GradientRun)
     features.py  methods fitted on cached features (linear-probe)
+    tracking.py  --report-to: metrics.jsonl mirrored to TensorBoard / wandb
 """
 from .loop import GradientRun, Hooks, param_groups, unused_parameters
 from .options import FIXED_ON_RESUME, build_parser, parse_args

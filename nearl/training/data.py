@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .. import distributed as D
 from ..data import demo
 from ..data.datasets import ImageTextDataset, LabelledDataset
-from ..data.labelled import k_shot, read_labelled_splits
+from ..data.labelled import k_shot, read_labelled_splits, select_classes
 from ..data.manifests import read_image_text
 from ..errors import UserError
 from ..evaluation import VAL_SPLITS
@@ -72,6 +72,8 @@ def load_train_data(args) -> TrainData:
     if args.task == "retrieval":
         if args.k_shot:
             raise UserError("--k-shot applies to --task classification only")
+        if getattr(args, "classes", "all") != "all":
+            raise UserError("--classes applies to --task classification only")
         path = args.data or str(demo.demo_manifest())
         if getattr(args, "multiview", False):
             if args.format not in ("auto", "manifest"):
@@ -97,8 +99,14 @@ def load_train_data(args) -> TrainData:
         val = vs.get("val") or vs.get("test") or vs.get("train") or vs.get("all", [])
     else:
         val = splits.get("val", [])
+    which = getattr(args, "classes", "all")
+    try:
+        (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
+    except ValueError as err:
+        raise UserError(f"--classes {which}: {err}") from None
+    classnames = names
     if not train:
-        raise UserError(f"{path}: no training records")
+        raise UserError(f"{path}: no training records" + ("" if which == "all" else f" of the {which} classes"))
     if args.k_shot:
         train = k_shot(train, args.k_shot, args.seed)
     return TrainData("classification", train, val, classnames, str(path))

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from ..nonfinite import NonFiniteError
 from ..plots import plot_curves
 from .data import TrainData
 from .options import saved_args
+from .tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
 
@@ -58,7 +59,8 @@ class _FitLog:
         self.t = time.perf_counter()
 
 
-def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path) -> Dict[str, Any]:
+def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
+                    tracker: Optional[Tracker] = None) -> Dict[str, Any]:
     """linear-probe: cache the frozen image features once, fit the head full-batch (nearl/methods/
     linear_probe.py), validate and checkpoint like the main loop. A step is one L-BFGS iteration;
     --max-steps (default 100) is the budget of each candidate of the weight-decay search."""
@@ -66,7 +68,7 @@ def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path) -
     steps = int(args.max_steps or 100)
     if args.resume:
         print("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
-    log = MetricsLog(out / "metrics.jsonl")
+    log = TrackedLog(out / "metrics.jsonl", tracker)  # mirrored to --report-to's trackers
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # --resume of this folder: the fit starts again (claim_out allowed it)
     kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,

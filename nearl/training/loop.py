@@ -23,7 +23,7 @@ from ..data.datasets import collate_skip_bad
 from ..data.loadable import report_skips, require_loadable
 from ..errors import UserError
 from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
-from ..logging_utils import MetricsLog, format_metrics
+from ..logging_utils import format_metrics
 from ..losses import NEARLLoss
 from ..methods import canonical
 from ..nonfinite import NonFiniteError, check_finite_state
@@ -32,6 +32,7 @@ from ..resume import changed_settings, load_adapters, resume_optimizer
 from ..schedule import warmup_cosine
 from .data import TrainData, make_dataset
 from .options import saved_args
+from .tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
 
@@ -100,13 +101,14 @@ class GradientRun:
     pos (micro-batches into the epoch), best, skipped (non-finite steps skipped)."""
 
     def __init__(self, args, info: D.DistInfo, hooks: Hooks, model, data: TrainData, *, method: str,
-                 model_name: str, fused: bool):
+                 model_name: str, fused: bool, tracker: Optional[Tracker] = None):
         self.args, self.info, self.hooks, self.model, self.data = args, info, hooks, model, data
         self.method, self.model_name, self.fused = method, model_name, fused
         self.device, self.out, self.main_rank = info.device, Path(args.out), info.is_main
         self.step = self.epoch = self.pos = self.skipped = 0
         self.best: Optional[float] = None
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main_rank)
+        # metrics.jsonl, mirrored to --report-to's trackers (tracking.py)
+        self.log = TrackedLog(self.out / "metrics.jsonl", tracker, enabled=self.main_rank)
         self._prepare_data()
         self._prepare_objective()
         self._prepare_optimizer()
@@ -229,7 +231,8 @@ class GradientRun:
                   f"{self.per_rank * self.info.world_size * args.accum_steps} samples per step; "
                   f"{self.steps_per_epoch} steps per epoch; {self.total} steps ({self.epochs} epochs at most), "
                   f"warmup {self.warmup}; device {self.device}, precision {args.precision}"
-                  f"{', fused kernels' if self.fused else ''}", flush=True)
+                  f"{', fused kernels' if self.fused else ''}"
+                  f"{', grad checkpointing' if getattr(model, 'grad_checkpointing', False) else ''}", flush=True)
         if not data.val:
             say(self.info, "no validation records: no per-epoch evaluation and no best.pt "
                            "(give the manifest a 'val' split or use --val-data)")

@@ -9,8 +9,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from .. import argtypes as A
 from ..checkpoint import load_checkpoint
+from ..data.labelled import CLASS_SUBSETS
 from ..methods import METHODS, add_method_options, canonical, fixed_on_resume
 from ..resume import show as _show
+from .tracking import parse_report_to
 
 DESCRIPTION = """Train NEARL-CLIP's adapters on a frozen CLIP backbone (SPEC 3.2).
 
@@ -50,13 +52,20 @@ NOT_RESTORED = {"resume", "overwrite", "force_unlock", "resume_notes"}
 # Arguments that fix the model a checkpoint holds: given again with another value on --resume, they
 # are reported and the checkpoint's value is kept (its parameters would not fit otherwise).
 # The methods' own such options are marked `fixed` where they declare them (nearl/methods/).
-FIXED_ON_RESUME = ("method", "task", "model", "seed") + fixed_on_resume()
+FIXED_ON_RESUME = ("method", "task", "model", "seed", "classes") + fixed_on_resume()
 
 
 # ============================================================================= arguments
 def _method(text: str) -> str:
     try:
         return canonical(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _report_to(text: str):
+    try:
+        return parse_report_to(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -74,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint file, hf-hub:org/repo, local-dir:path or transformers:<repo id or folder> "
                    "(default: none = random backbone)")
     g.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep no activation inside the frozen blocks: the backward runs each again (less memory, "
+                        "about one more forward of the blocks). Free to change on --resume")
     add_method_options(p)  # each method's own options, declared in its module (nearl/methods/)
 
     g = p.add_argument_group("data")
@@ -85,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", default="auto", help="retrieval source format: auto|manifest|roco|medicat")
     g.add_argument("--root", help="image root for a manifest or CoOp JSON (default: the file's folder)")
     g.add_argument("--k-shot", type=A.positive_int, help="classification: k training images per class")
+    g.add_argument("--classes", choices=CLASS_SUBSETS, default="all", help="classification: train on the base "
+                   "classes (the first half, CoOp's base-to-novel protocol), the novel ones, or all (default)")
     g.add_argument("--templates", nargs="+", help="classification prompt templates with '{}'")
     g.add_argument("--seed", type=A.non_negative_int, default=0, help="data order, augmentation, init, few-shot draw")
 
@@ -128,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=A.non_negative_int, default=2, help="DataLoader worker processes")
     g.add_argument("--device", type=A.device, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--report-to", type=_report_to, action="extend", metavar="TRACKERS",
+                   help="also log metrics.jsonl's scalars to tensorboard (--out/tensorboard) and/or wandb "
+                        "(offline unless WANDB_MODE is set; --out/wandb): comma-separated or repeated; 'none' "
+                        "turns off what a resumed run had. Needs pip install tensorboard / wandb")
+    g.add_argument("--wandb-project", default="nearl-clip", help="wandb project (default %(default)s); the run "
+                   "is named after the --out folder")
     return p
 
 
@@ -139,6 +159,8 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
             kw = {"dest": action.dest}
             if isinstance(action, argparse._StoreTrueAction):
                 shadow.add_argument(*action.option_strings, action="store_true", **kw)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                shadow.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kw)
             else:
                 shadow.add_argument(*action.option_strings, nargs=action.nargs, type=action.type, **kw)
     ns, _ = shadow.parse_known_args(list(argv))

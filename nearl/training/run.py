@@ -20,7 +20,8 @@ from ..run_dir import RunLock, prepare as prepare_run_dir
 from .data import load_train_data
 from .features import fit_on_features
 from .loop import GradientRun, Hooks, say
-from .options import resume_dir
+from .options import resume_dir, saved_args
+from .tracking import check_installed, open_trackers, requested
 
 
 def fit(args: argparse.Namespace, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
@@ -76,15 +77,21 @@ def _run(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     for line in getattr(args, "resume_notes", None) or []:
         say(info, line)
     method, model_name, fused = _resolve(args, info)
+    trackers = requested(getattr(args, "report_to", None))
+    check_installed(trackers)  # a missing package stops here, before the data and the model
     data = load_train_data(args)
     with user_errors("model settings: "):
         model = build_method(method, model_name, args.pretrained, fused=fused, seed=args.seed,
                              **method_config(method, args, data))
     model.to(info.device)
-    if method_spec(method).trainer == "features":
-        require_loadable(data.train, data.source)
-        return fit_on_features(args, info, model, data, Path(args.out))
-    return GradientRun(args, info, hooks, model, data, method=method, model_name=model_name, fused=fused).run()
+    model.set_grad_checkpointing(bool(getattr(args, "grad_checkpointing", False)))
+    with open_trackers(trackers, args.out, main=info.is_main, config=saved_args(args),
+                       wandb_project=getattr(args, "wandb_project", None) or "nearl-clip") as tracker:
+        if method_spec(method).trainer == "features":
+            require_loadable(data.train, data.source)
+            return fit_on_features(args, info, model, data, Path(args.out), tracker=tracker)
+        return GradientRun(args, info, hooks, model, data, method=method, model_name=model_name, fused=fused,
+                           tracker=tracker).run()
 
 
 def _resolve(args, info: D.DistInfo):

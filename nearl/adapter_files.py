@@ -1,0 +1,435 @@
+"""Adapter folders people can share: the learnable weights of a trained run, apart from its backbone.
+
+A folder written by `save_adapter` (or `python -m nearl.export`) holds, in a layout that can be
+pushed to the Hugging Face Hub as it is:
+
+    adapter.safetensors   the learnable tensors (model.trainable_state_dict()), nothing else
+    adapter_config.json   what rebuilds the model around them (schema below)
+    README.md             a short model card
+
+`load_adapter` / `nearl.load` rebuild the method on its backbone through
+`nearl.methods.build_method` and load the weights, and refuse, naming the file and what differed,
+a backbone other than the one the adapter was trained on, or a config whose model does not take
+the weights' names and shapes.
+
+adapter_config.json (format "nearl-adapter", format_version 1):
+
+    format, format_version   "nearl-adapter", 1
+    nearl_version            the version of nearl that wrote it
+    method, config           a method of nearl/methods/ and its config (every hyper-parameter)
+    task, classnames         "retrieval" | "classification" and the trained class names (or null)
+    templates                the prompt templates it was trained with (or null: nearl.classify's)
+    backbone                 model_name, pretrained (tag, file, hf-hub:, local-dir:, transformers:,
+                             or null for random weights), seed (rebuilds a random backbone exactly),
+                             fingerprint (below)
+    weights                  file, sha256 of that file, tensors, parameters
+    source                   where it came from (checkpoint path, step, epoch), for people only
+    written_with             torch, open_clip_torch and safetensors versions, for people only
+
+The backbone fingerprint ("nearl-backbone-v1") is two sha256 digests over the backbone's
+floating-point state_dict entries that training leaves frozen (ALTA's trained LayerNorms are the
+adapter's, not the backbone's), sorted by name. `architecture` hashes each entry's name, dtype and
+shape; `weights` hashes the same and, per entry, the raw bytes of every element of a tensor of up to
+65,536 elements, else of every k-th element of the flattened tensor (k = ceil(n / 65,536)). That
+reads under 0.3 MB a tensor (milliseconds for ViT-B/16, where hashing all 600 MB takes about a
+second), is the same on every machine and device, and tells apart any other architecture and any
+other weights (another tag, a fine-tune, another seed); an edit confined to unsampled elements of a
+large tensor is, by design, not seen. Integer and bool buffers (position ids, masks) are left out:
+they follow from the architecture, and library versions differ in which they keep.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import __version__ as NEARL_VERSION
+from .checkpoint import describe, load_checkpoint
+from .cli_args import check_backbone, user_errors
+from .errors import UserError
+from .evaluation import ModelToEvaluate
+from .methods import build_from_checkpoint, build_method, canonical, check_task, method_of
+from .model import SCHEMAS
+from .nonfinite import NonFiniteError, check_finite_state, nonfinite_tensors
+
+FORMAT, FORMAT_VERSION = "nearl-adapter", 1
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "adapter_config.json", "README.md"
+FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
+FINGERPRINT_ALGORITHM = "nearl-backbone-v1"
+SAMPLE = 65536  # elements of a tensor the content hash reads at most
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PathLike = Union[str, os.PathLike]
+
+
+class AdapterError(UserError):
+    """An adapter folder that cannot be written or used; the message names the file and why."""
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def _frozen_entries(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """The backbone's floating-point state that training never changes, sorted by name."""
+    backbone = getattr(model, "backbone", model)
+    prefix = "backbone." if backbone is not model else ""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    entries = [(name, t.detach()) for name, t in backbone.state_dict(keep_vars=True).items()
+               if t.is_floating_point() and prefix + name not in trainable]
+    return sorted(entries, key=lambda e: e[0])
+
+
+def _sampled_bytes(t: torch.Tensor) -> bytes:
+    flat = t.reshape(-1)
+    if flat.numel() > SAMPLE:
+        flat = flat[::-(-flat.numel() // SAMPLE)]
+    return flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint(model: nn.Module) -> Dict[str, Any]:
+    """The fingerprint of `model.backbone` (or of `model` itself when it has no backbone): see the
+    module docstring. Deterministic across machines and devices, cheap for any CLIP size."""
+    architecture, weights = hashlib.sha256(), hashlib.sha256()
+    entries = _frozen_entries(model)
+    for name, t in entries:
+        head = f"{name}\0{str(t.dtype).replace('torch.', '')}\0{tuple(t.shape)}\n".encode()
+        architecture.update(head)
+        weights.update(head)
+        weights.update(_sampled_bytes(t))
+    return {"algorithm": FINGERPRINT_ALGORITHM, "architecture": architecture.hexdigest(),
+            "weights": weights.hexdigest(), "tensors": len(entries),
+            "elements": sum(t.numel() for _, t in entries)}
+
+
+# ----------------------------------------------------------------------------- writing
+def _check_target(directory: Path, overwrite: bool) -> None:
+    """Found out before any work: the folder must be one, and not already hold an adapter."""
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"{directory} is a file; an adapter is written to a folder")
+    present = [name for name in FILES if (directory / name).exists()]
+    if present and not overwrite:
+        raise AdapterError(f"{directory} already holds {', '.join(present)}; pass --overwrite "
+                           "(overwrite=True) to replace them")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A reader never sees half a file: a temporary file, fsync'ed, then renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _versions() -> Dict[str, str]:
+    import open_clip
+    import safetensors
+
+    return {"torch": torch.__version__, "open_clip_torch": open_clip.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _json_ready(value: Any, what: str) -> Any:
+    """`value` as JSON gives it back (tuples become lists); a TypeError names what held it."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} cannot be written as JSON: {err}") from err
+
+
+def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pretrained: Optional[str],
+                 backbone_seed: int = 0, task: str = "retrieval", classnames: Optional[Sequence[str]] = None,
+                 templates: Optional[Sequence[str]] = None, source: Optional[Dict[str, Any]] = None,
+                 overwrite: bool = False) -> Path:
+    """Write `model`'s learnable weights, adapter_config.json and a model card into `directory`.
+
+    model_name / pretrained / backbone_seed: how the backbone was built (as nearl.methods.build_method
+    takes them), so `load_adapter` rebuilds it. A state holding NaN or inf is refused (NonFiniteError)
+    and nothing is written. Returns the folder."""
+    from safetensors.torch import save as safetensors_bytes
+
+    directory = Path(directory)
+    _check_target(directory, overwrite)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.trainable_state_dict().items()}
+    check_finite_state(state, f"adapter {directory / WEIGHTS_FILE}")
+    method = method_of(model)
+    # One metadata entry: safetensors writes a map's entries in no fixed order, and an export is meant
+    # to give the same bytes every time (what the method is, adapter_config.json says).
+    data = safetensors_bytes(state, metadata={"format": "pt"})
+    record = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "nearl_version": NEARL_VERSION,
+        "method": method, "config": _json_ready(model.config.to_dict(), f"the {method} config"),
+        "task": task, "classnames": list(classnames) if classnames else None,
+        "templates": list(templates) if templates else None,
+        "backbone": {"model_name": model_name, "pretrained": pretrained, "seed": int(backbone_seed),
+                     "fingerprint": fingerprint(model)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(state),
+                    "parameters": sum(t.numel() for t in state.values())},
+        "source": _json_ready(source or {}, "the adapter's source"), "written_with": _versions(),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / WEIGHTS_FILE, data)  # the config, which names its sha256, comes after it
+    _write_atomic(directory / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    _write_atomic(directory / CARD_FILE, model_card(record).encode())
+    return directory
+
+
+def export_checkpoint(checkpoint: PathLike, directory: PathLike, *, pretrained: Optional[str] = "checkpoint",
+                      overwrite: bool = False) -> Path:
+    """The adapter of a checkpoint (file or run folder): its model is rebuilt on its backbone (so the
+    fingerprint is of the real backbone, and the weights are known to fit), then `save_adapter`.
+    pretrained: where to read the backbone weights for that, when the recorded source is not at hand
+    here (a local copy of the same weights); the adapter still records the checkpoint's source."""
+    directory = Path(directory)
+    _check_target(directory, overwrite)
+    ckpt = load_checkpoint(checkpoint)
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise NonFiniteError(f"checkpoint {ckpt['path']}: {len(bad)} of {len(ckpt['model'])} learnable tensors hold "
+                             f"NaN or inf ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); not exported")
+    recorded = ckpt.get("pretrained")
+    source = recorded if pretrained == "checkpoint" else pretrained
+    _check_source(ckpt["model_name"], source, f"checkpoint {ckpt['path']}")
+    with user_errors(f"checkpoint {ckpt['path']}: "):
+        model = build_from_checkpoint(ckpt, pretrained=pretrained)
+    print(f"exporting {describe(ckpt)}")
+    provenance = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "epoch": ckpt.get("epoch")}
+    return save_adapter(model, directory, model_name=ckpt["model_name"], pretrained=recorded,
+                        backbone_seed=int(ckpt.get("backbone_seed", 0)), task=ckpt.get("task") or "retrieval",
+                        classnames=ckpt.get("classnames"), templates=ckpt.get("templates"), source=provenance,
+                        overwrite=overwrite)
+
+
+def model_card(record: Dict[str, Any]) -> str:
+    """README.md for the Hub: metadata header, what the adapter is, how to load it."""
+    bb, method = record["backbone"], record["method"]
+    source = bb["pretrained"]
+    hub = None
+    for schema in ("hf-hub:", "transformers:"):
+        if source and source.startswith(schema) and not Path(source[len(schema):]).exists():
+            hub = source[len(schema):]
+    header = ["---", "library_name: nearl-clip", "tags:", "- nearl-clip", "- clip", "- adapter", f"- {method}"]
+    header += [f"base_model: {hub}"] if hub else []
+    weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
+    classes = ", ".join(record["classnames"]) if record.get("classnames") else "none recorded"
+    lines = header + ["---", "", f"# {method} adapter for {bb['model_name']}", "",
+                      f"Learnable weights of a `{method}` model (NEARL-CLIP project) trained for "
+                      f"{record['task']}, {record['weights']['parameters']:,} parameters in `{WEIGHTS_FILE}`; "
+                      "the frozen backbone is not included.", "",
+                      f"- backbone: `{bb['model_name']}`, weights {weights}",
+                      f"- backbone fingerprint ({bb['fingerprint']['algorithm']}): `{bb['fingerprint']['weights']}`",
+                      f"- classes: {classes}",
+                      f"- hyper-parameters: `{CONFIG_FILE}` (`config`)", "", "## Use", "", "```python",
+                      "import nearl", 'model = nearl.load("path/to/this/folder")   # refuses another backbone',
+                      "```", "", "```bash", "python -m nearl.predict --adapter path/to/this/folder "
+                      "--images scans/ --classes \"pneumonia,normal\"", "```", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reading
+def _folder(directory: PathLike) -> Path:
+    path = Path(directory)
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+        return path.parent
+    if not path.exists():
+        raise AdapterError(f"adapter folder {path} not found")
+    if not path.is_dir():
+        raise AdapterError(f"{path} is a file; an adapter is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE} "
+                           "(written by python -m nearl.export)")
+    return path
+
+
+def _entry(record: Dict[str, Any], dotted: str, path: Path) -> Any:
+    value: Any = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise AdapterError(f"{path}: no {dotted!r} entry; not an adapter written by python -m nearl.export")
+        value = value[key]
+    return value
+
+
+REQUIRED = ("method", "config", "task", "backbone.model_name", "backbone.pretrained", "backbone.seed",
+            "backbone.fingerprint.algorithm", "backbone.fingerprint.architecture", "backbone.fingerprint.weights",
+            "weights.sha256")
+
+
+def read_adapter_config(directory: PathLike) -> Tuple[Path, Dict[str, Any]]:
+    """(the folder, its adapter_config.json), checked for the entries loading needs."""
+    folder = _folder(directory)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: {folder} is not an adapter folder (python -m nearl.export writes "
+                           f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise AdapterError(f"{path} is not a NEARL adapter config (no format={FORMAT!r} entry)")
+    if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
+        raise AdapterError(f"{path} has format_version {record.get('format_version')!r}; this nearl "
+                           f"({NEARL_VERSION}) reads <= {FORMAT_VERSION}")
+    for dotted in REQUIRED:
+        _entry(record, dotted, path)
+    if not isinstance(record["config"], dict):
+        raise AdapterError(f"{path}: 'config' must be an object of the method's hyper-parameters")
+    return folder, record
+
+
+def _read_weights(path: Path, record: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors; the file must be the one its config names (sha256) and finite."""
+    from safetensors.torch import load as safetensors_load
+
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: the adapter's weights ({CONFIG_FILE} names them)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["weights"]["sha256"]:
+        raise AdapterError(f"{path} is not the file its {CONFIG_FILE} was written with (sha256 differs): "
+                           "changed or damaged since the export")
+    try:
+        state = safetensors_load(data)
+    except Exception as err:  # safetensors raises its own SafetensorError for a bad header
+        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise AdapterError(f"{path}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:4])}); refused")
+    return state
+
+
+def _check_source(model_name: str, source: Optional[str], where: str) -> None:
+    """A weights file that is not here, or a backbone open_clip does not know, in one line (open_clip's
+    own errors are a page long)."""
+    looks_like_file = source is not None and not source.startswith(SCHEMAS) and (
+        os.sep in source or "/" in source or source.lower().endswith(WEIGHT_SUFFIXES))
+    if looks_like_file and not Path(source).expanduser().is_file():
+        raise AdapterError(f"{where}: backbone weights file {source} not found here; pass --pretrained "
+                           "(pretrained=) a local copy of the same weights")
+    try:
+        check_backbone(model_name, source)
+    except UserError as err:
+        raise AdapterError(f"{where}: its backbone cannot be built here: {err}") from None
+
+
+def _check_fingerprint(model: nn.Module, backbone: Dict[str, Any], source: Optional[str], path: Path) -> None:
+    """The backbone built must be the one the adapter was trained on (see the module docstring)."""
+    want, found = backbone["fingerprint"], fingerprint(model)
+    built = f"model_name={backbone['model_name']!r}, pretrained={source!r}, seed {backbone['seed']}"
+    if want["algorithm"] != found["algorithm"]:
+        raise AdapterError(f"{path}: fingerprint algorithm {want['algorithm']!r} is not known to this nearl "
+                           f"({NEARL_VERSION}, which computes {found['algorithm']!r})")
+    if want["architecture"] != found["architecture"]:
+        raise AdapterError(
+            f"{path}: the backbone built from {built} is not the one this adapter was trained on: its "
+            f"architecture differs ({found['tensors']} frozen tensors, {found['elements']:,} values; the adapter's "
+            f"had {want.get('tensors')}, {want.get('elements')}; architecture fingerprint {found['architecture'][:16]} "
+            f"!= recorded {want['architecture'][:16]})")
+    if want["weights"] != found["weights"]:
+        raise AdapterError(
+            f"{path}: the backbone built from {built} is not the one this adapter was trained on: same "
+            f"architecture, different weights (fingerprint {found['weights'][:16]} != recorded "
+            f"{want['weights'][:16]}); give --pretrained (pretrained=) the weights it was trained on")
+
+
+def _check_weights(model: nn.Module, state: Dict[str, torch.Tensor], weights: Path, config: Path) -> None:
+    """The weights' names and shapes must be those of the model the config describes."""
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    shapes = [f"{k} {got[k]} in the file, {expected[k]} in the model" for k in sorted(set(got) & set(expected))
+              if got[k] != expected[k]]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "",
+                 f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "",
+                 f"shapes differ: {'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}" if shapes else ""]
+        raise AdapterError(f"{weights} does not fit the {method_of(model)} model that {config} describes "
+                           f"(method and config): {', '.join(p for p in parts if p)}")
+
+
+@dataclass
+class LoadedAdapter:
+    model: nn.Module  # in eval mode
+    directory: Path
+    record: Dict[str, Any]  # adapter_config.json
+    pretrained: Optional[str]  # where the backbone weights were read from (None: random)
+
+    @property
+    def method(self) -> str:
+        return self.record["method"]
+
+    @property
+    def task(self) -> str:
+        return self.record["task"]
+
+    @property
+    def classnames(self) -> Optional[List[str]]:
+        return self.record.get("classnames")
+
+    @property
+    def templates(self) -> Optional[List[str]]:
+        return self.record.get("templates")
+
+
+def load_adapter(directory: PathLike, pretrained: Optional[str] = None, *, fused: bool = False) -> LoadedAdapter:
+    """Rebuild an adapter folder's model on its backbone and load its weights.
+
+    pretrained: None reads the backbone weights from the recorded source; another source (a local
+    file of the same weights, hf-hub:, ...) overrides it, and its fingerprint must still match.
+    Refuses (AdapterError, naming the file) missing or damaged files, another backbone, and a
+    method / config whose model does not take the weights' names and shapes."""
+    folder, record = read_adapter_config(directory)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    state = _read_weights(weights_path, record)
+    backbone = record["backbone"]
+    source = backbone["pretrained"] if pretrained is None else pretrained
+    _check_source(backbone["model_name"], source, str(config_path))
+    with user_errors(f"{config_path}: "):
+        model = build_method(record["method"], backbone["model_name"], source, fused=fused,
+                             seed=int(backbone["seed"]), **record["config"])
+    _check_fingerprint(model, backbone, source, config_path)
+    _check_weights(model, state, weights_path, config_path)
+    model.load_trainable_state_dict(state)
+    return LoadedAdapter(model.eval(), folder, record, source)
+
+
+def load(directory: PathLike, pretrained: Optional[str] = None, *, fused: bool = False) -> nn.Module:
+    """`nearl.load(DIR)`: the model of an adapter folder, on its own backbone, in eval mode (see
+    `load_adapter`, which also returns the folder's record: task, class names, templates)."""
+    return load_adapter(directory, pretrained, fused=fused).model
+
+
+def adapter_to_evaluate(directory: PathLike, *, method: Optional[str] = None, model_name: Optional[str] = None,
+                        pretrained: Optional[str] = None, task: Optional[str] = None,
+                        fused: bool = False) -> ModelToEvaluate:
+    """What `--adapter DIR` of the command lines evaluates or predicts with: as `model_to_evaluate`
+    for a checkpoint. `method` must match the adapter's; `model_name` cannot change its backbone."""
+    folder, record = read_adapter_config(directory)
+    recorded_name = record["backbone"]["model_name"]
+    if model_name and model_name != recorded_name:
+        raise AdapterError(f"--model {model_name}: the adapter {folder} is for {recorded_name!r} and cannot be "
+                           "moved to another backbone (--pretrained may name another copy of the same weights)")
+    if method:
+        with user_errors("--method: "):
+            wanted = canonical(method)
+        if wanted != record["method"]:
+            raise AdapterError(f"--method {method} but the adapter {folder} holds method {record['method']!r}")
+    loaded = load_adapter(folder, pretrained, fused=fused)
+    task = task or loaded.task
+    with user_errors():
+        check_task(loaded.method, task)
+    print(f"adapter {folder}: {loaded.method} on {recorded_name} (pretrained={loaded.pretrained}), "
+          f"trained for {loaded.task}")
+    if loaded.pretrained is None:
+        print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {record['backbone']['seed']}); "
+              "numbers only check the pipeline.")
+    info = {"path": str(folder / WEIGHTS_FILE), "classnames": loaded.classnames, "templates": loaded.templates,
+            "step": (record.get("source") or {}).get("step")}
+    label = f"{'NEARL-CLIP' if loaded.method == 'nearl' else loaded.method} (adapter {folder.name})"
+    return ModelToEvaluate(loaded.model, loaded.method, task, loaded.pretrained, label, info)

@@ -1,0 +1,109 @@
+"""Predict with a trained adapter, a checkpoint or the zero-shot CLIP (`nearl.prediction` is the library).
+
+    python -m nearl.predict --adapter adapters/cxr --images scans/ --classes "pneumonia,normal"
+    python -m nearl.predict --checkpoint runs/roco --images a.png b.dcm --texts "a chest x-ray" "a CT slice"
+    python -m nearl.predict --model ViT-B-16 --pretrained openai --images scans/ --texts-file captions.txt
+
+--images takes files and folders (searched recursively for image files, DICOM included); an image
+that cannot be read is reported and skipped. --classes prints, per image, the softmax over the
+classes of the model's logits (prompt ensembling with --templates, else the templates the model
+was trained with, else nearl.classify.TEMPLATES); without --classes, an adapter or checkpoint
+trained for classification scores its own classes. --texts / --texts-file rank the texts for each
+image. --out DIR writes DIR/predictions.csv and DIR/predictions.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+from .adapter_files import adapter_to_evaluate
+from .argtypes import Parser, non_negative_int, positive_int
+from .classify import TEMPLATES
+from .cli_args import check_out_dir, resolve_device
+from .errors import UserError, run_cli
+from .evaluation import check_templates, model_to_evaluate
+from .logging_utils import setup_logging
+from .prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
+                         split_classes, write_predictions)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m nearl.predict", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="an adapter folder (python -m nearl.export)")
+    which.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt)")
+    p.add_argument("--method", help="without --adapter / --checkpoint: the method to build fresh (default nearl: "
+                   "the frozen CLIP); with one: must match it")
+    p.add_argument("--model", help="open_clip architecture for a zero-shot model (default: ViT-B-16 with a GPU, "
+                   "NEARL-Tiny on CPU)")
+    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
+                   "(with --adapter: a copy of the weights it was trained on)")
+    p.add_argument("--images", nargs="+", required=True, help="image files and folders (searched recursively)")
+    p.add_argument("--classes", nargs="+", help='class names, comma-separated: "pneumonia,normal"')
+    p.add_argument("--texts", nargs="+", help="texts to rank for each image")
+    p.add_argument("--texts-file", help="texts to rank, one a line")
+    p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: the model's, else "
+                   "nearl.classify.TEMPLATES)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="texts (or classes, when many) shown per image")
+    p.add_argument("--out", help="folder for predictions.csv and predictions.json")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The command line; returns the report. User mistakes raise UserError (see cli())."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    device = resolve_device(args.device)
+    check_templates(args.templates)
+    check_out_dir(args.out)
+    texts = read_texts(args.texts, args.texts_file)
+    if texts is not None and args.classes is not None:
+        raise UserError("give --classes (classification) or --texts / --texts-file (retrieval), not both")
+    classes = split_classes(args.classes) if args.classes is not None else None
+    if texts is None and classes is None and not (args.adapter or args.checkpoint):
+        raise UserError("give --classes (classification) or --texts / --texts-file (retrieval)")
+    images = find_images(args.images)
+    fused = args.fused and device.type == "cuda"
+    if args.fused and not fused:
+        print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+    task = "retrieval" if texts is not None else "classification"
+    common = dict(method=args.method, model_name=args.model, pretrained=args.pretrained, task=task, fused=fused)
+    chosen = (adapter_to_evaluate(args.adapter, **common) if args.adapter else
+              model_to_evaluate(args.checkpoint, seed=args.seed, **common))
+    model, record = chosen.model.to(device).eval(), chosen.checkpoint or {}
+    kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+              progress=not args.no_progress)
+    meta = {"method": chosen.method, "model": model.model_name, "pretrained": chosen.source,
+            "adapter": args.adapter, "checkpoint": record.get("path")}
+    if task == "classification":
+        classes = resolve_classes(classes, record.get("classnames"), chosen.method)
+        meta["templates"] = list(args.templates or record.get("templates") or TEMPLATES)
+        pred = predict_classes(model, images, classes, templates=meta["templates"], **kw)
+    else:
+        pred = rank_texts(model, images, texts, **kw)
+    print(format_table(pred, top_k=args.top_k))
+    if pred.skipped:
+        print(f"skipped {len(pred.skipped)} image(s) that could not be read: "
+              + ", ".join(f"{image} ({why})" for image, why in pred.skipped))
+    if args.out:
+        paths = write_predictions(pred, args.out, meta)
+        print(f"wrote {paths[0]} and {paths[1]}")
+    return {**meta, "task": task, "predictions": pred}
+
+
+def cli() -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2."""
+    sys.exit(run_cli(main, sys.argv[1:], prog="nearl.predict"))
+
+
+if __name__ == "__main__":
+    cli()

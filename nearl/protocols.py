@@ -1,0 +1,135 @@
+"""The protocols adaptation papers report, as runs of a comparison (nearl/comparison.py):
+
+- standard: every method trained on --data, evaluated on --split;
+- base2novel (CoOp / CoCoOp's, the one BiomedCoOp and MaPLe tables use): trained on the base classes
+  (the first half, `base_novel_split`), evaluated on the base and on the novel classes of --split;
+  reported as base and novel accuracy and their harmonic mean (HM);
+- few-shot: trained on K images per class for each K of --shots, accuracy against K.
+
+This module says which runs a protocol needs (`plan`), what each is evaluated on (`eval_sets`), how
+a run's results become its metrics (`run_metrics`), and for few-shot the table and the plot.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from . import evaluation as EV
+from .errors import UserError
+from .plots import save_figure
+
+PROTOCOLS = ("standard", "base2novel", "few-shot")
+NEEDS_CLASSES = ("base2novel", "few-shot")  # protocols of classification only
+B2N_KEYS = ("base", "novel", "hm")
+
+
+class Run(NamedTuple):
+    """One training run of a protocol: its method, seed, folder, extra nearl.train arguments, and
+    for few-shot its K."""
+    method: str
+    seed: int
+    folder: Path
+    extra_argv: Tuple[str, ...] = ()
+    shots: Optional[int] = None
+
+
+def parse_shots(text: str) -> List[int]:
+    try:
+        shots = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--shots takes comma-separated integers, got {text!r}") from None
+    if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
+        raise UserError(f"--shots needs distinct positive integers, got {text!r}")
+    return sorted(shots)
+
+
+def check(args, methods: List[str], chosen_by_user: bool) -> List[str]:
+    """The methods the protocol runs; a UserError for a protocol that does not fit the arguments."""
+    protocol = args.protocol
+    if protocol in NEEDS_CLASSES and args.task != "classification":
+        raise UserError(f"--protocol {protocol} is a classification protocol; add --task classification")
+    if protocol == "few-shot" and args.k_shot:
+        raise UserError("--protocol few-shot sets K itself from --shots; drop --k-shot")
+    if protocol != "base2novel":
+        return methods
+    blind = [m for m in methods if m == "linear-probe"]  # a fixed classifier: no score for unseen classes
+    if blind and chosen_by_user:
+        raise UserError("--protocol base2novel evaluates on classes the model never saw; linear-probe's "
+                        "classifier cannot score them: drop it from --methods")
+    return [m for m in methods if m not in blind]
+
+
+def plan(args, methods: Sequence[str], seeds: Sequence[int], out: Path) -> List[Run]:
+    runs = out / "runs"
+    if args.protocol == "few-shot":
+        return [Run(m, s, runs / m / f"k{k}" / f"seed{s}", ("--k-shot", str(k)), k)
+                for m in methods for k in parse_shots(args.shots) for s in seeds]
+    extra = ("--classes", "base") if args.protocol == "base2novel" else ()
+    return [Run(m, s, runs / m / f"seed{s}", extra) for m in methods for s in seeds]
+
+
+def eval_sets(args) -> Dict[str, tuple]:
+    """{name: load_eval_data(...)} each run is evaluated on."""
+    kw = dict(fmt=args.format, root=args.root, split=args.split)
+    data = args.test_data or args.data
+    if args.protocol == "base2novel":
+        return {c: EV.load_eval_data(args.task, data, classes=c, **kw) for c in ("base", "novel")}
+    return {"test": EV.load_eval_data(args.task, data, **kw)}
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+def run_metrics(protocol: str, results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """A run's metrics from its evaluations: base2novel's accuracy on base, on novel, and their HM."""
+    if protocol != "base2novel":
+        return results["test"]
+    base, novel = results["base"]["accuracy"], results["novel"]["accuracy"]
+    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+
+
+# ----------------------------------------------------------------------------- few-shot report
+def few_shot_table(report: Dict[str, Any]) -> List[str]:
+    """Markdown rows: one per method, accuracy (mean ± std over seeds) for each K."""
+    shots = report["config"]["shots"]
+    lines = ["| method | " + " | ".join(f"K = {k}" for k in shots) + " | learnable params |",
+             "|---|" + "---:|" * (len(shots) + 1)]
+    for method, m in report["methods"].items():
+        cells = [_fmt(m["shots"][str(k)]["metrics"]["accuracy"]) for k in shots]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {m['learnable_parameters']:,} |")
+    return lines
+
+
+def _fmt(stat: Dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.2f}" + ("" if stat["std"] is None else f" ± {stat['std']:.2f}")
+
+
+def few_shot_plot(report: Dict[str, Any], path: Path) -> Path:
+    """Accuracy against K (log2 axis), one line per method, error bars the std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    shots = report["config"]["shots"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, m in report["methods"].items():
+        stats = [m["shots"][str(k)]["metrics"]["accuracy"] for k in shots]
+        means = [s["mean"] if s["mean"] is not None else math.nan for s in stats]
+        errs = [s["std"] or 0.0 for s in stats]
+        ax.errorbar(shots, means, yerr=errs, marker="o", capsize=4, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    n_seeds = len(report["config"]["seeds"])
+    ax.set(xlabel="shots per class (K)", ylabel="accuracy (%)", ylim=(0, 100),
+           title=f"few-shot accuracy, mean ± std over {n_seeds} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if report.get("note"):
+        ax.text(0.5, 0.97, "pipeline check only: random backbone / tiny data", transform=ax.transAxes,
+                ha="center", va="top", fontsize=8, color="#aa0000")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,272 @@
+"""Adapter files (nearl/adapter_files.py, python -m nearl.export, nearl.load, evaluate --adapter):
+a bit-for-bit round trip, and every way a folder can be wrong refused with the file named."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import nearl
+from nearl import adapter_files as AF
+from nearl import checkpoint as C
+from nearl import evaluate as E
+from nearl import export as X
+from nearl import methods as MT
+from nearl.errors import UserError, run_cli
+from nearl.nonfinite import NonFiniteError
+from test_train import FAST, _one_thread, make_image_folder, run  # noqa: F401  (_one_thread: autouse)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A NEARL-Tiny classification run of 2 steps and its exported adapter (shared: tests copy it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    data = make_image_folder(root / "folder", per_class=(3, 1))
+    run(["--task", "classification", "--model", "NEARL-Tiny", "--data", data, "--batch-size", 6, "--max-steps", 2,
+         "--lr", 1e-2, "--eval-every", 0, "--templates", "a {} image.", "a photo of {}.", "--out", root / "run", *FAST])
+    assert X.main(["--checkpoint", str(root / "run"), "--out", str(root / "adapter")]) == root / "adapter"
+    torch.set_num_threads(threads)
+    return root / "run", root / "adapter", data
+
+
+def copy_adapter(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained[1], tmp_path / "adapter"))
+
+
+def edit_config(folder: Path, change) -> None:
+    path = folder / AF.CONFIG_FILE
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def images_and_tokens(model):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, 32, 32, generator=g), model.tokenizer()(["a red image", "green", "a photo of blue."])
+
+
+# ----------------------------------------------------------------------------- the round trip
+def test_round_trip_is_bit_for_bit(trained):
+    run_dir, adapter, _ = trained
+    ckpt = C.load_checkpoint(run_dir)
+    restored = MT.build_from_checkpoint(ckpt).eval()
+    loaded = nearl.load(adapter)
+    assert not loaded.training and type(loaded) is type(restored)
+    state = loaded.trainable_state_dict()
+    assert set(state) == set(ckpt["model"])
+    for name, tensor in ckpt["model"].items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    fresh = MT.build_method("nearl", "NEARL-Tiny", None, seed=0)
+    w_up = "adapters.vision.layers.1.w_up"
+    assert not torch.equal(state[w_up], fresh.trainable_state_dict()[w_up])  # trained, not fresh
+    images, tokens = images_and_tokens(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), restored.encode_image(images))
+        assert torch.equal(loaded.encode_text(tokens), restored.encode_text(tokens))
+
+
+def test_folder_layout_and_config(trained):
+    run_dir, adapter, _ = trained
+    ckpt = C.load_checkpoint(run_dir)
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
+    assert sum(p.stat().st_size for p in adapter.iterdir()) < 3_000_000  # a few MB at most; no backbone
+    record = json.loads((adapter / AF.CONFIG_FILE).read_text())
+    assert record["format"] == "nearl-adapter" and record["nearl_version"] == nearl.__version__
+    assert (record["method"], record["task"]) == ("nearl", "classification")
+    assert record["config"] == ckpt["config"] and record["config"]["rank"] == 32  # every hyper-parameter
+    assert record["classnames"] == ["blue", "green", "red"]
+    assert record["templates"] == ["a {} image.", "a photo of {}."]
+    assert record["backbone"] | {"fingerprint": None} == {"model_name": "NEARL-Tiny", "pretrained": None, "seed": 0,
+                                                          "fingerprint": None}
+    assert record["backbone"]["fingerprint"] == AF.fingerprint(MT.build_from_checkpoint(ckpt))
+    assert record["weights"]["parameters"] == sum(v.numel() for v in ckpt["model"].values())
+    assert record["source"]["step"] == 2
+    with safe_open(str(adapter / AF.WEIGHTS_FILE), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(ckpt["model"])
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: nearl-clip") and "nearl.load(" in card and "random (seed 0)" in card
+
+
+def test_evaluate_with_adapter_equals_checkpoint(trained, capsys):
+    run_dir, adapter, data = trained
+    common = ["--data", str(data), "--split", "val", "--workers", "0", "--no-progress"]
+    by_adapter = E.main(["--adapter", str(adapter), *common])
+    by_checkpoint = E.main(["--checkpoint", str(run_dir), *common])
+    assert by_adapter["task"] == "classification"
+    assert json.dumps(by_adapter["metrics"]) == json.dumps(by_checkpoint["metrics"])  # NaN-safe equality
+    assert by_adapter["checkpoint"].endswith("adapter.safetensors")
+    assert "RANDOM" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # one or the other
+        E.main(["--adapter", str(adapter), "--checkpoint", str(run_dir), *common])
+    assert stop.value.code == 2
+    with pytest.raises(UserError, match="--model ViT-B-16: the adapter .* is for 'NEARL-Tiny'"):
+        E.main(["--adapter", str(adapter), "--model", "ViT-B-16", *common])
+    with pytest.raises(UserError, match="--method alta but the adapter .* holds method 'nearl'"):
+        E.main(["--adapter", str(adapter), "--method", "alta", *common])
+
+
+@pytest.mark.parametrize("method", ["alta", "clip-adapter", "coop", "linear-probe", "zeroshot"])
+def test_every_method_round_trips(tmp_path, method):
+    """save_adapter on a model whose learnable tensors were changed (as training would); ALTA trains
+    backbone LayerNorms, which the fingerprint must leave out."""
+    cfg = {"num_classes": 3} if method == "linear-probe" else {}
+    model = MT.build_method(method, "NEARL-Tiny", None, seed=0, **cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    AF.save_adapter(model, tmp_path / "a", model_name="NEARL-Tiny", pretrained=None, task="classification",
+                    classnames=["red", "green", "blue"])
+    loaded = AF.load_adapter(tmp_path / "a")
+    assert (loaded.method, loaded.classnames) == (MT.canonical(method), ["red", "green", "blue"])
+    for name, tensor in model.trainable_state_dict().items():
+        assert torch.equal(loaded.model.trainable_state_dict()[name], tensor), name
+    images, _ = images_and_tokens(model)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval().encode_image(images), model.eval().encode_image(images))
+
+
+# ----------------------------------------------------------------------------- the fingerprint
+def test_fingerprint_is_deterministic_and_tells_backbones_apart():
+    a, b = (MT.build_method("nearl", "NEARL-Tiny", None, seed=0) for _ in range(2))
+    other = MT.build_method("nearl", "NEARL-Tiny", None, seed=1)
+    assert AF.fingerprint(a) == AF.fingerprint(b)
+    assert AF.fingerprint(other)["architecture"] == AF.fingerprint(a)["architecture"]
+    assert AF.fingerprint(other)["weights"] != AF.fingerprint(a)["weights"]
+    with torch.no_grad():  # trained adapters are not the backbone
+        next(a.trainable_parameters()).add_(1.0)
+        assert AF.fingerprint(a) == AF.fingerprint(b)
+        b.backbone.token_embedding.weight[0, 0] += 1.0  # sampled: element 0 of a large tensor is read
+    assert AF.fingerprint(a)["weights"] != AF.fingerprint(b)["weights"]
+    assert AF.fingerprint(a)["tensors"] == len([t for t in a.backbone.state_dict().values() if t.is_floating_point()])
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_another_backbone_is_refused(trained, tmp_path):
+    from tiny_timm import register
+
+    register()
+    folder = copy_adapter(trained, tmp_path)
+    edit_config(folder, lambda r: r["backbone"].update(model_name="NEARL-Tiny-Sigmoid"))
+    with pytest.raises(UserError, match=r"adapter_config.json: the backbone built from model_name='NEARL-Tiny-Sigmoid'"
+                                        r".* is not the one this adapter was trained on: its architecture differs"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r["backbone"].update(model_name="NEARL-Tiny", seed=1))
+    with pytest.raises(UserError, match="same architecture, different weights"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r["backbone"].update(seed=0))
+    nearl.load(folder)  # as exported again
+    edit_config(folder, lambda r: r["backbone"]["fingerprint"].update(weights="0" * 64))
+    with pytest.raises(UserError, match=r"adapter_config.json: .*different weights \(fingerprint [0-9a-f]{16} != "
+                                        r"recorded 0000000000000000\)"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r["backbone"].update(model_name="ViT-Nope-1"))
+    with pytest.raises(UserError, match="adapter_config.json: its backbone cannot be built here: .*'ViT-Nope-1'"):
+        nearl.load(folder)
+
+
+def test_a_local_copy_of_the_same_weights_may_replace_the_source(trained, tmp_path):
+    """pretrained= overrides where the backbone comes from; the fingerprint must still match."""
+    adapter = trained[1]
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    torch.save(MT.build_method("zeroshot", "NEARL-Tiny", None, seed=0).backbone.state_dict(), same)
+    torch.save(MT.build_method("zeroshot", "NEARL-Tiny", None, seed=5).backbone.state_dict(), other)
+    loaded = AF.load_adapter(adapter, pretrained=str(same))
+    assert loaded.pretrained == str(same)
+    images, tokens = images_and_tokens(loaded.model)
+    reference = nearl.load(adapter)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
+    with pytest.raises(UserError, match=r"pretrained='.*other.pt'.*same architecture, different weights"):
+        nearl.load(adapter, pretrained=str(other))
+    with pytest.raises(UserError, match=r"backbone weights file .*missing.pt not found here; pass --pretrained"):
+        nearl.load(adapter, pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_config_that_does_not_fit_the_weights_is_refused(trained, tmp_path):
+    folder = copy_adapter(trained, tmp_path)
+    edit_config(folder, lambda r: r["config"].update(rank=16))
+    with pytest.raises(UserError, match=r"adapter.safetensors does not fit the nearl model that .*adapter_config.json "
+                                        r"describes \(method and config\): shapes differ: .* \(.*32.*\) in the file, "
+                                        r"\(.*16.*\) in the model"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r.update(method="clip-adapter", config={}))
+    with pytest.raises(UserError, match="does not fit the clip-adapter model .*: missing .*unexpected"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r.update(method="nearl", config={"rank": 32, "depth": 3}))
+    with pytest.raises(UserError, match=r"adapter_config.json: method 'nearl' has no option\(s\) \['depth'\]"):
+        nearl.load(folder)
+    edit_config(folder, lambda r: r.update(method="no-such-method"))
+    with pytest.raises(UserError, match="adapter_config.json: unknown method 'no-such-method'"):
+        nearl.load(folder)
+
+
+def test_missing_or_damaged_files_are_named(trained, tmp_path):
+    folder = copy_adapter(trained, tmp_path)
+    with pytest.raises(UserError, match="adapter folder .*nowhere not found"):
+        nearl.load(tmp_path / "nowhere")
+    weights = load_file(str(folder / AF.WEIGHTS_FILE))
+    (folder / AF.WEIGHTS_FILE).unlink()
+    with pytest.raises(UserError, match=r"adapter/adapter.safetensors not found: the adapter's weights"):
+        nearl.load(folder)
+    weights["queries.q0"] = weights["queries.q0"] + 1.0
+    save_file(weights, str(folder / AF.WEIGHTS_FILE))
+    with pytest.raises(UserError, match=r"adapter.safetensors is not the file its adapter_config.json was written "
+                                        r"with \(sha256 differs\)"):
+        nearl.load(folder)
+    (folder / AF.WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    edit_config(folder, lambda r: r["weights"].update(sha256=__import__("hashlib").sha256(
+        (folder / AF.WEIGHTS_FILE).read_bytes()).hexdigest()))
+    with pytest.raises(UserError, match="adapter.safetensors: not a readable safetensors file"):
+        nearl.load(folder)
+    (folder / AF.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="adapter_config.json: cannot be read as JSON"):
+        nearl.load(folder)
+    (folder / AF.CONFIG_FILE).write_text(json.dumps({"format": "nearl-adapter", "format_version": 1}))
+    with pytest.raises(UserError, match="adapter_config.json: no 'method' entry"):
+        nearl.load(folder)
+    (folder / AF.CONFIG_FILE).unlink()
+    with pytest.raises(UserError, match=r"adapter/adapter_config.json not found: .* is not an adapter folder"):
+        nearl.load(folder)
+
+
+def test_nan_is_neither_exported_nor_loaded(trained, tmp_path, capsys):
+    ckpt = torch.load(C.resolve(trained[0]), weights_only=True)
+    ckpt["model"]["queries.q0"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")  # past save_checkpoint, which would refuse it
+    with pytest.raises(NonFiniteError, match=r"nan.pt: 1 of \d+ learnable tensors hold NaN or inf \(queries.q0\); "
+                                             r"not exported"):
+        AF.export_checkpoint(tmp_path / "nan.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert run_cli(X.main, ["--checkpoint", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out")],
+                   prog="nearl.export") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nearl.export: error: checkpoint ") and err.count("\n") == 1
+    folder = copy_adapter(trained, tmp_path)
+    weights = load_file(str(folder / AF.WEIGHTS_FILE))
+    weights["queries.q0"][0, 0] = float("inf")
+    save_file(weights, str(folder / AF.WEIGHTS_FILE))
+    edit_config(folder, lambda r: r["weights"].update(sha256=__import__("hashlib").sha256(
+        (folder / AF.WEIGHTS_FILE).read_bytes()).hexdigest()))
+    with pytest.raises(UserError, match=r"adapter.safetensors: 1 tensors hold NaN or inf \(queries.q0\); refused"):
+        nearl.load(folder)
+
+
+def test_export_refuses_to_overwrite_and_names_a_missing_checkpoint(trained, tmp_path, capsys):
+    run_dir, adapter, _ = trained
+    with pytest.raises(UserError, match=r"already holds adapter.safetensors, adapter_config.json, README.md; pass "
+                                        r"--overwrite"):
+        X.main(["--checkpoint", str(run_dir), "--out", str(adapter)])
+    folder = copy_adapter(trained, tmp_path)
+    X.main(["--checkpoint", str(run_dir / "last.pt"), "--out", str(folder), "--overwrite"])
+    assert (folder / AF.WEIGHTS_FILE).read_bytes() == (adapter / AF.WEIGHTS_FILE).read_bytes()  # reproducible
+    assert run_cli(X.main, ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
+                   prog="nearl.export") == 2
+    assert "checkpoint not found: " in capsys.readouterr().err
