@@ -75,3 +75,17 @@ def user_errors(context: str = "") -> Iterator[None]:
         raise
     except ValueError as err:
         raise UserError(f"{context}{err}") from err
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """The arguments that choose the model of nearl.evaluate and nearl.predict: a trained run or an
+    adapter folder, else a fresh method on a backbone."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
+    which.add_argument("--adapter", help="an adapter folder (python -m nearl.export); refuses another backbone")
+    p.add_argument("--method", help="without --checkpoint / --adapter: the method to build fresh (default nearl, "
+                   "which computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
+    p.add_argument("--model", help="open_clip architecture or transformers:<repo id or folder> (default: the "
+                   "checkpoint's or adapter's; without one, ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
+    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
+                   "(default: the checkpoint's or adapter's, which must match it; without one: random)")

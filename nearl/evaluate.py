@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 from .adapter_files import adapter_to_evaluate
 from .argtypes import Parser, non_negative_int, positive_int
 from .classify import TEMPLATES
-from .cli_args import check_out_dir, resolve_device
+from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import run_cli
 from .evaluation import (check_templates, evaluate_classification, evaluate_retrieval, load_eval_data,
                          model_to_evaluate)
@@ -35,15 +35,7 @@ from .logging_utils import json_safe, markdown_table
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m nearl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt); none: zero-shot")
-    which.add_argument("--adapter", help="an adapter folder (python -m nearl.export); refuses another backbone")
-    p.add_argument("--method", help="without --checkpoint: the method to build fresh (default nearl, which "
-                   "computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
-    p.add_argument("--model", help="open_clip architecture (default: the checkpoint's; without one, "
-                   "ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
-    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
-                   "(default: the checkpoint's; without one: random)")
+    add_model_source(p)
     p.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
     p.add_argument("--task", choices=("retrieval", "classification"),
                    help="default: the checkpoint's task, else retrieval")

@@ -126,5 +126,5 @@ class FrozenCLIPWrapper(nn.Module):
         return image_transform_v2(PreprocessCfg(**self.tower("vision").preprocess_cfg), is_train=train)
 
     def tokenizer(self):
-        own = getattr(self.backbone, "tokenizer", None)  # a transformers checkpoint's own (transformers_backbone.py)
-        return own() if callable(own) else open_clip.get_tokenizer(self.model_name)
+        own = getattr(self.backbone, "make_tokenizer", None)  # a transformers checkpoint's (transformers_backbone.py)
+        return own() if own is not None else open_clip.get_tokenizer(self.model_name)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 from .adapter_files import adapter_to_evaluate
 from .argtypes import Parser, non_negative_int, positive_int
 from .classify import TEMPLATES
-from .cli_args import check_out_dir, resolve_device
+from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import UserError, run_cli
 from .evaluation import check_templates, model_to_evaluate
 from .logging_utils import setup_logging
@@ -31,15 +31,7 @@ from .prediction import (find_images, format_table, predict_classes, rank_texts,
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m nearl.predict", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--adapter", help="an adapter folder (python -m nearl.export)")
-    which.add_argument("--checkpoint", help="a checkpoint file or run directory (its last.pt)")
-    p.add_argument("--method", help="without --adapter / --checkpoint: the method to build fresh (default nearl: "
-                   "the frozen CLIP); with one: must match it")
-    p.add_argument("--model", help="open_clip architecture for a zero-shot model (default: ViT-B-16 with a GPU, "
-                   "NEARL-Tiny on CPU)")
-    p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
-                   "(with --adapter: a copy of the weights it was trained on)")
+    add_model_source(p)
     p.add_argument("--images", nargs="+", required=True, help="image files and folders (searched recursively)")
     p.add_argument("--classes", nargs="+", help='class names, comma-separated: "pneumonia,normal"')
     p.add_argument("--texts", nargs="+", help="texts to rank for each image")

@@ -3,7 +3,7 @@ PubMedCLIP ports are CLIPModels, MedSigLIP a SiglipModel): `nearl.build("transfo
 folder>")`.
 
 `TransformersCLIP` gives such a model the face the rest of NEARL-CLIP uses (encode_image,
-encode_text, logit_scale, logit_bias, a tokenizer, the preprocessing); its towers are stepped by
+encode_text, logit_scale, logit_bias, make_tokenizer, the preprocessing); its towers are stepped by
 nearl/towers/hf_clip_vision.py and hf_clip_text.py. Text goes in as the tokenizer pads it (to the
 text tower's context length) with no attention mask: CLIP's text tower is causal, so padding after
 the end-of-text token changes nothing it pools, and SigLIP's was trained on padded text without one.
@@ -59,7 +59,7 @@ class TransformersCLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return _features(self.hf.get_text_features(input_ids=tokens), normalize)
 
-    def tokenizer(self):
+    def make_tokenizer(self):
         """open_clip's wrapper of the checkpoint's own tokenizer, padding to the context length."""
         from open_clip.tokenizer import HFTokenizer
         return HFTokenizer(self.source, context_length=self.context_length)

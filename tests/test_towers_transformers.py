@@ -224,7 +224,7 @@ def test_a_hub_repo_id_is_passed_on_as_it_is(names, monkeypatch):
     seen = {}
     import open_clip.tokenizer
     monkeypatch.setattr(open_clip.tokenizer, "HFTokenizer", lambda source, **kw: seen.update(source=source, **kw))
-    fresh.tokenizer()
+    fresh.make_tokenizer()
     assert seen == {"source": "flaviagiammarino/pubmed-clip-vit-base-patch32", "context_length": 24}
 
 
