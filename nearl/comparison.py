@@ -1,10 +1,9 @@
 """Comparison of adaptation methods, the library: the options of a comparison, its runs (each
-trained by `nearl.training.fit` and evaluated by `nearl.evaluation`), their measurements, the
-report and the plot. `python -m nearl.compare` is its command line; its description below."""
+trained by `nearl.training.fit` and evaluated by `nearl.evaluation`) and their measurements;
+the report and the plot are comparison_report.py's. `python -m nearl.compare` is its command line; its description below."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import resource
@@ -21,11 +20,10 @@ from .argtypes import Parser, non_negative_int, positive_int
 from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError
-from .plots import save_figure
-from .logging_utils import json_safe, read_metrics
+from .logging_utils import read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
-from .protocols import (B2N_KEYS, PROTOCOLS, Run, eval_sets, few_shot_plot, few_shot_table, harmonic_mean, plan,
-                        run_metrics)
+from .comparison_report import MAIN_METRIC, SHOWN, write_report
+from .protocols import B2N_KEYS, PROTOCOLS, Run, comma_ints, eval_sets, harmonic_mean, plan, run_metrics
 from .protocols import check as check_protocol
 from .run_dir import run_files
 
@@ -64,9 +62,6 @@ torch.cuda.max_memory_allocated over training and evaluation on a GPU, and "n/a"
 then gives the process's peak RSS, which only grows over the whole comparison); inference images/s
 is encode_image on a fixed batch of random images, after warm-up, for the first seed's model.
 """
-MAIN_METRIC = {"retrieval": "mean_recall", "classification": "accuracy"}
-SHOWN = {"retrieval": ("mean_recall", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
-         "classification": ("accuracy", "macro_f1", "macro_auc")}
 PIPELINE_NOTE = ("These numbers only show that the pipeline runs: {why}. They say nothing about "
                  "which method is better.")
 
@@ -137,10 +132,7 @@ def _methods(args) -> List[str]:
 
 
 def _seeds(text: str) -> List[int]:
-    try:
-        seeds = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    seeds = comma_ints(text, "--seeds")
     if not seeds:
         raise UserError("--seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
@@ -272,14 +264,6 @@ def run_one(args, run: Run, model_name: str, device: torch.device, eval_sets: Di
 
 
 # ----------------------------------------------------------------------------- report
-def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    if stat["std"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def summarise(runs: Dict[str, List[Dict[str, Any]]], task: str) -> Dict[str, Dict[str, Any]]:
     out = {}
     for method, rs in runs.items():
@@ -306,92 +290,6 @@ def summarise_by_shots(runs: Dict[str, List[Dict[str, Any]]], task: str) -> Dict
                        "shots": {str(k): summarise({method: [r for r in rs if r["shots"] == k]}, task)[method]
                                  for k in shots}}
     return out
-
-
-def _header(report: Dict[str, Any]) -> List[str]:
-    task, cfg = report["task"], report["config"]
-    protocol = "" if report["protocol"] == "standard" else f" ({report['protocol']} protocol)"
-    lines = [f"# Method comparison{protocol}: {task} on {report['data']} ({report['split']} split)", ""]
-    if report.get("note"):
-        lines += [f"**{report['note']}**", ""]
-    return lines + [f"Backbone {cfg['model']} ({cfg['pretrained'] or 'RANDOM weights, no --pretrained'}); "
-                    f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['max_steps']} steps per run, batch "
-                    f"{cfg['batch_size']}, lr {cfg['lr']}, precision {cfg['precision']}; device {report['device']}. "
-                    f"Metrics are mean ± standard deviation over seeds (percent), on the final checkpoint of each "
-                    f"run.", ""]
-
-
-def markdown(report: Dict[str, Any]) -> str:
-    if report["protocol"] == "few-shot":
-        return "\n".join(_header(report) + few_shot_table(report) + [
-            "", "Notes:", "- accuracy on the evaluated split; each run trained on K images per class "
-            "(nearl.train --k-shot K, drawn by the run's seed)",
-            f"- accuracy against K is plotted in {Path(report['files']['png']).name}."]) + "\n"
-    cfg = report["config"]
-    shown = report["shown"]
-    on_gpu = report["device"].startswith("cuda")
-    head = ["method", *[k if k != "hm" else "HM" for k in shown], "learnable params", "s / train step",
-            "peak memory (MB)", "inference img/s"]
-    lines = _header(report) + ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for method, m in report["methods"].items():
-        step = m["time_per_step_s"]
-        cells = [method, *[_fmt(m["metrics"][k]) if k in m["metrics"] else "" for k in shown],
-                 f"{m['learnable_parameters']:,}",
-                 "n/a (no training)" if step["mean"] is None else _fmt(step, 4),
-                 _fmt(m["peak_memory_mb"], 0) if on_gpu else "n/a (CPU)",
-                 "n/a" if m["inference_images_per_s"] is None else f"{m['inference_images_per_s']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Notes:"]
-    if report["protocol"] == "base2novel":
-        lines.append(f"- base2novel: trained on the base classes {report['classes']['base']}; base / novel: "
-                     f"accuracy on the images of the base / novel classes {report['classes']['novel']}, each "
-                     "scored among its own classes; HM = 2 base novel / (base + novel) of the mean base and "
-                     "novel accuracies (as CoCoOp's tables), ± the spread of the per-seed HM")
-    lines += ["- s / train step: median wall time of one optimizer step, data loading included (first step left "
-              "out); for linear-probe one L-BFGS iteration on cached features (feature extraction excluded).",
-              "- peak memory: torch.cuda.max_memory_allocated over training and evaluation of a run"
-              + ("." if on_gpu else f"; not measured on CPU (this process's peak RSS over the whole comparison "
-                                    f"was {report['peak_rss_mb']:.0f} MB)."),
-              f"- inference img/s: encode_image on a batch of {cfg['bench_batch']} random images, "
-              f"{cfg['bench_iters']} timed calls after 2 warm-up ones, first seed's model.",
-              f"- {', '.join(report['plotted'])} plotted in {Path(report['files']['png']).name}."]
-    return "\n".join(lines) + "\n"
-
-
-def bar_plot(report: Dict[str, Any], path: Path) -> Path:
-    """Grouped bars: each plotted metric (mean, std error bars) for each method."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    keys, names = report["plotted"], list(report["methods"])
-    width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(names) * len(keys) ** 0.5 + 1.5), 4))
-    top = 100.0
-    for i, key in enumerate(keys):
-        stats = [report["methods"][m]["metrics"].get(key, {"mean": None, "std": None}) for m in names]
-        means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
-        errs = [s["std"] if s["std"] is not None else 0.0 for s in stats]
-        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(names))]
-        bars = ax.bar(xs, means, width, yerr=errs, capsize=4, label=key if key != "hm" else "HM",
-                      edgecolor="black", linewidth=0.6)
-        top = max(top, max(m + e for m, e in zip(means, errs)) * 1.1)
-        for b, st in zip(bars, stats):
-            if st["mean"] is not None:
-                ax.annotate(f"{st['mean']:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                            va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
-    n_seeds = len(report["config"]["seeds"])
-    shown = ", ".join(k if k != "hm" else "HM" for k in keys)
-    ax.set(ylabel="percent", title=f"{report['task']}: {shown}, mean ± std over {n_seeds} seed(s)", ylim=(0, top))
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.grid(axis="y", alpha=0.3)
-    if len(keys) > 1:
-        ax.legend(fontsize=8, loc="upper right")
-    if report.get("note"):
-        ax.text(0.5, 0.97, "pipeline check only: random backbone / tiny data", transform=ax.transAxes,
-                ha="center", va="top", fontsize=8, color="#aa0000")
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -489,10 +387,7 @@ def compare(args) -> Dict[str, Any]:
     sets = eval_sets(args)
     results = _run_all(args, runs, model_name, device, sets)
     report = _report(args, methods, seeds, model_name, device, note, sets, results, out)
-    (few_shot_plot if args.protocol == "few-shot" else bar_plot)(report, out / "comparison.png")
-    md = markdown(report)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")
+    md = write_report(report, out)
     print("\n" + md)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}", flush=True)
     return report

@@ -183,10 +183,7 @@ def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: O
     the `classes` of CoOp's base-to-novel split ("base", "novel") or all of them."""
     if task != "retrieval":
         records, classnames, used, src = _load_labelled(data, root=root, split=split)
-        try:
-            records, classnames = select_classes(records, classnames, classes)
-        except ValueError as err:
-            raise UserError(f"--classes {classes}: {err}") from None
+        records, classnames = select_classes(records, classnames, classes)
         return records, classnames, used, src
     if classes != "all":
         raise UserError("--classes applies to --task classification only")

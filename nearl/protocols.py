@@ -7,17 +7,15 @@
 - few-shot: trained on K images per class for each K of --shots, accuracy against K.
 
 This module says which runs a protocol needs (`plan`), what each is evaluated on (`eval_sets`), how
-a run's results become its metrics (`run_metrics`), and for few-shot the table and the plot.
+a run's results become its metrics (`run_metrics`); comparison_report.py renders each protocol.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import evaluation as EV
 from .errors import UserError
-from .plots import save_figure
 
 PROTOCOLS = ("standard", "base2novel", "few-shot")
 NEEDS_CLASSES = ("base2novel", "few-shot")  # protocols of classification only
@@ -34,11 +32,16 @@ class Run(NamedTuple):
     shots: Optional[int] = None
 
 
-def parse_shots(text: str) -> List[int]:
+def comma_ints(text: str, flag: str) -> List[int]:
+    """'0,1,2' -> [0, 1, 2]; a UserError naming `flag` otherwise."""
     try:
-        shots = [int(s) for s in str(text).split(",") if s.strip()]
+        return [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--shots takes comma-separated integers, got {text!r}") from None
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def parse_shots(text: str) -> List[int]:
+    shots = comma_ints(text, "--shots")
     if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
         raise UserError(f"--shots needs distinct positive integers, got {text!r}")
     return sorted(shots)
@@ -88,48 +91,3 @@ def run_metrics(protocol: str, results: Dict[str, Dict[str, Any]]) -> Dict[str, 
         return results["test"]
     base, novel = results["base"]["accuracy"], results["novel"]["accuracy"]
     return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
-
-
-# ----------------------------------------------------------------------------- few-shot report
-def few_shot_table(report: Dict[str, Any]) -> List[str]:
-    """Markdown rows: one per method, accuracy (mean ± std over seeds) for each K."""
-    shots = report["config"]["shots"]
-    lines = ["| method | " + " | ".join(f"K = {k}" for k in shots) + " | learnable params |",
-             "|---|" + "---:|" * (len(shots) + 1)]
-    for method, m in report["methods"].items():
-        cells = [_fmt(m["shots"][str(k)]["metrics"]["accuracy"]) for k in shots]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {m['learnable_parameters']:,} |")
-    return lines
-
-
-def _fmt(stat: Dict[str, Any]) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean']:.2f}" + ("" if stat["std"] is None else f" ± {stat['std']:.2f}")
-
-
-def few_shot_plot(report: Dict[str, Any], path: Path) -> Path:
-    """Accuracy against K (log2 axis), one line per method, error bars the std over seeds."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    shots = report["config"]["shots"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, m in report["methods"].items():
-        stats = [m["shots"][str(k)]["metrics"]["accuracy"] for k in shots]
-        means = [s["mean"] if s["mean"] is not None else math.nan for s in stats]
-        errs = [s["std"] or 0.0 for s in stats]
-        ax.errorbar(shots, means, yerr=errs, marker="o", capsize=4, label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(shots, [str(k) for k in shots])
-    n_seeds = len(report["config"]["seeds"])
-    ax.set(xlabel="shots per class (K)", ylabel="accuracy (%)", ylim=(0, 100),
-           title=f"few-shot accuracy, mean ± std over {n_seeds} seed(s)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if report.get("note"):
-        ax.text(0.5, 0.97, "pipeline check only: random backbone / tiny data", transform=ax.transAxes,
-                ha="center", va="top", fontsize=8, color="#aa0000")
-    fig.tight_layout()
-    return save_figure(fig, path)

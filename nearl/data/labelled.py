@@ -176,7 +176,7 @@ CLASS_SUBSETS = ("all", "base", "novel")
 def select_classes(records: Iterable[LabelledRecord], classnames: Sequence[str], which: str
                    ) -> Tuple[List[LabelledRecord], List[str]]:
     """The records and class names of `which` ("all", or base / novel of `base_novel_split`), labels
-    renumbered 0..K-1 in the subset's class order."""
+    renumbered 0..K-1 in the subset's class order. Too few classes for a half: a UserError."""
     if which not in CLASS_SUBSETS:
         raise ValueError(f"classes must be one of {CLASS_SUBSETS}, got {which!r}")
     if which == "all":
@@ -184,6 +184,6 @@ def select_classes(records: Iterable[LabelledRecord], classnames: Sequence[str],
     base, novel = base_novel_split(classnames)
     labels = base if which == "base" else novel
     if not labels:
-        raise ValueError(f"{len(classnames)} class(es) {list(classnames)} leave no {which} classes: the "
-                         "base-to-novel protocol needs at least two")
+        raise UserError(f"--classes {which}: {len(classnames)} class(es) {list(classnames)} leave no {which} "
+                        "classes: the base-to-novel protocol needs at least two")
     return subset_by_labels(records, labels), [classnames[i] for i in labels]

@@ -100,10 +100,7 @@ def load_train_data(args) -> TrainData:
     else:
         val = splits.get("val", [])
     which = getattr(args, "classes", "all")
-    try:
-        (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
-    except ValueError as err:
-        raise UserError(f"--classes {which}: {err}") from None
+    (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
     classnames = names
     if not train:
         raise UserError(f"{path}: no training records" + ("" if which == "all" else f" of the {which} classes"))
