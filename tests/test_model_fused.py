@@ -15,6 +15,28 @@ def perturb_adapters(model):
     return model
 
 
+def assert_is_the_frozen_backbone(model, images, tokens):
+    """Both towers of `model` compute exactly what its frozen backbone computes."""
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+
+
+def adapted_first_block(tower, tokens, attention):
+    """Block 0 of `tower` on `tokens`, as (its input x, the output of its `attention` module, the block
+    with ALTA's additions after_attention = h + 1 and beside_mlp = 0.5 h), once identity additions
+    are checked to give the plain block exactly."""
+    with torch.no_grad():
+        x, mask = tower.stem(tokens)
+        seen = {}
+        hook = attention.register_forward_hook(lambda m, a, out: seen.update(a=out[0]))
+        plain = tower.block(0, x, mask)
+        hook.remove()
+        assert torch.equal(tower.adapted_block(0, x, mask, lambda h: h, lambda h: 0 * h), plain)
+        got = tower.adapted_block(0, x, mask, lambda h: h + 1.0, lambda h: 0.5 * h)
+    return x, seen["a"], got
+
+
 def trained_like(orth="hard"):
     """A tiny model whose adapters are no longer at init (W_up != 0), so OCA really acts."""
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import nearl
 from nearl import methods as MT
 from nearl.checkpoint import load_checkpoint
 from nearl.towers import HFText, TimmVision
-from test_model_fused import assert_fused_matches_reference, perturb_adapters
+from test_model_fused import (adapted_first_block, assert_fused_matches_reference, assert_is_the_frozen_backbone,
+                              perturb_adapters)
 from test_train import FAST, make_image_folder, make_manifest, run, train_losses
 import tiny_biomed
 import tiny_roberta
@@ -32,11 +33,23 @@ def test_a_fresh_model_is_the_frozen_biomedclip_bit_for_bit(name):
     assert isinstance(model.tower("vision"), TimmVision) and isinstance(model.tower("text"), HFText)
     images, tokens = batch(model)
     assert tokens.shape == (3, 32) and (tokens == 0).any()  # padded: the mask matters
-    with torch.no_grad():
-        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
-        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
+    assert_is_the_frozen_backbone(model, images, tokens)
     tokens_out = model(images.requires_grad_(), tokens).text_features
     assert torch.equal(tokens_out, model.backbone.encode_text(tokens))
+
+
+def assert_padding_is_hidden(tower, tokens, pad_id):
+    """The padding really is masked: other tokens at the padded positions, stepped under the
+    tokens' own mask, change nothing the head pools, while the valid mask of those tokens differs."""
+    other = tokens.clone()
+    other[tokens == pad_id] = 7
+    assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
+    with torch.no_grad():
+        (x, mask), (x2, _) = tower.stem(tokens), tower.stem(other)
+        assert not torch.equal(x, x2)
+        for k in range(tower.depth):
+            x, x2 = tower.block(k, x, mask), tower.block(k, x2, mask)
+        assert torch.equal(tower.head(x2, tokens), tower.head(x, tokens))
 
 
 def test_the_text_tower_steps_as_bert_with_its_padding_mask(name):
@@ -49,11 +62,7 @@ def test_the_text_tower_steps_as_bert_with_its_padding_mask(name):
         for k in range(tower.depth):
             x = tower.block(k, x, mask)
         assert torch.equal(tower.head(x, tokens), model.backbone.encode_text(tokens))
-        # the padding really is masked: changing a padded position's token leaves the features alone
-        other = tokens.clone()
-        other[tokens == 0] = 7
-        x2, mask2 = tower.stem(other)
-        assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
+    assert_padding_is_hidden(tower, tokens, pad_id=0)
     assert tower.output_dim() == 32
 
 
@@ -94,20 +103,12 @@ def test_alta_adapters_in_bert_post_norm_layers(name):
     there, and with zero adapters (a fresh ALTA) the model is the frozen one bit for bit."""
     fresh = MT.build_method("alta", name)
     images, tokens = batch(fresh)
-    with torch.no_grad():
-        assert torch.equal(fresh.encode_text(tokens), fresh.backbone.encode_text(tokens))
-        assert torch.equal(fresh.encode_image(images), fresh.backbone.encode_image(images))
+    assert_is_the_frozen_backbone(fresh, images, tokens)
     tower = fresh.tower("text")
     layer = tower.blocks[0]
+    _, attended, got = adapted_first_block(tower, tokens, layer.attention)  # attention's output: LN1(x + attn(x))
     with torch.no_grad():
-        x, mask = tower.stem(tokens)
-        seen = {}
-        hook = layer.attention.register_forward_hook(lambda m, a, out: seen.update(x1=out[0]))
-        plain = tower.block(0, x, mask)
-        hook.remove()
-        assert torch.equal(tower.adapted_block(0, x, mask, lambda h: h, lambda h: 0 * h), plain)
-        got = tower.adapted_block(0, x, mask, lambda h: h + 1.0, lambda h: 0.5 * h)
-        x1 = seen["x1"] + 1.0
+        x1 = attended + 1.0
         want = layer.output.LayerNorm(layer.output.dense(layer.intermediate(x1)) + 0.5 * x1 + x1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -156,12 +157,8 @@ def test_roberta_steps_bit_for_bit_with_its_padding_id_and_mean_pooling(roberta)
     images, tokens = batch(model)
     assert tokens[0, 0] == 0 and (tokens == tiny_roberta.PAD).any()
     assert torch.equal(tower.valid_mask(tokens), tokens != tiny_roberta.PAD)
-    with torch.no_grad():
-        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
-        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
-        other = tokens.clone()  # padding is masked and left out of the mean
-        other[tokens == tiny_roberta.PAD] = 7
-        assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
+    assert_is_the_frozen_backbone(model, images, tokens)
+    assert_padding_is_hidden(tower, tokens, pad_id=tiny_roberta.PAD)  # masked, and left out of the mean
 
 
 def test_roberta_fused_and_reference_agree_and_alta_starts_as_the_frozen_model(roberta):

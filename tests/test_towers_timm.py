@@ -8,7 +8,7 @@ import nearl
 from nearl import methods as MT
 from nearl.checkpoint import load_checkpoint
 from nearl.towers import TimmVision, tower_of
-from test_model_fused import assert_fused_matches_reference, perturb_adapters
+from test_model_fused import assert_fused_matches_reference, assert_is_the_frozen_backbone, perturb_adapters
 from test_train import FAST, make_image_folder, make_manifest, run, train_losses
 from tiny_timm import register
 
@@ -26,9 +26,7 @@ def test_the_factory_picks_the_timm_tower_and_a_fresh_model_is_the_frozen_clip()
     model = nearl.build(NAME)
     assert isinstance(model.tower("vision"), TimmVision) and model.tower("vision").depth == 2
     images, tokens = batch(model)
-    with torch.no_grad():
-        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
-        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+    assert_is_the_frozen_backbone(model, images, tokens)
     images.requires_grad_()
     assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
 

@@ -16,7 +16,8 @@ from nearl.checkpoint import load_checkpoint
 from nearl.errors import UserError
 from nearl.model import create_backbone
 from nearl.towers import HFCLIPText, HFCLIPVision
-from test_model_fused import assert_fused_matches_reference, perturb_adapters
+from test_model_fused import (adapted_first_block, assert_fused_matches_reference, assert_is_the_frozen_backbone,
+                              perturb_adapters)
 from test_train import FAST, make_image_folder, make_manifest, run, train_losses
 import tiny_transformers
 
@@ -96,20 +97,12 @@ def test_alta_adapters_in_the_pre_norm_layers(names, kind):
     """x1 = A1(x + attn(LN1 x)); h = LN2 x1; x1 + mlp(h) + A2(h); zero adapters: the frozen model."""
     fresh = MT.build_method("alta", names[kind])
     images, tokens = batch(fresh)
-    with torch.no_grad():
-        assert torch.equal(fresh.encode_text(tokens), fresh.backbone.encode_text(tokens))
-        assert torch.equal(fresh.encode_image(images), fresh.backbone.encode_image(images))
+    assert_is_the_frozen_backbone(fresh, images, tokens)
     tower = fresh.tower("text")
     layer = tower.blocks[0]
+    x, attended, got = adapted_first_block(tower, tokens, layer.self_attn)
     with torch.no_grad():
-        x, mask = tower.stem(tokens)
-        seen = {}
-        hook = layer.self_attn.register_forward_hook(lambda m, a, out: seen.update(a=out[0]))
-        plain = tower.block(0, x, mask)
-        hook.remove()
-        assert torch.equal(tower.adapted_block(0, x, mask, lambda h: h, lambda h: 0 * h), plain)
-        got = tower.adapted_block(0, x, mask, lambda h: h + 1.0, lambda h: 0.5 * h)
-        x1 = x + seen["a"] + 1.0
+        x1 = x + attended + 1.0
         h = layer.layer_norm2(x1)
         want = x1 + layer.mlp(h) + 0.5 * h
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

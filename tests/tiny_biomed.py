@@ -44,15 +44,22 @@ def add_config(folder: Path, name: str, config: dict) -> str:
     return name
 
 
+# the tiny timm ViT (tests/tiny_timm.py) as an open_clip TimmModel with class-token pooling, as BiomedCLIP's
+TINY_VISION = {"timm_model_name": "nearl_tiny_vit", "timm_model_pretrained": False, "timm_pool": "token",
+               "timm_proj": "linear", "image_size": 32}
+
+
+def hf_text_cfg(model_dir: Path, pooler: str, context_length: int) -> dict:
+    """open_clip's text_cfg for an HFTextEncoder around the model (and tokenizer) in `model_dir`."""
+    return {"hf_model_name": str(model_dir), "hf_tokenizer_name": str(model_dir), "hf_proj_type": "mlp",
+            "hf_pooler_type": pooler, "context_length": context_length}
+
+
 def register(folder: Path) -> str:
     tiny_timm.register()
     bert = write_bert(Path(folder) / "bert")
-    return add_config(folder, NAME, {
-        "embed_dim": 32, "custom_text": True,
-        "vision_cfg": {"timm_model_name": "nearl_tiny_vit", "timm_model_pretrained": False, "timm_pool": "token",
-                       "timm_proj": "linear", "image_size": 32},
-        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}})
+    return add_config(folder, NAME, {"embed_dim": 32, "custom_text": True, "vision_cfg": TINY_VISION,
+                                     "text_cfg": hf_text_cfg(bert, "cls_last_hidden_state_pooler", 32)})
 
 
 FULL = "BiomedCLIP-architecture"
@@ -71,5 +78,4 @@ def register_full(folder: Path) -> str:
         "embed_dim": 512, "custom_text": True,
         "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
                        "timm_proj": "linear", "image_size": 224},
-        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}})
+        "text_cfg": hf_text_cfg(bert, "cls_last_hidden_state_pooler", 256)})

@@ -6,7 +6,7 @@ from pathlib import Path
 from transformers import RobertaConfig
 
 import tiny_timm
-from tiny_biomed import add_config
+from tiny_biomed import TINY_VISION, add_config, hf_text_cfg
 from tiny_transformers import VOCAB as WORDPIECE, write_wordpiece
 
 NAME = "NEARL-Tiny-RoBERTa"
@@ -24,9 +24,5 @@ def register(folder: Path) -> str:
                   eos_token_id=2).save_pretrained(roberta)
     write_wordpiece(roberta, VOCAB, "<s> $A </s>", 32, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                     unk_token="<unk>")
-    return add_config(folder, NAME, {
-        "embed_dim": 32, "custom_text": True,
-        "vision_cfg": {"timm_model_name": "nearl_tiny_vit", "timm_model_pretrained": False, "timm_pool": "token",
-                       "timm_proj": "linear", "image_size": 32},
-        "text_cfg": {"hf_model_name": str(roberta), "hf_tokenizer_name": str(roberta), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "mean_pooler", "context_length": 32}})
+    return add_config(folder, NAME, {"embed_dim": 32, "custom_text": True, "vision_cfg": TINY_VISION,
+                                     "text_cfg": hf_text_cfg(roberta, "mean_pooler", 32)})
