@@ -147,7 +147,9 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     U_all (B, HM, D) float32 with its log-sum-exp (B, HM). C enters as its centred rows
     cc (B, M, d) and their means cbar (B, M): C = cc + cbar[..., None]. kabs (B, d, HM) and w_v
     (d, D) may be strided views. aux: the per-sample terms the kernel's algebra needs besides the
-    tokens' products (`small_products`, or cheaper from the weights: `layer_operands`)."""
+    tokens' products (`small_products`, or cheaper from the weights: `layer_operands`).
+    Also returned for the backward: the tokens' products prods (B, N, 2 M + HM + D) and row sums
+    stats (B, 3, N), float32 (`layer_kernels._save_products`)."""
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
     cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
@@ -157,12 +159,14 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     m_part = runtime.empty((B, cfg.splits, HM), **f32)
     l_part = runtime.empty((B, cfg.splits, HM), **f32)
     acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
+    prods = runtime.empty((B, N, 2 * M + HM + D), **f32)  # kept for the backward: see _save_products
+    stats = runtime.empty((B, 3, N), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
     runtime.launch(K.layer_fwd_kernel, (cfg.splits, B),
         x, *x.stride(), a, *a.stride(), cc, *cc.stride(),
         cbar.contiguous(), gate, kabs, *kabs.stride(), w_v, *w_v.stride(),
         *(t.contiguous() for t in aux), mask_arg,
-        out, cos2, m_part, l_part, acc_part,
+        out, cos2, m_part, l_part, acc_part, prods, stats,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
         policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
         ORTH=ORTH_CODES[orth], HAS_MASK=has_mask,
@@ -170,16 +174,17 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
         BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    cos2 = cos2 if orth == "soft" else None
     if cfg.splits == 1:  # nothing to combine
         l_tot = l_part[:, 0]
-        return out, (cos2 if orth == "soft" else None), acc_part[:, 0] / l_tot[..., None], m_part[:, 0] + torch.log(l_tot)
+        return out, cos2, acc_part[:, 0] / l_tot[..., None], m_part[:, 0] + torch.log(l_tot), prods, stats
     # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
     m_max = m_part.max(dim=1).values
     w = torch.exp(m_part - m_max[:, None])
     l_tot = (w * l_part).sum(dim=1)
     u_all = (w[..., None] * acc_part).sum(dim=1) / l_tot[..., None]
     lse = m_max + torch.log(l_tot)
-    return out, (cos2 if orth == "soft" else None), u_all, lse
+    return out, cos2, u_all, lse, prods, stats
 
 
 @dataclass(frozen=True)
@@ -237,11 +242,12 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     return LayerBwdConfig(rows_bn, rows_bc, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
 
 
-def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout, dcos2, du_all):
+def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
     """Gradients of (x, a, cc, cbar, gate, kabs, w_v), each in its input's dtype.
 
     Two kernels (`kernels/layer_bwd_kernels.py`): the rows kernel reduces every row-level quantity
-    in one pass over x and dout and writes, float32, P and rstd dS (B, N, M), dS_q and Pq
+    in one pass over dout (and x, hard projection) from the forward's products (prods, stats:
+    `layer_fwd`) and writes, float32, P and rstd dS (B, N, M), dS_q and Pq
     (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
     dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
     (B, S, H*M, d), summed here with torch (deterministic: no atomics). dW_v = sum_b
@@ -250,11 +256,12 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
     """
     B, N, d = x.shape
     M, HM = a.shape[2], kabs.shape[2]
+    D = w_v.shape[1]
     cfg = layer_bwd_config(B, N, d, M, HM, x.dtype, x.device, orth)
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     ck, cv, gc, cola, ksum, vsum = (t.contiguous() for t in aux)
-    du_all = torch.zeros_like(u_all) if du_all is None else du_all.float()
+    du_all = torch.zeros_like(u_all) if du_all is None else du_all.float().contiguous()
     dout = torch.zeros((1, 1, 1), dtype=x.dtype, device=dev).expand(B, N, d) if dout is None else dout
     if orth != "soft" or dcos2 is None:  # no upstream cos^2 gradient: read a zero, stride 0
         dcos2 = torch.zeros((1, 1), **f32).expand(B, N)
@@ -262,6 +269,9 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
     cdo = (cv @ du_all.transpose(1, 2)).contiguous()  # Cc DO^T (B, M, HM)
     dosum = (du_all @ vsum).contiguous()  # DO 1 (B, HM)
     qdelta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dU * U) of flash-attention's backward
+    # (x - s) DO^T = ((x - s) W_v) dU_all^T from the forward's (x - s) W_v: one batched product
+    # where the rows kernel would re-read DO (HM x d) for every tile
+    xdo = torch.bmm(prods[..., 2 * M + HM:], du_all.transpose(1, 2))  # (B, N, HM)
     mask_arg, has_mask = _mask_arg(mask, x)
     n_rows_tiles = triton.cdiv(N, cfg.rows_block_n)
     dg_part = runtime.empty((B, n_rows_tiles), **f32)
@@ -272,11 +282,11 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
     rows = runtime.empty((B, KB.N_ROWS.value, N), **f32)
     orth_code = ORTH_CODES[orth]
     runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
-        x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
-        do, cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
+        x, *x.stride(), dout, *dout.stride(), cc, *cc.stride(), prods, stats, xdo,
+        cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
         ck, cdo, gc, cola, ksum, dosum,
         p_s, ds_s, dsq_s, pq_s, rows, dg_part,
-        N, d, M, HM, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
+        N, d, M, HM, D, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
         ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n, BLOCK_C=cfg.rows_block_c,
         BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
         num_warps=cfg.num_warps, num_stages=1)
@@ -296,7 +306,6 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
         num_warps=cfg.num_warps, num_stages=1)
     first_or_sum = (lambda t: t[:, 0]) if S == 1 else (lambda t: t.sum(1))
     da_t, dc, dkabs_t, obar_t = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
-    D = w_v.shape[1]
     dw_v = obar_t.reshape(B * HM, d).t() @ du_all.reshape(B * HM, D)  # sum_b (LN(x_out)^T Pq)[b] dU_all[b]
     dgate = dg_part.sum()
     return (dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype),
@@ -310,25 +319,28 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout
 def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
                      kabs: torch.Tensor, w_v: torch.Tensor, aux: List[torch.Tensor],
                      mask: Optional[torch.Tensor], orth: str
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, cos2, u_all, lse, prods, stats = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
     if cos2 is None:  # fixed arity: an empty placeholder unless orth="soft"
         cos2 = x.new_empty((0,), dtype=torch.float32)
-    return out, cos2, u_all, lse
+    return out, cos2, u_all, lse, prods, stats
 
 
 @layer_tokens_fwd.register_fake
 def _(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     B, N, _ = x.shape
+    M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((B, N) if orth == "soft" else (0,), **f32),
-            x.new_empty((B, kabs.shape[2], w_v.shape[1]), **f32), x.new_empty((B, kabs.shape[2]), **f32))
+            x.new_empty((B, HM, D), **f32), x.new_empty((B, HM), **f32),
+            x.new_empty((B, N, 2 * M + HM + D), **f32), x.new_empty((B, 3, N), **f32))
 
 
-def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth):
+def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, prods, stats,
+                          orth):
     """Gradients of (x, a, cc, cbar, gate, kabs, w_v): `layer_bwd`'s two kernels."""
-    return layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, dout,
+    return layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout,
                      dcos2 if orth == "soft" else None, du_all)
 
 
@@ -336,33 +348,35 @@ def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, 
 def layer_tokens_bwd(dout: Optional[torch.Tensor], dcos2: Optional[torch.Tensor], du_all: Optional[torch.Tensor],
                      x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: torch.Tensor, gate: torch.Tensor,
                      kabs: torch.Tensor, w_v: torch.Tensor, aux: List[torch.Tensor], mask: Optional[torch.Tensor],
-                     u_all: torch.Tensor, lse: torch.Tensor, orth: str
+                     u_all: torch.Tensor, lse: torch.Tensor, prods: torch.Tensor, stats: torch.Tensor, orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
-    return layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth)
+    return layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, prods,
+                                 stats, orth)
 
 
 @layer_tokens_bwd.register_fake
-def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, orth):
+def _(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, prods, stats, orth):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, a, cc, cbar, gate, kabs, w_v))
 
 
 def _setup_context(ctx, inputs, output):
     x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth = inputs
-    _, _, u_all, lse = output
+    _, _, u_all, lse, prods, stats = output
     ctx.n_aux = len(aux)
-    ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux)
+    ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, prods, stats, *aux)
     ctx.orth = orth
 
 
 def _unpack(ctx):
-    """The saved tensors in `layer_tokens_backward`'s order: (x, ..., w_v, aux, mask, u_all, lse)."""
-    x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux = ctx.saved_tensors
-    return x, a, cc, cbar, gate, kabs, w_v, list(aux), mask, u_all, lse
+    """The saved tensors in `layer_tokens_backward`'s order: (x, ..., w_v, aux, mask, u_all, lse,
+    prods, stats)."""
+    x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, prods, stats, *aux = ctx.saved_tensors
+    return x, a, cc, cbar, gate, kabs, w_v, list(aux), mask, u_all, lse, prods, stats
 
 
-def _backward(ctx, dout, dcos2, du_all, _dlse):
+def _backward(ctx, dout, dcos2, du_all, _dlse, _dprods, _dstats):
     grads = layer_tokens_bwd(dout, dcos2, du_all, *_unpack(ctx), ctx.orth)
     return (*grads, [None] * ctx.n_aux, None, None)  # aux: detached helpers (see layer_operands); mask; orth
 
@@ -375,25 +389,28 @@ class _LayerTokensFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
-        out, cos2, u_all, lse = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
-        ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, *aux)
+        out, cos2, u_all, lse, prods, stats = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+        ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, prods, stats, *aux)
         ctx.orth = orth
-        ctx.mark_non_differentiable(lse)
-        return out, (x.new_empty((0,), dtype=torch.float32) if cos2 is None else cos2), u_all, lse
+        ctx.mark_non_differentiable(lse, prods, stats)
+        ctx.set_materialize_grads(False)  # no (B, N, ...) zeros for the outputs nobody differentiates
+        cos2 = x.new_empty((0,), dtype=torch.float32) if cos2 is None else cos2
+        return out, cos2, u_all, lse, prods, stats
 
     @staticmethod
-    def backward(ctx, dout, dcos2, du_all, _dlse):
+    def backward(ctx, dout, dcos2, du_all, _dlse, _dprods, _dstats):
         return (*layer_tokens_backward(dout, dcos2, du_all, *_unpack(ctx), ctx.orth), None, None, None)
 
 
 def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
     fake and autograd rules), the autograd.Function in eager mode. aux gets no gradient: the
-    backward differentiates through a, cc, kabs and w_v directly."""
+    backward differentiates through a, cc, kabs and w_v directly. The products both return for
+    the backward stay with autograd."""
     aux = list(aux)
     if torch.compiler.is_compiling():
-        return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
-    return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+        return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)[:4]
+    return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)[:4]
 
 
 def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:

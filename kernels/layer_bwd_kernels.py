@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .casting import cast_out
 from .oca import oca_row_grads
-from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
+from .tiles import ORTH_HARD, ORTH_SOFT, load_tile, shifted_row_stats
 
 # Row scalars the rows kernel hands to the columns kernel, (B, N_ROWS, N) float32.
 R_MEAN, R_RSTD2, R_COEF, R_PC = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -23,39 +23,42 @@ N_ROWS = tl.constexpr(13)
 
 
 @triton.jit
-def _rows_pass(x_base, sxn, sxd, g_base, sgn, sgd, a_base, sad, sam, cc_base, scd, scm, k_base, skd, skh, do_base,
-               shift, d, offs_n, row_ok, offs_c, offs_m, m_ok, offs_hm, hm_ok, ORTH: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
+def _rows_pass(x_base, sxn, sxd, g_base, sgn, sgd, cc_base, scd, scm, d, offs_n, row_ok, offs_c, offs_m, m_ok,
+               ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                PREC: tl.constexpr):
-    """The rows kernel's one pass over x and dout: the sums of the shifted row and its squares,
-    sum(dout), <dout, x> (hard projection), (x - s) @ [A | Cc^T | KABS | DO^T] and dout @ Cc^T."""
-    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    """The rows kernel's one pass over dout (and x, for the hard projection's <dout, x>): sum(dout),
+    <dout, x> and dout @ Cc^T. The products of x come from the forward (`_load_products`)."""
     dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     dox = tl.zeros([BLOCK_N], dtype=tl.float32)
-    xa = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    xcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     dcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    xk = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
-    xdo = tl.zeros([BLOCK_N, BLOCK_HM], dtype=tl.float32)
     for c0 in range(0, d, BLOCK_C):
         cols = c0 + offs_c
         col_ok = cols < d
-        x = load_tile(x_base, sxn, sxd, offs_n, cols, row_ok, col_ok)
         dout = load_tile(g_base, sgn, sgd, offs_n, cols, row_ok, col_ok)
-        xs = tl.where(col_ok[None, :], x - shift[:, None], 0.0)
-        s1 += tl.sum(xs, 1)
-        s2 += tl.sum(xs * xs, 1)
         dsum += tl.sum(dout, 1)
         if ORTH == ORTH_HARD:
-            dox += tl.sum(dout * x, 1)
-        cct = load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok)  # Cc^T chunk
-        xa = tl.dot(xs, load_tile(a_base, sad, sam, cols, offs_m, col_ok, m_ok), xa, input_precision=PREC)
-        xcc = tl.dot(xs, cct, xcc, input_precision=PREC)
-        dcc = tl.dot(dout, cct, dcc, input_precision=PREC)
-        xk = tl.dot(xs, load_tile(k_base, skd, skh, cols, offs_hm, col_ok, hm_ok), xk, input_precision=PREC)
-        xdo = tl.dot(xs, load_tile(do_base, 1, d, cols, offs_hm, col_ok, hm_ok), xdo, input_precision=PREC)
-    return s1, s2, dsum, dox, xa, xcc, dcc, xk, xdo
+            dox += tl.sum(dout * load_tile(x_base, sxn, sxd, offs_n, cols, row_ok, col_ok), 1)
+        dcc = tl.dot(dout, load_tile(cc_base, scd, scm, cols, offs_m, col_ok, m_ok), dcc, input_precision=PREC)
+    return dsum, dox, dcc
+
+
+@triton.jit
+def _load_products(PRODS, STATS, XDO, b, N, M, HM, D, offs_n, row_ok, offs_m, m_ok, offs_hm, hm_ok):
+    """What the forward's pass 1 kept of these rows (`layer_kernels._save_products`): the row sums
+    of x shifted by s, the shift and (x - s) @ [A | Cc^T | KABS]; and (x - s) DO^T, formed by
+    torch as ((x - s) W_v) dU_all^T from the kept (x - s) W_v (DO = dU_all W_v^T)."""
+    prods = PRODS + (b * N + offs_n.to(tl.int64)) * (2 * M + HM + D)
+    stats = STATS + b * 3 * N + offs_n
+    s1 = tl.load(stats, mask=row_ok, other=0.0)
+    s2 = tl.load(stats + N, mask=row_ok, other=0.0)
+    shift = tl.load(stats + 2 * N, mask=row_ok, other=0.0)
+    nm = row_ok[:, None] & m_ok[None, :]
+    nh = row_ok[:, None] & hm_ok[None, :]
+    xa = tl.load(prods[:, None] + offs_m[None, :], mask=nm, other=0.0)
+    xcc = tl.load(prods[:, None] + M + offs_m[None, :], mask=nm, other=0.0)
+    xk = tl.load(prods[:, None] + 2 * M + offs_hm[None, :], mask=nh, other=0.0)
+    xdo = tl.load(XDO + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], mask=nh, other=0.0)
+    return s1, s2, shift, xa, xcc, xk, xdo
 
 
 @triton.jit
@@ -161,23 +164,24 @@ def _g_terms(dcc, dsum, dox, xcc, xk, xdo, cbar, ck, cdo, p, pgc, pq, dsq, rstd2
 def layer_bwd_rows_kernel(
     X, sxb, sxn, sxd,
     DOUT, sgb, sgn, sgd,
-    A, sab, sad, sam,
     CC, scb, scm, scd,
-    KABS, skb, skd, skh,
-    DO, CBAR, GATE, LSE, DELTA, DCOS2, sdb, sdn, MASK,
+    PRODS, STATS, XDO,
+    CBAR, GATE, LSE, DELTA, DCOS2, sdb, sdn, MASK,
     CK, CDO, GC, COLA, KSUM, DOSUM,
     P_S, DS_S, DSQ_S, PQ_S, ROWS, DG_PART,
-    N, d, M, HM,
+    N, d, M, HM, D,
     ln_eps, orth_eps, cos2_eps,
     ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Backward, per token: one pass over x and dout, everything else from M/HM-sized terms.
+    """Backward, per token: one pass over dout (and x for the hard projection), the forward's kept
+    products, everything else from M/HM-sized terms.
 
-    Pass: the row statistics (of x shifted by its first chunk's mean s), (x - s) @ [A | Cc^T | KABS
-    | DO^T], dout @ Cc^T, sum(dout) and <dout, x>. DO = dU_all W_v^T (HM x d) and the per-sample
-    CK = Cc KABS, CDO = Cc DO^T, GC = Cc Cc^T, column sums 1^T A, 1^T KABS, DO 1 come from torch.
+    From the forward (`_load_products`): the row sums of x shifted by s and (x - s) @ [A | Cc^T |
+    KABS]; from torch, (x - s) DO^T = ((x - s) W_v) dU_all^T with DO = dU_all W_v^T. The pass: dout @
+    Cc^T, sum(dout) and <dout, x>. The per-sample CK = Cc KABS, CDO = Cc DO^T, GC = Cc Cc^T,
+    column sums 1^T A, 1^T KABS, DO 1 come from torch.
     Then, with xn2 = LN(x_out):
       S_q = xn2 KABS = rstd2 (a (x - mean) KABS + g P CK),  dPq = xn2 DO^T (likewise with CDO),
       dS_q = Pq (dPq - delta)  (flash-attention: Pq = exp(S_q - lse), delta = rowsum(dU * U)),
@@ -198,16 +202,10 @@ def layer_bwd_rows_kernel(
     row_ok = offs_n < N
     m_ok = offs_m < M
     hm_ok = offs_hm < HM
-    x_base = X + b * sxb
-    g_base = DOUT + b * sgb
-    a_base = A + b * sab
-    cc_base = CC + b * scb
-    k_base = KABS + b * skb
-    do_base = DO + b * HM * d
-    shift = first_chunk_mean(load_tile(x_base, sxn, sxd, offs_n, offs_c, row_ok, offs_c < d), d, BLOCK_C)
-    s1, s2, dsum, dox, xa, xcc, dcc, xk, xdo = _rows_pass(
-        x_base, sxn, sxd, g_base, sgn, sgd, a_base, sad, sam, cc_base, scd, scm, k_base, skd, skh, do_base, shift,
-        d, offs_n, row_ok, offs_c, offs_m, m_ok, offs_hm, hm_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, PREC)
+    dsum, dox, dcc = _rows_pass(X + b * sxb, sxn, sxd, DOUT + b * sgb, sgn, sgd, CC + b * scb, scd, scm, d, offs_n,
+                                row_ok, offs_c, offs_m, m_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+    s1, s2, shift, xa, xcc, xk, xdo = _load_products(PRODS, STATS, XDO, b, N, M, HM, D, offs_n, row_ok, offs_m, m_ok,
+                                                     offs_hm, hm_ok)
     gate = tl.load(GATE).to(tl.float32)
     cbar, cola, ksum, dosum, lse, qdelta, gc, ck, cdo = _rows_sample_terms(
         CBAR, COLA, KSUM, DOSUM, LSE, DELTA, GC, CK, CDO, b, M, HM, offs_m, m_ok, offs_hm, hm_ok)

@@ -129,6 +129,25 @@ def _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, 
 
 
 @triton.jit
+def _save_products(prods, stats, N, rows, row_ok, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok,
+                   s1, s2, shift, xa, xcc, xk, xv):
+    """Pass 1's results, kept for the backward (which would otherwise redo pass 1's products,
+    re-reading A, Cc^T, KABS and W_v for every tile): one row of 2 M + H*M + D float32 per token,
+    [xa | xcc | xk | xv] at `prods` (the sample's first row), and the row sums s1, s2 and the shift
+    at `stats` ((3, N) per sample). Offsets are int32 from one base: 64-bit pointer tiles cost
+    registers the soft projection's forward does not have."""
+    row = rows[:, None] * (2 * M + HM + D)
+    nm = row_ok[:, None] & m_ok[None, :]
+    tl.store(prods + row + offs_m[None, :], xa, mask=nm)
+    tl.store(prods + row + M + offs_m[None, :], xcc, mask=nm)
+    tl.store(prods + row + 2 * M + offs_hm[None, :], xk, mask=row_ok[:, None] & hm_ok[None, :])
+    tl.store(prods + row + 2 * M + HM + offs_dq[None, :], xv, mask=row_ok[:, None] & dq_ok[None, :])
+    tl.store(stats + rows, s1, mask=row_ok)
+    tl.store(stats + N + rows, s2, mask=row_ok)
+    tl.store(stats + 2 * N + rows, shift, mask=row_ok)
+
+
+@triton.jit
 def layer_fwd_kernel(
     X, sxb, sxn, sxd,
     A, sab, sad, sam,
@@ -137,7 +156,7 @@ def layer_fwd_kernel(
     KABS, skb, skd, skh,
     WV, swd, swe,
     CK, CV, GC, COLA, KSUM, VSUM, MASK,
-    OUT, COS2, M_PART, L_PART, ACC_PART,
+    OUT, COS2, M_PART, L_PART, ACC_PART, PRODS, STATS,
     N, d, M, HM, D, tiles_per_split, n_splits,
     ln_eps, orth_eps, cos2_eps,
     ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -145,7 +164,8 @@ def layer_fwd_kernel(
     BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
 ):
     """x_out (written once) and, per (sample, split), the online-softmax state of the query
-    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D).
+    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D). For the
+    backward it keeps pass 1's products and row sums (PRODS, STATS: `_save_products`).
 
     Two passes over a tile's columns. Pass 1 multiplies the (shifted) tokens with every matrix
     the layer needs, A, Cc^T, KABS and W_v, and sums the LayerNorm statistics; everything else
@@ -191,6 +211,8 @@ def layer_fwd_kernel(
         s1, s2, xa, xcc, xk, xv = _pass_1(x_rows, sxd, row_ok, shift, d, a_base, sad, sam, cc_base, scd, scm,
                                           kabs_base, skd, skh, WV, swd, swe, offs_c, offs_m, m_ok, offs_hm, hm_ok,
                                           offs_dq, dq_ok, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, BLOCK_D, PREC)
+        _save_products(PRODS + b * N * (2 * M + HM + D), STATS + b * 3 * N, N, rows, row_ok, M, HM, D, offs_m, m_ok,
+                       offs_hm, hm_ok, offs_dq, dq_ok, s1, s2, shift, xa, xcc, xk, xv)
         # the per-sample terms, loaded here rather than held across the column loop (registers)
         gc, ck, cv, cola, ksum, vsum = _sample_terms(GC, CK, CV, COLA, KSUM, VSUM, b, M, HM, D, offs_m, m_ok,
                                                      offs_hm, hm_ok, offs_dq, dq_ok)

@@ -179,8 +179,8 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
             w_v, gate = torch.empty(d, D), torch.empty(())
             mask = torch.ones(B, N, dtype=torch.bool) if masked else None
             aux = L.small_products(a, c, kabs, w_v)
-            _, _, u_all, lse = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
-            L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, torch.empty_like(x),
+            _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
+            L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
                         torch.empty(B, N) if orth == "soft" else None, u_all)
     finally:
         runtime.LAUNCH_HOOK = None

@@ -188,10 +188,11 @@ def test_fake_implementations_give_the_right_shapes():
         x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
         a, cc, cbar = torch.empty(2, 32, 3), torch.empty(2, 3, 32), torch.empty(2, 3)
         kabs, w_v = torch.empty(2, 32, 12), torch.empty(32, 16)
-        out, cos2, u_all, lse = fused.layer_tokens_fwd(x, a, cc, cbar, torch.empty(()), kabs, w_v,
-                                                       fused.small_products(a, cc, kabs, w_v), None, "soft")
+        out, cos2, u_all, lse, prods, stats = fused.layer_tokens_fwd(
+            x, a, cc, cbar, torch.empty(()), kabs, w_v, fused.small_products(a, cc, kabs, w_v), None, "soft")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
+        assert prods.shape == (2, 7, 2 * 3 + 12 + 16) and stats.shape == (2, 3, 7)  # kept for the backward
 
 
 def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():
