@@ -42,6 +42,41 @@ def _interpreter_numpy_fix() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _interpreter_tf32_fix() -> None:
+    """Make the interpreter's TF32 products what the GPU's are (called by `launch` under the
+    interpreter; cheap and idempotent).
+
+    `tl.dot(..., input_precision="tf32")` on float32 operands: NVIDIA's tensor cores read the
+    operands' top 19 bits and ignore the low 13 mantissa bits (Triton passes the float32 bits as
+    they are: triton-lang/triton#4574), a relative rounding of up to 2^-10. The interpreter
+    multiplies in full float32 instead, so a test of a TF32 kernel on the CPU would measure a
+    precision the GPU does not have (the fused layer's bfloat16 path: 3e-4 on the query output where
+    the interpreter showed 1e-7). This truncates both operands of every TF32 product as the GPU
+    does; "tf32x3" and "ieee" products are float32-accurate on the GPU and stay as they are.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "nearl_tf32", False):
+        return
+
+    def tf32(handle):
+        if handle.data.dtype != np.float32:
+            return handle
+        bits = handle.data.view(np.uint32) & np.uint32(0xFFFFE000)
+        return interpreter.TensorHandle(bits.view(np.float32), handle.dtype)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if str(input_precision).rsplit(".", 1)[-1].upper() == "TF32":
+            a, b = tf32(a), tf32(b)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot.nearl_tf32 = True
+    builder.create_dot = create_dot
+
+
 _DEVICE_INFO = {}
 
 
@@ -121,4 +156,5 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     if interpreting():
         _interpreter_numpy_fix()
+        _interpreter_tf32_fix()
     kernel[grid](*args, **kwargs)
