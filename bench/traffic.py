@@ -79,7 +79,7 @@ def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int, orth: 
     prec = K._precision(torch.empty(0, dtype=dtype))
     configs = [K._oca_config(B, shape.N, shape.d, shape.M, prec, not gpu_tiles, n_sm, cc)]
     if kernel == "layer":
-        configs += [L.layer_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, shape.D, dtype, cpu),
+        configs += [L.layer_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, shape.D, dtype, cpu, orth),
                     L.layer_bwd_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, dtype, cpu, orth)]
     return configs
 

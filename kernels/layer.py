@@ -53,12 +53,13 @@ def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device
 
 @dataclass(frozen=True)
 class LayerConfig:
-    block_n: int
-    block_c: int
+    block_n: int          # tokens per program, `layer_fwd_kernel`
+    block_c: int          # ... and its column chunk
+    attn_block_n: int     # tokens per loop step, `layer_attn_kernel`
     block_m: int
     block_hm: int
     block_d: int
-    splits: int
+    splits: int           # attention programs per sample: the partial states are (B, splits, ...)
     tiles_per_split: int
     num_warps: int
     num_stages: int
@@ -66,8 +67,8 @@ class LayerConfig:
 
 
 def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.dtype,
-                 device: torch.device) -> LayerConfig:
-    """Launch parameters of the layer's forward kernel, chosen in one place (the backward's:
+                 device: torch.device, orth: str = "hard") -> LayerConfig:
+    """Launch parameters of the layer's two forward kernels, chosen in one place (the backward's:
     `layer_bwd_config`).
 
     - tl.dot needs every tile dimension >= 16 on the GPU, so M, H*M and D are padded to a power of
@@ -75,24 +76,27 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     - Registers decide the rest (measured with ptxas through tests/kernel_compile_check.py, sm_80
       and sm_90, triton 3.6 and 3.8), with 8 warps and one pipeline stage; H*M <= 64 and D <= 128
       (`fused_supported`: larger query banks take the split path).
-      Forward: pass 1 keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
-      across the column loop, next to the (H*M x D) attention state and the (M x H*M), (M x D)
-      per-sample products. BLOCK_N = 32 tokens with 16-column chunks fits for bfloat16 x on
-      sm_90 (32-column chunks, or 64 tokens, spill hundreds of bytes), only just: sm_80 takes
-      16 tokens with 32-column chunks (triton 3.6 spilled 8-24 bytes at 224 registers with
-      32 x 16 there, and for float16 x on sm_90 when it ran TF32 products). IEEE float32 products
-      (float32 and float16 x; no tensor cores: operands in registers) take 16 x 16 on sm_90; on
-      sm_80 they spill whatever the tiles and take the split path (`fused_supported`). On the GPU, H*M and D are padded to 64 and 128 whatever the
-      query bank: smaller ones tipped over the 224-register edge (8-16 bytes).
+      `layer_fwd_kernel` keeps the four product accumulators (BLOCK_N x (M + M + H*M + D)) live
+      across its column loop, then stores them; the attention state lives in the other kernel.
+      The token tile is what matters: every tile requests A, Cc (twice), KABS and W_v again. With
+      16-column chunks: 128 tokens for bfloat16 x on sm_90 (214-220 registers, triton 3.6 and
+      3.8; 64 with orth="soft", whose cos^2 spilled 32 bytes at 128 with triton 3.6), 64 on sm_80 (206-210), 64 with IEEE float32 products on sm_90 (float32 and float16 x;
+      no tensor cores: operands in registers, 192-196), which on sm_80 spill whatever the tiles
+      and take the split path (`fused_supported`). When this kernel also held the attention
+      state it took 32 tokens on sm_90 and 16 on sm_80. On the GPU, H*M and D are padded to 64
+      and 128 whatever the query bank.
+      `layer_attn_kernel` holds the (H*M x D) attention state and a tile of the kept products
+      (BLOCK_N x (H*M + D)): 32 tokens (181-200 registers); it requests no per-tile matrix, so
+      its tile size moves no bytes.
       16 warps would cap registers at 128 (the register file is 64K per SM): the compile check
       rejects any launch whose registers x threads exceed it.
     - Headroom: every configuration compiles without a spill with ptxas capped at 224 of the 255
       registers it may use (REG_BUDGET in the compile check): triton 3.8 tipped a configuration
       that fitted at 255 under 3.6 into an 8-byte spill, so fitting with nothing to spare is
       treated as a failure.
-    - Splits: enough programs to fill the GPU once (a program holds most of an SM's registers,
-      and each split adds a partial attention state to combine); never more than the tiles of a
-      sample.
+    - Splits (attention kernel): enough programs to fill the GPU once, and never more than the
+      tiles of a sample (each split adds a partial attention state to combine). The products
+      kernel has one program per tile.
     - The interpreter runs programs one at a time in numpy, so there the largest tiles win; at
       most two splits, which still exercises the combine.
     - Precision: `policy.fp32_accurate_products`; float32 accuracy is had here with IEEE products
@@ -103,27 +107,27 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     block_d = max(16, triton.next_power_of_2(D))
     precision = "ieee" if policy.fp32_accurate_products(dtype) else "tf32"
     gpu_tiles, n_sm, cc = runtime.tiling(device)
-    if gpu_tiles:  # every query bank takes the tile shape measured spill-free, H*M 64 x D 128 (masked):
-        # smaller ones sat at the 224-register edge and tipped over with triton 3.6 or 3.8 (8-16 bytes)
+    if gpu_tiles:  # every query bank takes the tile shape measured spill-free, H*M 64 x D 128 (masked)
         block_hm, block_d = MAX_FUSED_HM, MAX_FUSED_D
     if not gpu_tiles:
-        block_n = min(128, max(16, triton.next_power_of_2(N)))
+        block_n = attn_bn = min(128, max(16, triton.next_power_of_2(N)))
         block_c = min(256, max(16, triton.next_power_of_2(d)))
-        n_tiles = triton.cdiv(N, block_n)
+        n_tiles = triton.cdiv(N, attn_bn)
         splits = min(2, n_tiles)
     else:
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
         if ieee:  # sm_90 only (fused_supported)
-            block_n, block_c = 16, 16
+            block_n, block_c = 64, 16
         elif cc >= 90:  # bfloat16 x
-            block_n, block_c = 32, 16
-        else:  # sm_80 (32 x 16 spilled 24 bytes at 224 registers with triton 3.6)
-            block_n, block_c = 16, 32
-        n_tiles = triton.cdiv(N, block_n)
+            block_n, block_c = (64 if orth == "soft" else 128), 16
+        else:  # sm_80 (64 x 32 fits at exactly 224 registers: no headroom)
+            block_n, block_c = 64, 16
+        attn_bn = 32
+        n_tiles = triton.cdiv(N, attn_bn)
         splits = max(1, min(n_tiles, triton.cdiv(n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
-    return LayerConfig(block_n, block_c, block_m, block_hm, block_d, splits, tiles_per_split,
+    return LayerConfig(block_n, block_c, attn_bn, block_m, block_hm, block_d, splits, tiles_per_split,
                        num_warps=8, num_stages=1, precision=precision)
 
 
@@ -148,31 +152,36 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     cc (B, M, d) and their means cbar (B, M): C = cc + cbar[..., None]. kabs (B, d, HM) and w_v
     (d, D) may be strided views. aux: the per-sample terms the kernel's algebra needs besides the
     tokens' products (`small_products`, or cheaper from the weights: `layer_operands`).
-    Also returned for the backward: the tokens' products prods (B, N, 2 M + HM + D) and row sums
-    stats (B, 3, N), float32 (`layer_kernels._save_products`)."""
+    Also returned for the backward: the tokens' products prods (B, N, 2 M + HM + D) and row terms
+    stats (B, N_STATS, N), float32 (`layer_kernels._save_products`)."""
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
-    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device)
+    cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device, orth)
     f32 = dict(device=x.device, dtype=torch.float32)
+    ck, cv, gc, cola, ksum, vsum = (t.contiguous() for t in aux)
     out = runtime.empty((B, N, d), device=x.device, dtype=x.dtype)
     cos2 = runtime.empty((B, N), **f32) if orth == "soft" else out
+    prods = runtime.empty((B, N, 2 * M + HM + D), **f32)
+    stats = runtime.empty((B, K.N_STATS.value, N), **f32)
+    p_s = runtime.empty((B, N, M), **f32)  # OCA's P, for the attention kernel
+    runtime.launch(K.layer_fwd_kernel, (triton.cdiv(N, cfg.block_n), B),
+        x, *x.stride(), a, *a.stride(), cc, *cc.stride(),
+        cbar.contiguous(), gate, kabs, *kabs.stride(), w_v, *w_v.stride(), gc, cola,
+        out, cos2, prods, stats, p_s,
+        N, d, M, HM, D, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
+        ORTH=ORTH_CODES[orth], BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
+        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     m_part = runtime.empty((B, cfg.splits, HM), **f32)
     l_part = runtime.empty((B, cfg.splits, HM), **f32)
     acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
-    prods = runtime.empty((B, N, 2 * M + HM + D), **f32)  # kept for the backward: see _save_products
-    stats = runtime.empty((B, 3, N), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
-    runtime.launch(K.layer_fwd_kernel, (cfg.splits, B),
-        x, *x.stride(), a, *a.stride(), cc, *cc.stride(),
-        cbar.contiguous(), gate, kabs, *kabs.stride(), w_v, *w_v.stride(),
-        *(t.contiguous() for t in aux), mask_arg,
-        out, cos2, m_part, l_part, acc_part, prods, stats,
+    runtime.launch(K.layer_attn_kernel, (cfg.splits, B),
+        prods, stats, p_s, gate, ck, cv, ksum, vsum, mask_arg, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
-        policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
-        ORTH=ORTH_CODES[orth], HAS_MASK=has_mask,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m,
-        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_MASK=has_mask, BLOCK_N=cfg.attn_block_n, BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm,
+        BLOCK_D=cfg.block_d, PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cos2 = cos2 if orth == "soft" else None
     if cfg.splits == 1:  # nothing to combine
@@ -190,7 +199,8 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
 @dataclass(frozen=True)
 class LayerBwdConfig:
     rows_block_n: int     # tokens per program, rows kernel
-    rows_block_c: int     # ... and its column chunk
+    rows_block_c: int     # column chunk of the dout kernel
+    dout_block_n: int     # tokens per program, dout kernel
     cols_block_n: int     # columns kernel: tokens per loop step
     cols_block_d: int     # ... and columns per program
     splits: int           # token splits per sample: the partials are (B, splits, ...)
@@ -229,17 +239,18 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     # spill-free at 64, and triton 3.6 spilled 16 bytes at 32 with the same tiles.
     block_hm = max(16, triton.next_power_of_2(HM)) if not gpu_tiles else max(64, triton.next_power_of_2(HM))
     if not gpu_tiles:
-        rows_bn = cols_bn = min(128, max(16, triton.next_power_of_2(N)))
+        rows_bn = cols_bn = dout_bn = min(128, max(16, triton.next_power_of_2(N)))
         rows_bc = cols_bd = min(256, max(16, triton.next_power_of_2(d)))
         splits = min(2, triton.cdiv(N, cols_bn))
     else:
         ieee = precision == "ieee"
         rows_bn, rows_bc = 16, (16 if ieee else 32)
+        dout_bn = 64 if ieee else 128
         cols_bn = 16
         cols_bd = min(16 if (ieee or cc < 90 or orth == "soft") else 32, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
         splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
-    return LayerBwdConfig(rows_bn, rows_bc, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
+    return LayerBwdConfig(rows_bn, rows_bc, dout_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
 
 
 def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
@@ -281,13 +292,18 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     pq_s = runtime.empty((B, N, HM), **f32)
     rows = runtime.empty((B, KB.N_ROWS.value, N), **f32)
     orth_code = ORTH_CODES[orth]
+    dterms = runtime.empty((B, N, M + 2), **f32)
+    runtime.launch(KB.layer_bwd_dout_kernel, (triton.cdiv(N, cfg.dout_block_n), B),
+        x, *x.stride(), dout, *dout.stride(), cc, *cc.stride(), dterms, N, d, M,
+        ORTH=orth_code, BLOCK_N=cfg.dout_block_n, BLOCK_C=cfg.rows_block_c, BLOCK_M=cfg.block_m,
+        PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=1)
     runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
-        x, *x.stride(), dout, *dout.stride(), cc, *cc.stride(), prods, stats, xdo,
+        dterms, prods, stats, xdo,
         cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
         ck, cdo, gc, cola, ksum, dosum,
         p_s, ds_s, dsq_s, pq_s, rows, dg_part,
         N, d, M, HM, D, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
-        ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n, BLOCK_C=cfg.rows_block_c,
+        ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n,
         BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
         num_warps=cfg.num_warps, num_stages=1)
     S = cfg.splits
@@ -334,7 +350,7 @@ def _(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((B, N) if orth == "soft" else (0,), **f32),
             x.new_empty((B, HM, D), **f32), x.new_empty((B, HM), **f32),
-            x.new_empty((B, N, 2 * M + HM + D), **f32), x.new_empty((B, 3, N), **f32))
+            x.new_empty((B, N, 2 * M + HM + D), **f32), x.new_empty((B, K.N_STATS.value, N), **f32))
 
 
 def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, prods, stats,

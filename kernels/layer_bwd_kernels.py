@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_out
+from .layer_kernels import N_STATS, S_SHIFT, S_SUM, S_SUMSQ
 from .oca import oca_row_grads
 from .tiles import ORTH_HARD, ORTH_SOFT, load_tile, shifted_row_stats
 
@@ -26,8 +27,8 @@ N_ROWS = tl.constexpr(13)
 def _rows_pass(x_base, sxn, sxd, g_base, sgn, sgd, cc_base, scd, scm, d, offs_n, row_ok, offs_c, offs_m, m_ok,
                ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                PREC: tl.constexpr):
-    """The rows kernel's one pass over dout (and x, for the hard projection's <dout, x>): sum(dout),
-    <dout, x> and dout @ Cc^T. The products of x come from the forward (`_load_products`)."""
+    """One pass over dout (and x, for the hard projection's <dout, x>): sum(dout), <dout, x> and
+    dout @ Cc^T."""
     dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     dox = tl.zeros([BLOCK_N], dtype=tl.float32)
     dcc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -48,10 +49,10 @@ def _load_products(PRODS, STATS, XDO, b, N, M, HM, D, offs_n, row_ok, offs_m, m_
     of x shifted by s, the shift and (x - s) @ [A | Cc^T | KABS]; and (x - s) DO^T, formed by
     torch as ((x - s) W_v) dU_all^T from the kept (x - s) W_v (DO = dU_all W_v^T)."""
     prods = PRODS + (b * N + offs_n.to(tl.int64)) * (2 * M + HM + D)
-    stats = STATS + b * 3 * N + offs_n
-    s1 = tl.load(stats, mask=row_ok, other=0.0)
-    s2 = tl.load(stats + N, mask=row_ok, other=0.0)
-    shift = tl.load(stats + 2 * N, mask=row_ok, other=0.0)
+    stats = STATS + b * N_STATS * N + offs_n
+    s1 = tl.load(stats + S_SUM * N, mask=row_ok, other=0.0)
+    s2 = tl.load(stats + S_SUMSQ * N, mask=row_ok, other=0.0)
+    shift = tl.load(stats + S_SHIFT * N, mask=row_ok, other=0.0)
     nm = row_ok[:, None] & m_ok[None, :]
     nh = row_ok[:, None] & hm_ok[None, :]
     xa = tl.load(prods[:, None] + offs_m[None, :], mask=nm, other=0.0)
@@ -161,27 +162,51 @@ def _g_terms(dcc, dsum, dox, xcc, xk, xdo, cbar, ck, cdo, p, pgc, pq, dsq, rstd2
 
 
 @triton.jit
-def layer_bwd_rows_kernel(
+def layer_bwd_dout_kernel(
     X, sxb, sxn, sxd,
     DOUT, sgb, sgn, sgd,
     CC, scb, scm, scd,
-    PRODS, STATS, XDO,
+    DTERMS,
+    N, d, M,
+    ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The backward's one pass over dout (and x, for the hard projection), grid (token tiles, B):
+    per token dout @ Cc^T, sum(dout) and <dout, x> into DTERMS (B, N, M + 2) float32. Apart from
+    the rows kernel, whose epilogue holds it to 16-token tiles, it takes tiles large enough that
+    Cc^T, requested once per tile, costs little."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_n < N
+    m_ok = offs_m < M
+    dsum, dox, dcc = _rows_pass(X + b * sxb, sxn, sxd, DOUT + b * sgb, sgn, sgd, CC + b * scb, scd, scm, d, offs_n,
+                                row_ok, offs_c, offs_m, m_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+    terms = DTERMS + (b * N + offs_n) * (M + 2)
+    tl.store(terms[:, None] + offs_m[None, :], dcc, mask=row_ok[:, None] & m_ok[None, :])
+    tl.store(terms + M, dsum, mask=row_ok)
+    tl.store(terms + M + 1, dox, mask=row_ok)
+
+
+@triton.jit
+def layer_bwd_rows_kernel(
+    DTERMS, PRODS, STATS, XDO,
     CBAR, GATE, LSE, DELTA, DCOS2, sdb, sdn, MASK,
     CK, CDO, GC, COLA, KSUM, DOSUM,
     P_S, DS_S, DSQ_S, PQ_S, ROWS, DG_PART,
     N, d, M, HM, D,
     ln_eps, orth_eps, cos2_eps,
     ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr,
-    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Backward, per token: one pass over dout (and x for the hard projection), the forward's kept
-    products, everything else from M/HM-sized terms.
+    """Backward, per token, from per-token terms alone (no (B, N, d) tensor is read).
 
     From the forward (`_load_products`): the row sums of x shifted by s and (x - s) @ [A | Cc^T |
-    KABS]; from torch, (x - s) DO^T = ((x - s) W_v) dU_all^T with DO = dU_all W_v^T. The pass: dout @
-    Cc^T, sum(dout) and <dout, x>. The per-sample CK = Cc KABS, CDO = Cc DO^T, GC = Cc Cc^T,
-    column sums 1^T A, 1^T KABS, DO 1 come from torch.
+    KABS]; from torch, (x - s) DO^T = ((x - s) W_v) dU_all^T with DO = dU_all W_v^T; from
+    `layer_bwd_dout_kernel`: dout @ Cc^T, sum(dout) and <dout, x>. The per-sample CK = Cc KABS,
+    CDO = Cc DO^T, GC = Cc Cc^T, column sums 1^T A, 1^T KABS, DO 1 come from torch.
     Then, with xn2 = LN(x_out):
       S_q = xn2 KABS = rstd2 (a (x - mean) KABS + g P CK),  dPq = xn2 DO^T (likewise with CDO),
       dS_q = Pq (dPq - delta)  (flash-attention: Pq = exp(S_q - lse), delta = rowsum(dU * U)),
@@ -196,14 +221,15 @@ def layer_bwd_rows_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_hm = tl.arange(0, BLOCK_HM)
     row_ok = offs_n < N
     m_ok = offs_m < M
     hm_ok = offs_hm < HM
-    dsum, dox, dcc = _rows_pass(X + b * sxb, sxn, sxd, DOUT + b * sgb, sgn, sgd, CC + b * scb, scd, scm, d, offs_n,
-                                row_ok, offs_c, offs_m, m_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
+    terms = DTERMS + (b * N + offs_n) * (M + 2)
+    dcc = tl.load(terms[:, None] + offs_m[None, :], mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+    dsum = tl.load(terms + M, mask=row_ok, other=0.0)
+    dox = tl.load(terms + M + 1, mask=row_ok, other=0.0)
     s1, s2, shift, xa, xcc, xk, xdo = _load_products(PRODS, STATS, XDO, b, N, M, HM, D, offs_n, row_ok, offs_m, m_ok,
                                                      offs_hm, hm_ok)
     gate = tl.load(GATE).to(tl.float32)

@@ -1,14 +1,18 @@
-"""Triton kernels of the fused NEARL layer (SPEC 3.1): OCA + the USEformer query attention.
+"""Triton kernels of the fused NEARL layer's forward (SPEC 3.1): OCA + the USEformer query attention.
 
-Layout of the work: a program owns one sample `b` and a contiguous range of its token tiles (a
-"split"); several splits per sample keep a small batch busy, and their partial softmax states are
-combined afterwards in torch, as split-KV decoding does.
+Two kernels. `layer_fwd_kernel`, grid (token tiles, B): a program owns one tile of one sample and
+makes two passes over its columns, every product and statistic first, then the write of x_out. It
+keeps the first pass's products and row terms (for the attention kernel and the backward).
+`layer_attn_kernel`, grid (splits, B): the online softmax of the query attention over a contiguous
+range of a sample's tiles (a "split"), from those kept products alone; several splits per sample
+keep a small batch busy, and their partial softmax states are combined afterwards in torch, as
+split-KV decoding does. Apart, neither holds the other's registers: the attention state (H*M x D)
+beside the first pass's accumulators spilled once the products were kept.
 
 The token width d is walked in chunks of BLOCK_C columns, re-reading the tile from L1/L2 in each
-pass: the query update needs (tile x d) @ (d x D) products whose right operand cannot sit in shared
-memory whole at d = 768, and chunking keeps registers bounded for any d. The forward makes two
-passes (every product and statistic, then the write of x_out; see `layer_fwd_kernel`). The
-backward is in `layer_bwd_kernels.py`.
+pass: the products need (tile x d) @ (d x D) whose right operand cannot sit in shared memory
+whole at d = 768, and chunking keeps registers bounded for any d. The backward is in
+`layer_bwd_kernels.py`.
 
 Keys are absorbed into the queries: KABS[b] = W_k (blockdiag_h Qh[b])^T / sqrt(dh) is (d, H*M), so
 the scores of all heads come from one product, LN(x_out) @ KABS[b]. Values are formed per tile,
@@ -20,6 +24,11 @@ import triton.language as tl
 
 from .casting import cast_out
 from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
+
+# Row terms the forward keeps per token, (B, N_STATS, N) float32: the sums of the shifted row and
+# of its squares, the shift (the backward's too), x's coefficient in x_out and x_out's rstd.
+S_SUM, S_SUMSQ, S_SHIFT, S_COEF, S_RSTD2 = (tl.constexpr(i) for i in range(5))
+N_STATS = tl.constexpr(5)
 
 
 @triton.jit
@@ -98,17 +107,15 @@ def _pass_2(x_rows, sxd, out_rows, row_ok, d, p, pc, coef, gate, cc_base, scm, s
 
 
 @triton.jit
-def _sample_terms(GC, CK, CV, COLA, KSUM, VSUM, b, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok):
-    """Sample b's Cc Cc^T (M, M), Cc KABS (M, HM), Cc W_v (M, D) and the column sums of A, KABS, W_v."""
-    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=m_ok[:, None] & m_ok[None, :], other=0.0)
+def _sample_terms(CK, CV, KSUM, VSUM, b, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok):
+    """Sample b's Cc KABS (M, HM), Cc W_v (M, D) and the column sums of KABS and W_v."""
     ck = tl.load(CK + (b * M + offs_m[:, None]) * HM + offs_hm[None, :], mask=m_ok[:, None] & hm_ok[None, :],
                  other=0.0)
     cv = tl.load(CV + (b * M + offs_m[:, None]) * D + offs_dq[None, :], mask=m_ok[:, None] & dq_ok[None, :],
                  other=0.0)
-    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
     ksum = tl.load(KSUM + b * HM + offs_hm, mask=hm_ok, other=0.0)
     vsum = tl.load(VSUM + offs_dq, mask=dq_ok, other=0.0)
-    return gc, ck, cv, cola, ksum, vsum
+    return ck, cv, ksum, vsum
 
 
 @triton.jit
@@ -134,7 +141,7 @@ def _save_products(prods, stats, N, rows, row_ok, M, HM, D, offs_m, m_ok, offs_h
     """Pass 1's results, kept for the backward (which would otherwise redo pass 1's products,
     re-reading A, Cc^T, KABS and W_v for every tile): one row of 2 M + H*M + D float32 per token,
     [xa | xcc | xk | xv] at `prods` (the sample's first row), and the row sums s1, s2 and the shift
-    at `stats` ((3, N) per sample). Offsets are int32 from one base: 64-bit pointer tiles cost
+    at `stats` ((N_STATS, N) per sample). Offsets are int32 from one base: 64-bit pointer tiles cost
     registers the soft projection's forward does not have."""
     row = rows[:, None] * (2 * M + HM + D)
     nm = row_ok[:, None] & m_ok[None, :]
@@ -142,9 +149,9 @@ def _save_products(prods, stats, N, rows, row_ok, M, HM, D, offs_m, m_ok, offs_h
     tl.store(prods + row + M + offs_m[None, :], xcc, mask=nm)
     tl.store(prods + row + 2 * M + offs_hm[None, :], xk, mask=row_ok[:, None] & hm_ok[None, :])
     tl.store(prods + row + 2 * M + HM + offs_dq[None, :], xv, mask=row_ok[:, None] & dq_ok[None, :])
-    tl.store(stats + rows, s1, mask=row_ok)
-    tl.store(stats + N + rows, s2, mask=row_ok)
-    tl.store(stats + 2 * N + rows, shift, mask=row_ok)
+    tl.store(stats + S_SUM * N + rows, s1, mask=row_ok)
+    tl.store(stats + S_SUMSQ * N + rows, s2, mask=row_ok)
+    tl.store(stats + S_SHIFT * N + rows, shift, mask=row_ok)
 
 
 @triton.jit
@@ -155,19 +162,19 @@ def layer_fwd_kernel(
     CBAR, GATE,
     KABS, skb, skd, skh,
     WV, swd, swe,
-    CK, CV, GC, COLA, KSUM, VSUM, MASK,
-    OUT, COS2, M_PART, L_PART, ACC_PART, PRODS, STATS,
-    N, d, M, HM, D, tiles_per_split, n_splits,
+    GC, COLA,
+    OUT, COS2, PRODS, STATS, P_S,
+    N, d, M, HM, D,
     ln_eps, orth_eps, cos2_eps,
-    ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
+    ORTH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
 ):
-    """x_out (written once) and, per (sample, split), the online-softmax state of the query
-    attention: running max (HM,), running sum (HM,), unnormalised accumulator (HM, D). For the
-    backward it keeps pass 1's products and row sums (PRODS, STATS: `_save_products`).
+    """x_out (written once) for one token tile, and what the attention kernel and the backward
+    need of it: pass 1's products and row sums (PRODS, STATS: `_save_products`), OCA's P (P_S)
+    and the row terms coef, rstd2 (STATS).
 
-    Two passes over a tile's columns. Pass 1 multiplies the (shifted) tokens with every matrix
+    Two passes over the tile's columns. Pass 1 multiplies the (shifted) tokens with every matrix
     the layer needs, A, Cc^T, KABS and W_v, and sums the LayerNorm statistics; everything else
     follows from M-, HM- and D-sized terms (C = Cc + cbar 1^T with centred rows Cc, a the
     coefficient of x in x_out, 1 - g k for the hard projection, else 1):
@@ -176,13 +183,12 @@ def layer_fwd_kernel(
       x_out - mean2 = a (x - mean) + g P Cc,  mean2 = a mean + g P.cbar
       d var2 = a^2 m2 + 2 a g P.((x - mean) Cc^T) + g^2 P (Cc Cc^T) P^T
       LN(x_out) [KABS | W_v] = rstd2 (a (x - mean) [KABS | W_v] + g P (Cc [KABS | W_v]))
-    so LN(x_out) is never formed. The products use x minus its first chunk's mean (a shift of
-    about one standard deviation from the row mean), so (x - mean) M = (x - s) M - (mean - s) 1^T M
-    does not cancel when a row's mean is large against its spread (residual streams). Cc Cc^T,
-    Cc KABS, Cc W_v and the column sums 1^T A, 1^T KABS (per sample), 1^T W_v are inputs,
-    loaded after the column loop: held across it, they spilled registers.
+    so LN(x_out) is never formed (the attention kernel takes the last line from the kept terms).
+    The products use x minus its first chunk's mean (a shift of about one standard deviation from
+    the row mean), so (x - mean) M = (x - s) M - (mean - s) 1^T M does not cancel when a row's mean
+    is large against its spread (residual streams).
     """
-    split = tl.program_id(0)
+    tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
@@ -193,10 +199,63 @@ def layer_fwd_kernel(
     hm_ok = offs_hm < HM
     dq_ok = offs_dq < D
     gate = tl.load(GATE).to(tl.float32)
-    a_base = A + b * sab
     cc_base = CC + b * scb
-    kabs_base = KABS + b * skb
+    rows = tile * BLOCK_N + offs_n
+    row_ok = rows < N
+    x_rows = X + b * sxb + rows.to(tl.int64) * sxn
+    # the shift: each row's mean over the first chunk
+    shift = first_chunk_mean(_load_chunk(x_rows, sxd, offs_c, row_ok, offs_c < d), d, BLOCK_C)
+    s1, s2, xa, xcc, xk, xv = _pass_1(x_rows, sxd, row_ok, shift, d, A + b * sab, sad, sam, cc_base, scd, scm,
+                                      KABS + b * skb, skd, skh, WV, swd, swe, offs_c, offs_m, m_ok, offs_hm, hm_ok,
+                                      offs_dq, dq_ok, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, BLOCK_D, PREC)
+    stats = STATS + b * N_STATS * N
+    _save_products(PRODS + b * N * (2 * M + HM + D), stats, N, rows, row_ok, M, HM, D, offs_m, m_ok,
+                   offs_hm, hm_ok, offs_dq, dq_ok, s1, s2, shift, xa, xcc, xk, xv)
+    # the per-sample terms, loaded here rather than held across the column loop (registers)
     cbar = tl.load(CBAR + b * M + offs_m, mask=m_ok, other=0.0)
+    cola = tl.load(COLA + b * M + offs_m, mask=m_ok, other=0.0)
+    gc = tl.load(GC + (b * M + offs_m[:, None]) * M + offs_m[None, :], mask=m_ok[:, None] & m_ok[None, :],
+                 other=0.0)
+    mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
+    p, pc, coef, rstd2 = _oca_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok,
+                                   COS2 + b * N + rows, row_ok, ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, PREC)
+    tl.store(stats + S_COEF * N + rows, coef, mask=row_ok)
+    tl.store(stats + S_RSTD2 * N + rows, rstd2, mask=row_ok)
+    tl.store(P_S + b * N * M + rows[:, None] * M + offs_m[None, :], p, mask=row_ok[:, None] & m_ok[None, :])
+    # pass 2: x_out, the only write of a (B, N, d) tensor
+    _pass_2(x_rows, sxd, OUT + (b * N + rows.to(tl.int64)) * d, row_ok, d, p, pc, coef, gate, cc_base, scm, scd,
+            offs_c, offs_m, m_ok, BLOCK_C, PREC, ROUND_BY_HAND)
+
+
+@triton.jit
+def layer_attn_kernel(
+    PRODS, STATS, P_S, GATE,
+    CK, CV, KSUM, VSUM, MASK,
+    M_PART, L_PART, ACC_PART,
+    N, d, M, HM, D, tiles_per_split, n_splits,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The query attention over LN(x_out) for one split of a sample's tiles, from what
+    `layer_fwd_kernel` kept (no (B, N, d) tensor is read): per (sample, split), the online-softmax
+    state, running max (HM,), running sum (HM,), unnormalised accumulator (HM, D). With dm = mean -
+    s = s1 / d:
+      S_q = rstd2 (a ((x - s) KABS - dm 1^T KABS) + g P (Cc KABS)),  V likewise with W_v.
+    """
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_hm = tl.arange(0, BLOCK_HM)
+    offs_dq = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    hm_ok = offs_hm < HM
+    dq_ok = offs_dq < D
+    gate = tl.load(GATE).to(tl.float32)
+    ck, cv, ksum, vsum = _sample_terms(CK, CV, KSUM, VSUM, b, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok)
+    stats = STATS + b * N_STATS * N
+    width = 2 * M + HM + D
     m_run = tl.full([BLOCK_HM], -1e30, dtype=tl.float32)  # finite: a fully masked tile adds exp(-inf) = 0
     l_run = tl.zeros([BLOCK_HM], dtype=tl.float32)
     acc = tl.zeros([BLOCK_HM, BLOCK_D], dtype=tl.float32)
@@ -204,29 +263,19 @@ def layer_fwd_kernel(
     for tile in range(split * tiles_per_split, tile_end):
         rows = tile * BLOCK_N + offs_n
         row_ok = rows < N
-        x_rows = X + b * sxb + rows.to(tl.int64) * sxn
-        # the shift: each row's mean over the first chunk
-        first = offs_c < d
-        shift = first_chunk_mean(_load_chunk(x_rows, sxd, offs_c, row_ok, first), d, BLOCK_C)
-        s1, s2, xa, xcc, xk, xv = _pass_1(x_rows, sxd, row_ok, shift, d, a_base, sad, sam, cc_base, scd, scm,
-                                          kabs_base, skd, skh, WV, swd, swe, offs_c, offs_m, m_ok, offs_hm, hm_ok,
-                                          offs_dq, dq_ok, BLOCK_N, BLOCK_C, BLOCK_M, BLOCK_HM, BLOCK_D, PREC)
-        _save_products(PRODS + b * N * (2 * M + HM + D), STATS + b * 3 * N, N, rows, row_ok, M, HM, D, offs_m, m_ok,
-                       offs_hm, hm_ok, offs_dq, dq_ok, s1, s2, shift, xa, xcc, xk, xv)
-        # the per-sample terms, loaded here rather than held across the column loop (registers)
-        gc, ck, cv, cola, ksum, vsum = _sample_terms(GC, CK, CV, COLA, KSUM, VSUM, b, M, HM, D, offs_m, m_ok,
-                                                     offs_hm, hm_ok, offs_dq, dq_ok)
-        mean, dm, m2, rstd, xx = shifted_row_stats(s1, s2, shift, d, ln_eps)
-        p, pc, coef, rstd2 = _oca_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok,
-                                       COS2 + b * N + rows, row_ok, ln_eps, orth_eps, cos2_eps, ORTH, BLOCK_N, PREC)
+        prods = PRODS + (b * N + rows[:, None]) * width
+        xk = tl.load(prods + 2 * M + offs_hm[None, :], mask=row_ok[:, None] & hm_ok[None, :], other=0.0)
+        xv = tl.load(prods + 2 * M + HM + offs_dq[None, :], mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
+        p = tl.load(P_S + (b * N + rows[:, None]) * M + offs_m[None, :], mask=row_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        dm = tl.load(stats + S_SUM * N + rows, mask=row_ok, other=0.0) / d
+        coef = tl.load(stats + S_COEF * N + rows, mask=row_ok, other=0.0)
+        rstd2 = tl.load(stats + S_RSTD2 * N + rows, mask=row_ok, other=0.0)
         valid = row_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
         m_run, l_run, acc = _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, l_run, acc,
                                     PREC)
-        # pass 2: x_out, the only write of a (B, N, d) tensor
-        _pass_2(x_rows, sxd, OUT + (b * N + rows.to(tl.int64)) * d, row_ok, d, p, pc, coef, gate, cc_base, scm, scd,
-                offs_c, offs_m, m_ok, BLOCK_C, PREC, ROUND_BY_HAND)
     state = (b * n_splits + split) * HM
     tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
     tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)

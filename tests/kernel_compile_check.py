@@ -84,7 +84,8 @@ from nearl_kernels import runtime  # noqa: E402
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
 KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
-                                   LK.layer_fwd_kernel, LKB.layer_bwd_rows_kernel,
+                                   LK.layer_fwd_kernel, LK.layer_attn_kernel, LKB.layer_bwd_dout_kernel,
+                                   LKB.layer_bwd_rows_kernel,
                                    LKB.layer_bwd_cols_kernel)}
 
 LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's launches

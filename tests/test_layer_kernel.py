@@ -65,9 +65,7 @@ CASES = [
     (2, 77, 80, 16, 32, True, "hard", torch.bfloat16, True),
     (2, 50, 48, 8, 32, False, "soft", torch.float16, True),
     (2, 256, 48, 16, 128, True, "hard", torch.bfloat16, True),  # BiomedCLIP's text: 256 tokens, padding mask
-    # SigLIP so400m's width. B = 2: with B = 1 the mask leaves one key, W_k's gradient is 0, and
-    # the flash-style backward's dP - rowsum(dU * U) leaves TF32's noise there (2e-2), not float32's
-    (2, 40, 1152, 16, 128, True, "soft", torch.bfloat16, True),
+    (1, 40, 1152, 16, 128, True, "soft", torch.bfloat16, True),  # SigLIP so400m's width
 ]
 
 
@@ -93,7 +91,7 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
     else:
         monkeypatch.setenv("NEARL_SM_COUNT", sm_count)
     fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
-    assert fwd.block_n <= 32 and fwd.block_c <= 32, fwd  # the GPU's tiles, not the interpreter's
+    assert fwd.block_c == 16 and fwd.attn_block_n == 32, fwd  # the GPU's tiles, not the interpreter's
     bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV))
     assert bwd.rows_block_n == bwd.cols_block_n == 16 and bwd.cols_block_d <= 64, bwd
     check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
@@ -101,14 +99,14 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
 
 @pytest.mark.parametrize("orth", ["hard", "soft"])
 def test_a100_tiling_matches_float64(orth, monkeypatch):
-    """NEARL_TILING=a100: sm_80's own tiles (16 tokens x 32 columns forward, 16-column backward
+    """NEARL_TILING=a100: sm_80's own tiles (64 tokens x 16 columns forward, 16-column backward
     programs), two token splits in the backward's columns kernel."""
     monkeypatch.setenv("NEARL_TILING", "a100")
     monkeypatch.setenv("NEARL_SM_COUNT", "2")
     B, N, d, M, D, dtype = 2, 40, 48, 16, 128, torch.bfloat16
     fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
     bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV), orth)
-    assert (fwd.block_n, fwd.block_c, bwd.cols_block_d, bwd.splits) == (16, 32, 16, 2), (fwd, bwd)
+    assert (fwd.block_n, fwd.block_c, bwd.cols_block_d, bwd.splits) == (64, 16, 16, 2), (fwd, bwd)
     check_against_float64(B, N, d, M, D, True, orth, dtype, True)
 
 
@@ -121,8 +119,9 @@ def test_rows_with_a_large_mean(dtype, monkeypatch):
     check_against_float64(1, 33, 48, 16, 128, False, "soft", dtype, True, offset=-300.0)
 
 
-def tolerances(x, q, params, mask, orth, up, want_out, want_grad):
-    """The bar of every output ("out0", ...) and gradient (by input name) against float64."""
+def tolerances(x, q, params, mask, orth, up, want_out, want_grad, plain_bf16=False):
+    """The bar of every output ("out0", ...) and gradient (by input name) against float64.
+    plain_bf16: for bfloat16 x, also the error of the layer in plain bfloat16 PyTorch."""
     names = [f"out{i}" for i in range(len(want_out))] + list(want_grad)
     if x.dtype == torch.float32:
         return dict.fromkeys(names, 1e-4)
@@ -130,11 +129,7 @@ def tolerances(x, q, params, mask, orth, up, want_out, want_grad):
     ref_out, ref_grad = run("reference", x, q, params, mask, orth, up)
     tol = {f"out{i}": max(1e-4, 2 * err(r, w)) for i, (r, w) in enumerate(zip(ref_out, want_out))}
     tol.update({k: max(1e-4, 2 * err(ref_grad[k], w)) for k, w in want_grad.items()})
-    if x.dtype == torch.bfloat16:
-        # bfloat16 x takes TF32 products (kernels/policy.py), and the GPU's TF32 truncates every
-        # operand at 2^-10 (so does the interpreter: kernels/runtime.py). The reference runs the
-        # query side in float32, so its own error says nothing of that: the bar is also the layer
-        # written in plain bfloat16 PyTorch, which the kernels must not be less accurate than.
+    if plain_bf16 and x.dtype == torch.bfloat16:
         low_out, low_grad = run("plain-bf16", x, q, params, mask, orth, up)
         for i, (r, w) in enumerate(zip(low_out, want_out)):
             tol[f"out{i}"] = max(tol[f"out{i}"], err(r, w))
@@ -143,7 +138,22 @@ def tolerances(x, q, params, mask, orth, up, want_out, want_grad):
     return tol
 
 
-def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched, offset=0.0):
+@pytest.mark.parametrize("B,N,d,M,D,masked,orth", [
+    (2, 197, 768, 16, 128, False, "hard"),  # ViT-B/16
+    (2, 77, 512, 16, 128, True, "soft"),    # the text tower, key mask
+])
+def test_bf16_with_the_gpus_tf32(B, N, d, M, D, masked, orth, monkeypatch):
+    """bfloat16 x takes TF32 products (kernels/policy.py), whose operands the GPU's tensor cores
+    truncate at 2^-10, where the interpreter multiplies in float32 unless told (kernels/runtime.py).
+    Told, the query output is off by 3-6e-4 and query-side gradients by up to 4e-3 against
+    float64: past the 1e-4 the other bf16 tests ask, which only exact products meet. The bar here
+    is the one TF32 can meet: no less accurate than the layer in plain bfloat16 PyTorch."""
+    monkeypatch.setattr(nearl_kernels.runtime, "TF32_AS_THE_GPU", True)
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    check_against_float64(B, N, d, M, D, masked, orth, torch.bfloat16, True, plain_bf16=True)
+
+
+def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched, offset=0.0, plain_bf16=False):
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=batched, device=DEV)
     x = (x.float() + offset).to(dtype)
     mask = padding_mask(B, N).to(DEV) if masked else None  # sample 0 has a single valid token
@@ -151,7 +161,7 @@ def check_against_float64(B, N, d, M, D, masked, orth, dtype, batched, offset=0.
     want_out, want_grad = run("float64", x, q, params, mask, orth, up)
     got_out, got_grad = run("triton", x, q, params, mask, orth, up)
     assert got_out[0].dtype == dtype and got_out[1].dtype == torch.float32
-    tol = tolerances(x, q, params, mask, orth, up, want_out, want_grad)
+    tol = tolerances(x, q, params, mask, orth, up, want_out, want_grad, plain_bf16)
     for i, (g_, w_) in enumerate(zip(got_out, want_out)):
         assert err(g_, w_) <= tol[f"out{i}"], (f"out{i}", err(g_, w_))
     for k, w_ in want_grad.items():
@@ -215,7 +225,7 @@ def test_fake_implementations_give_the_right_shapes():
             x, a, cc, cbar, torch.empty(()), kabs, w_v, fused.small_products(a, cc, kabs, w_v), None, "soft")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
-        assert prods.shape == (2, 7, 2 * 3 + 12 + 16) and stats.shape == (2, 3, 7)  # kept for the backward
+        assert prods.shape == (2, 7, 2 * 3 + 12 + 16) and stats.shape == (2, 5, 7)  # kept for the backward
 
 
 def test_head_diagonal_and_absorbed_keys_match_the_per_head_statement():

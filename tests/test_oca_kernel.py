@@ -101,10 +101,9 @@ def rel(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check(name, got, ref64, lowp, ref_lp=None, floor=0.0, plain=None):
+def check(name, got, ref64, lowp, ref_lp=None, floor=0.0):
     """lowp None: the float32 criterion. Else the half-precision one: within twice the error of
-    the PyTorch reference run in the same dtypes (ref_lp), plus `floor`, or, if that is looser,
-    within the error of `plain` (the reference with every input in x's dtype)."""
+    the PyTorch reference run in the same dtypes (ref_lp), plus `floor`."""
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     if ref64.abs().max() == 0:  # e.g. dA with M = 1: the softmax is constant
         assert got.abs().max() <= 1e-6, f"{name}: expected 0, got max |.| = {got.abs().max()}"
@@ -117,10 +116,8 @@ def check(name, got, ref64, lowp, ref_lp=None, floor=0.0, plain=None):
         assert maxabs <= 1e-3 * scale, f"{name}: max abs error {maxabs:.3g} vs max |ref| {scale:.3g}"
     else:
         err_ref = rel(ref_lp, ref64)
-        err_plain = 0.0 if plain is None else rel(plain, ref64)
-        assert err <= max(2 * err_ref + floor, err_plain), (
-            f"{name}: relative error {err:.3g} > 2 x reference's {err_ref:.3g} + {floor:.3g} "
-            f"and > plain {lowp}'s {err_plain:.3g}")
+        assert err <= 2 * err_ref + floor, (f"{name}: relative error {err:.3g} > 2 x reference's "
+                                            f"{err_ref:.3g} + {floor:.3g}")
         assert maxabs <= 0.05 * scale, f"{name}: max abs error {maxabs:.3g} vs max |ref| {scale:.3g}"
 
 
@@ -139,15 +136,9 @@ def compare(B, N, d, M, orth, dtype, pdtype=None, x_view="contig", ac_view="cont
     lowp = None if dtype == torch.float32 else dtype
     lp = run(reference.oca, inputs, orth, up, dtype) if lowp else (None, None, [None] * 4)
     # Half-precision x: results kept in a wider dtype (cos2; the gradients of float32 a, c,
-    # gate) are only asked to be accurate to half of x's rounding: for bfloat16 x the products run
-    # in TF32, whose tensor cores truncate each operand at 2^-10 (the interpreter does the same,
-    # kernels/runtime.py), up to 2^-9 for a product; results in x's dtype get a 1e-5 floor.
-    wide = 0.5 * EPS[dtype]
-    # ... and never less accurate than OCA in plain bfloat16 PyTorch (a, c and gate cast too): a
-    # gradient that is a sum with cancellation (dgate) loses more than 2^-9 to TF32's truncation
-    plain = [None] * 4
-    if dtype == torch.bfloat16 and pdtype != dtype:
-        plain = run(reference.oca, [t.to(dtype) for t in inputs], orth, up, dtype)[2]
+    # gate) are only asked to be accurate to a quarter of x's rounding (on a GPU the kernel's
+    # products run in tf32, 2^-11); results in x's dtype get a 1e-5 floor.
+    wide = 0.25 * EPS[dtype]
     check("out", out, out64, lowp, lp[0], floor=1e-5)
     if orth == "soft":
         assert cos2.dtype == torch.float32
@@ -157,7 +148,7 @@ def compare(B, N, d, M, orth, dtype, pdtype=None, x_view="contig", ac_view="cont
         floor = 1e-5 if gdt == dtype else wide
         if name == "gate":
             floor += 0.5 * EPS[gdt]
-        check(f"d{name}", grads[i], grads64[i], lowp, lp[2][i], floor=floor, plain=plain[i])
+        check(f"d{name}", grads[i], grads64[i], lowp, lp[2][i], floor=floor)
     return out, cos2, grads
 
 

@@ -63,9 +63,38 @@ def test_launchers_follow_the_tiling(monkeypatch):
     monkeypatch.setenv("NEARL_TILING", "h100")
     monkeypatch.setenv("NEARL_SM_COUNT", "1")
     one = run()
-    assert one["_oca_fwd_kernel"][1] == 64 and one["layer_fwd_kernel"][1] == 32  # an H100's token tiles
+    assert one["_oca_fwd_kernel"][1] == 64 and one["layer_fwd_kernel"][1] == 128  # an H100's token tiles
     assert one["_oca_bwd_cols_kernel"][0][1] == 2  # splits: ceil(4 programs per SM / (B x 1 chunk))
-    assert one["layer_fwd_kernel"][0][0] == 1  # ceil(1 program per SM / B)
+    assert one["layer_fwd_kernel"][0][0] == 3  # one program per 128-token tile, whatever the SMs
+    assert one["layer_attn_kernel"][0][0] == 1  # attention splits: ceil(1 program per SM / B)
     monkeypatch.setenv("NEARL_SM_COUNT", "132")
     full = run()
-    assert full["_oca_bwd_cols_kernel"][0][1] == 10 and full["layer_fwd_kernel"][0][0] == 10  # one per tile
+    assert full["_oca_bwd_cols_kernel"][0][1] == 10 and full["layer_attn_kernel"][0][0] == 10  # one per tile
+
+
+@pytest.mark.skipif(not runtime.interpreting(), reason="the interpreter's products")
+def test_the_interpreter_can_round_tf32_as_the_gpu(monkeypatch):
+    """runtime.TF32_AS_THE_GPU: TF32 products truncate their operands at 2^-10 (relative error
+    about 1e-3 on random operands, not float32's 1e-7); tf32x3 and ieee stay float32-accurate."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(A, B, C, PREC: tl.constexpr):
+        o = tl.arange(0, 16)
+        a = tl.load(A + o[:, None] * 16 + o[None, :])
+        b = tl.load(B + o[:, None] * 16 + o[None, :])
+        tl.store(C + o[:, None] * 16 + o[None, :], tl.dot(a, b, input_precision=PREC))
+
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    want = a.double() @ b.double()
+
+    def rel(prec):
+        c = torch.empty(16, 16)
+        runtime.launch(dot16, (1,), a, b, c, PREC=prec)
+        return ((c.double() - want).norm() / want.norm()).item()
+
+    assert rel("tf32") < 1e-6  # by default the interpreter multiplies in float32
+    monkeypatch.setattr(runtime, "TF32_AS_THE_GPU", True)
+    assert 1e-4 < rel("tf32") < 4e-3
+    assert rel("tf32x3") < 1e-6 and rel("ieee") < 1e-6
