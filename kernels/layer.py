@@ -80,9 +80,10 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       across its column loop, then stores them; the attention state lives in the other kernel.
       The token tile is what matters: every tile requests A, Cc (twice), KABS and W_v again. With
       16-column chunks: 128 tokens for bfloat16 x on sm_90 (214-220 registers, triton 3.6 and
-      3.8; 64 with orth="soft", whose cos^2 spilled 32 bytes at 128 with triton 3.6), 64 on sm_80 (206-210), 64 with IEEE float32 products on sm_90 (float32 and float16 x;
-      no tensor cores: operands in registers, 192-196), which on sm_80 spill whatever the tiles
-      and take the split path (`fused_supported`). When this kernel also held the attention
+      3.8; 64 with orth="soft", whose cos^2 spilled 32 bytes at 128 with triton 3.6), 64 on
+      sm_80 (206-210), 64 with IEEE float32 products on sm_90 (float32 and float16 x; no tensor
+      cores: operands in registers; 192-224), which on sm_80 spill whatever the tiles and take
+      the split path (`fused_supported`). When this kernel also held the attention
       state it took 32 tokens on sm_90 and 16 on sm_80. On the GPU, H*M and D are padded to 64
       and 128 whatever the query bank.
       `layer_attn_kernel` holds the (H*M x D) attention state and a tile of the kept products
@@ -212,12 +213,15 @@ class LayerBwdConfig:
 
 def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype,
                      device: torch.device, orth: str = "hard") -> LayerBwdConfig:
-    """Launch parameters of the two backward kernels, chosen in one place.
+    """Launch parameters of the three backward kernels, chosen in one place.
 
     - M and H*M padded to powers of two >= 16 (tl.dot), masked.
-    - Rows kernel: its column pass keeps five product accumulators (BLOCK_N x (3 M + 2 H*M))
-      live, and its epilogue a dozen (BLOCK_N x M or H*M) row terms: 16 tokens with 32-column
-      chunks (16 with IEEE float32 products) at 8 warps, about 223 registers on sm_90.
+    - Dout kernel: one accumulator (BLOCK_N x M) and the column chunks of dout and x: 128 tokens
+      with 32-column chunks, 64 x 16 with IEEE float32 products (64-96 registers). It is the one
+      that requests Cc^T per tile, so its tiles are large.
+    - Rows kernel: its epilogue holds a dozen (BLOCK_N x M or H*M) row terms: 16 tokens at 8
+      warps, about 223 registers on sm_90 (32 tokens spill 200-380 bytes). It requests no
+      per-tile matrix, so its tile size moves no bytes.
     - Columns kernel: holds the (BLOCK_DC x (2 M + 2 H*M)) chunks of A, Cc, KABS and DO and as
       many float32 accumulators across its token loop, plus (BLOCK_DC x BLOCK_N) tiles of x, dout,
       LN(x_out), G, Delta and dx: 32 columns and 16 tokens at 8 warps on sm_90 (64 columns spill
@@ -256,9 +260,10 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
 def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
     """Gradients of (x, a, cc, cbar, gate, kabs, w_v), each in its input's dtype.
 
-    Two kernels (`kernels/layer_bwd_kernels.py`): the rows kernel reduces every row-level quantity
-    in one pass over dout (and x, hard projection) from the forward's products (prods, stats:
-    `layer_fwd`) and writes, float32, P and rstd dS (B, N, M), dS_q and Pq
+    Three kernels (`kernels/layer_bwd_kernels.py`): the dout kernel makes the one pass over dout
+    (and x, hard projection), dout Cc^T and two row sums; the rows kernel reduces every row-level
+    quantity from those and the forward's products (prods, stats: `layer_fwd`) and writes,
+    float32, P and rstd dS (B, N, M), dS_q and Pq
     (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
     dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
     (B, S, H*M, d), summed here with torch (deterministic: no atomics). dW_v = sum_b

@@ -1,12 +1,13 @@
-"""Triton kernels of the fused NEARL layer's backward (SPEC 3.1): a rows kernel and a columns kernel.
+"""Triton kernels of the fused NEARL layer's backward (SPEC 3.1): a dout, a rows and a columns kernel.
 
-The forward saves only its inputs and the query attention's log-sum-exp. With x_out = a x + g (P Cc
-+ P.cbar), LN(x_out) = rstd2 (a (x - mean) + g P Cc) and the flash-attention backward of the
-query attention, every row-level quantity of the backward reduces to M-, H*M- and D-sized terms
-of one pass over x and dout (the same algebra as `layer_fwd_kernel`; see `layer_bwd_rows_kernel`).
-What remains per column is linear in the tile: G = dL/dx_out (never stored), dx, and the token
-reductions dA, dC, dKABS and LN(x_out)^T P, which `layer_bwd_cols_kernel` accumulates per program
-in registers and stores once.
+The forward keeps, besides its inputs and the query attention's log-sum-exp, its first pass's
+products and row sums (`layer_kernels._save_products`). With x_out = a x + g (P Cc + P.cbar),
+LN(x_out) = rstd2 (a (x - mean) + g P Cc) and the flash-attention backward of the query
+attention, every row-level quantity of the backward reduces to M-, H*M- and D-sized terms of
+those and of one pass over dout (`layer_bwd_dout_kernel`; the algebra is `layer_fwd_kernel`'s, see
+`layer_bwd_rows_kernel`). What remains per column is linear in the tile: G = dL/dx_out (never
+stored), dx, and the token reductions dA, dC, dKABS and LN(x_out)^T P, which
+`layer_bwd_cols_kernel` accumulates per program in registers and stores once.
 """
 import triton
 import triton.language as tl
@@ -24,7 +25,7 @@ N_ROWS = tl.constexpr(13)
 
 
 @triton.jit
-def _rows_pass(x_base, sxn, sxd, g_base, sgn, sgd, cc_base, scd, scm, d, offs_n, row_ok, offs_c, offs_m, m_ok,
+def _dout_pass(x_base, sxn, sxd, g_base, sgn, sgd, cc_base, scd, scm, d, offs_n, row_ok, offs_c, offs_m, m_ok,
                ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                PREC: tl.constexpr):
     """One pass over dout (and x, for the hard projection's <dout, x>): sum(dout), <dout, x> and
@@ -182,7 +183,7 @@ def layer_bwd_dout_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_n < N
     m_ok = offs_m < M
-    dsum, dox, dcc = _rows_pass(X + b * sxb, sxn, sxd, DOUT + b * sgb, sgn, sgd, CC + b * scb, scd, scm, d, offs_n,
+    dsum, dox, dcc = _dout_pass(X + b * sxb, sxn, sxd, DOUT + b * sgb, sgn, sgd, CC + b * scb, scd, scm, d, offs_n,
                                 row_ok, offs_c, offs_m, m_ok, ORTH, BLOCK_N, BLOCK_C, BLOCK_M, PREC)
     terms = DTERMS + (b * N + offs_n) * (M + 2)
     tl.store(terms[:, None] + offs_m[None, :], dcc, mask=row_ok[:, None] & m_ok[None, :])

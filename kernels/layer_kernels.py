@@ -138,11 +138,11 @@ def _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, 
 @triton.jit
 def _save_products(prods, stats, N, rows, row_ok, M, HM, D, offs_m, m_ok, offs_hm, hm_ok, offs_dq, dq_ok,
                    s1, s2, shift, xa, xcc, xk, xv):
-    """Pass 1's results, kept for the backward (which would otherwise redo pass 1's products,
-    re-reading A, Cc^T, KABS and W_v for every tile): one row of 2 M + H*M + D float32 per token,
-    [xa | xcc | xk | xv] at `prods` (the sample's first row), and the row sums s1, s2 and the shift
-    at `stats` ((N_STATS, N) per sample). Offsets are int32 from one base: 64-bit pointer tiles cost
-    registers the soft projection's forward does not have."""
+    """Pass 1's results, kept for the attention kernel and the backward (which would otherwise redo
+    pass 1's products, re-reading A, Cc^T, KABS and W_v for every tile): one row of 2 M + H*M + D
+    float32 per token, [xa | xcc | xk | xv] at `prods` (the sample's first row), and the row sums
+    s1, s2 and the shift at `stats` ((N_STATS, N) per sample). Offsets are int32 from one base,
+    which takes fewer registers than tiles of 64-bit pointers."""
     row = rows[:, None] * (2 * M + HM + D)
     nm = row_ok[:, None] & m_ok[None, :]
     tl.store(prods + row + offs_m[None, :], xa, mask=nm)
