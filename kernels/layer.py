@@ -199,9 +199,9 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
 
 @dataclass(frozen=True)
 class LayerBwdConfig:
-    rows_block_n: int     # tokens per program, rows kernel
-    rows_block_c: int     # column chunk of the dout kernel
     dout_block_n: int     # tokens per program, dout kernel
+    dout_block_c: int     # ... and its column chunk
+    rows_block_n: int     # tokens per program, rows kernel
     cols_block_n: int     # columns kernel: tokens per loop step
     cols_block_d: int     # ... and columns per program
     splits: int           # token splits per sample: the partials are (B, splits, ...)
@@ -244,17 +244,17 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     block_hm = max(16, triton.next_power_of_2(HM)) if not gpu_tiles else max(64, triton.next_power_of_2(HM))
     if not gpu_tiles:
         rows_bn = cols_bn = dout_bn = min(128, max(16, triton.next_power_of_2(N)))
-        rows_bc = cols_bd = min(256, max(16, triton.next_power_of_2(d)))
+        dout_bc = cols_bd = min(256, max(16, triton.next_power_of_2(d)))
         splits = min(2, triton.cdiv(N, cols_bn))
     else:
         ieee = precision == "ieee"
-        rows_bn, rows_bc = 16, (16 if ieee else 32)
-        dout_bn = 64 if ieee else 128
+        dout_bn, dout_bc = (64, 16) if ieee else (128, 32)
+        rows_bn = 16
         cols_bn = 16
         cols_bd = min(16 if (ieee or cc < 90 or orth == "soft") else 32, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
         splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
-    return LayerBwdConfig(rows_bn, rows_bc, dout_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
+    return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
 
 
 def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
@@ -300,7 +300,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     dterms = runtime.empty((B, N, M + 2), **f32)
     runtime.launch(KB.layer_bwd_dout_kernel, (triton.cdiv(N, cfg.dout_block_n), B),
         x, *x.stride(), dout, *dout.stride(), cc, *cc.stride(), dterms, N, d, M,
-        ORTH=orth_code, BLOCK_N=cfg.dout_block_n, BLOCK_C=cfg.rows_block_c, BLOCK_M=cfg.block_m,
+        ORTH=orth_code, BLOCK_N=cfg.dout_block_n, BLOCK_C=cfg.dout_block_c, BLOCK_M=cfg.block_m,
         PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=1)
     runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
         dterms, prods, stats, xdo,
