@@ -222,13 +222,15 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     - Rows kernel: its epilogue holds a dozen (BLOCK_N x M or H*M) row terms: 16 tokens at 8
       warps, about 223 registers on sm_90 (32 tokens spill 200-380 bytes). It requests no
       per-tile matrix, so its tile size moves no bytes.
-    - Columns kernel: holds the (BLOCK_DC x (2 M + 2 H*M)) chunks of A, Cc, KABS and DO and as
-      many float32 accumulators across its token loop, plus (BLOCK_DC x BLOCK_N) tiles of x, dout,
-      LN(x_out), G, Delta and dx: 32 columns and 16 tokens at 8 warps on sm_90 (64 columns spill
-      120 bytes at 224 registers), 16 columns on sm_80, with IEEE products and with orth="soft"
-      (one more tile term: 4-60 bytes of spill at 32 columns). Every column program re-reads
-      its tokens' float32 scratch (3 M + 2 H*M + 13 values a token), so wider chunks would
-      cut the backward's traffic: registers are what stop them.
+    - Columns kernel: every column program re-reads its tokens' float32 scratch (2 M + 2 H*M +
+      13 values a token), so the widest chunk that fits is what cuts the backward's traffic. It
+      holds (BLOCK_DC x (2 M + 2 H*M)) float32 accumulators across its token loop, plus
+      (BLOCK_N x BLOCK_DC) tiles of x, dout, LN(x_out), G, Delta and dx; the chunks of A^T, Cc,
+      KABS^T and DO are the right operands of its products, which sm_90's warpgroup MMA reads
+      from shared memory (100-120 kB at 128 columns), not registers. 16 tokens at 8 warps:
+      128 columns on sm_90 (222-224 registers, triton 3.6 and 3.8; 4-16 bytes of spill with
+      orth="soft", which takes 64: 224), 32 on sm_80 (mma.sync: operands in registers; 64
+      spill 450-550 bytes) and with IEEE products (64 spill 4 bytes).
     - Splits: a sample's tokens go to several programs only when B * (d chunks) is too small to
       fill the GPU (four programs per SM), so at large B the partials are (B, 1, ...).
     - Interpreter: the largest tiles (programs run one at a time); at most two splits, which
@@ -251,7 +253,11 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
         dout_bn, dout_bc = (64, 16) if ieee else (128, 32)
         rows_bn = 16
         cols_bn = 16
-        cols_bd = min(16 if (ieee or cc < 90 or orth == "soft") else 32, max(16, triton.next_power_of_2(d)))
+        if ieee or cc < 90:
+            cols_bd = 32
+        else:
+            cols_bd = 64 if orth == "soft" else 128
+        cols_bd = min(cols_bd, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
         splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
     return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)

@@ -318,8 +318,9 @@ def layer_bwd_cols_kernel(
     dC = P^T dDelta, dKABS = LN(x_out)^T dS_q and LN(x_out)^T Pq (for dW_v).
 
     Grid (d chunks, token splits, B): a program owns BLOCK_DC columns of one sample, reads that
-    chunk of A, Cc, KABS and DO once, and walks the token tiles of its split with tiles held
-    transposed (BLOCK_DC x BLOCK_N):
+    chunk of A^T, Cc, KABS^T and DO once, as the right operands of the tile products (on sm_90
+    they stay in shared memory, which is what lets the chunk be wide), and walks the token
+    tiles (BLOCK_N x BLOCK_DC) of its split:
       P Cc, Delta = P Cc + P.cbar, LN(x_out) = rstd2 (a (x - mean) + g P Cc),
       G = dout + rstd2 (dS_q KABS^T + Pq DO - mean(dxn2) - LN(x_out) mean(dxn2 LN(x_out))),
       dx = (rstd dS) A^T + k_do G + k_x x - q (x - mean) + k_0 + k_dl Delta,  dDelta = g G + alpha x + beta Delta,
@@ -337,10 +338,12 @@ def layer_bwd_cols_kernel(
     m_ok = offs_m < M
     hm_ok = offs_hm < HM
     gate = tl.load(GATE).to(tl.float32)
-    a_c = load_tile(A + b * sab, sad, sam, offs_d, offs_m, d_ok, m_ok)  # (BLOCK_DC, BLOCK_M)
-    cct = load_tile(CC + b * scb, scd, scm, offs_d, offs_m, d_ok, m_ok)  # Cc^T chunk
-    k_c = load_tile(KABS + b * skb, skd, skh, offs_d, offs_hm, d_ok, hm_ok)  # (BLOCK_DC, BLOCK_HM)
-    dot_c = load_tile(DO + b * HM * d, 1, d, offs_d, offs_hm, d_ok, hm_ok)  # DO^T chunk
+    # the chunk's sample matrices, each the right operand (K x BLOCK_DC) of a product inside the
+    # loop, read once per program
+    at_c = load_tile(A + b * sab, sam, sad, offs_m, offs_d, m_ok, d_ok)  # A^T chunk (BLOCK_M, BLOCK_DC)
+    cc_c = load_tile(CC + b * scb, scm, scd, offs_m, offs_d, m_ok, d_ok)
+    kt_c = load_tile(KABS + b * skb, skh, skd, offs_hm, offs_d, hm_ok, d_ok)  # KABS^T chunk (BLOCK_HM, BLOCK_DC)
+    do_c = load_tile(DO + b * HM * d, d, 1, offs_hm, offs_d, hm_ok, d_ok)
     acc_a = tl.zeros([BLOCK_DC, BLOCK_M], dtype=tl.float32)
     acc_ct = tl.zeros([BLOCK_DC, BLOCK_M], dtype=tl.float32)
     acc_k = tl.zeros([BLOCK_DC, BLOCK_HM], dtype=tl.float32)
@@ -348,34 +351,34 @@ def layer_bwd_cols_kernel(
     for t in range(pid_s, n_tiles, n_splits):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        tmask = d_ok[:, None] & n_ok[None, :]
-        xt = tl.load(X + b * sxb + offs_n[None, :] * sxn + offs_d[:, None] * sxd, mask=tmask, other=0.0).to(tl.float32)
-        gt = tl.load(DOUT + b * sgb + offs_n[None, :] * sgn + offs_d[:, None] * sgd, mask=tmask, other=0.0).to(tl.float32)
+        tmask = n_ok[:, None] & d_ok[None, :]
+        xt = load_tile(X + b * sxb, sxn, sxd, offs_n, offs_d, n_ok, d_ok)  # (BLOCK_N, BLOCK_DC)
+        gt = load_tile(DOUT + b * sgb, sgn, sgd, offs_n, offs_d, n_ok, d_ok)
         p = load_tile(P_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)  # (BLOCK_N, BLOCK_M)
         dsr = load_tile(DS_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)
         dsq = load_tile(DSQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)  # (BLOCK_N, BLOCK_HM)
         pq = load_tile(PQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
         rows = ROWS + b * N_ROWS * N + offs_n
         mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k_0, k_dl, alpha = _load_rows(rows, N, n_ok)
-        xm = tl.where(tmask, xt - mean[None, :], 0.0)
-        pcc = tl.dot(cct, tl.trans(p), input_precision=PREC)  # (P Cc)^T
-        xn2 = tl.where(tmask, rstd2[None, :] * (coef[None, :] * xm + gate * pcc), 0.0)
-        dxn2 = tl.dot(k_c, tl.trans(dsq), input_precision=PREC)
-        dxn2 = tl.dot(dot_c, tl.trans(pq), dxn2, input_precision=PREC)
-        g = gt + rstd2[None, :] * (dxn2 - mean_g[None, :] - xn2 * mean_gx[None, :])
-        delta = pcc + pc[None, :]
-        dx = tl.dot(a_c, tl.trans(dsr), input_precision=PREC)
-        dx += k_do[None, :] * g + k_x[None, :] * xt - q[None, :] * xm + k_0[None, :] + k_dl[None, :] * delta
-        ddelta = gate * g + alpha[None, :] * xt
+        xm = tl.where(tmask, xt - mean[:, None], 0.0)
+        pcc = tl.dot(p, cc_c, input_precision=PREC)  # P Cc
+        xn2 = tl.where(tmask, rstd2[:, None] * (coef[:, None] * xm + gate * pcc), 0.0)
+        dxn2 = tl.dot(dsq, kt_c, input_precision=PREC)
+        dxn2 = tl.dot(pq, do_c, dxn2, input_precision=PREC)
+        g = gt + rstd2[:, None] * (dxn2 - mean_g[:, None] - xn2 * mean_gx[:, None])
+        delta = pcc + pc[:, None]
+        dx = tl.dot(dsr, at_c, input_precision=PREC)
+        dx += k_do[:, None] * g + k_x[:, None] * xt - q[:, None] * xm + k_0[:, None] + k_dl[:, None] * delta
+        ddelta = gate * g + alpha[:, None] * xt
         if ORTH == ORTH_SOFT:
             beta = tl.load(rows + R_BETA * N, mask=n_ok, other=0.0)
-            ddelta += beta[None, :] * delta
+            ddelta += beta[:, None] * delta
         ddelta = tl.where(tmask, ddelta, 0.0)
-        tl.store(DX + (b * N + offs_n[None, :]) * d + offs_d[:, None],
+        tl.store(DX + (b * N + offs_n[:, None]) * d + offs_d[None, :],
                  cast_out(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=tmask)
-        acc_a = tl.dot(xm, dsr, acc_a, input_precision=PREC)
-        acc_ct = tl.dot(ddelta, p, acc_ct, input_precision=PREC)
-        acc_k = tl.dot(xn2, dsq, acc_k, input_precision=PREC)
-        acc_o = tl.dot(xn2, pq, acc_o, input_precision=PREC)
+        acc_a = tl.dot(tl.trans(xm), dsr, acc_a, input_precision=PREC)
+        acc_ct = tl.dot(tl.trans(ddelta), p, acc_ct, input_precision=PREC)
+        acc_k = tl.dot(tl.trans(xn2), dsq, acc_k, input_precision=PREC)
+        acc_o = tl.dot(tl.trans(xn2), pq, acc_o, input_precision=PREC)
     _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, b * n_splits + pid_s, d, M, HM, offs_d, d_ok, offs_m, m_ok,
                     offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o)

@@ -79,6 +79,7 @@ H100_CASES = [
     (2, 40, 64, 5, 32, True, "hard", torch.float32, None),  # a split per token tile (3 fwd, 3 bwd columns)
     (2, 40, 64, 16, 128, True, "soft", torch.bfloat16, "1"),  # one split of every tile per sample
     (3, 40, 64, 16, 128, False, "none", torch.float32, "2"),  # uneven splits (2 + 1 tiles) in the bwd columns
+    (2, 40, 208, 16, 128, False, "hard", torch.bfloat16, "1"),  # bwd columns in a 128 and a masked 80-wide chunk
 ]
 
 
@@ -93,20 +94,21 @@ def test_h100_tiling_matches_float64(B, N, d, M, D, masked, orth, dtype, sm_coun
     fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
     assert fwd.block_c == 16 and fwd.attn_block_n == 32, fwd  # the GPU's tiles, not the interpreter's
     bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV))
-    assert bwd.rows_block_n == bwd.cols_block_n == 16 and bwd.cols_block_d <= 64, bwd
+    assert bwd.rows_block_n == bwd.cols_block_n == 16 and bwd.cols_block_d <= 128, bwd
     check_against_float64(B, N, d, M, D, masked, orth, dtype, True)
 
 
 @pytest.mark.parametrize("orth", ["hard", "soft"])
 def test_a100_tiling_matches_float64(orth, monkeypatch):
-    """NEARL_TILING=a100: sm_80's own tiles (64 tokens x 16 columns forward, 16-column backward
-    programs), two token splits in the backward's columns kernel."""
+    """NEARL_TILING=a100: sm_80's own tiles (64 tokens x 16 columns forward, 32-column backward
+    programs, here one full and one masked 16-wide), two token splits in the backward's columns
+    kernel."""
     monkeypatch.setenv("NEARL_TILING", "a100")
     monkeypatch.setenv("NEARL_SM_COUNT", "2")
     B, N, d, M, D, dtype = 2, 40, 48, 16, 128, torch.bfloat16
     fwd = fused.layer_config(B, N, d, M, 4 * M, D, dtype, torch.device(DEV))
     bwd = fused.layer_bwd_config(B, N, d, M, 4 * M, dtype, torch.device(DEV), orth)
-    assert (fwd.block_n, fwd.block_c, bwd.cols_block_d, bwd.splits) == (64, 16, 16, 2), (fwd, bwd)
+    assert (fwd.block_n, fwd.block_c, bwd.cols_block_d, bwd.splits) == (64, 16, 32, 2), (fwd, bwd)
     check_against_float64(B, N, d, M, D, True, orth, dtype, True)
 
 
