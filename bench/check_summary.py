@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import ncu_report
 from .goals import GOALS, evaluate
 from .report import write_json
 
@@ -56,6 +57,17 @@ def write_summary(out: Path, run: dict, records: List[dict]) -> Path:
         verdict = STATUS_MARK[g["status"]] + (f" ({cell(g['why'])})" if g["why"] else "")
         lines.append(f"| {g['step']} | {cell(g['goal'])} | {g['target']} | {g.get('shown', '-')} | {verdict} |")
     lines.append("")
+
+    for r in records:
+        ncu = (r["payload"] or {}).get("ncu") if isinstance(r["payload"], dict) else None
+        if ncu:
+            case = r["payload"]["case"]
+            shape = case["shape"]
+            lines += [f"## {r['step']}: Nsight Compute on the fused layer ({shape['name']}, B {shape['B']}, "
+                      f"{case['dtype']}, orth {case['orth']})", "",
+                      f"One pass = B N d elements of x = {ncu['pass_bytes'] / 1e6:.1f} MB; caches flushed before "
+                      "each kernel; minimum: forward 2 passes, backward 3.", ""]
+            lines += ncu_report.markdown(ncu) + [""]
 
     not_done = [r for r in records if r["status"] != "ok"]
     lines += ["## Not done or not passed", ""]

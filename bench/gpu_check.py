@@ -9,8 +9,12 @@ and a crash cannot take the rest down):
   kernel-tests    pytest tests/test_oca_kernel.py tests/test_layer_kernel.py (forward and every
                   gradient against float64, fp32 / bf16 / fp16; on CUDA when there is one)
   model-tests     pytest tests/test_model_fused.py (needs open_clip)
-  oca-vit-b16, layer-vit-b16, layer-text-b16, oca-text-b16
+  oca-vit-b16, layer-vit-b16, layer-text-b16
                   python -m bench.run --kernel oca|layer --shape ... --dtype bf16 --mode all
+  ncu-layer       ncu (Nsight Compute, when on the PATH) on one fused layer forward and backward at
+                  ViT-B/16, B 256: each kernel's DRAM and L2 bytes, instructions and time
+                  (bench.ncu_case, bench.ncu_report)
+  oca-text-b16    as above
   model           python -m bench.run --kernel model --grad-checkpointing (needs open_clip)
   memcheck        compute-sanitizer --tool memcheck python -m bench.memcheck_case (when on the PATH)
 A step is not started when less than its minimum time is left, and is stopped at its share of the
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import ncu_report
 from .report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +66,7 @@ DRY_MODEL_TESTS = "fresh_fused_model"
 class Step:
     name: str  # also the file name: DIR/<name>.json
     title: str
-    kind: str  # "pytest" | "bench" | "memcheck"
+    kind: str  # "pytest" | "bench" | "memcheck" | "ncu"
     args: List[str]  # after `python -m`
     share: float  # the most of the budget one run may take
     min_s: float  # not started with less than this left (a quarter of it in the dry run)
@@ -89,6 +94,8 @@ def plan(dry_run: bool) -> List[Step]:
         bench("oca", "vit-b16"),
         bench("layer", "vit-b16"),
         bench("layer", "text-b16"),
+        Step("ncu-layer", "ncu: the fused layer's kernels, bytes and time (ViT-B/16, B 256)", "ncu",
+             ["bench.ncu_case"], share=0.3, min_s=45, dry_args=["--device", "cpu"]),
         bench("oca", "text-b16"),
         Step("model", "bench.run --kernel model", "bench", ["bench.run", "--kernel", "model", "--dtype", "bf16",
                                                             "--grad-checkpointing"],
@@ -187,18 +194,33 @@ class Context:
     raw_dir: Path  # the steps' own result files (junit XML, bench.run --out JSON), beside their logs
     sanitizer: Optional[str]
     pytest_args: List[str]
+    ncu: Optional[str] = None
+
+
+# what ncu prints where it cannot read the hardware counters (KINDS.md: gVisor; a driver that
+# restricts them to root)
+NCU_NO_COUNTERS = ("LibraryNotLoaded", "ERR_NVGPUCTRPERM", "Failed to initialize the profiler")
+
+
+def ncu_case_json(raw: Path) -> Path:
+    return raw.with_name(raw.name.replace(".csv", ".case.json"))
 
 
 def command_for(step: Step, ctx: Context) -> Tuple[List[str], Optional[Path], Dict[str, str]]:
     """The exact command, where its machine-readable result will be, and its environment."""
     args = list(step.args) + (step.dry_args if ctx.dry_run else [])
     env = dict(ctx.env)
-    raw = ctx.raw_dir / f"{step.name}.{'junit.xml' if step.kind == 'pytest' else 'out.json'}"
+    suffix = {"pytest": "junit.xml", "ncu": "csv"}.get(step.kind, "out.json")
+    raw = ctx.raw_dir / f"{step.name}.{suffix}"
     if step.kind == "pytest":
         args = args[:1] + ["-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={raw}"] + ctx.pytest_args + args[1:]
+    elif step.kind == "ncu":  # the case writes its shape; ncu writes its CSV to raw
+        args += ["--out", str(ncu_case_json(raw))]
     else:
         args += ["--out", str(raw)]
     cmd = [sys.executable, "-m"] + args
+    if step.kind == "ncu" and ctx.ncu and not ctx.dry_run:
+        cmd = ncu_report.ncu_command(ctx.ncu, str(raw)) + cmd
     if step.kind == "memcheck" and ctx.sanitizer and not ctx.dry_run:
         cmd = [ctx.sanitizer, "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20"] + cmd
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # one allocation per tensor: overruns are visible
@@ -208,6 +230,8 @@ def command_for(step: Step, ctx: Context) -> Tuple[List[str], Optional[Path], Di
 def outcome(step: Step, rc: Optional[int], raw: Optional[Path], log: Path, ctx: Context) -> Tuple[str, str, object]:
     """(status, reason, payload) of a step that ran to its end."""
     text = tail(log, 200_000)
+    if step.kind == "ncu":
+        return ncu_outcome(rc, raw, text, ctx)
     if step.kind == "pytest":
         payload = junit_counts(raw) if raw else None
         if rc == 0:
@@ -239,6 +263,30 @@ def outcome(step: Step, rc: Optional[int], raw: Optional[Path], log: Path, ctx: 
     if step.kind == "memcheck" and rc == 3:
         return "failed", f"memcheck found errors: {payload['error_summary']}", payload
     return "failed", f"exited with {rc}", payload
+
+
+def ncu_outcome(rc: Optional[int], raw: Path, log_text: str, ctx: Context) -> Tuple[str, str, object]:
+    """The ncu step: its case's shape and, profiled, each layer kernel's figures (bench.ncu_report)."""
+    case_path = ncu_case_json(raw)
+    try:
+        case = json.loads(case_path.read_text())
+    except (OSError, ValueError):
+        case = None
+    if ctx.dry_run:
+        if rc == 0:
+            return "ok", "dry run: the case ran on the interpreter, without ncu", {"case": case}
+        return "failed", f"exited with {rc}", {"case": case}
+    ncu_text = tail(raw, 2_000_000)
+    seen = next((s for s in NCU_NO_COUNTERS if s in ncu_text or s in log_text), None)
+    if seen:
+        return "skipped", f"ncu cannot read the hardware counters on this machine (\"{seen}\")", {"case": case}
+    launches = ncu_report.read_csv(ncu_text)
+    if rc != 0:
+        return "failed", f"exited with {rc}", {"case": case}
+    if not launches or case is None:
+        return "failed", "ncu profiled no fused-layer kernel" if case else f"no case result ({case_path.name})", \
+            {"case": case}
+    return "ok", "", {"case": case, "ncu": ncu_report.summarise(launches, case["pass_bytes"])}
 
 
 # --------------------------------------------------------------------------------- the whole run
@@ -284,14 +332,17 @@ class Check:
             reason = self.why_not(step)
             if step.kind == "memcheck" and reason is None and not self.dry_run and not self.ctx.sanitizer:
                 reason = "compute-sanitizer is not on the PATH (it comes with the CUDA toolkit)"
+            if step.kind == "ncu" and reason is None and not self.dry_run and not self.ctx.ncu:
+                reason = "ncu is not on the PATH (Nsight Compute comes with the CUDA toolkit)"
             if reason:
                 print(f"[{i}/{total}] {step.name}: skipped: {reason}", flush=True)
                 self.record(step, i, status="skipped", reason=reason)
                 continue
             timeout = max(1.0, min(self.left(), step.share * self.budget))
             cmd, raw, env = command_for(step, self.ctx)
-            if raw is not None and raw.exists():
-                raw.unlink()  # an earlier run's result must not pass for this one's
+            for old in (raw, ncu_case_json(raw)) if raw is not None else ():
+                if old.exists():
+                    old.unlink()  # an earlier run's result must not pass for this one's
             log = self.out / "logs" / f"{step.name}.log"
             by_budget = timeout >= self.left()  # else its share of the budget is the limit
             print(f"[{i}/{total}] {step.name}: {step.title} (at most {timeout:.0f} s) ...", flush=True)
@@ -381,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None, available: Optional[Callable[[str
         print(line)
     pytest_args = [] if available("pytest_benchmark") else ["-o", "addopts=-ra"]  # pytest.ini names its flag
     started = now()
-    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args)
+    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args, shutil.which("ncu"))
     check = Check(steps, out, args.budget_s, dry_run, header, available, ctx)
     interrupted = False
     try:

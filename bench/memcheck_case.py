@@ -45,18 +45,23 @@ def run_case(kernel: str, preset: str, orth: str, device) -> dict:
     return result
 
 
+def case_device(choice: str):
+    """The device a case program runs on: CUDA when there is one and `choice` allows it, else
+    the CPU with the Triton interpreter (set before the kernels are imported, lazily, by ops)."""
+    import torch
+
+    if choice == "cpu" or not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memcheck_case", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", metavar="FILE.json", default=None)
     args = p.parse_args(argv)
-    import torch
-
-    if args.device == "cpu" or not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily, by ops)
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(args.device)
     cases = [run_case("oca", "vit-b16", "hard", device), run_case("layer", "text-b16", "soft", device)]
     payload = {"device": str(device), "triton_interpret": os.environ.get("TRITON_INTERPRET"), "cases": cases}
     for c in cases:

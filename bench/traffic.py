@@ -248,6 +248,14 @@ def _p(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _goal_cell(ratio: float, goal: Optional[float]) -> str:
+    """The goal and whether the total meets it, said in words: at one decimal 2.03x reads as
+    2.0x, which looks like a goal of 2.0x met."""
+    if not goal:
+        return "-"
+    return f"<= {goal:.1f}x, " + ("met" if ratio <= goal else "not met")
+
+
 def format_traffic_report(payload: dict) -> str:
     shape, til = payload["shape"], payload["tiling"]
     layer = payload["kernel"] == "layer"
@@ -286,8 +294,8 @@ def format_traffic_report(payload: dict) -> str:
         goal = r["goal"]
         table.append(lead + ["total", "", fmt_bytes(tot["token_load"]), fmt_bytes(tot["small_load"]),
                              fmt_bytes(tot["token_store"]), fmt_bytes(tot["small_store"]),
-                             _p(r["token_passes"]), _p(r["small_passes"]), f"{r['ratio']:.1f}x",
-                             f"<= {goal:.1f}x" if goal else "-"])
+                             _p(r["token_passes"]), _p(r["small_passes"]), f"{r['ratio']:.2f}x",
+                             _goal_cell(r["ratio"], goal)])
         for name, k in r["kernels"].items():
             cells = [f"{label} {t['load_passes']:.2f}/{t['store_passes']:.2f}" for label, t in k["tensors"].items()]
             details.append(f"{r['provider']} {r['mode']} {name}: " + ", ".join(cells))

@@ -80,7 +80,8 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
       across its column loop, then stores them; the attention state lives in the other kernel.
       The token tile is what matters: every tile requests A, Cc (twice), KABS and W_v again. With
       16-column chunks: 128 tokens for bfloat16 x on sm_90 (214-220 registers, triton 3.6 and
-      3.8; 64 with orth="soft", whose cos^2 spilled 32 bytes at 128 with triton 3.6), 64 on
+      3.8; 64 with orth="soft", whose cos^2 spilled 32 bytes at 128 with triton 3.6, and with M
+      not a multiple of 16, whose masked loads of A spilled 40 bytes at 128 with 3.6), 64 on
       sm_80 (206-210), 64 with IEEE float32 products on sm_90 (float32 and float16 x; no tensor
       cores: operands in registers; 192-224), which on sm_80 spill whatever the tiles and take
       the split path (`fused_supported`). When this kernel also held the attention
@@ -120,7 +121,7 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         if ieee:  # sm_90 only (fused_supported)
             block_n, block_c = 64, 16
         elif cc >= 90:  # bfloat16 x
-            block_n, block_c = (64 if orth == "soft" else 128), 16
+            block_n, block_c = (128 if orth != "soft" and M % 16 == 0 else 64), 16
         else:  # sm_80 (64 x 32 fits at exactly 224 registers: no headroom)
             block_n, block_c = 64, 16
         attn_bn = 32
@@ -230,9 +231,11 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
       from shared memory (100-120 kB at 128 columns), not registers. 16 tokens at 8 warps:
       128 columns on sm_90 (222-224 registers, triton 3.6 and 3.8; 4-16 bytes of spill with
       orth="soft", which takes 64: 224), 32 on sm_80 (mma.sync: operands in registers; 64
-      spill 450-550 bytes) and with IEEE products (64 spill 4 bytes).
-    - Splits: a sample's tokens go to several programs only when B * (d chunks) is too small to
-      fill the GPU (four programs per SM), so at large B the partials are (B, 1, ...).
+      spill 450-550 bytes) and 16 with IEEE products (32 spilled 4-16 bytes: orth="soft" on
+      both toolchains, "hard" on triton 3.6).
+    - Splits: a sample's tokens go to several programs only when B * (d chunks) is under half
+      the target of four programs per SM (as many splits as stay within it), so at large B the
+      partials are (B, 1, ...).
     - Interpreter: the largest tiles (programs run one at a time); at most two splits, which
       still exercises the sum of partials.
     Registers measured with tests/kernel_compile_check.py (sm_80, sm_90; triton 3.6, 3.8), with
@@ -253,13 +256,15 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
         dout_bn, dout_bc = (64, 16) if ieee else (128, 32)
         rows_bn = 16
         cols_bn = 16
-        if ieee or cc < 90:
+        if ieee:  # sm_90 only (fused_supported)
+            cols_bd = 16
+        elif cc < 90:
             cols_bd = 32
         else:
             cols_bd = 64 if orth == "soft" else 128
         cols_bd = min(cols_bd, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
-        splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
+        splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
     return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
 
 
@@ -272,7 +277,8 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     float32, P and rstd dS (B, N, M), dS_q and Pq
     (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
     dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
-    (B, S, H*M, d), summed here with torch (deterministic: no atomics). dW_v = sum_b
+    (B, S, H*M, d), and dC's row sums per program (B, S, d chunks, M), summed here with torch
+    (deterministic: no atomics). dW_v = sum_b
     (LN(x_out)^T Pq)[b] dU_all[b]. Small per-sample terms come from torch: DO = dU_all W_v^T
     (B, H*M, d), Cc DO^T = (Cc W_v) dU_all^T, DO 1 = dU_all (W_v^T 1), rowsum(dU_all * U_all).
     """
@@ -321,12 +327,14 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
     da_part = runtime.empty((B, S, M, d), **f32)  # all (.., M or HM, d): see the kernel's stores
     dc_part = runtime.empty((B, S, M, d), **f32)
+    n_chunks = triton.cdiv(d, cfg.cols_block_d)
+    dcb_part = runtime.empty((B, S, n_chunks, M), **f32)  # row sums of dC per program: cbar's gradient
     dk_part = runtime.empty((B, S, HM, d), **f32)
     ob_part = runtime.empty((B, S, HM, d), **f32)
-    runtime.launch(KB.layer_bwd_cols_kernel, (triton.cdiv(d, cfg.cols_block_d), S, B),
+    runtime.launch(KB.layer_bwd_cols_kernel, (n_chunks, S, B),
         x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
         do, gate, p_s, ds_s, dsq_s, pq_s, rows,
-        dx, da_part, dc_part, dk_part, ob_part,
+        dx, da_part, dc_part, dk_part, ob_part, dcb_part,
         N, d, M, HM, triton.cdiv(N, cfg.cols_block_n),
         ORTH=orth_code, BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d, BLOCK_M=cfg.block_m,
         BLOCK_HM=cfg.block_hm, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
@@ -335,7 +343,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     da_t, dc, dkabs_t, obar_t = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
     dw_v = obar_t.reshape(B * HM, d).t() @ du_all.reshape(B * HM, D)  # sum_b (LN(x_out)^T Pq)[b] dU_all[b]
     dgate = dg_part.sum()
-    return (dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dc.sum(-1).to(cbar.dtype),
+    return (dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dcb_part.sum((1, 2)).to(cbar.dtype),
             dgate.to(gate.dtype).reshape(gate.shape), dkabs_t.transpose(1, 2).to(kabs.dtype), dw_v.to(w_v.dtype))
 
 

@@ -287,8 +287,18 @@ def _load_rows(rows, N, n_ok):
 
 
 @triton.jit
-def _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, part, d, M, HM, offs_d, d_ok, offs_m, m_ok, offs_hm, hm_ok,
-                    acc_a, acc_ct, acc_k, acc_o):
+def _load_scratch(P_S, DS_S, DSQ_S, PQ_S, b, N, M, HM, offs_n, n_ok, offs_m, m_ok, offs_hm, hm_ok):
+    """The rows kernel's P, rstd dS (BLOCK_N, BLOCK_M), dS_q and Pq (BLOCK_N, BLOCK_HM) for the tokens offs_n."""
+    p = load_tile(P_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)
+    dsr = load_tile(DS_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)
+    dsq = load_tile(DSQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
+    pq = load_tile(PQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
+    return p, dsr, dsq, pq
+
+
+@triton.jit
+def _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, DCB_PART, part, pid_d, d, M, HM, offs_d, d_ok, offs_m, m_ok,
+                    offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o):
     """A program's four token reductions, once, into its own slot of the partial buffers."""
     dm_ok = d_ok[:, None] & m_ok[None, :]
     dh_ok = d_ok[:, None] & hm_ok[None, :]
@@ -298,6 +308,9 @@ def _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, part, d, M, HM, offs_d, 
     tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
     tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_k, mask=dh_ok)
     tl.store(OB_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_o, mask=dh_ok)
+    # the chunk's row sums of dC, cbar's gradient, (B, splits, d chunks, M): summed over d by
+    # torch they would be a second read of dC
+    tl.store(DCB_PART + (part * tl.num_programs(0) + pid_d) * M + offs_m, tl.sum(acc_ct, 0), mask=m_ok)
 
 
 @triton.jit
@@ -309,7 +322,7 @@ def layer_bwd_cols_kernel(
     KABS, skb, skd, skh,
     DO, GATE,
     P_S, DS_S, DSQ_S, PQ_S, ROWS,
-    DX, DA_PART, DC_PART, DK_PART, OB_PART,
+    DX, DA_PART, DC_PART, DK_PART, OB_PART, DCB_PART,
     N, d, M, HM, n_tiles,
     ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_HM: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
@@ -354,21 +367,22 @@ def layer_bwd_cols_kernel(
         tmask = n_ok[:, None] & d_ok[None, :]
         xt = load_tile(X + b * sxb, sxn, sxd, offs_n, offs_d, n_ok, d_ok)  # (BLOCK_N, BLOCK_DC)
         gt = load_tile(DOUT + b * sgb, sgn, sgd, offs_n, offs_d, n_ok, d_ok)
-        p = load_tile(P_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)  # (BLOCK_N, BLOCK_M)
-        dsr = load_tile(DS_S + b * N * M, M, 1, offs_n, offs_m, n_ok, m_ok)
-        dsq = load_tile(DSQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)  # (BLOCK_N, BLOCK_HM)
-        pq = load_tile(PQ_S + b * N * HM, HM, 1, offs_n, offs_hm, n_ok, hm_ok)
+        p, dsr, dsq, pq = _load_scratch(P_S, DS_S, DSQ_S, PQ_S, b, N, M, HM, offs_n, n_ok, offs_m, m_ok, offs_hm, hm_ok)
         rows = ROWS + b * N_ROWS * N + offs_n
         mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k_0, k_dl, alpha = _load_rows(rows, N, n_ok)
         xm = tl.where(tmask, xt - mean[:, None], 0.0)
         pcc = tl.dot(p, cc_c, input_precision=PREC)  # P Cc
         xn2 = tl.where(tmask, rstd2[:, None] * (coef[:, None] * xm + gate * pcc), 0.0)
+        # dA's share now, so that x - mean is not held through the products below (held, it
+        # spilled 8 bytes at 128 columns and 224 registers, triton 3.8; dx recomputes it)
+        acc_a = tl.dot(tl.trans(xm), dsr, acc_a, input_precision=PREC)
         dxn2 = tl.dot(dsq, kt_c, input_precision=PREC)
         dxn2 = tl.dot(pq, do_c, dxn2, input_precision=PREC)
         g = gt + rstd2[:, None] * (dxn2 - mean_g[:, None] - xn2 * mean_gx[:, None])
         delta = pcc + pc[:, None]
         dx = tl.dot(dsr, at_c, input_precision=PREC)
-        dx += k_do[:, None] * g + k_x[:, None] * xt - q[:, None] * xm + k_0[:, None] + k_dl[:, None] * delta
+        dx += (k_do[:, None] * g + k_x[:, None] * xt - q[:, None] * (xt - mean[:, None]) + k_0[:, None]
+               + k_dl[:, None] * delta)
         ddelta = gate * g + alpha[:, None] * xt
         if ORTH == ORTH_SOFT:
             beta = tl.load(rows + R_BETA * N, mask=n_ok, other=0.0)
@@ -376,9 +390,8 @@ def layer_bwd_cols_kernel(
         ddelta = tl.where(tmask, ddelta, 0.0)
         tl.store(DX + (b * N + offs_n[:, None]) * d + offs_d[None, :],
                  cast_out(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=tmask)
-        acc_a = tl.dot(tl.trans(xm), dsr, acc_a, input_precision=PREC)
         acc_ct = tl.dot(tl.trans(ddelta), p, acc_ct, input_precision=PREC)
         acc_k = tl.dot(tl.trans(xn2), dsq, acc_k, input_precision=PREC)
         acc_o = tl.dot(tl.trans(xn2), pq, acc_o, input_precision=PREC)
-    _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, b * n_splits + pid_s, d, M, HM, offs_d, d_ok, offs_m, m_ok,
-                    offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o)
+    _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, DCB_PART, b * n_splits + pid_s, pid_d, d, M, HM, offs_d,
+                    d_ok, offs_m, m_ok, offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o)

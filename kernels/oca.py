@@ -310,10 +310,11 @@ def _oca_bwd_cols_kernel(X, DOUT, A, C, G, P_S, DS_S, ROWS, DX, DA_PART, DC_PART
     Grid (d chunks, token splits, B): a program owns BLOCK_DC columns of one sample and loops
     over the token tiles of its split, writing dx for them and accumulating (BLOCK_DC x BLOCK_M)
     fp32 partials of dA and dC^T, stored once at the end to its own slot of (B, splits, ...).
-    Tiles are held transposed, (BLOCK_DC x BLOCK_N): every product then has BLOCK_DC (>= 64 on
-    the GPU for d >= 64) as its M dimension, with the small per-sample A and C chunks as the
-    first operand (on sm_90 a warpgroup MMA reading the token-side operand from shared memory,
-    instead of every warp keeping a copy of A and C in registers).
+    Tiles are token-major, (BLOCK_N x BLOCK_DC), so the chunk's A^T and C (BLOCK_M x BLOCK_DC),
+    read once per program, are the right operands of the products: sm_90's warpgroup MMA reads
+    them from shared memory. (Held the other way round, as left operands, they stayed in every
+    warp's registers and were re-read for every tile: 3.5 times their size at ViT-B/16, and P
+    and rstd*dS were read twice, once transposed.)
     LN(x)^T dS = (x - mean)^T (rstd dS), so rstd never needs its own load.
     """
     pid_d = tl.program_id(0)
@@ -325,24 +326,28 @@ def _oca_bwd_cols_kernel(X, DOUT, A, C, G, P_S, DS_S, ROWS, DX, DA_PART, DC_PART
     mask_d = offs_d < D
     mask_m = offs_m < M
     dm = mask_d[:, None] & mask_m[None, :]
+    md = mask_m[:, None] & mask_d[None, :]
     g = tl.load(G).to(tl.float32)
+    # the chunk's A^T and C (BLOCK_M, BLOCK_DC), read once: the right operands of the products,
+    # which sm_90's warpgroup MMA reads from shared memory
+    at = tl.load(A + b * s_ab + offs_m[:, None] * s_am + offs_d[None, :] * s_ad, mask=md, other=0.0).to(tl.float32)
+    cc = at  # not read with orth="none"
+    if ORTH != ORTH_NONE:
+        cc = tl.load(C + b * s_cb + offs_m[:, None] * s_cm + offs_d[None, :] * s_cd, mask=md, other=0.0).to(tl.float32)
     acc_a = tl.zeros((BLOCK_DC, BLOCK_M), dtype=tl.float32)
     acc_ct = tl.zeros((BLOCK_DC, BLOCK_M), dtype=tl.float32)
     for t in range(pid_s, n_tiles, n_splits):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        tmask = mask_d[:, None] & mask_n[None, :]  # (BLOCK_DC, BLOCK_N)
-        xt = tl.load(X + b * s_xb + offs_n[None, :] * s_xn + offs_d[:, None] * s_xd,
+        tmask = mask_n[:, None] & mask_d[None, :]  # (BLOCK_N, BLOCK_DC)
+        xt = tl.load(X + b * s_xb + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
                      mask=tmask, other=0.0).to(tl.float32)
-        dot_ = tl.load(DOUT + b * s_gb + offs_n[None, :] * s_gn + offs_d[:, None] * s_gd,
+        dot_ = tl.load(DOUT + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
                        mask=tmask, other=0.0).to(tl.float32)
         nm = mask_n[:, None] & mask_m[None, :]
-        mn = mask_m[:, None] & mask_n[None, :]
         sbase = b * N * M
         p = tl.load(P_S + sbase + offs_n[:, None] * M + offs_m[None, :], mask=nm, other=0.0)
-        pt = tl.load(P_S + sbase + offs_n[None, :] * M + offs_m[:, None], mask=mn, other=0.0)
         dsr = tl.load(DS_S + sbase + offs_n[:, None] * M + offs_m[None, :], mask=nm, other=0.0)
-        dsrt = tl.load(DS_S + sbase + offs_n[None, :] * M + offs_m[:, None], mask=mn, other=0.0)
         rows = ROWS + b * 8 * N + offs_n
         mean = tl.load(rows + _R_MEAN * N, mask=mask_n, other=0.0)
         k_do = tl.load(rows + _R_KDO * N, mask=mask_n, other=0.0)
@@ -350,30 +355,26 @@ def _oca_bwd_cols_kernel(X, DOUT, A, C, G, P_S, DS_S, ROWS, DX, DA_PART, DC_PART
         q = tl.load(rows + _R_Q * N, mask=mask_n, other=0.0)
         k_0 = tl.load(rows + _R_K0 * N, mask=mask_n, other=0.0)
         alpha = tl.load(rows + _R_ALPHA * N, mask=mask_n, other=0.0)
-        xm = tl.where(tmask, xt - mean[None, :], 0.0)
-        # the A and C^T chunks (BLOCK_DC, BLOCK_M) are re-read per tile (L1 hits): held across
-        # the loop they would stay in registers (twice, hi and lo, with tf32x3)
-        a = tl.load(A + b * s_ab + offs_d[:, None] * s_ad + offs_m[None, :] * s_am,
-                    mask=dm, other=0.0).to(tl.float32)
-        dx = _mm(a, dsrt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # (rstd dS A^T)^T
-        dx += k_do[None, :] * dot_ + k_x[None, :] * xt - q[None, :] * xm + k_0[None, :]
-        ddelta = g * dot_ + alpha[None, :] * xt
+        xm = tl.where(tmask, xt - mean[:, None], 0.0)
+        dx = _mm(dsr, at, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)  # rstd dS A^T
+        dx += k_do[:, None] * dot_ + k_x[:, None] * xt - q[:, None] * xm + k_0[:, None]
+        ddelta = g * dot_ + alpha[:, None] * xt
         if ORTH != ORTH_NONE:
-            ct = tl.load(C + b * s_cb + offs_m[None, :] * s_cm + offs_d[:, None] * s_cd,
-                         mask=dm, other=0.0).to(tl.float32)
-            delta = _mm(ct, pt, tl.zeros((BLOCK_DC, BLOCK_N), dtype=tl.float32), PREC)  # Delta^T
+            delta = _mm(p, cc, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)  # Delta = P C
             k_dl = tl.load(rows + _R_KDL * N, mask=mask_n, other=0.0)
-            dx += k_dl[None, :] * delta
+            dx += k_dl[:, None] * delta
             if ORTH == ORTH_SOFT:
                 beta = tl.load(rows + _R_BETA * N, mask=mask_n, other=0.0)
-                ddelta += beta[None, :] * delta
-        tl.store(DX + b * s_dxb + offs_n[None, :] * s_dxn + offs_d[:, None] * s_dxd,
+                ddelta += beta[:, None] * delta
+        tl.store(DX + b * s_dxb + offs_n[:, None] * s_dxn + offs_d[None, :] * s_dxd,
                  cast_out(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=tmask)
-        acc_a = _mm(xm, dsr, acc_a, PREC)  # sum over tokens of (x - mean) (rstd dS)^T
-        acc_ct = _mm(ddelta, p, acc_ct, PREC)  # (P^T dDelta)^T
+        acc_a = _mm(tl.trans(xm), dsr, acc_a, PREC)  # sum over tokens of (x - mean)^T (rstd dS)
+        acc_ct = _mm(tl.trans(ddelta), p, acc_ct, PREC)  # (P^T dDelta)^T
     part = b * n_splits + pid_s
-    tl.store(DA_PART + part * D * M + offs_d[:, None] * M + offs_m[None, :], acc_a, mask=dm)
-    tl.store(DC_PART + part * M * D + offs_m[None, :] * D + offs_d[:, None], acc_ct, mask=dm)
+    tl.store(DA_PART + part * D * M + offs_d[:, None] * M + offs_m[None, :],
+             cast_out(acc_a, DA_PART.dtype.element_ty, ROUND_BY_HAND), mask=dm)
+    tl.store(DC_PART + part * M * D + offs_m[None, :] * D + offs_d[:, None],
+             cast_out(acc_ct, DC_PART.dtype.element_ty, ROUND_BY_HAND), mask=dm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +395,7 @@ class OcaConfig:
     cols_warps: int
     cols_splits: int      # token splits per sample: dA/dC partials are (B, cols_splits, d, M)
     num_stages: int
+    cols_prec: Optional[str] = None  # the column kernel's dot precision, where not the op's
 
 
 def _pow2(n: int) -> int:
@@ -420,16 +422,22 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     dout) in column chunks (statistics pass, then scores pass, then, forward only, the output
     pass; the second and third reads of a tile are meant to hit L1/L2, so HBM sees one read).
     Their registers are a few (BLOCK_N x BLOCK_DC) fp32 chunk tiles plus (BLOCK_N x BLOCK_M)
-    accumulators, independent of d: 64 tokens x 32 columns at 4 warps is 16 fp32 values per
-    thread per chunk tile, and 64 tokens per program re-read the per-sample A and C (2 d M
-    values, from L2) once per 64 tokens; 64 rows is also the M of one sm_90 warpgroup MMA. The
+    accumulators, independent of d: 128 tokens x 32 columns at 8 warps is 16 fp32 values per
+    thread per chunk tile (75-190 registers, sm_80 and sm_90, BLOCK_M <= 32). Every tile
+    requests the per-sample A and C again, so tiles are as tall as registers allow: 128 tokens
+    rather than 64 halved their share (0.97 -> 0.49 passes forward at ViT-B/16). The
     chunk width is the widest of 32/16 dividing d (no masked columns for d % 16 == 0).
     The backward-column kernel holds a (BLOCK_DC x BLOCK_M) dA and a dC^T accumulator across its
-    token loop, plus (BLOCK_DC x 32) tiles of x, dout, Delta, dx: 128 columns (64 when
-    BLOCK_M = 64) at 8 warps. Smaller tiles where registers ran out: tf32x3 with BLOCK_M >= 32
-    (three products per dot on hi/lo operands), and sm_80, whose MMA keeps a copy of the second
-    operand in every warp. tf32x3 takes 16-token tiles in the column kernel (16 columns a program
-    at BLOCK_M >= 32) and 16-column chunks in the rows kernel (on sm_80, or at BLOCK_M >= 32);
+    token loop, the chunk's A^T and C (shared memory on sm_90), plus (16 x BLOCK_DC) tiles of x,
+    dout, Delta, dx; each column program re-reads its tokens' scratch (P, rstd*dS and the row
+    scalars), so the chunk is as wide as registers allow: 256 columns at 8 warps on sm_90
+    (184-216 registers; 128 with BLOCK_M >= 32 or tf32x3, 64 when BLOCK_M = 64). Smaller tiles
+    where registers ran out: tf32x3 with BLOCK_M >= 32 (three products per dot on hi/lo
+    operands), and sm_80, whose MMA keeps a copy of the second operand in every warp (64
+    columns, 32 with tf32x3: 128 spilled 32-136 bytes). tf32x3 takes 16 columns a program
+    at BLOCK_M >= 32, and at BLOCK_M = 64 IEEE float32 products instead (as accurate, without
+    tensor cores: tf32x3's hi/lo halves spilled 8-32 bytes there, whatever the warps), and
+    16-column chunks in the rows kernel (on sm_80, or at BLOCK_M >= 32);
     BLOCK_M = 64 with tf32x3 takes 16-token forward tiles (the one-pass forward holds x @ A and
     x @ C^T together: 32 tokens spilled on triton 3.6) and 16-token, 4-warp rows tiles.
     Headroom: every configuration must compile without a spill with ptxas capped at 224 registers
@@ -437,11 +445,12 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     ptxas spilled two configurations that 3.6's fitted at 255, so a tile that only just fits is a
     failure waiting for the next compiler. All of this was chosen by compiling every configuration
     for sm_90 and sm_80 on triton 3.6 and 3.8 and reading ptxas's register/spill report
-    (tests/kernel_compile_check.py --full); shared memory stays under 57 KB.
+    (tests/kernel_compile_check.py --full); shared memory stays under 64 KB.
     cols_splits: a sample's tokens are split over several programs only when B * (d chunks) is
-    too small to fill the GPU (target: four programs per SM), so at large B the fp32 partial
-    buffers are just (B, 1, d, M) and (B, 1, M, d). `prec` and `cc` are arguments because the
-    tiles depend on them; x's dtype does not matter beyond `prec` (all arithmetic is fp32).
+    under half the target of four programs per SM (as many splits as stay within it: the text
+    tower's 2 x 256 programs at B = 256 are not split), so at large B there is one split and the
+    kernel stores dA and dC themselves, in the factors' dtype. `prec` and `cc` are arguments
+    because the tiles depend on them; x's dtype does not matter beyond `prec` (all arithmetic is fp32).
 
     Interpreter: each program is a sequence of numpy steps, so the fewest and largest programs
     are fastest: a whole sample (up to 256 tokens) per program, one column chunk, one split.
@@ -460,28 +469,28 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
     x3 = prec == "tf32x3"
     heavy = x3 and BM >= 32
-    fwd_bn = 16 if (x3 and BM == 64) else 64
+    fwd_bn = 16 if (x3 and BM == 64) else 128
     if BM == 64:
         rows_bn, rows_warps = (16, 4) if heavy else (32, 8)
     else:
-        rows_bn, rows_warps = 64, 4
-    cols_bn = 16 if (x3 or BM == 64) else 32
+        rows_bn, rows_warps = 128, 8
+    cols_bn = 16
     if heavy:
         cols_bd = 16
     elif BM == 64:
         cols_bd = 32 if cc < 90 else 64
-    else:
-        cols_bd = 64 if (cc < 90 and x3) else 128
+    else:  # sm_80's MMA keeps the A^T and C chunks in every warp's registers: half the width
+        cols_bd = (128 if (x3 or BM > 16) else 256) if cc >= 90 else (32 if x3 else 64)
     cols_bd = min(cols_bd, max(16, _pow2(d)))
     cols_warps = 4 if (_pow2(d) <= 32 and BM <= 16) else 8  # d <= 32: a tiny tile
     rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy) else 32)
     chunks = triton.cdiv(d, cols_bd)
-    splits = max(1, min(triton.cdiv(N, cols_bn), triton.cdiv(4 * n_sm, B * chunks)))
+    splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
-                     fwd_block_n=fwd_bn, fwd_warps=4,
+                     fwd_block_n=fwd_bn, fwd_warps=8,
                      rows_block_n=rows_bn, rows_warps=rows_warps,
                      cols_block_n=cols_bn, cols_block_d=cols_bd, cols_warps=cols_warps,
-                     cols_splits=splits, num_stages=1)
+                     cols_splits=splits, num_stages=1, cols_prec="ieee" if heavy and BM == 64 else None)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -533,7 +542,8 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
     Buffers besides the gradients, all fp32: dgate partials (B, token tiles); the scratch the rows
     kernel hands to the column kernel, P and rstd*dS (B, N, M) and eight row scalars (B, 8, N);
     for orth="soft" the Gram matrix C C^T (B, M, M); dA/dC partials (B, cols_splits, d, M) and
-    (B, cols_splits, M, d), summed here with torch (deterministic: no atomics anywhere).
+    (B, cols_splits, M, d), summed here with torch (deterministic: no atomics anywhere); with one
+    split they are dA and dC themselves, stored by the kernel in a's and c's dtype.
     """
     B, N, d, M = _check_sizes(x, a)
     prec = _precision(x)
@@ -559,18 +569,21 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
             BLOCK_M=cfg.BLOCK_M, PREC=prec, num_warps=cfg.rows_warps, num_stages=cfg.num_stages)
     S = cfg.cols_splits
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
-    da_part = runtime.empty((B, S, d, M), dtype=torch.float32, device=dev)
-    dc_part = runtime.empty((B, S, M, d), dtype=torch.float32, device=dev)
+    # One split (a batch that fills the GPU): a program's partial is the gradient itself, so the
+    # kernel stores it in the factor's dtype, with no float32 round trip through torch.
+    da_part = runtime.empty((B, S, d, M), dtype=a.dtype if S == 1 else torch.float32, device=dev)
+    dc_part = runtime.empty((B, S, M, d), dtype=c.dtype if S == 1 else torch.float32, device=dev)
     runtime.launch(_oca_bwd_cols_kernel, (triton.cdiv(d, cfg.cols_block_d), S, B),
             x, dout, a, c, gate, p_s, ds_s, rows, dx, da_part, dc_part, N, d, M,
             triton.cdiv(N, cfg.cols_block_n),
             *x.stride(), *dout.stride(), *a.stride(), *c.stride(), *dx.stride(),
             ORTH=ORTH_CODES[orth], BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d,
-            BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), num_warps=cfg.cols_warps,
+            BLOCK_M=cfg.BLOCK_M, PREC=cfg.cols_prec or prec, ROUND_BY_HAND=interpreting(),
+            num_warps=cfg.cols_warps,
             num_stages=cfg.num_stages)
     dgate = dg_part.sum().to(gate.dtype).reshape(gate.shape)
-    da = (da_part[:, 0] if S == 1 else da_part.sum(1)).to(a.dtype)
-    dc = (dc_part[:, 0] if S == 1 else dc_part.sum(1)).to(c.dtype)
+    da = da_part[:, 0] if S == 1 else da_part.sum(1).to(a.dtype)
+    dc = dc_part[:, 0] if S == 1 else dc_part.sum(1).to(c.dtype)
     return dx, da, dc, dgate
 
 

@@ -95,6 +95,7 @@ LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's la
     (80, 5, 32, 4, torch.float16, "hard", True),       # small d: 16-column chunks
     (48, 8, 128, 4, torch.bfloat16, "soft", False),    # H*M = 32, a masked last chunk
     (256, 64, 64, 1, torch.bfloat16, "soft", True),    # M = 64 at H = 1: the split path
+    (768, 8, 128, 4, torch.bfloat16, "hard", False),   # M % 16 != 0: A's masked loads (64-token tiles)
     (768, 64, 128, 4, torch.bfloat16, "hard", True),   # H*M = 256: the split path (OCA kernels only)
 ]
 
@@ -252,8 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=REG_BUDGET, help="register cap of the headroom compile")
     args = ap.parse_args(argv)
     t0 = time.time()
-    cases = list(full_cases()) if args.full else COVER
-    layer_cases = list(full_layer_cases()) if args.full else LAYER_COVER
+    # --full keeps the covering set too: its shapes (d = 512, for one) specialise launches the grid lacks
+    cases = COVER + list(full_cases()) if args.full else COVER
+    layer_cases = LAYER_COVER + list(full_layer_cases()) if args.full else LAYER_COVER
     jobs = [(spec, int(cc), cap) for cc in args.targets.split(",")
             for spec in capture(cases, int(cc), layer_cases=layer_cases) for cap in (None, args.budget)]
     print(json.dumps({"cases": len(cases) + len(layer_cases), "compiles": len(jobs),

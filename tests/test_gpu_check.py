@@ -267,3 +267,93 @@ def test_gpu_commands(tmp_path):
     assert cmd[:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
     assert cmd[-5:] == [sys.executable, "-m", "bench.memcheck_case", "--out", str(raw)] and "--device" not in cmd
     assert env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" and "PYTORCH_NO_CUDA_MEMORY_CACHING" not in ctx.env
+
+
+# ------------------------------------------------------------------------------------------- ncu
+NCU_KERNELS = {  # kernel: (DRAM read, DRAM write, L2 sectors read, instructions, ns)
+    "layer_fwd_kernel": (90e6, 80e6, 4e6, 1.5e8, 60_000),
+    "layer_attn_kernel": (10e6, 1e6, 5e5, 1e7, 8_000),
+    "layer_bwd_dout_kernel": (160e6, 1e6, 6e6, 5e7, 50_000),
+    "layer_bwd_rows_kernel": (40e6, 30e6, 2e6, 5e7, 30_000),
+    "layer_bwd_cols_kernel": (200e6, 80e6, 9e6, 3e8, 120_000),
+}
+
+
+def ncu_csv(kernels=NCU_KERNELS, launches=1):
+    """What `ncu --csv --print-units base --log-file F` writes: its own lines, then a row per
+    (launch, metric), thousands separated by commas."""
+    from nearl_bench.ncu_report import METRICS
+    head = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"']
+    rows, i = [], 0
+    for _ in range(launches):
+        for name, values in kernels.items():
+            for metric, value in zip(METRICS, values):
+                rows.append(f'"{i}","42","python3","127.0.0.1","{name}","1","7","(256, 1, 1)","(2, 256, 1)","0","9.0",'
+                            f'"Command line profiler metrics","{metric}","unit","{value:,.0f}"')
+            i += 1
+    return "\n".join(["==PROF== Connected to process 42 (python3)", *head, *rows, "==PROF== Disconnected"])
+
+
+def test_ncu_csv_is_read_and_summarised():
+    from nearl_bench import ncu_report
+    launches = ncu_report.read_csv(ncu_csv(launches=2))
+    assert len(launches) == 10 and launches[0]["kernel"] == "layer_fwd_kernel"
+    assert launches[0]["dram__bytes_read.sum"] == 90e6  # "90,000,000" read without its commas
+    s = ncu_report.summarise(launches, pass_bytes=77_463_552)  # 256 x 197 x 768 bf16
+    assert [k["kernel"] for k in s["kernels"]] == list(NCU_KERNELS)
+    fwd, bwd = s["ops"]["fwd"], s["ops"]["bwd"]
+    assert fwd["dram_passes"] == pytest.approx(181e6 / 77_463_552)
+    assert fwd["over_min"] == pytest.approx(fwd["dram_passes"] / 2)
+    assert bwd["over_min"] == pytest.approx(511e6 / 77_463_552 / 3)
+    assert bwd["time_us"] == pytest.approx(200.0) and bwd["dram_gb_s"] == pytest.approx(511e6 / 200e3)
+    cols = s["kernels"][-1]
+    assert cols["l2_read_bytes"] == 9e6 * 32 and cols["dram_gb_s"] == pytest.approx(280e6 / 120e3)
+    table = "\n".join(ncu_report.markdown(s))
+    assert "| layer_bwd_cols_kernel | 120.0 | 200.0 | 80.0 |" in table and "| bwd | 6.60 | 2.20x |" in table
+    assert ncu_report.read_csv("==PROF== Connected\n==ERROR== LibraryNotLoaded\n") == []
+
+
+def fake_ncu(tmp_path, csv_text, rc=0):
+    """An `ncu` that writes csv_text to its --log-file and runs the profiled command."""
+    script = tmp_path / "ncu"
+    script.write_text(f"#!{sys.executable}\nimport subprocess, sys\nargs = sys.argv[1:]\n"
+                      f"open(args[args.index('--log-file') + 1], 'w').write({csv_text!r})\n"
+                      f"rc = subprocess.call(args[args.index({sys.executable!r}):])\nsys.exit(rc or {rc})\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("csv_text, status, why", [
+    (ncu_csv(), "ok", ""),
+    ("==PROF== Connected\n==ERROR== Failed to initialize the profiler: LibraryNotLoaded\n", "skipped",
+     "cannot read the hardware counters"),
+    ("==PROF== Connected\n==PROF== Disconnected\n", "failed", "profiled no fused-layer kernel"),
+])
+def test_the_ncu_step(tmp_path, csv_text, status, why):
+    """Under an ncu, the case runs (here on the interpreter: no CUDA) and ncu's rows become the
+    payload and summary.md's tables; where ncu cannot read the counters the step is a skip."""
+    step = next(s for s in gpu_check.plan(False) if s.kind == "ncu")
+    ctx = gpu_check.Context(False, clean_env(), tmp_path / "logs", None, [], fake_ncu(tmp_path, csv_text))
+    cmd, raw, _ = gpu_check.command_for(step, ctx)
+    assert cmd[:3] == [ctx.ncu, "--clock-control", "none"] and "regex:^layer_" in cmd
+    assert cmd[-5:] == [sys.executable, "-m", "bench.ncu_case", "--out", str(gpu_check.ncu_case_json(raw))]
+    check = gpu_check.Check([step], tmp_path, 600, False, {"device": "test"}, lambda m: True, ctx)
+    rec = check.run()[0]
+    assert rec["status"] == status and why in rec["reason"], rec
+    assert rec["payload"]["case"]["shape"]["name"].startswith("vit-b16")
+    if status == "ok":
+        assert rec["payload"]["ncu"]["ops"]["bwd"]["kernels"][-1] == "layer_bwd_cols_kernel"
+        run = {"dry_run": False, "note": None, "command": ["x"], "started": "now", "seconds": 1.0, "budget_s": 600,
+               "missing_packages": [], "carry": [], **{k: "test" for k in ("device", "driver", "torch", "triton",
+                                                                            "cuda", "python")}}
+        from nearl_bench.check_summary import write_summary
+        summary = write_summary(tmp_path, run, [rec]).read_text()
+        assert "## ncu-layer: Nsight Compute on the fused layer (vit-b16 [cpu-size], B 2, bf16" in summary
+        assert "| layer_fwd_kernel | 60.0 | 90.0 | 80.0 |" in summary
+
+
+def test_no_ncu_on_the_path_is_a_skip(tmp_path):
+    step = next(s for s in gpu_check.plan(False) if s.kind == "ncu")
+    rec = make_check(tmp_path, [step], budget=600).run()[0]
+    assert rec["status"] == "skipped" and "ncu is not on the PATH" in rec["reason"]

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from nearl_bench import cli
 from nearl_bench.shapes import resolve_shape
-from nearl_bench.traffic import REFERENCE_B, launch_configs, matching_sm_count
+from nearl_bench.traffic import REFERENCE_B, _goal_cell, launch_configs, matching_sm_count
 from nearl_bench.traffic_counter import Classifier, KernelTraffic, TorchTraffic, batch_part
 from nearl_kernels import runtime
 from nearl import ops
@@ -184,3 +184,10 @@ def test_traffic_command_rejects_bad_environment_and_model(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--kernel", "model", "--traffic"])
     assert exc.value.code == 2 and "--traffic" in capsys.readouterr().err
+
+
+def test_the_report_says_whether_a_goal_is_met():
+    """2.03x printed at one decimal is "2.0x", which beside "<= 2.0x" reads as met."""
+    assert _goal_cell(2.03, 2.0) == "<= 2.0x, not met"
+    assert _goal_cell(2.0, 2.0) == "<= 2.0x, met"
+    assert _goal_cell(1.2, None) == "-"
