@@ -280,9 +280,10 @@ def ncu_outcome(rc: Optional[int], raw: Path, log_text: str, ctx: Context) -> Tu
     seen = next((s for s in NCU_NO_COUNTERS if s in ncu_text or s in log_text), None)
     if seen:
         return "skipped", f"ncu cannot read the hardware counters on this machine (\"{seen}\")", {"case": case}
-    launches = ncu_report.read_csv(ncu_text)
     if rc != 0:
         return "failed", f"exited with {rc}", {"case": case}
+    # the CSV goes to --log-file; should an ncu version print it to stdout instead, it is in the log
+    launches = ncu_report.read_csv(ncu_text) or ncu_report.read_csv(log_text)
     if not launches or case is None:
         return "failed", "ncu profiled no fused-layer kernel" if case else f"no case result ({case_path.name})", \
             {"case": case}

@@ -425,8 +425,10 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     accumulators, independent of d: 128 tokens x 32 columns at 8 warps is 16 fp32 values per
     thread per chunk tile (75-190 registers, sm_80 and sm_90, BLOCK_M <= 32). Every tile
     requests the per-sample A and C again, so tiles are as tall as registers allow: 128 tokens
-    rather than 64 halved their share (0.97 -> 0.49 passes forward at ViT-B/16). The
-    chunk width is the widest of 32/16 dividing d (no masked columns for d % 16 == 0).
+    rather than 64 halved their share (0.97 -> 0.49 passes forward at ViT-B/16), and past 128
+    tokens tf32 at BLOCK_M 16 takes 256 (one tile per ViT-B/16 sample: 0.49 -> 0.24; 96-208
+    registers, the rows kernel with 16-column chunks; 224 with 32). The forward's chunk width
+    is the widest of 32/16 dividing d (no masked columns for d % 16 == 0).
     The backward-column kernel holds a (BLOCK_DC x BLOCK_M) dA and a dC^T accumulator across its
     token loop, the chunk's A^T and C (shared memory on sm_90), plus (16 x BLOCK_DC) tiles of x,
     dout, Delta, dx; each column program re-reads its tokens' scratch (P, rstd*dS and the row
@@ -469,11 +471,14 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
     x3 = prec == "tf32x3"
     heavy = x3 and BM >= 32
-    fwd_bn = 16 if (x3 and BM == 64) else 128
+    # Every token tile requests A and C again: past 128 tokens (ViT-B/16's 197), tf32 at
+    # BLOCK_M 16 takes 256-token tiles, one per sample there, with 16-column rows-kernel chunks.
+    tall = not x3 and BM == 16 and N > 128
+    fwd_bn = 16 if (x3 and BM == 64) else (256 if tall else 128)
     if BM == 64:
         rows_bn, rows_warps = (16, 4) if heavy else (32, 8)
     else:
-        rows_bn, rows_warps = 128, 8
+        rows_bn, rows_warps = (256 if tall else 128), 8
     cols_bn = 16
     if heavy:
         cols_bd = 16
@@ -483,7 +488,7 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
         cols_bd = (128 if (x3 or BM > 16) else 256) if cc >= 90 else (32 if x3 else 64)
     cols_bd = min(cols_bd, max(16, _pow2(d)))
     cols_warps = 4 if (_pow2(d) <= 32 and BM <= 16) else 8  # d <= 32: a tiny tile
-    rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy) else 32)
+    rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy or tall) else 32)
     chunks = triton.cdiv(d, cols_bd)
     splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,

@@ -314,27 +314,29 @@ def test_ncu_csv_is_read_and_summarised():
     assert ncu_report.read_csv("==PROF== Connected\n==ERROR== LibraryNotLoaded\n") == []
 
 
-def fake_ncu(tmp_path, csv_text, rc=0):
-    """An `ncu` that writes csv_text to its --log-file and runs the profiled command."""
+def fake_ncu(tmp_path, csv_text, to_stdout=False):
+    """An `ncu` that writes csv_text to its --log-file (or to stdout) and runs the profiled command."""
     script = tmp_path / "ncu"
+    write = "print({0!r})" if to_stdout else "open(args[args.index('--log-file') + 1], 'w').write({0!r})"
     script.write_text(f"#!{sys.executable}\nimport subprocess, sys\nargs = sys.argv[1:]\n"
-                      f"open(args[args.index('--log-file') + 1], 'w').write({csv_text!r})\n"
-                      f"rc = subprocess.call(args[args.index({sys.executable!r}):])\nsys.exit(rc or {rc})\n")
+                      + write.format(csv_text) + "\n"
+                      f"sys.exit(subprocess.call(args[args.index({sys.executable!r}):]))\n")
     script.chmod(0o755)
     return str(script)
 
 
-@pytest.mark.parametrize("csv_text, status, why", [
-    (ncu_csv(), "ok", ""),
-    ("==PROF== Connected\n==ERROR== Failed to initialize the profiler: LibraryNotLoaded\n", "skipped",
+@pytest.mark.parametrize("csv_text, to_stdout, status, why", [
+    (ncu_csv(), False, "ok", ""),
+    (ncu_csv(), True, "ok", ""),
+    ("==PROF== Connected\n==ERROR== Failed to initialize the profiler: LibraryNotLoaded\n", False, "skipped",
      "cannot read the hardware counters"),
-    ("==PROF== Connected\n==PROF== Disconnected\n", "failed", "profiled no fused-layer kernel"),
+    ("==PROF== Connected\n==PROF== Disconnected\n", False, "failed", "profiled no fused-layer kernel"),
 ])
-def test_the_ncu_step(tmp_path, csv_text, status, why):
+def test_the_ncu_step(tmp_path, csv_text, to_stdout, status, why):
     """Under an ncu, the case runs (here on the interpreter: no CUDA) and ncu's rows become the
     payload and summary.md's tables; where ncu cannot read the counters the step is a skip."""
     step = next(s for s in gpu_check.plan(False) if s.kind == "ncu")
-    ctx = gpu_check.Context(False, clean_env(), tmp_path / "logs", None, [], fake_ncu(tmp_path, csv_text))
+    ctx = gpu_check.Context(False, clean_env(), tmp_path / "logs", None, [], fake_ncu(tmp_path, csv_text, to_stdout))
     cmd, raw, _ = gpu_check.command_for(step, ctx)
     assert cmd[:3] == [ctx.ncu, "--clock-control", "none"] and "regex:^layer_" in cmd
     assert cmd[-5:] == [sys.executable, "-m", "bench.ncu_case", "--out", str(gpu_check.ncu_case_json(raw))]

@@ -8,7 +8,7 @@ upstream gradients:
   - bfloat16 / float16: error <= 2x the error of the PyTorch reference run in that same dtype,
     plus a small floor.
 Under the interpreter the launcher picks one big program per sample; `gpu_config` cases run with
-NEARL_TILING=h100, the configuration an H100 runs (128-token tiles, 16/32-column chunks, several
+NEARL_TILING=h100, the configuration an H100 runs (128- and 256-token tiles, 16/32-column chunks, several
 chunks, tiles and token splits), so the chunk loops, masks and partial sums are exercised too.
 """
 from __future__ import annotations
@@ -205,6 +205,7 @@ GPU_CASES = [  # the GPU tiling, run by the interpreter: multi-chunk, multi-tile
     (2, 40, 64, 5, "hard", BF16, BF16, "contig", "contig", "randn"),    # small shapes, M 5 and 16
     (2, 40, 64, 16, "soft", F32, F32, "contig", "contig", "randn"),
     (2, 40, 400, 16, "hard", BF16, BF16, "contig", "transposed", "randn"),  # tf32, bwd columns 256 + 144
+    (2, 300, 80, 9, "soft", BF16, F32, "strided", "contig", "randn"),  # tf32, 256-token tiles: 256 + 44
 ]
 
 

@@ -63,7 +63,7 @@ def test_launchers_follow_the_tiling(monkeypatch):
     monkeypatch.setenv("NEARL_TILING", "h100")
     monkeypatch.setenv("NEARL_SM_COUNT", "1")
     one = run()
-    assert one["_oca_fwd_kernel"][1] == 128 and one["layer_fwd_kernel"][1] == 128  # an H100's token tiles
+    assert one["_oca_fwd_kernel"][1] == 256 and one["layer_fwd_kernel"][1] == 128  # an H100's token tiles
     assert one["_oca_bwd_cols_kernel"][0][1] == 2  # splits: floor(4 programs per SM / (B x 1 chunk))
     assert one["layer_fwd_kernel"][0][0] == 3  # one program per 128-token tile, whatever the SMs
     # M not a multiple of 16: A's masked loads spilled at 128 tokens (triton 3.6), so 64

@@ -57,7 +57,7 @@ def test_counter_refuses_an_access_outside_every_tensor():
 
 
 def test_oca_forward_count_equals_the_hand_count(monkeypatch):
-    """H100 tiling, B 1, N 20, d 32, M 4: one program of 64 tokens (20 valid), one 32-column chunk.
+    """H100 tiling, B 1, N 20, d 32, M 4: one program of 128 tokens (20 valid), one 32-column chunk.
     x is read in three passes (statistics, scores, output), A once, C twice (x C^T, then P C),
     the gate once; out is written once."""
     monkeypatch.setenv("NEARL_TILING", "h100")
