@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -202,6 +204,19 @@ class Context:
 NCU_NO_COUNTERS = ("LibraryNotLoaded", "ERR_NVGPUCTRPERM", "Failed to initialize the profiler")
 
 
+def find_ncu() -> Optional[str]:
+    """Nsight Compute's CLI: on the PATH, else where the CUDA toolkit and Nsight Compute's own
+    installer put it (the newest version)."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    for pattern in ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda*/bin/ncu"):
+        hits = sorted(glob.glob(pattern), key=lambda path: [int(n) for n in re.findall(r"\d+", path)])
+        if hits:
+            return hits[-1]  # the newest: 2025.10 after 2025.3
+    return None
+
+
 def ncu_case_json(raw: Path) -> Path:
     return raw.with_name(raw.name.replace(".csv", ".case.json"))
 
@@ -334,7 +349,7 @@ class Check:
             if step.kind == "memcheck" and reason is None and not self.dry_run and not self.ctx.sanitizer:
                 reason = "compute-sanitizer is not on the PATH (it comes with the CUDA toolkit)"
             if step.kind == "ncu" and reason is None and not self.dry_run and not self.ctx.ncu:
-                reason = "ncu is not on the PATH (Nsight Compute comes with the CUDA toolkit)"
+                reason = "ncu is not on the PATH nor in /opt/nvidia/nsight-compute (it comes with the CUDA toolkit)"
             if reason:
                 print(f"[{i}/{total}] {step.name}: skipped: {reason}", flush=True)
                 self.record(step, i, status="skipped", reason=reason)
@@ -433,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None, available: Optional[Callable[[str
         print(line)
     pytest_args = [] if available("pytest_benchmark") else ["-o", "addopts=-ra"]  # pytest.ini names its flag
     started = now()
-    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args, shutil.which("ncu"))
+    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args, find_ncu())
     check = Check(steps, out, args.budget_s, dry_run, header, available, ctx)
     interrupted = False
     try:

@@ -359,3 +359,19 @@ def test_no_ncu_on_the_path_is_a_skip(tmp_path):
     step = next(s for s in gpu_check.plan(False) if s.kind == "ncu")
     rec = make_check(tmp_path, [step], budget=600).run()[0]
     assert rec["status"] == "skipped" and "ncu is not on the PATH" in rec["reason"]
+
+
+def test_ncu_is_found_beside_the_path(tmp_path, monkeypatch):
+    """Nsight Compute's installer puts ncu in /opt/nvidia/nsight-compute/<version>/, off the PATH."""
+    for version in ("2025.10.0", "2024.1.0", "2025.3.1"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "ncu").write_text("")
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    real_glob = gpu_check.glob.glob
+    monkeypatch.setattr(gpu_check.glob, "glob", lambda pattern: real_glob(str(tmp_path / "*" / "ncu"))
+                        if pattern.startswith("/opt/nvidia/nsight-compute") else [])
+    assert gpu_check.find_ncu() == str(tmp_path / "2025.10.0" / "ncu")  # the newest, not the last in text order
+    monkeypatch.setattr(gpu_check.glob, "glob", lambda pattern: [])
+    assert gpu_check.find_ncu() is None
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/ncu" if name == "ncu" else None)
+    assert gpu_check.find_ncu() == "/usr/bin/ncu"
