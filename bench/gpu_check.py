@@ -356,7 +356,10 @@ class Check:
                 continue
             timeout = max(1.0, min(self.left(), step.share * self.budget))
             cmd, raw, env = command_for(step, self.ctx)
-            for old in (raw, ncu_case_json(raw)) if raw is not None else ():
+            results = [raw] if raw is not None else []
+            if step.kind == "ncu":
+                results.append(ncu_case_json(raw))  # the ncu step's second result: its case's shape
+            for old in results:
                 if old.exists():
                     old.unlink()  # an earlier run's result must not pass for this one's
             log = self.out / "logs" / f"{step.name}.log"
