@@ -182,13 +182,13 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     runtime.launch(K.layer_attn_kernel, (cfg.splits, B),
         prods, stats, p_s, gate, ck, cv, ksum, vsum, mask_arg, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
-        HAS_MASK=has_mask, BLOCK_N=cfg.attn_block_n, BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm,
-        BLOCK_D=cfg.block_d, PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_MASK=has_mask, FINAL=cfg.splits == 1, BLOCK_N=cfg.attn_block_n, BLOCK_M=cfg.block_m,
+        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     cos2 = cos2 if orth == "soft" else None
-    if cfg.splits == 1:  # nothing to combine
-        l_tot = l_part[:, 0]
-        return out, cos2, acc_part[:, 0] / l_tot[..., None], m_part[:, 0] + torch.log(l_tot), prods, stats
+    if cfg.splits == 1:  # nothing to combine: the kernel wrote U_all and the log-sum-exp (FINAL)
+        return out, cos2, acc_part[:, 0], m_part[:, 0], prods, stats
     # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
     m_max = m_part.max(dim=1).values
     w = torch.exp(m_part - m_max[:, None])
@@ -296,7 +296,9 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     do = (du_all @ w_v.t().float()).contiguous()  # (B, HM, d)
     cdo = (cv @ du_all.transpose(1, 2)).contiguous()  # Cc DO^T (B, M, HM)
     dosum = (du_all @ vsum).contiguous()  # DO 1 (B, HM)
-    qdelta = (du_all * u_all).sum(-1).contiguous()  # rowsum(dU * U) of flash-attention's backward
+    # rowsum(dU * U) of flash-attention's backward, as B*HM dot products: one read of each (a
+    # multiply then a sum would write and re-read their product)
+    qdelta = torch.bmm(du_all.reshape(B * HM, 1, D), u_all.reshape(B * HM, D, 1)).view(B, HM)
     # (x - s) DO^T = ((x - s) W_v) dU_all^T from the forward's (x - s) W_v: one batched product
     # where the rows kernel would re-read DO (HM x d) for every tile
     xdo = torch.bmm(prods[..., 2 * M + HM:], du_all.transpose(1, 2))  # (B, N, HM)
@@ -437,24 +439,50 @@ class _LayerTokensFunction(torch.autograd.Function):
         return (*layer_tokens_backward(dout, dcos2, du_all, *_unpack(ctx), ctx.orth), None, None, None)
 
 
+# Which path `layer_tokens` takes; a name of this module, so a test can force the custom-op path
+# without patching torch.compiler itself (dynamo special-cases that function by identity).
+compiling = torch.compiler.is_compiling
+
+
 def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
     """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
     fake and autograd rules), the autograd.Function in eager mode. aux gets no gradient: the
     backward differentiates through a, cc, kabs and w_v directly. The products both return for
     the backward stay with autograd."""
     aux = list(aux)
-    if torch.compiler.is_compiling():
+    if compiling():
         return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)[:4]
     return _LayerTokensFunction.apply(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)[:4]
 
 
+class _BlockQueries(torch.autograd.Function):
+    """`block_queries` with the backward that reads only the diagonal blocks of the (B, H*M, D)
+    gradient: autograd's own, for the masked product, multiplies the whole gradient by the mask
+    and then sums it over the heads (twice the gradient's size in traffic, four times Qh's)."""
+
+    @staticmethod
+    def forward(ctx, qh, heads):
+        B, M, D = qh.shape
+        dh = D // heads
+        ctx.heads = heads
+        heads_eye = torch.eye(heads, dtype=qh.dtype, device=qh.device) / math.sqrt(dh)
+        return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, HM, D = grad.shape
+        heads = ctx.heads
+        M, dh = HM // heads, D // heads
+        diag = torch.diagonal(grad.reshape(B, heads, M, heads, dh), dim1=1, dim2=3)  # (B, M, dh, H): a view
+        dqh = grad.new_empty(B, M, heads, dh)  # one op reads the diagonal and writes Qh's layout
+        torch.div(diag.permute(0, 1, 3, 2), math.sqrt(dh), out=dqh)
+        return dqh.view(B, M, D), None
+
+
 def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, H*M, D): row h*M + m keeps only head h's columns of Qh[m], scaled by 1/sqrt(dh), so
-    that K @ block_queries^T gives every head's scores in one product."""
-    B, M, D = qh.shape
-    dh = D // heads
-    heads_eye = torch.eye(heads, dtype=qh.dtype, device=qh.device) / math.sqrt(dh)
-    return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
+    """(B, H*M, D) from Qh (B, M, D): row h*M + m keeps only head h's columns of Qh[m], scaled by
+    1/sqrt(dh), so that K @ block_queries^T gives every head's scores in one product."""
+    return _BlockQueries.apply(qh, heads)
 
 
 def absorbed_keys(qb: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,7 @@ def layer_attn_kernel(
     CK, CV, KSUM, VSUM, MASK,
     M_PART, L_PART, ACC_PART,
     N, d, M, HM, D, tiles_per_split, n_splits,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -242,6 +242,9 @@ def layer_attn_kernel(
     state, running max (HM,), running sum (HM,), unnormalised accumulator (HM, D). With dm = mean -
     s = s1 / d:
       S_q = rstd2 (a ((x - s) KABS - dm 1^T KABS) + g P (Cc KABS)),  V likewise with W_v.
+    FINAL (one split: the state is the sample's whole): the result itself, the normalised
+    accumulator U_all at ACC_PART and the log-sum-exp at M_PART (L_PART untouched), so that no
+    torch op re-reads the (HM, D) state to divide it.
     """
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -277,6 +280,10 @@ def layer_attn_kernel(
         m_run, l_run, acc = _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, l_run, acc,
                                     PREC)
     state = (b * n_splits + split) * HM
-    tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
-    tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)
+    if FINAL:
+        tl.store(M_PART + state + offs_hm, m_run + tl.log(l_run), mask=hm_ok)
+        acc = acc / l_run[:, None]
+    else:
+        tl.store(M_PART + state + offs_hm, m_run, mask=hm_ok)
+        tl.store(L_PART + state + offs_hm, l_run, mask=hm_ok)
     tl.store(ACC_PART + (state + offs_hm[:, None]) * D + offs_dq[None, :], acc, mask=hm_ok[:, None] & dq_ok[None, :])

@@ -130,6 +130,9 @@ def full_layer_cases():
         yield d, M, 128, 4, xd, orth, masked
 
 
+FULL_GPU_BATCH = 132  # one sample per SM: no launcher splits a sample
+
+
 def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
     """Run the launchers with LAUNCH_HOOK set, as on a GPU of compute capability `cc` (the
     configuration depends on it); return the distinct launches as compile specs."""
@@ -161,29 +164,32 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
     device_info = runtime.device_info
     runtime.device_info = lambda device: (132, cc)
     try:
-        for d, M, xd, pd, orth in cases:
-            x = torch.empty(B, N, d, dtype=xd)
-            a = torch.empty(B, d, M, dtype=pd)
-            c = torch.empty(B, M, d, dtype=pd)
-            gate = torch.empty((), dtype=pd)
-            K.oca_fwd(x, a, c, gate, orth)
-            dcos2 = torch.empty(B, N) if orth == "soft" else None
-            K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
-        for d, M, D, H, xd, orth, masked in layer_cases:
-            x = torch.empty(B, N, d, dtype=xd)
-            if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: the OCA kernels on x.float(), then torch
-                x, a, c, gate = x.float(), torch.empty(B, d, M), torch.empty(B, M, d), torch.empty(())
+        # B and a batch that fills the GPU: the launchers split a sample's work only while the
+        # batch is small, and the one-split configurations differ (the attention kernel's FINAL)
+        for batch in (B, FULL_GPU_BATCH):
+            for d, M, xd, pd, orth in cases:
+                x = torch.empty(batch, N, d, dtype=xd)
+                a = torch.empty(batch, d, M, dtype=pd)
+                c = torch.empty(batch, M, d, dtype=pd)
+                gate = torch.empty((), dtype=pd)
                 K.oca_fwd(x, a, c, gate, orth)
-                K.oca_bwd(torch.empty_like(x), torch.empty(B, N) if orth == "soft" else None, x, a, c, gate, orth)
-                continue
-            a, c, cbar = torch.empty(B, d, M), torch.empty(B, M, d), torch.empty(B, M)
-            kabs = torch.empty(B, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
-            w_v, gate = torch.empty(d, D), torch.empty(())
-            mask = torch.ones(B, N, dtype=torch.bool) if masked else None
-            aux = L.small_products(a, c, kabs, w_v)
-            _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
-            L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
-                        torch.empty(B, N) if orth == "soft" else None, u_all)
+                dcos2 = torch.empty(batch, N) if orth == "soft" else None
+                K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
+            for d, M, D, H, xd, orth, masked in layer_cases:
+                x = torch.empty(batch, N, d, dtype=xd)
+                if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: the OCA kernels on x.float(), then torch
+                    x, a, c, gate = x.float(), torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(())
+                    K.oca_fwd(x, a, c, gate, orth)
+                    K.oca_bwd(torch.empty_like(x), torch.empty(batch, N) if orth == "soft" else None, x, a, c, gate, orth)
+                    continue
+                a, c, cbar = torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(batch, M)
+                kabs = torch.empty(batch, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
+                w_v, gate = torch.empty(d, D), torch.empty(())
+                mask = torch.ones(batch, N, dtype=torch.bool) if masked else None
+                aux = L.small_products(a, c, kabs, w_v)
+                _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
+                L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
+                            torch.empty(batch, N) if orth == "soft" else None, u_all)
     finally:
         runtime.LAUNCH_HOOK = None
         runtime.device_info = device_info

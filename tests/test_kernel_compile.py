@@ -5,8 +5,9 @@ distinct launch with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
 in a subprocess because under TRITON_INTERPRET=1 (set by conftest.py without a GPU) the kernels
 are interpreter objects. Default: the covering set (every value of every constexpr, both dot
 precisions, every orth mode, the heaviest tiles); NEARL_COMPILE_ALL=1 compiles every
-configuration the launchers can choose (1,154 compiles with both caps, about 11 minutes on 2
-cores with triton 3.8; the default set is 192, a few minutes).
+configuration the launchers can choose (over 1,200 compiles with both caps, about 18 minutes on 2
+cores with triton 3.8; the default set is 264, two to five minutes), each at a small batch (a
+sample's work split over programs) and at one that fills the GPU (one split).
 
 A launch fails the test when it does not compile, when its shared memory exceeds the target's
 per-block limit (227 KB sm_90, 163 KB sm_80), when its registers times its threads exceed the
