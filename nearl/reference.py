@@ -87,11 +87,14 @@ def layer_norm_q(q, params: Mapping[str, torch.Tensor]):
 
 
 def query_tail(q, u, params: Mapping[str, torch.Tensor]):
-    """Q + U W_o, then the residual MLP on LN_f: the (B, M, D)-sized rest of the query update."""
-    q = q + u @ params["w_o"]
+    """Q + U W_o, then the residual MLP on LN_f: the (B, M, D)-sized rest of the query update.
+    Each residual and bias is added by the product that makes its other term (addmm, linear), so
+    no elementwise op writes and re-reads a product: `Q + U W_o` and `h W_1 + b_1` are one op each."""
+    D = q.shape[-1]
+    q = torch.addmm(q.reshape(-1, D), u.reshape(-1, D), params["w_o"]).view(q.shape)
     h = F.layer_norm(q, q.shape[-1:], params["ln_f_weight"], params["ln_f_bias"], eps=LN_EPS)
-    h = F.gelu(h @ params["mlp_w1"] + params["mlp_b1"])
-    return q + h @ params["mlp_w2"] + params["mlp_b2"]
+    h = F.gelu(F.linear(h, params["mlp_w1"].t(), params["mlp_b1"]))
+    return torch.addmm(q.reshape(-1, D), h.reshape(-1, h.shape[-1]), params["mlp_w2"]).view(q.shape) + params["mlp_b2"]
 
 
 def query_update(q, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):
