@@ -176,7 +176,7 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     m_part = runtime.empty((B, cfg.splits, HM), **f32)
-    l_part = runtime.empty((B, cfg.splits, HM), **f32)
+    l_part = runtime.empty((B, cfg.splits, HM), **f32) if cfg.splits > 1 else m_part  # FINAL never writes it
     acc_part = runtime.empty((B, cfg.splits, HM, D), **f32)
     mask_arg, has_mask = _mask_arg(mask, x)
     runtime.launch(K.layer_attn_kernel, (cfg.splits, B),
@@ -473,9 +473,8 @@ class _BlockQueries(torch.autograd.Function):
         B, HM, D = grad.shape
         heads = ctx.heads
         M, dh = HM // heads, D // heads
-        diag = torch.diagonal(grad.reshape(B, heads, M, heads, dh), dim1=1, dim2=3)  # (B, M, dh, H): a view
-        dqh = grad.new_empty(B, M, heads, dh)  # one op reads the diagonal and writes Qh's layout
-        torch.div(diag.permute(0, 1, 3, 2), math.sqrt(dh), out=dqh)
+        dqh = grad.new_empty(B, M, heads, dh)  # one op reads the diagonal blocks and writes Qh's layout
+        torch.div(_diagonal_blocks(grad.contiguous(), heads), math.sqrt(dh), out=dqh)
         return dqh.view(B, M, D), None
 
 
@@ -500,9 +499,14 @@ def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: t
     return [cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2), a.sum(1), kabs.sum(1), w_v.sum(0)]
 
 
+def _diagonal_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """A view (B, M, H, dh) of t (B, H*M, D): row (h, m), head h's columns."""
+    B, HM, D = t.shape
+    M, dh = HM // heads, D // heads
+    return torch.diagonal(t.view(B, heads, M, heads, dh), dim1=1, dim2=3).permute(0, 1, 3, 2)
+
+
 def head_diagonal(u_all: torch.Tensor, heads: int) -> torch.Tensor:
     """U (B, M, D) from U_all (B, H*M, D): row (h, m) keeps only head h's columns."""
     B, HM, D = u_all.shape
-    M, dh = HM // heads, D // heads
-    diag = torch.diagonal(u_all.view(B, heads, M, heads, dh), dim1=1, dim2=3)  # (B, M, dh, H)
-    return diag.permute(0, 1, 3, 2).reshape(B, M, D)
+    return _diagonal_blocks(u_all, heads).reshape(B, HM // heads, D)
