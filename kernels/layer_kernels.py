@@ -9,10 +9,11 @@ keep a small batch busy, and their partial softmax states are combined afterward
 split-KV decoding does. Apart, neither holds the other's registers: the attention state (H*M x D)
 beside the first pass's accumulators spilled once the products were kept.
 
-The token width d is walked in chunks of BLOCK_C columns, re-reading the tile from L1/L2 in each
-pass: the products need (tile x d) @ (d x D) whose right operand cannot sit in shared memory
-whole at d = 768, and chunking keeps registers bounded for any d. The backward is in
-`layer_bwd_kernels.py`.
+The token width d is walked in chunks of BLOCK_C columns, and the second pass re-reads the tile
+backwards, from the chunk the first ended on, so that each re-read comes as soon after the first
+read as it can (L1/L2): the products need (tile x d) @ (d x D) whose right operand cannot sit in
+shared memory whole at d = 768, and chunking keeps registers bounded for any d. The backward is
+in `layer_bwd_kernels.py`.
 
 Keys are absorbed into the queries: KABS[b] = W_k (blockdiag_h Qh[b])^T / sqrt(dh) is (d, H*M), so
 the scores of all heads come from one product, LN(x_out) @ KABS[b]. Values are formed per tile,
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_out
-from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
+from .tiles import ORTH_HARD, ORTH_SOFT, first_chunk_mean, last_chunk_start, load_tile, shifted_row_stats
 
 # Row terms the forward keeps per token, (B, N_STATS, N) float32: the sums of the shifted row and
 # of its squares, the shift (the backward's too), x's coefficient in x_out and x_out's rstd.
@@ -95,9 +96,12 @@ def _oca_rows(xa, xcc, mean, dm, m2, rstd, xx, cola, cbar, gc, gate, d, m_ok, co
 @triton.jit
 def _pass_2(x_rows, sxd, out_rows, row_ok, d, p, pc, coef, gate, cc_base, scm, scd, offs_c, offs_m, m_ok,
             BLOCK_C: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
-    """Pass 2: x_out = coef x + g (P Cc + P.cbar), written chunk by chunk."""
-    for c0 in range(0, d, BLOCK_C):
-        cols = c0 + offs_c
+    """Pass 2: x_out = coef x + g (P Cc + P.cbar), written chunk by chunk, backwards: from the chunk
+    pass 1 ended on towards the ones it read longest ago, so that each re-read comes as soon after
+    the first read as it can (L1/L2; forwards, every chunk would come a whole tile later)."""
+    last = last_chunk_start(d, BLOCK_C)
+    for i in range(0, tl.cdiv(d, BLOCK_C)):
+        cols = last - i * BLOCK_C + offs_c
         col_ok = cols < d
         xc = _load_chunk(x_rows, sxd, cols, row_ok, col_ok)
         delta = tl.dot(p, load_tile(cc_base, scm, scd, offs_m, cols, m_ok, col_ok), input_precision=PREC)

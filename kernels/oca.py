@@ -12,8 +12,9 @@ Layers, from the bottom up:
      which S = LN(x) @ A = rstd ((x - s) A - (mean - s) 1^T A) and x @ C^T follow (tl.dot,
      accumulated over chunks; M padded to BLOCK_M >= 16, masked to -inf before the softmax); then
      Delta = P @ C, the projection (hard: <Delta, x> = rowsum(P * xC) is known before the pass;
-     soft: |Delta|^2 accumulated in it) and out = x + gate * update, written chunk by chunk.
-     Requested: two reads of x (the second meant to hit L1/L2), one write of out.
+     soft: |Delta|^2 accumulated in it) and out = x + gate * update, written chunk by chunk,
+     backwards from the chunk the first pass ended on, so that every re-read comes as soon after
+     the first read as it can (L1/L2). Requested: two reads of x, one write of out.
    - `_oca_bwd_rows_kernel`, grid (token tiles, B): recomputes the forward's row quantities from
      x (saved tensors are the inputs only: no (B, N, M) or (B, N, d) intermediate is kept by the
      forward) in one pass (`_one_pass`, with dout), reduces every row-level backward quantity to M-sized products (see
@@ -56,7 +57,8 @@ import triton.language as tl
 from . import policy, runtime
 from .casting import cast_out
 from .policy import MAX_D, MAX_M, ORTH_CODES
-from .tiles import ORTH_HARD, ORTH_NONE, ORTH_SOFT, first_chunk_mean, load_tile, shifted_row_stats
+from .tiles import (ORTH_HARD, ORTH_NONE, ORTH_SOFT, first_chunk_mean, last_chunk_start, load_tile,
+                    shifted_row_stats)
 from .runtime import interpreting
 
 _LN_EPS = tl.constexpr(policy.LN_EPS)
@@ -69,6 +71,32 @@ _COS2_EPS = tl.constexpr(policy.COS2_EPS)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _chunk_terms(x, shift, k0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
+                 DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x,
+                 ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, BLOCK_DC: tl.constexpr, PREC: tl.constexpr):
+    """`_one_pass`'s sums and products, updated with the chunk x (BLOCK_N x BLOCK_DC) at column k0."""
+    offs_d = k0 + tl.arange(0, BLOCK_DC)
+    mask_d = offs_d < D
+    xs = tl.where(mask_d[None, :], x - shift[:, None], 0.0)
+    s1 += tl.sum(xs, axis=1)
+    s2 += tl.sum(xs * xs, axis=1)
+    a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
+    xa = _mm(xs, a, xa, PREC)
+    cola += tl.sum(a, axis=0)
+    if ORTH != ORTH_NONE or WITH_DOUT:
+        c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
+        if ORTH != ORTH_NONE:
+            xc = _mm(xs, tl.trans(c), xc, PREC)
+            csum += tl.sum(c, axis=1)
+        if WITH_DOUT:
+            do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
+            oc = _mm(do, tl.trans(c), oc, PREC)
+            if ORTH == ORTH_HARD:
+                do_x += tl.sum(do * x, axis=1)
+    return s1, s2, xa, xc, oc, cola, csum, do_x
+
+
+@triton.jit
 def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
               DOUT, s_gb, s_gn, s_gd, offs_m, mask_m,
               ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
@@ -78,7 +106,8 @@ def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C,
 
     The products use x minus its first chunk's mean (a shift within about a standard deviation
     of the row mean), and LN(x) A = rstd ((x - s) A - (mean - s) 1^T A): no pass for the statistics
-    first, and no cancellation when a row's mean is large against its spread."""
+    first, and no cancellation when a row's mean is large against its spread. The first chunk,
+    which gives the shift, is peeled off the loop: every chunk is requested once."""
     offs_0 = tl.arange(0, BLOCK_DC)
     x0 = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_0, mask_n, offs_0 < D)
     shift = first_chunk_mean(x0, D, BLOCK_DC)
@@ -90,26 +119,14 @@ def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C,
     cola = tl.zeros((BLOCK_M,), dtype=tl.float32)
     csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     do_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_DC):
-        offs_d = k0 + tl.arange(0, BLOCK_DC)
-        mask_d = offs_d < D
-        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
-        xs = tl.where(mask_d[None, :], x - shift[:, None], 0.0)
-        s1 += tl.sum(xs, axis=1)
-        s2 += tl.sum(xs * xs, axis=1)
-        a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
-        xa = _mm(xs, a, xa, PREC)
-        cola += tl.sum(a, axis=0)
-        if ORTH != ORTH_NONE or WITH_DOUT:
-            c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
-            if ORTH != ORTH_NONE:
-                xc = _mm(xs, tl.trans(c), xc, PREC)
-                csum += tl.sum(c, axis=1)
-            if WITH_DOUT:
-                do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
-                oc = _mm(do, tl.trans(c), oc, PREC)
-                if ORTH == ORTH_HARD:
-                    do_x += tl.sum(do * x, axis=1)
+    s1, s2, xa, xc, oc, cola, csum, do_x = _chunk_terms(
+        x0, shift, 0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd, DOUT, s_gb, s_gn, s_gd,
+        offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, ORTH, WITH_DOUT, BLOCK_DC, PREC)
+    for k0 in range(BLOCK_DC, D, BLOCK_DC):
+        x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, k0 + offs_0, mask_n, k0 + offs_0 < D)
+        s1, s2, xa, xc, oc, cola, csum, do_x = _chunk_terms(
+            x, shift, k0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd, DOUT, s_gb, s_gn, s_gd,
+            offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, ORTH, WITH_DOUT, BLOCK_DC, PREC)
     mean, dm, _, rstd, xx = shifted_row_stats(s1, s2, shift, D, _LN_EPS)
     s = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
     xc = xc + shift[:, None] * csum[None, :]  # x C^T
@@ -167,11 +184,13 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
     k = dot / (xx + _ORTH_EPS)  # hard: Delta - k x
     g = tl.load(G).to(tl.float32)
     dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # pass 2: Delta = P @ C, the projection and the residual, chunk by chunk
-    for k0 in range(0, D, BLOCK_DC):
-        offs_d = k0 + tl.arange(0, BLOCK_DC)
+    # pass 2: Delta = P @ C, the projection and the residual, chunk by chunk, backwards: from the
+    # chunk pass 1 ended on towards the ones it read longest ago, so that each re-read comes as
+    # soon after the first read as it can (L1/L2; forwards, every chunk would come a tile later)
+    last = last_chunk_start(D, BLOCK_DC)
+    for i in range(0, tl.cdiv(D, BLOCK_DC)):
+        offs_d = last - i * BLOCK_DC + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
-        xmask = mask_n[:, None] & mask_d[None, :]
         x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
         c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
         delta = _mm(p, c, tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32), PREC)
@@ -182,7 +201,7 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
         if ORTH == ORTH_SOFT:
             dd += tl.sum(delta * delta, axis=1)
         tl.store(OUT + b * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od,
-                 cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=xmask)
+                 cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=mask_n[:, None] & mask_d[None, :])
     if ORTH == ORTH_SOFT:  # soft: cos^2(Delta, x) per token
         tl.store(COS2 + b * N + offs_n, dot * dot / (dd * xx + _COS2_EPS), mask=mask_n)
 
@@ -419,8 +438,9 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     to -inf before the softmax) and token tiles have >= 16 rows (masked).
 
     GPU. No kernel holds a whole row. The forward and the backward-rows kernel stream x (and
-    dout) in column chunks (statistics pass, then scores pass, then, forward only, the output
-    pass; the second and third reads of a tile are meant to hit L1/L2, so HBM sees one read).
+    dout) in column chunks (one pass for the statistics and the scores, then, forward only, the
+    output pass, walking the chunks backwards so that each re-read meets the tile as recently
+    read as it can: meant to hit L1/L2, so that HBM sees one read).
     Their registers are a few (BLOCK_N x BLOCK_DC) fp32 chunk tiles plus (BLOCK_N x BLOCK_M)
     accumulators, independent of d: 128 tokens x 32 columns at 8 warps is 16 fp32 values per
     thread per chunk tile (75-190 registers, sm_80 and sm_90, BLOCK_M <= 32). Every tile

@@ -26,6 +26,12 @@ def first_chunk_mean(x0, d, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def last_chunk_start(d, BLOCK: tl.constexpr):
+    """The first column of a row's last BLOCK-column chunk (0 when d <= BLOCK)."""
+    return (d - 1) // BLOCK * BLOCK
+
+
+@triton.jit
 def shifted_row_stats(s1, s2, shift, d, eps):
     """From s1 = sum(x - shift) and s2 = sum((x - shift)^2) over a row of d: (mean, mean - shift,
     sum of (x - mean)^2, rstd of LayerNorm with eps, sum of x^2)."""

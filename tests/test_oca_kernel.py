@@ -206,6 +206,7 @@ GPU_CASES = [  # the GPU tiling, run by the interpreter: multi-chunk, multi-tile
     (2, 40, 64, 16, "soft", F32, F32, "contig", "contig", "randn"),
     (2, 40, 400, 16, "hard", BF16, BF16, "contig", "transposed", "randn"),  # tf32, bwd columns 256 + 144
     (2, 300, 80, 9, "soft", BF16, F32, "strided", "contig", "randn"),  # tf32, 256-token tiles: 256 + 44
+    (2, 40, 72, 5, "hard", BF16, BF16, "contig", "contig", "randn"),  # 32-col chunks, the last 8 wide
 ]
 
 
