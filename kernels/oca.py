@@ -438,9 +438,8 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     to -inf before the softmax) and token tiles have >= 16 rows (masked).
 
     GPU. No kernel holds a whole row. The forward and the backward-rows kernel stream x (and
-    dout) in column chunks (one pass for the statistics and the scores, then, forward only, the
-    output pass, walking the chunks backwards so that each re-read meets the tile as recently
-    read as it can: meant to hit L1/L2, so that HBM sees one read).
+    dout) in column chunks: one pass, then (forward) the output pass, walking them backwards,
+    whose re-reads are meant to hit L1/L2 so that HBM sees one read of x.
     Their registers are a few (BLOCK_N x BLOCK_DC) fp32 chunk tiles plus (BLOCK_N x BLOCK_M)
     accumulators, independent of d: 128 tokens x 32 columns at 8 warps is 16 fp32 values per
     thread per chunk tile (75-190 registers, sm_80 and sm_90, BLOCK_M <= 32). Every tile
