@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 
 from . import layer_bwd_kernels as KB
@@ -435,6 +436,7 @@ class _LayerTokensFunction(torch.autograd.Function):
         return out, cos2, u_all, lse, prods, stats
 
     @staticmethod
+    @once_differentiable  # double backward raises (README, "Double backward")
     def backward(ctx, dout, dcos2, du_all, _dlse, _dprods, _dstats):
         return (*layer_tokens_backward(dout, dcos2, du_all, *_unpack(ctx), ctx.orth), None, None, None)
 
@@ -469,6 +471,7 @@ class _BlockQueries(torch.autograd.Function):
         return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
 
     @staticmethod
+    @once_differentiable  # double backward raises (README, "Double backward")
     def backward(ctx, grad):
         B, HM, D = grad.shape
         heads = ctx.heads

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -626,6 +627,7 @@ class _OcaFunction(torch.autograd.Function):
         return out, cos2
 
     @staticmethod
+    @once_differentiable  # double backward raises (README, "Double backward")
     def backward(ctx, dout, dcos2=None):
         x, a, c, gate = ctx.saved_tensors
         dx, da, dc, dgate = oca_bwd(dout, dcos2, x, a, c, gate, ctx.orth)

@@ -5,6 +5,7 @@ Face's kernel loader on PyPI (recent transformers import it) and a wheel install
 `kernels` overwrote it. The kernel layer imports torch and triton only; `from nearl import ops`
 imports neither open_clip nor the model.
 """
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -83,20 +84,64 @@ def test_ops_import_neither_open_clip_nor_the_model(tmp_path):
     assert not [m for m in got if m.startswith(("open_clip", "triton", "nearl.model", "nearl.towers"))], got
 
 
-def test_the_kernels_folder_under_its_folder_name_is_an_empty_package_that_says_why(tmp_path):
-    """From the checkout's root (`python -m ...` there) the folder is found as `kernels`. transformers
-    probes that name for a version when it loads a model: the probe must pass (it stopped every
-    Hugging Face text tower before), and any real use says how to import the kernels instead."""
-    code = ("import kernels\n"
+def from_the_root(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A fresh interpreter started at the checkout's root, as `python -m ...` there starts: the root
+    comes first on its path, so the kernels/ folder is found under the name `kernels`."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def hugging_face_kernels_installed() -> bool:
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_from_the_root_kernels_is_hugging_faces_package_where_it_is_installed():
+    """transformers 5.x imports Hugging Face's `kernels` (`from kernels import CUDAProperties`): run from
+    the root, that import found the checkout's folder and stopped every Hugging Face backbone."""
+    if not hugging_face_kernels_installed():
+        pytest.skip("Hugging Face's kernels package is not installed here (transformers 4.x does not need it)")
+    got = from_the_root("-c", "import json, kernels\n"
+                              "print(json.dumps({'file': kernels.__file__, 'get_kernel': callable(kernels.get_kernel)}))")
+    assert got.returncode == 0, got.stderr[-2000:]
+    found = json.loads(got.stdout.strip().splitlines()[-1])
+    assert not found["file"].startswith(str(ROOT / "kernels")) and found["get_kernel"], found
+
+
+@pytest.mark.parametrize("how", ["-c", "-m"])
+def test_a_hugging_face_model_builds_from_the_root(tmp_path, how):
+    """What failed for `transformers:` backbones and BiomedCLIP's text tower, in both ways a user starts
+    Python at the root (`-c` puts '' first on the path, `-m` the root itself)."""
+    pytest.importorskip("transformers")
+    code = ("from transformers import BertConfig, BertModel\n"
+            "BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))\n"
+            "print('built')\n")
+    if how == "-m":
+        module = ROOT / f"_nearl_root_probe_{os.getpid()}.py"  # a module at the root, as nearl.train is one below it
+        module.write_text(code)
+        try:
+            got = from_the_root("-m", module.stem)
+        finally:
+            module.unlink()
+    else:
+        got = from_the_root("-c", code)
+    assert got.returncode == 0 and got.stdout.strip().endswith("built"), got.stderr[-2000:]
+
+
+def test_without_hugging_faces_package_the_folder_is_an_empty_package_that_says_why():
+    """Where Hugging Face's package is not installed (here: no site-packages at all, `-S`), the folder
+    found as `kernels` is an empty package: transformers' version probe passes and any real use says
+    how to import the kernels instead (never a second copy of them)."""
+    code = ("import sys\n"
+            "assert not [p for p in sys.path if 'site-packages' in p], sys.path\n"
+            "import kernels\n"
             "assert getattr(kernels, '__version__', 'N/A') == 'N/A'\n"
             "kernels.get_kernel\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode != 0 and "import it as nearl_kernels" in proc.stderr, proc.stderr
-    pytest.importorskip("transformers")
-    proc = subprocess.run([sys.executable, "-c", "import transformers.models.bert.modeling_bert"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = from_the_root("-S", "-c", code)
+    assert got.returncode != 0 and "import it as nearl_kernels" in got.stderr, got.stderr
 
 
 def test_an_uninstalled_checkout_imports_as_an_installed_one(tmp_path):
