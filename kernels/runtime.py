@@ -1,5 +1,6 @@
 """What the launchers of every kernel share: interpreter mode, device facts, output allocation and
 the launch itself (with a hook that lets the compile check capture launches instead of running them)."""
+import contextlib
 import os
 from typing import Tuple
 
@@ -153,6 +154,16 @@ LAUNCH_HOOK = None
 MAX_REGISTERS = 255
 
 
+def device_guard(args) -> contextlib.AbstractContextManager:
+    """The device of the first tensor argument made current for the launch: Triton launches on the
+    current CUDA device, so x on cuda:1 while cuda:0 is current would otherwise run on cuda:0."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.device.type == "cuda" and first.device.index is not None \
+            and first.device.index != torch.cuda.current_device():
+        return torch.cuda.device(first.device.index)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     kwargs.setdefault("maxnreg", MAX_REGISTERS)
     if LAUNCH_HOOK is not None:
@@ -161,4 +172,5 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if interpreting():
         _interpreter_numpy_fix()
         _interpreter_tf32_fix()
-    kernel[grid](*args, **kwargs)
+    with device_guard(args):
+        kernel[grid](*args, **kwargs)

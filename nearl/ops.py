@@ -61,15 +61,17 @@ def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *
 
 def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Tensor], *,
                 mask: Optional[torch.Tensor] = None, orth: str = "hard", impl: str = "auto",
-                check_mask_rows: bool = True):
+                check_mask_rows: Optional[bool] = None):
     """One NEARL layer: OCA on the tokens, then the USEformer query update (SPEC 3.1).
 
     x (B, N, d), q (B, M, D) or (M, D), mask (B, N) bool (True = attend) or None.
     params: the tensors named in validation.LAYER_PARAM_SHAPES, plus an optional int "heads" (4).
     Returns (x_out (B, N, d) in x's dtype, q_out (B, M, D) in q's dtype), and cos2 (B, N) with
     orth="soft".
-    check_mask_rows=False skips the check that every sample has a valid position, which reads the
-    mask and so synchronises with the GPU; for callers whose masks hold it by construction.
+    check_mask_rows: whether every sample must have a valid position. None (default): checked
+    without a host sync (a CPU mask at once; a CUDA mask by an asynchronous device-side assert);
+    True: read on the host, a ValueError naming the samples (on a GPU this waits for it); False:
+    not checked, for callers whose masks hold it by construction.
     """
     sizes = check_layer_args(x, q, params, mask, orth, check_mask_rows)
     if _resolve(impl, x) == "triton":

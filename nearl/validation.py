@@ -96,9 +96,13 @@ def check_oca_args(x, a, c, gate, orth: str) -> Dict[str, int]:
     return sizes
 
 
-def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, rows: bool = True) -> None:
-    """Shape, dtype and device of the key mask; with rows=True also that every sample has a valid
-    position (this reads the mask, so on a GPU it waits for it)."""
+def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, rows: Optional[bool] = None) -> None:
+    """Shape, dtype and device of the key mask, and that every sample has a valid position.
+
+    The row check: rows=True reads the mask on the host (a ValueError naming the samples; on a GPU
+    it waits for the mask); rows=False skips it; rows=None (the default) checks without a host
+    sync: on the host for a CPU mask, and on a GPU with `torch._assert_async`, which fails at a
+    later kernel launch (a device-side assert) instead of stalling the launch queue now."""
     if mask is None:
         return
     if not torch.is_tensor(mask) or mask.dtype != torch.bool:
@@ -109,7 +113,11 @@ def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, rows: bool = True)
                          f"got {_fmt(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-    if not rows:
+    if rows is False:
+        return
+    if rows is None and mask.device.type != "cpu":  # a GPU's (or any device's but the host's)
+        torch._assert_async(mask.any(dim=1).all(), f"nearl: mask of shape {_fmt(mask.shape)} has a row with no "
+                            "valid position; the query update would read nothing")
         return
     empty = (~mask.any(dim=1)).nonzero().flatten()
     if empty.numel():
@@ -117,7 +125,8 @@ def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, rows: bool = True)
                          f"(samples {empty[:8].tolist()}): the query update would read nothing")
 
 
-def check_layer_args(x, q, params: Mapping, mask, orth: str, check_mask_rows: bool = True) -> Dict[str, int]:
+def check_layer_args(x, q, params: Mapping, mask, orth: str, check_mask_rows: Optional[bool] = None
+                     ) -> Dict[str, int]:
     """Checks for nearl_layer; returns the sizes B, N, d, M, D, r, h, H."""
     check_orth(orth)
     if not isinstance(params, Mapping):

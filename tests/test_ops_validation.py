@@ -104,6 +104,23 @@ def test_params_must_be_a_mapping():
         ops.nearl_layer(x, q, [1, 2], impl="reference")
 
 
+def test_a_device_mask_is_row_checked_without_reading_it_on_the_host(monkeypatch):
+    """On a GPU, reading the mask stalls the launch queue at every layer. A mask on a device (here
+    meta, which cannot be read at all: `nonzero` raises there) is checked by torch._assert_async."""
+    from nearl.validation import check_mask
+    x = torch.empty(2, 6, 32, device="meta")
+    mask = torch.ones(2, 6, dtype=torch.bool, device="meta")
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserted.append((cond.shape, msg)))
+    check_mask(mask, x)
+    assert asserted == [((), "nearl: mask of shape (2, 6) has a row with no valid position; "
+                             "the query update would read nothing")]
+    with pytest.raises(NotImplementedError):  # asked for, the host check reads the mask
+        check_mask(mask, x, rows=True)
+    check_mask(mask, x, rows=False)
+    assert len(asserted) == 1
+
+
 def test_mask_row_check_can_be_skipped_by_callers_that_guarantee_it():
     x, q, params = layer_inputs(2, 6, 32, 3, D=16, r=4)
     mask = torch.tensor([[True] * 6, [True] + [False] * 5])
