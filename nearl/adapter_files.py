@@ -12,9 +12,9 @@ pushed to the Hugging Face Hub as it is:
 a backbone other than the one the adapter was trained on, or a config whose model does not take
 the weights' names and shapes.
 
-adapter_config.json (format "nearl-adapter", format_version 1):
+adapter_config.json (format "nearl-adapter", format_version 2):
 
-    format, format_version   "nearl-adapter", 1
+    format, format_version   "nearl-adapter", 2 (1: written before config_sha256, read with a warning)
     nearl_version            the version of nearl that wrote it
     method, config           a method of nearl/methods/ and its config (every hyper-parameter)
     task, classnames         "retrieval" | "classification" and the trained class names (or null)
@@ -22,7 +22,9 @@ adapter_config.json (format "nearl-adapter", format_version 1):
     backbone                 model_name, pretrained (tag, file, hf-hub:, local-dir:, transformers:,
                              or null for random weights), seed (rebuilds a random backbone exactly),
                              fingerprint (below)
-    weights                  file, sha256 of that file, tensors, parameters
+    weights                  file, sha256 of that file, tensors, parameters, and config_sha256: the
+                             sha256 of every other entry of this file as canonical JSON (keys sorted,
+                             no spaces), so a changed setting is refused as a changed weights file is
     source                   where it came from (checkpoint path, step, epoch), for people only
     written_with             torch, open_clip_torch and safetensors versions, for people only
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +59,11 @@ from .errors import UserError
 from .evaluation import ModelToEvaluate
 from .methods import build_from_checkpoint, build_method, canonical, check_task, method_of
 from .model import SCHEMAS
-from .nonfinite import NonFiniteError, check_finite_state, nonfinite_tensors
+from .nonfinite import NonFiniteError, check_finite_state, nonfinite_outputs, nonfinite_tensors
 
-FORMAT, FORMAT_VERSION = "nearl-adapter", 1
+logger = logging.getLogger("nearl.adapter")
+
+FORMAT, FORMAT_VERSION = "nearl-adapter", 2
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "adapter_config.json", "README.md"
 FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 FINGERPRINT_ALGORITHM = "nearl-backbone-v1"
@@ -138,11 +143,37 @@ def _versions() -> Dict[str, str]:
 
 
 def _json_ready(value: Any, what: str) -> Any:
-    """`value` as JSON gives it back (tuples become lists); a TypeError names what held it."""
+    """`value` as JSON gives it back (tuples become lists); a TypeError names what held it (NaN and
+    inf included: JSON has no such numbers)."""
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} cannot be written as JSON: {err}") from err
+
+
+def config_digest(record: Dict[str, Any]) -> str:
+    """The sha256 of an adapter_config.json's entries, `weights.config_sha256` left out, as canonical
+    JSON (keys sorted, no spaces): re-indenting the file keeps it, changing any value does not."""
+    weights = {k: v for k, v in (record.get("weights") or {}).items() if k != "config_sha256"}
+    text = json.dumps({**record, "weights": weights}, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal_config(record: Dict[str, Any]) -> Dict[str, Any]:
+    """`record` with its `weights.config_sha256` (over its other entries) written in; returns it."""
+    record["weights"]["config_sha256"] = config_digest(record)
+    return record
+
+
+def _check_finite_outputs(model: nn.Module, task: str, classnames, templates, source) -> None:
+    """Finite weights are not enough: a diverged model's outputs can be NaN (`nonfinite_outputs`)."""
+    bad = nonfinite_outputs(model, classnames if task == "classification" else None, templates)
+    if bad:
+        what = f"checkpoint {source['checkpoint']}" if (source or {}).get("checkpoint") else "the model"
+        raise NonFiniteError(f"{what}: its {', '.join(bad)} on a probe batch hold NaN or inf although its weights "
+                             "are finite: the run diverged; not exported. Export an earlier checkpoint, or train "
+                             "again with a lower --lr")
 
 
 def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pretrained: Optional[str],
@@ -152,14 +183,16 @@ def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pret
     """Write `model`'s learnable weights, adapter_config.json and a model card into `directory`.
 
     model_name / pretrained / backbone_seed: how the backbone was built (as nearl.methods.build_method
-    takes them), so `load_adapter` rebuilds it. A state holding NaN or inf is refused (NonFiniteError)
-    and nothing is written. Returns the folder."""
+    takes them), so `load_adapter` rebuilds it. A state holding NaN or inf, or a model whose outputs
+    on a probe batch do (`nonfinite_outputs`), is refused (NonFiniteError) and nothing is written.
+    Returns the folder."""
     from safetensors.torch import save as safetensors_bytes
 
     directory = Path(directory)
     _check_target(directory, overwrite)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.trainable_state_dict().items()}
     check_finite_state(state, f"adapter {directory / WEIGHTS_FILE}")
+    _check_finite_outputs(model, task, classnames, templates, source)
     method = method_of(model)
     # One metadata entry: safetensors writes a map's entries in no fixed order, and an export is meant
     # to give the same bytes every time (what the method is, adapter_config.json says).
@@ -175,9 +208,10 @@ def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pret
                     "parameters": sum(t.numel() for t in state.values())},
         "source": _json_ready(source or {}, "the adapter's source"), "written_with": _versions(),
     }
+    seal_config(record)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(directory / WEIGHTS_FILE, data)  # the config, which names its sha256, comes after it
-    _write_atomic(directory / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    _write_atomic(directory / CONFIG_FILE, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     _write_atomic(directory / CARD_FILE, model_card(record).encode())
     return directory
 
@@ -281,7 +315,24 @@ def read_adapter_config(directory: PathLike) -> Tuple[Path, Dict[str, Any]]:
         _entry(record, dotted, path)
     if not isinstance(record["config"], dict):
         raise AdapterError(f"{path}: 'config' must be an object of the method's hyper-parameters")
+    _check_config_digest(record, path)
     return folder, record
+
+
+def _check_config_digest(record: Dict[str, Any], path: Path) -> None:
+    """The entries must be those the export wrote (`config_digest`); a version-1 file has no digest."""
+    if record["format_version"] < 2:
+        logger.warning("%s was written by an older nearl (format_version %s) without a config_sha256: "
+                       "its settings cannot be checked against the export", path, record["format_version"])
+        return
+    recorded = _entry(record, "weights.config_sha256", path)
+    try:
+        found = config_digest(record)
+    except ValueError as err:  # NaN or inf written into the file: JSON has no such numbers
+        raise AdapterError(f"{path}: {err}; not a file python -m nearl.export wrote") from None
+    if found != recorded:
+        raise AdapterError(f"{path} has changed since the export (config_sha256 differs): a setting edited by "
+                           "hand would change what the weights compute; export the checkpoint again instead")
 
 
 def _read_weights(path: Path, record: Dict[str, Any]) -> Dict[str, torch.Tensor]:

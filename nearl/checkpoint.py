@@ -14,6 +14,8 @@ A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pi
     rng                    python / numpy / torch / cuda generator states
     data                   the sampler's state: seed, epoch, start batch, sizes
     best, args, metrics    best validation score so far, the training arguments, last metrics
+    train_images           the images it was trained on, as keys of their paths (nearl/data/overlap.py),
+                           so that evaluating on them is caught; None when not recorded
 
 Writing (`atomic_save`): the new file goes to a temporary name in the same directory, is flushed
 and fsync'ed, and only then `os.replace`d over the target; the previous `last.pt` is first linked
@@ -183,7 +185,7 @@ def save_checkpoint(state: Dict[str, Any], directory: PathLike, name: str = LAST
 # The entries of every checkpoint, in the module docstring's order (format and version are added on save).
 STATE_KEYS = ("model_name", "pretrained", "backbone_seed", "method", "config", "task", "classnames", "templates",
               "model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng", "data",
-              "best", "args", "metrics")
+              "best", "args", "metrics", "train_images")
 
 
 def training_state(**entries: Any) -> Dict[str, Any]:

@@ -23,9 +23,12 @@ from .errors import UserError
 from .logging_utils import read_metrics
 from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
 from .comparison_report import MAIN_METRIC, SHOWN, write_report
-from .protocols import B2N_KEYS, PROTOCOLS, Run, comma_ints, eval_sets, harmonic_mean, plan, run_metrics
+from .protocols import (B2N_KEYS, PROTOCOLS, Run, check_shots, comma_ints, eval_sets, harmonic_mean, parse_shots,
+                        plan, run_metrics)
 from .protocols import check as check_protocol
 from .run_dir import run_files
+from .data.overlap import training_images
+from .training.data import load_train_data
 
 logger = logging.getLogger("nearl.compare")
 
@@ -42,7 +45,9 @@ Protocols: standard (above); base2novel (CoOp's): every run trains on the base c
 half of the class list, nearl.train --classes base) and is evaluated on the base and on the novel
 classes of --split, each among its own classes, reported as base, novel and their harmonic mean HM
 (linear-probe cannot score unseen classes and is left out); few-shot: one run per K of --shots
-(nearl.train --k-shot K), accuracy against K as a table and a plot.
+(nearl.train --k-shot K), accuracy against K as a table and a plot; a K some class of the training
+data cannot give is refused. Evaluation images that are among the training images are refused
+before any run, unless --allow-train-data.
 
 Every (method, seed) is trained in this process by nearl.train (same data pipeline, loop, optimiser,
 schedule and checkpoints; --max-steps optimizer steps, or L-BFGS iterations for linear-probe, none
@@ -92,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-shot", type=positive_int)
     p.add_argument("--templates", nargs="+")
     p.add_argument("--split", default="test", help="evaluated split (default test; falls back to val)")
+    p.add_argument("--allow-train-data", action="store_true", help="evaluate on images the runs train on "
+                   "(refused by default), with a warning")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -174,6 +181,27 @@ def method_args(args) -> Dict[str, List[str]]:
             name = canonical(name)
         out.setdefault(name, []).extend(rest.split())
     return out
+
+
+def _check_training_data(args, run: Run, model_name: str, sets: Dict[str, tuple]) -> None:
+    """Before any run: the images the runs train on (drawn from, with --k-shot) must give every K of
+    few-shot's --shots for every class, and must not be among the evaluated ones (--allow-train-data)."""
+    pool = training_pool(args, run, model_name)
+    if args.protocol == "few-shot":
+        check_shots(parse_shots(args.shots), pool.train, pool.classnames)
+    trained = training_images(pool.train)
+    for records, _classes, split, source in sets.values():
+        EV.check_training_overlap(trained, records, f"{source}, split {split}", "among the images the runs train "
+                                  f"on ({pool.source})", args.allow_train_data)
+
+
+def training_pool(args, run: Run, model_name: str):
+    """The training data (nearl.training.data.TrainData) a run of this comparison reads, as nearl.train
+    reads it, before any --k-shot draw."""
+    train_args = training.parse_args(train_argv(args, run.method, run.seed, run.folder, model_name) +
+                                     list(run.extra_argv))
+    train_args.k_shot = None
+    return load_train_data(train_args)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -385,6 +413,7 @@ def compare(args) -> Dict[str, Any]:
     if note:
         print(f"NOTE: {note}", flush=True)
     sets = eval_sets(args)
+    _check_training_data(args, runs[0], model_name, sets)
     results = _run_all(args, runs, model_name, device, sets)
     report = _report(args, methods, seeds, model_name, device, note, sets, results, out)
     md = write_report(report, out)

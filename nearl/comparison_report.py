@@ -156,5 +156,5 @@ def write_report(report: Dict[str, Any], out: Path) -> str:
     (few_shot_plot if report["protocol"] == "few-shot" else bar_plot)(report, out / "comparison.png")
     md = markdown(report)
     (out / "comparison.md").write_text(md)
-    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")
+    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str, allow_nan=False) + "\n")
     return md

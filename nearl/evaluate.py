@@ -11,7 +11,8 @@ starts at zero), i.e. the zero-shot baseline (`--method zeroshot` says so by nam
 records its method (nearl, alta, clip-adapter, coop, linear-probe, zeroshot: nearl/methods/), and
 the same method is rebuilt from it. Without --data the embedded demo set is used.
 Results go to stdout as a Markdown table and, with --out DIR, to DIR/results.json and
-DIR/results.md.
+DIR/results.md. A checkpoint records the images it was trained on: evaluating on some of them is
+refused unless --allow-train-data (then the table says how many).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from .argtypes import Parser, non_negative_int, positive_int
 from .classify import TEMPLATES
 from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import run_cli
-from .evaluation import (check_templates, evaluate_classification, evaluate_retrieval, load_eval_data,
-                         model_to_evaluate)
+from .evaluation import (check_templates, check_training_overlap, evaluate_classification, evaluate_retrieval,
+                         load_eval_data, model_to_evaluate)
 from .logging_utils import json_safe, markdown_table
 
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", choices=("all", "base", "novel"), default="all", help="classification: evaluate "
                    "on the base classes (the first half, CoOp's base-to-novel protocol), the novel ones, or all")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: nearl.classify.TEMPLATES)")
+    p.add_argument("--allow-train-data", action="store_true", help="score images the checkpoint was trained on "
+                   "(refused by default: the checkpoint records its training images), with a warning")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -84,6 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
                                                      split=args.split, classes=args.classes)
+    seen = 0 if ckpt is None else check_training_overlap(  # a checkpoint records its training images
+        ckpt.get("train_images"), records, f"{src}, split {split}", f"images {ckpt['path']} was trained on",
+        args.allow_train_data)
     kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
               progress=not args.no_progress, source=src)
     if task == "retrieval":
@@ -97,15 +103,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report = {"task": task, "method": method, "data": src, "split": split, "classes": args.classes,
               "model": model.model_name,
               "pretrained": source, "learnable_parameters": model.num_trainable_parameters(),
-              "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results}
+              "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results,
+              "train_images_evaluated": seen}
     classes = "" if args.classes == "all" else f", {args.classes} classes"
+    trained = f", {seen} of them training images" if seen else ""
     table = markdown_table({label: {k: v for k, v in results.items() if not k.startswith("n_") and k != "auc_classes"}},
-                           title=f"{task} on {src} ({split}{classes}, {results.get('n_images')} images)")
+                           title=f"{task} on {src} ({split}{classes}, {results.get('n_images')} images{trained})")
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n")
+        document = json.dumps(json_safe(report), indent=2, default=str, allow_nan=False)  # NaN: null
+        (out / "results.json").write_text(document + "\n")
         (out / "results.md").write_text(table)
         print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return report

@@ -19,9 +19,11 @@ from .classify import TEMPLATES, classification_logits
 from .cli_args import check_backbone, user_errors
 from .data import demo
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
-from .data.labelled import NOT_A_SOURCE, read_coop_split, read_image_folder, select_classes, split_folders
+from .data.labelled import (NOT_A_SOURCE, read_coop_split, read_image_folder, require_classes, select_classes,
+                            split_folders)
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.manifests import read_image_text
+from .data.overlap import trained_on
 from .data.records import ImageTextRecord, LabelledRecord
 from .errors import UserError
 from .methods import build_from_checkpoint, build_method, canonical, check_task
@@ -183,6 +185,7 @@ def load_eval_data(task: str, data: Optional[str], *, fmt: str = "auto", root: O
     the `classes` of CoOp's base-to-novel split ("base", "novel") or all of them."""
     if task != "retrieval":
         records, classnames, used, src = _load_labelled(data, root=root, split=split)
+        require_classes(classnames, src)
         records, classnames = select_classes(records, classnames, classes)
         return records, classnames, used, src
     if classes != "all":
@@ -234,6 +237,24 @@ def _split_folder(root: Path, split: str) -> Optional[Path]:
     tried = f"{split}/ (nor val/)" if fallback else f"{split}/"
     raise UserError(f"{root}: no {tried} folder to evaluate on; split folders found: "
                     f"{', '.join(f + '/' for f in found)}. Pass --split {found[0]} to evaluate on it")
+
+
+def check_training_overlap(recorded: Optional[Dict[str, Any]], records: Sequence[Any], where: str, trained: str,
+                           allow: bool) -> int:
+    """How many of the evaluated records are images the model was trained on (`recorded`: a checkpoint's
+    `train_images`). Some, without `allow` (--allow-train-data): a UserError, since their scores
+    measure memory, not generalisation; with it, a warning. `where` names the evaluated data, and
+    `trained` ends the sentence "N of the M images evaluated are ...": what they were trained by."""
+    n = trained_on(records, recorded)
+    if n and not allow:
+        raise UserError(f"{n} of the {len(records)} images evaluated ({where}) are {trained}: their scores would "
+                        "measure memory, not generalisation. Evaluate on held-out images (another --split or "
+                        "--data), or pass --allow-train-data to score them anyway")
+    if n:
+        print(f"WARNING: {n} of the {len(records)} images evaluated ({where}) are {trained} "
+              "(--allow-train-data): the scores include them", flush=True)
+    return n
+
 
 def default_model_name(pretrained: Optional[str] = None) -> str:
     """The architecture when --model is not given: the one an hf-hub:/local-dir: source names;

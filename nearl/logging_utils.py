@@ -70,7 +70,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:  # one line per step: reopening is cheap
-            f.write(json.dumps(json_safe(record)) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def records(self) -> Iterator[Dict[str, Any]]:
         return iter(read_metrics(self.path))

@@ -9,7 +9,8 @@ that cannot be read is reported and skipped. --classes prints, per image, the so
 classes of the model's logits (prompt ensembling with --templates, else the templates the model
 was trained with, else nearl.classify.TEMPLATES); without --classes, an adapter or checkpoint
 trained for classification scores its own classes. --texts / --texts-file rank the texts for each
-image. --out DIR writes DIR/predictions.csv and DIR/predictions.json.
+image. --out DIR writes DIR/predictions.csv and DIR/predictions.json. An image whose outputs hold
+NaN or inf (a diverged model) gets no prediction (null in the JSON), and the command exits with status 2.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import UserError, run_cli
 from .evaluation import check_templates, model_to_evaluate
 from .logging_utils import setup_logging
+from .nonfinite import NonFiniteError
 from .prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
                          split_classes, write_predictions)
 
@@ -89,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.out:
         paths = write_predictions(pred, args.out, meta)
         print(f"wrote {paths[0]} and {paths[1]}")
+    if pred.nonfinite:  # a diverged model: an image without a label is no result
+        raise NonFiniteError(f"{len(pred.nonfinite)} of {len(pred.images)} images got no prediction: the model's "
+                             f"outputs hold NaN or inf ({args.adapter or record.get('path') or 'the model'} has "
+                             "diverged?). Use an earlier checkpoint, or train again with a lower --lr")
     return {**meta, "task": task, "predictions": pred}
 
 

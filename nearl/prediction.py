@@ -7,6 +7,10 @@ Classification uses evaluation's classifier (prompt-ensembled class embeddings t
 text tower, or the model's own head for linear-probe): probabilities are the softmax of
 logit_scale * cos(image, class). Retrieval ranks the given texts for each image by cosine
 similarity; its probabilities are the softmax over the texts of logit_scale * cos.
+
+An image whose outputs hold NaN or inf (a diverged model) gets no label and no ranking: the table says
+so, the CSV leaves its cells empty and the JSON writes null (never a bare NaN, which JSON parsers
+reject); `python -m nearl.predict` then exits with status 2.
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ from .data.images import is_dicom
 from .data.records import LabelledRecord
 from .errors import UserError
 from .evaluation import autocast, encode_images, encode_texts
+from .logging_utils import json_safe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".dcm",
                   ".dicom")
 CSV_FILE, JSON_FILE = "predictions.csv", "predictions.json"
 TABLE_CLASSES = 6  # more classes than this: the table shows the top ones per image, not a column each
+NONFINITE = "no prediction: the model's outputs hold NaN or inf"
 
 
 @dataclass
@@ -45,6 +51,15 @@ class Predictions:
     def ranking(self, i: int) -> List[int]:
         """Label indices of image i, most probable first (ties keep the given order)."""
         return torch.sort(self.scores[i], descending=True, stable=True).indices.tolist()
+
+    def finite(self, i: int) -> bool:
+        """Whether image i's scores and probabilities are all finite (else it gets no label)."""
+        return bool(torch.isfinite(self.scores[i]).all() and torch.isfinite(self.probabilities[i]).all())
+
+    @property
+    def nonfinite(self) -> List[str]:
+        """The images that got no label: their outputs hold NaN or inf."""
+        return [image for i, image in enumerate(self.images) if not self.finite(i)]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -109,12 +124,16 @@ def read_texts(texts: Optional[Sequence[str]], texts_file: Optional[str]) -> Opt
 
 def resolve_classes(given: Optional[List[str]], recorded: Optional[Sequence[str]], method: str) -> List[str]:
     """The classes to score: those given, else those the model was trained on. A linear probe scores
-    its trained classes only, in their order (its outputs are not named by prompts)."""
+    its trained classes only, in their order (its outputs are not named by prompts). One class is a
+    UserError: its softmax is 1 whatever the image."""
     if given is None:
         if not recorded:
             raise UserError("give --classes (classification) or --texts / --texts-file (retrieval): the model "
                             "records no class names")
-        return list(recorded)
+        given = list(recorded)
+    if len(given) < 2:
+        raise UserError(f"--classes {','.join(given)}: one class, whose probability is 1 whatever the image; "
+                        "give at least two classes to choose between")
     if method == "linear-probe" and recorded and list(given) != list(recorded):
         raise UserError(f"--classes {','.join(given)}: a linear probe scores the classes it was trained on, in "
                         f"their order: {','.join(recorded)} (or leave --classes out)")
@@ -181,6 +200,9 @@ def format_table(pred: Predictions, top_k: int = 5) -> str:
     if pred.task == "retrieval":
         lines = ["| image | rank | text | probability | similarity |", "|---|---|---|---|---|"]
         for i, image in enumerate(pred.images):
+            if not pred.finite(i):
+                lines.append(f"| {_cell(image)} | | {NONFINITE} | | |")
+                continue
             for rank, j in enumerate(pred.ranking(i)[:top_k], 1):
                 lines.append(f"| {_cell(image)} | {rank} | {_cell(pred.labels[j])} | {p[i, j]:.4f} | "
                              f"{pred.scores[i, j]:.4f} |")
@@ -190,6 +212,9 @@ def format_table(pred: Predictions, top_k: int = 5) -> str:
     lines = ["| " + " | ".join(["image", "prediction", "probability", *extra]) + " |",
              "|" + "---|" * (3 + len(extra))]
     for i, image in enumerate(pred.images):
+        if not pred.finite(i):
+            lines.append(f"| {_cell(image)} | {NONFINITE} | |" + " |" * len(extra))
+            continue
         order = pred.ranking(i)
         cells = ([f"{p[i, j]:.4f}" for j in range(len(pred.labels))] if wide else
                  [", ".join(f"{_cell(pred.labels[j])} {p[i, j]:.3f}" for j in order[:top_k])])
@@ -202,7 +227,12 @@ def prediction_rows(pred: Predictions) -> List[Dict[str, Any]]:
     """The CSV's rows. Classification: image, prediction, probability, then p(<class>) for every class.
     Retrieval: one row per image and text, image, rank, text, text_index, probability, similarity."""
     rows = []
+    empty = (["prediction", "probability", *(f"p({c})" for c in pred.labels)] if pred.task == "classification"
+             else ["rank", "text", "text_index", "probability", "similarity"])
     for i, image in enumerate(pred.images):
+        if not pred.finite(i):  # no label: every cell but the image's left empty
+            rows.append({"image": image, **{key: None for key in empty}})
+            continue
         order = pred.ranking(i)
         probs = pred.probabilities[i].tolist()
         if pred.task == "classification":
@@ -220,7 +250,10 @@ def predictions_json(pred: Predictions, meta: Optional[Dict[str, Any]] = None) -
     entries = []
     for i, image in enumerate(pred.images):
         order, probs, scores = pred.ranking(i), pred.probabilities[i].tolist(), pred.scores[i].tolist()
-        if pred.task == "classification":
+        if not pred.finite(i):
+            empty = ("prediction", "probabilities") if pred.task == "classification" else ("ranking",)
+            entries.append({"image": image, **dict.fromkeys(empty), "error": NONFINITE})
+        elif pred.task == "classification":
             entries.append({"image": image, "prediction": pred.labels[order[0]],
                             "probabilities": {c: probs[j] for j, c in enumerate(pred.labels)}})
         else:
@@ -229,7 +262,8 @@ def predictions_json(pred: Predictions, meta: Optional[Dict[str, Any]] = None) -
                  "similarity": scores[j]} for rank, j in enumerate(order, 1)]})
     key = "classes" if pred.task == "classification" else "texts"
     return {"task": pred.task, **(meta or {}), key: pred.labels, "n_images": len(pred.images),
-            "predictions": entries, "skipped": [{"image": image, "reason": why} for image, why in pred.skipped]}
+            "n_nonfinite": len(pred.nonfinite), "predictions": entries,
+            "skipped": [{"image": image, "reason": why} for image, why in pred.skipped]}
 
 
 def write_predictions(pred: Predictions, out_dir: Union[str, Path],
@@ -243,5 +277,6 @@ def write_predictions(pred: Predictions, out_dir: Union[str, Path],
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (out / JSON_FILE).write_text(json.dumps(predictions_json(pred, meta), indent=2) + "\n", encoding="utf-8")
+    document = json.dumps(json_safe(predictions_json(pred, meta)), indent=2, allow_nan=False)  # NaN: null
+    (out / JSON_FILE).write_text(document + "\n", encoding="utf-8")
     return out / CSV_FILE, out / JSON_FILE

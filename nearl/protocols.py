@@ -11,6 +11,7 @@ a run's results become its metrics (`run_metrics`); comparison_report.py renders
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -61,6 +62,20 @@ def check(args, methods: List[str], chosen_by_user: bool) -> List[str]:
         raise UserError("--protocol base2novel evaluates on classes the model never saw; linear-probe's "
                         "classifier cannot score them: drop it from --methods")
     return [m for m in methods if m not in blind]
+
+
+def check_shots(shots: Sequence[int], records: Sequence[Any], classnames: Sequence[str]) -> None:
+    """Every K of --shots must be drawable from every class of the training records (few-shot): a class
+    with fewer images would give all it has, and the report would name a K that never ran."""
+    counts = Counter(r.label for r in records)
+    per_class = sorted((counts.get(label, 0), name) for label, name in enumerate(classnames))
+    k, fewest = max(shots), per_class[0][0]
+    short = [f"{name!r} {n}" for n, name in per_class if n < k]
+    if short:
+        raise UserError(f"--shots {','.join(map(str, shots))}: K = {k} needs {k} training images of each class, and "
+                        f"{len(short)} of the {len(classnames)} classes have fewer ({', '.join(short[:4])}"
+                        f"{', ...' if len(short) > 4 else ''}): those runs would train on fewer than K images a class. "
+                        f"The largest K every class allows is {fewest}")
 
 
 def plan(args, methods: Sequence[str], seeds: Sequence[int], out: Path) -> List[Run]:

@@ -133,3 +133,35 @@ def test_evaluation_with_no_loadable_image_names_the_files(tmp_path):
     with pytest.raises(UserError, match=r"^val\.json: none of the 4 evaluation images could be loaded "
                                         r"\(corrupt DICOM: 1.*c\.dcm \(corrupt DICOM\)"):
         EV.encode_images(Model(), ds, device="cpu", batch_size=2, progress=False, source="val.json")
+
+
+def nan_tiff(path):
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F").save(path)
+    return path
+
+
+def nan_slope_dicom(path, **window):
+    return write_dicom(path, np.arange(64).reshape(8, 8), slope=float("nan"), **window)
+
+
+def test_all_nan_pixels_are_undecodable_not_black(tmp_path, recwarn, caplog):
+    """A float TIFF of NaN, a DICOM whose RescaleSlope is NaN (with and without a VOI window): no
+    image to show, so each is skipped, warned about once and counted like any other bad image, and
+    no numpy warning leaks; a NaN among finite pixels still loads."""
+    caplog.set_level(logging.WARNING, logger="nearl.data")
+    bad = [nan_tiff(tmp_path / "nan.tif"), nan_slope_dicom(tmp_path / "nan.dcm"),
+           nan_slope_dicom(tmp_path / "nan_window.dcm", center=30, width=60)]
+    for path in bad:
+        with pytest.raises(BadImageError, match="no finite pixel value") as e:
+            load_image(path)
+        assert e.value.kind == "undecodable image"
+    records = [LabelledRecord(write_png(tmp_path / "g.png"), 0, "c0")] + [LabelledRecord(p, 1, "c1") for p in bad]
+    ds = LabelledDataset(records, to_tensor)
+    assert epochs(ds, 2, workers=0) == [[0], [0]]
+    assert ds.skip_counts() == {"undecodable image": 3}
+    assert len([r for r in caplog.records if "skipping bad image" in r.getMessage()]) == 3
+    some = np.arange(64, dtype=np.float32).reshape(8, 8)
+    some[0, 0] = np.nan
+    Image.fromarray(some, mode="F").save(tmp_path / "some.tif")
+    assert np.asarray(load_image(tmp_path / "some.tif"))[0, 0].tolist() == [0, 0, 0]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]

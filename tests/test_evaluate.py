@@ -77,3 +77,40 @@ def test_split_fallback(tmp_path):
     manifest = make_manifest(tmp_path / "data", n_train=3, n_val=2)
     records, _, split, _ = EV.load_eval_data("retrieval", str(manifest), split="test")
     assert split == "val" and len(records) == 2  # no test split: the val split, with a warning
+
+
+def test_evaluating_the_training_images_is_refused_unless_allowed(tmp_path, capsys):
+    """A flat ImageFolder (or a manifest without a split column) is all training data; evaluating the
+    checkpoint on the same source scored its training images as results. The checkpoint records them:
+    the evaluation is refused in one line, or with --allow-train-data warned about and counted."""
+    from nearl import compare as CMP
+    from nearl.errors import UserError, run_cli
+
+    flat = make_image_folder(tmp_path / "folder", per_class=(3, 0)) / "train"
+    out = tmp_path / "run"
+    run(["--task", "classification", "--model", "NEARL-Tiny", "--data", flat, "--batch-size", 4, "--max-steps", 1,
+         "--eval-every", 0, "--out", out, *FAST])
+    common = ["--checkpoint", str(out), "--data", str(flat), "--workers", "0", "--no-progress"]
+    assert run_cli(E.main, common, prog="nearl.evaluate") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"nearl.evaluate: error: 9 of the 9 images evaluated ({flat}, split all) are images "
+                              f"{out / 'last.pt'} was trained on") and "--allow-train-data" in err[-1]
+    report = E.main([*common, "--allow-train-data"])
+    printed = capsys.readouterr().out
+    assert report["train_images_evaluated"] == 9 and "WARNING: 9 of the 9 images evaluated" in printed
+    assert "(all, 9 images, 9 of them training images)" in printed
+    held_out = make_image_folder(tmp_path / "other", per_class=(0, 2))
+    assert E.main(["--checkpoint", str(out), "--data", str(held_out), "--split", "val", "--workers", "0",
+                   "--no-progress"])["train_images_evaluated"] == 0
+    manifest = make_manifest(tmp_path / "data", n_train=4, n_val=0)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("".join(l.rsplit(",", 1)[0] + "\n" for l in lines))  # no split column: all is trained on
+    assert lines[0] == "image,caption,split" and "split" not in manifest.read_text()
+    run(["--data", manifest, "--model", "NEARL-Tiny", "--max-steps", 1, "--batch-size", 4, "--out", tmp_path / "r2",
+         *FAST])
+    with pytest.raises(UserError, match=r"4 of the 4 images evaluated \(.*manifest.csv, split all\) are images"):
+        E.main(["--checkpoint", str(tmp_path / "r2"), "--data", str(manifest), "--workers", "0", "--no-progress"])
+    with pytest.raises(UserError, match=r"9 of the 9 images evaluated .* are among the images the runs train on"):
+        CMP.main(["--task", "classification", "--methods", "zeroshot", "--seeds", "0", "--data", str(flat),
+                  "--batch-size", "4", "--out", str(tmp_path / "cmp"), *FAST])
+    assert not (tmp_path / "cmp" / "runs").exists()

@@ -40,11 +40,13 @@ def copy_adapter(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained[1], tmp_path / "adapter"))
 
 
-def edit_config(folder: Path, change) -> None:
+def edit_config(folder: Path, change, seal: bool = True) -> None:
+    """Change adapter_config.json; sealed (its config_sha256 written anew), as a deliberate edit would
+    be, so the checks behind the integrity check are reached."""
     path = folder / AF.CONFIG_FILE
     record = json.loads(path.read_text())
     change(record)
-    path.write_text(json.dumps(record))
+    path.write_text(json.dumps(AF.seal_config(record) if seal else record))
 
 
 def images_and_tokens(model):
@@ -206,6 +208,30 @@ def test_config_that_does_not_fit_the_weights_is_refused(trained, tmp_path):
     edit_config(folder, lambda r: r.update(method="no-such-method"))
     with pytest.raises(UserError, match="adapter_config.json: unknown method 'no-such-method'"):
         nearl.load(folder)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r["config"].update(orth="soft"),  # same shapes, other features (2.9e-3 off)
+    lambda r: r["config"].update(heads=2),
+    lambda r: r.update(classnames=["red", "green", "blue"]),
+    lambda r: r.update(templates=["a {}."]),
+    lambda r: r["backbone"].update(pretrained="openai"),
+])
+def test_a_changed_config_is_refused(trained, tmp_path, capsys, change):
+    """adapter_config.json is covered as the weights are: any changed entry is refused, the file named;
+    a file only re-indented (the same entries) loads."""
+    folder = copy_adapter(trained, tmp_path)
+    record = json.loads((folder / AF.CONFIG_FILE).read_text())
+    assert record["format_version"] == 2 and len(record["weights"]["config_sha256"]) == 64
+    (folder / AF.CONFIG_FILE).write_text(json.dumps(record, indent=4, sort_keys=True))
+    nearl.load(folder)
+    edit_config(folder, change, seal=False)
+    with pytest.raises(UserError, match=r"adapter/adapter_config.json has changed since the export \(config_sha256 "
+                                        r"differs\)"):
+        nearl.load(folder)
+    assert run_cli(E.main, ["--adapter", str(folder), "--data", str(trained[2]), "--workers", "0", "--no-progress"],
+                   prog="nearl.evaluate") == 2
+    assert "adapter_config.json has changed since the export" in capsys.readouterr().err
 
 
 def test_missing_or_damaged_files_are_named(trained, tmp_path):

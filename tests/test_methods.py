@@ -323,7 +323,7 @@ def test_a_checkpoint_from_before_methods_were_recorded_restores_nearl(tmp_path)
                              config=model.config.to_dict(), task="retrieval", classnames=None, templates=None,
                              model=model.trainable_state_dict(), optimizer=None, scheduler=None, scaler=None,
                              step=1, epoch=0, batch_in_epoch=1, rng=C.rng_state(), data={}, best=None, args={},
-                             metrics={})
+                             metrics={}, train_images=None)
     del state["method"]
     C.save_checkpoint(state, tmp_path)
     restored = MT.build_from_checkpoint(tmp_path)

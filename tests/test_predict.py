@@ -174,11 +174,18 @@ def test_bad_input_is_one_line_and_exit_2(adapter, tmp_path, capsys):
     assert "--texts-file " in cli_error([*zero, "--images", scans, "--texts-file", tmp_path / "none.txt"], capsys)
     assert "--texts: no texts to rank" in cli_error([*zero, "--images", scans, "--texts", " "], capsys)
     assert "none of the 1 prediction images could be loaded" in cli_error(
-        [*zero, "--images", scans / "broken.png", "--classes", "a"], capsys)
+        [*zero, "--images", scans / "broken.png", "--classes", "a,b"], capsys)
     assert "adapter folder " in cli_error(["--adapter", tmp_path / "nowhere", "--images", scans, *FAST], capsys)
     with pytest.raises(SystemExit) as stop:
         P.main(["--adapter", str(adapter), "--checkpoint", "run", "--images", str(scans)])
     assert stop.value.code == 2
+
+
+def test_one_class_is_refused_not_scored_1(adapter, tmp_path, capsys):
+    """`--classes tumor` printed probability 1.0000 for every image: a softmax over one class."""
+    scans = make_images(tmp_path)
+    for argv in (["--model", "NEARL-Tiny", "--classes", "tumor"], ["--adapter", adapter, "--classes", "tumor,"]):
+        assert "--classes tumor: one class" in cli_error([*argv, "--images", scans / "red.png", *FAST], capsys)
 
 
 def test_the_command_line_itself(tmp_path):

@@ -32,7 +32,7 @@ def test_base_and_novel_are_the_two_halves_of_the_class_list(demo_dir):
     assert len(base) + len(novel) == len(splits["test"])
     assert {r.label for r in novel} <= {0, 1, 2}  # renumbered within the subset
     assert [names.index(novel_names[r.label]) for r in novel] == [r.label for r in splits["test"] if r.label >= 3]
-    with pytest.raises(ValueError, match="leave no novel classes"):
+    with pytest.raises(ValueError, match=r"the 1 classes \['ct'\] leave the novel half 0 classes \(\[\]\)"):
         select_classes(splits["test"], names[:1], "novel")
     assert harmonic_mean(80.0, 40.0) == pytest.approx(2 * 80 * 40 / 120) and harmonic_mean(0.0, 0.0) == 0.0
 
@@ -111,3 +111,36 @@ def test_protocol_mistakes_are_refused_before_any_run(tmp_path, argv, message):
     with pytest.raises(UserError, match=message):
         CMP.main([*argv, "--out", str(tmp_path / "x"), *CMP_FAST])
     assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_base_to_novel_needs_two_classes_a_half(tmp_path, capsys):
+    """Two classes gave base 100, novel 100, HM 100 on a random backbone: each half, scored among its
+    own classes alone, had one class. A half with fewer than two classes is refused, naming them."""
+    from test_train import make_image_folder
+
+    root = make_image_folder(tmp_path / "folder", per_class=(2, 1), classes=("red", "green", "blue"))
+    three = r"the 3 classes \['blue', 'green', 'red'\] leave the novel half 1 class \(\['red'\]\)"
+    for half in ("base", "novel"):
+        with pytest.raises(UserError, match=rf"--classes {half}: {three}.*at least two classes a half"):
+            E.main(["--model", "NEARL-Tiny", "--task", "classification", "--data", str(root), "--split", "val",
+                    "--classes", half, *FAST])
+    with pytest.raises(UserError, match=rf"--classes novel: {three}"):
+        run(["--task", "classification", "--classes", "novel", "--data", root, "--max-steps", 1,
+             "--out", tmp_path / "run", *FAST])
+    two = make_image_folder(tmp_path / "two", per_class=(2, 1), classes=("red", "green"))
+    with pytest.raises(UserError, match=r"--classes base: the 2 classes \['green', 'red'\] leave the base half 1 "
+                                        r"class \(\['green'\]\)"):
+        CMP.main(["--protocol", "base2novel", "--methods", "zeroshot", "--seeds", "0", "--data", str(two),
+                  "--split", "val", "--out", str(tmp_path / "b2n"), *CMP_FAST])
+    assert not (tmp_path / "b2n" / "runs").exists()
+
+
+def test_few_shot_refuses_a_k_that_would_not_run(tmp_path, demo_dir):
+    """--shots 1,100 on classes of 5 and 6 images printed a 'K = 100' column for runs that trained on
+    5 or 6 images a class. A K some class cannot give is refused before any run, naming the classes."""
+    with pytest.raises(UserError, match=r"--shots 1,100: K = 100 needs 100 training images of each class, and 6 of "
+                                        r"the 6 classes have fewer \('fundus green channel' 5, 'ct' 6, .*The largest "
+                                        r"K every class allows is 5"):
+        CMP.main(["--protocol", "few-shot", "--shots", "1,100", "--methods", "zeroshot", "--seeds", "0",
+                  "--out", str(tmp_path / "fs"), *CMP_FAST])
+    assert not (tmp_path / "fs" / "runs").exists()

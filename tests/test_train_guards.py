@@ -218,3 +218,31 @@ def test_skipped_images_are_counted_once_in_metrics(tmp_path):
     skipped = [r for r in records if r.get("kind") == "skipped_images"]
     assert len(skipped) == 1 and skipped[0]["skipped"] == 1, skipped  # once, not once per epoch
     assert skipped[0]["reasons"] == {"not an image": 1}
+
+
+# ----------------------------------------------------------------------------- issue 24: degenerate tasks
+def test_one_class_is_refused_not_scored_100(tmp_path, capsys):
+    """A one-class split trained to 'accuracy 100 ... new best 100': any model gets every image right
+    when there is one class. Training and evaluation refuse it in one line, naming the class found;
+    so does a split file whose training images are all of one class."""
+    from nearl import evaluate as E
+    from nearl import train as TR
+    from nearl.errors import run_cli
+
+    root = make_image_folder(tmp_path / "folder", per_class=(3, 2), classes=("red",))
+    argv = ["--task", "classification", "--data", root, "--max-steps", 1, "--out", tmp_path / "run", *TINY]
+    assert run_cli(TR.main, [str(a) for a in argv], prog="nearl.train") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nearl.train: error: ") and "needs at least two classes" in err[-1]
+    assert "['red']" in err[-1] and not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(UserError, match=r"at least two classes.*\['red'\]"):
+        E.main(["--model", "NEARL-Tiny", "--task", "classification", "--data", str(root), "--split", "val",
+                "--workers", "0", "--no-progress"])
+    split = tmp_path / "split.json"
+    two = make_image_folder(tmp_path / "two", per_class=(2, 1), classes=("red", "green"))
+    items = {s: [[f"{s}/{c}/{i}.png", int(c == "red"), c] for c in ("green", "red") for i in range(n)
+                 if s == "val" or c == "green"] for s, n in (("train", 2), ("val", 1))}
+    split.write_text(json.dumps(items))
+    with pytest.raises(UserError, match=r"training images of 1 class \(\['green'\]\).*at least two"):
+        run(["--task", "classification", "--data", split, "--root", two, "--max-steps", 1,
+             "--out", tmp_path / "run2", *TINY])

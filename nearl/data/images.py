@@ -5,6 +5,7 @@ tags. CLIP's preprocessing expects 8-bit RGB, so everything is mapped there here
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -23,6 +24,11 @@ HIGH_PERCENTILE = 99.5
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I", "F"}
 _DICOM_MAGIC_OFFSET = 128
+
+
+class NoFinitePixels(ValueError):
+    """Every pixel is NaN or inf (a float image of NaN, a DICOM whose rescale slope is NaN): there is
+    no image to show, so it is undecodable, not black."""
 
 
 class BadImageError(ValueError):
@@ -47,12 +53,19 @@ def failure_kind(err: Exception, dicom: bool) -> str:
     return UNDECODABLE_IMAGE
 
 
-def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Robust min-max scaling of any numeric array to uint8 (constant images become all zeros)."""
-    a = np.asarray(arr, dtype=np.float64)
+def finite_pixels(a: np.ndarray) -> np.ndarray:
+    """The finite values of `a`; NoFinitePixels when there is none."""
     finite = a[np.isfinite(a)]
     if finite.size == 0:
-        return np.zeros(a.shape, dtype=np.uint8)
+        raise NoFinitePixels(f"no finite pixel value: all {a.size} are NaN or inf")
+    return finite
+
+
+def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Robust min-max scaling of any numeric array to uint8 (constant images become all zeros; NaN
+    pixels take the lowest value). An array with no finite value raises NoFinitePixels."""
+    a = np.asarray(arr, dtype=np.float64)
+    finite = finite_pixels(a)
     lo, hi = np.percentile(finite, [LOW_PERCENTILE, HIGH_PERCENTILE])
     if hi <= lo:  # percentiles collapse on near-constant images: fall back to the full range
         lo, hi = float(finite.min()), float(finite.max())
@@ -63,9 +76,12 @@ def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def window_to_uint8(arr: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Linear DICOM VOI window: [center - width/2, center + width/2] -> [0, 255]."""
+    """Linear DICOM VOI window: [center - width/2, center + width/2] -> [0, 255] (NaN pixels: 0). An
+    array with no finite value raises NoFinitePixels."""
     lo, hi = center - width / 2.0, center + width / 2.0
     a = np.asarray(arr, dtype=np.float64)
+    finite_pixels(a)
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
     return np.round(np.clip((a - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -129,7 +145,8 @@ def _load_dicom(path: Path) -> Image.Image:
     if slope is not None or intercept is not None:
         values = values * float(slope if slope is not None else 1.0) + float(intercept or 0.0)
     center, width = ds.get("WindowCenter", None), ds.get("WindowWidth", None)
-    if center is not None and width is not None and _first(width) > 0:
+    usable = center is not None and width is not None and math.isfinite(_first(center) + _first(width))
+    if usable and _first(width) > 0:
         out = window_to_uint8(values, _first(center), _first(width))
     else:
         out = scale_to_uint8(values)
@@ -161,7 +178,8 @@ def load_image(path: PathLike) -> Image.Image:
 
     Raises BadImageError (a ValueError) for a missing or empty file, or one that cannot be decoded.
     8-bit modes (L, LA, 1, P, RGBA) convert directly; 16/32-bit integer and float images are
-    robust min-max scaled (0.5/99.5 percentiles). DICOM: rescale slope/intercept, first VOI window
+    robust min-max scaled (0.5/99.5 percentiles); one with no finite pixel (all NaN or inf) is
+    undecodable. DICOM: rescale slope/intercept, first VOI window
     when present (else min-max), MONOCHROME1 inverted, first frame of a multi-frame file.
     """
     p = Path(path)
@@ -174,5 +192,7 @@ def load_image(path: PathLike) -> Image.Image:
         return _load_dicom(p) if dicom else _load_pil(p)
     except BadImageError:
         raise
+    except NoFinitePixels as e:
+        raise BadImageError(p, f"cannot decode image: {e}", UNDECODABLE_IMAGE) from e
     except Exception as e:  # PIL and pydicom raise many types (OSError, SyntaxError, ValueError...)
         raise BadImageError(p, f"cannot decode image: {type(e).__name__}: {e}", failure_kind(e, dicom)) from e

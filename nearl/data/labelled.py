@@ -173,17 +173,32 @@ def subset_by_labels(records: Iterable[LabelledRecord], labels: Iterable[int],
 CLASS_SUBSETS = ("all", "base", "novel")
 
 
+ONE_CLASS = "with one class every image is scored right whatever the model (accuracy 100%)"
+
+
+def require_classes(classnames: Sequence[str], where: str) -> None:
+    """A classification task needs two classes at least; a UserError naming `where` and those found."""
+    if len(classnames) < 2:
+        raise UserError(f"{where}: classification needs at least two classes, found {len(classnames)}: "
+                        f"{list(classnames)}; {ONE_CLASS}")
+
+
 def select_classes(records: Iterable[LabelledRecord], classnames: Sequence[str], which: str
                    ) -> Tuple[List[LabelledRecord], List[str]]:
     """The records and class names of `which` ("all", or base / novel of `base_novel_split`), labels
-    renumbered 0..K-1 in the subset's class order. Too few classes for a half: a UserError."""
+    renumbered 0..K-1 in the subset's class order. A base or novel half is scored among its own
+    classes alone, so each half needs two classes (four in all): fewer is a UserError."""
     if which not in CLASS_SUBSETS:
         raise ValueError(f"classes must be one of {CLASS_SUBSETS}, got {which!r}")
     if which == "all":
         return list(records), list(classnames)
-    base, novel = base_novel_split(classnames)
-    labels = base if which == "base" else novel
-    if not labels:
-        raise UserError(f"--classes {which}: {len(classnames)} class(es) {list(classnames)} leave no {which} "
-                        "classes: the base-to-novel protocol needs at least two")
+    halves = dict(zip(("base", "novel"), base_novel_split(classnames)))
+    short = next((h for h in (which, *halves) if len(halves[h]) < 2), None)
+    if short:
+        names = [classnames[i] for i in halves[short]]
+        raise UserError(f"--classes {which}: the {len(classnames)} classes {list(classnames)} leave the {short} half "
+                        f"{len(names)} class{'' if len(names) == 1 else 'es'} ({names}): scored among its own classes "
+                        f"alone, every image is right whatever the model; the base-to-novel protocol needs at least "
+                        "two classes a half")
+    labels = halves[which]
     return subset_by_labels(records, labels), [classnames[i] for i in labels]

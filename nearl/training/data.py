@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .. import distributed as D
 from ..data import demo
 from ..data.datasets import ImageTextDataset, LabelledDataset
-from ..data.labelled import k_shot, read_labelled_splits, select_classes
+from ..data.labelled import k_shot, read_labelled_splits, require_classes, select_classes
 from ..data.manifests import read_image_text
 from ..errors import UserError
 from ..evaluation import VAL_SPLITS
@@ -100,12 +100,17 @@ def load_train_data(args) -> TrainData:
     else:
         val = splits.get("val", [])
     which = getattr(args, "classes", "all")
+    require_classes(classnames, str(path))
     (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
     classnames = names
     if not train:
         raise UserError(f"{path}: no training records" + ("" if which == "all" else f" of the {which} classes"))
     if args.k_shot:
         train = k_shot(train, args.k_shot, args.seed)
+    present = [classnames[label] for label in sorted({r.label for r in train})]
+    if len(present) < 2:
+        raise UserError(f"{path}: training images of {len(present)} class ({present}) only, of the classes "
+                        f"{classnames}: classification needs images of at least two classes to learn to tell apart")
     return TrainData("classification", train, val, classnames, str(path))
 
 

@@ -17,6 +17,7 @@ from .. import distributed as D
 from ..checkpoint import BEST, LAST, rng_state, save_checkpoint, training_state
 from ..classify import TEMPLATES
 from ..data.datasets import LabelledDataset
+from ..data.overlap import training_images
 from ..evaluation import encode_images, evaluate_classification, headline
 from ..logging_utils import MetricsLog
 from ..methods import method_of
@@ -110,7 +111,7 @@ def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
         model={k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
         optimizer=None, scheduler=None, scaler=None, step=steps, epoch=1,
         batch_in_epoch=0, best=best, rng=rng_state(), data={"n": n},
-        args=saved_args(args), metrics=results or {})
+        args=saved_args(args), metrics=results or {}, train_images=training_images(data.train))
     save_checkpoint(state, out, LAST)
     if results is not None:
         save_checkpoint(state, out, BEST)

@@ -21,6 +21,7 @@ from ..checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint
 from ..classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
 from ..data.datasets import collate_skip_bad
 from ..data.loadable import report_skips, require_loadable
+from ..data.overlap import training_images
 from ..errors import UserError
 from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
 from ..logging_utils import format_metrics
@@ -115,6 +116,7 @@ class GradientRun:
         self.last_good = None  # the step out/last.pt holds, for the message that stops a diverged run
         self.saved_at: Dict[str, Any] = {"step": None, "best": None}
         self.last_eval_step = -1
+        self.train_images = training_images(data.train)  # what evaluation must not score unawares
 
     # ----------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
@@ -197,6 +199,7 @@ class GradientRun:
         if canonical(ckpt.get("method") or "nearl") != self.method:
             raise UserError(f"checkpoint method {ckpt.get('method')} != --method {self.method}")
         load_adapters(self.model, ckpt, self.device)
+        self.train_images = training_images(self.data.train, ckpt.get("train_images"))  # trained on both
         changed = changed_settings(ckpt.get("args", {}), args)
         if changed:
             say(info, "resume: settings given again take effect: " + ", ".join(changed))
@@ -250,7 +253,7 @@ class GradientRun:
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             step=self.step, epoch=tag_epoch, batch_in_epoch=tag_pos, best=self.best,
             rng=rng_state(), data={**self.sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
-            args=saved_args(args), metrics=metrics or {})
+            args=saved_args(args), metrics=metrics or {}, train_images=self.train_images)
 
     def kept(self) -> str:
         """Where the last good checkpoint is, for the message that stops a diverged run."""
