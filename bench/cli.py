@@ -18,6 +18,10 @@ TRITON_INTERPRET=1 interpreter) for correctness; the table then carries CPU time
 traffic (bytes each kernel and torch op moves, in passes over x; CPU, no GPU needed):
   python -m bench.run --kernel layer --traffic --shape text-b16 --out traffic.json
 
+SASS (registers, occupancy, loops, async copies, MMAs of every launch compiled for sm_90, and a
+latency/roofline MODEL on top; CPU, no GPU needed):
+  python -m bench.run --kernel layer --sass --shape text-b16 --out sass.json
+
 profiling (see bench/README.md):
   nsys profile -t cuda,nvtx -o oca python -m bench.run --kernel oca --nvtx
   ncu --nvtx --nvtx-include "oca/triton/fwd/" --set full -c 1 -o oca \\
@@ -67,7 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oca / layer: count the bytes each kernel and the op's torch operations move, in passes "
                         "over x, on the CPU interpreter with a GPU's tiling (NEARL_TILING, default h100) at the "
                         "real N and d, --B 2 splitting its work as B 256 does (modes fwd,bwd by default)")
+    g = p.add_argument_group("SASS (--sass)")
+    g.add_argument("--sass", action="store_true",
+                   help="oca / layer: compile every launch the op makes at the GPU tiling (NEARL_TILING, default h100; "
+                        "NEARL_SM_COUNT) for its GPU without one, and report per kernel registers, spills, shared "
+                        "memory, occupancy, waves at --B (default: the shape's 256), loops, async copies, MMAs and a "
+                        "loop-weighted instruction mix, then a latency/roofline MODEL (not a measurement) of the "
+                        "triton provider (and split, for layer) from those facts and the --traffic byte counts "
+                        "(modes fwd,bwd by default)")
+    g.add_argument("--target", default=None, metavar="CC",
+                   help="--sass: also compile for these targets, a comma list of 90, 80 (the tiling's own, 90 for "
+                        "h100, always; the launches are those NEARL_TILING picks)")
+    g.add_argument("--sass-dump", default=None, metavar="DIR", help="--sass: write each compiled SASS listing here")
     return p
+
+
+SASS_PROVIDERS = ("triton", "split")
+
+
+def _finish_sass_args(args: argparse.Namespace) -> None:
+    """--sass's own defaults and checks (ValueError: a one-line parser error)."""
+    if not args.sass:
+        if args.target is not None or args.sass_dump is not None:
+            raise ValueError("--target and --sass-dump go with --sass")
+        return
+    if args.kernel == "model":
+        raise ValueError("--sass reads the launches of --kernel oca or layer, not model")
+    if args.traffic:
+        raise ValueError("--sass and --traffic are separate reports (--sass counts the traffic it needs itself)")
+    if args.providers is None:
+        args.providers = "triton,split" if args.kernel == "layer" else "triton"
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    if not names or any(n not in SASS_PROVIDERS for n in names):
+        raise ValueError(f"--sass models the providers {', '.join(SASS_PROVIDERS)}, got {args.providers!r}")
+    if "split" in names and args.kernel != "layer":
+        raise ValueError("--providers split is the layer's unfused peer: --kernel layer only")
+    targets = [t.strip() for t in (args.target or "").split(",") if t.strip()]
+    if any(t not in ("90", "80") for t in targets):
+        raise ValueError(f"--target takes a comma list of 90, 80, got {args.target!r}")
+    args.sass_targets = [int(t) for t in targets]
 
 
 def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
@@ -81,10 +123,11 @@ def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Name
         args.shape = "vit-b16"
     if args.traffic and model:
         raise ValueError("--traffic counts --kernel oca or layer, not model")
+    _finish_sass_args(args)
     if args.grad_checkpointing and not model:
         raise ValueError("--grad-checkpointing compares --kernel model's training step")
     if args.mode is None:
-        args.mode = "fwd,bwd" if args.traffic else "all"
+        args.mode = "fwd,bwd" if (args.traffic or args.sass) else "all"
     args.traffic_modes = parse_modes(args.mode)  # validate early
     if args.providers is None:
         args.providers = "triton" if args.traffic else ",".join(PROVIDERS)
@@ -115,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device = torch.device("cpu") if args.traffic else pick_device(args.device)
+        device = torch.device("cpu") if (args.traffic or args.sass) else pick_device(args.device)
         finish_args(args, device)
     except ValueError as err:
         parser.error(str(err))
@@ -143,6 +186,10 @@ def _run(parser, args, device, ranges) -> int:
         if args.traffic:
             from .traffic import run_traffic
             payload, text = run_traffic(args.kernel, args)
+            rows = payload["rows"]
+        elif args.sass:
+            from .sass_run import run_sass
+            payload, text = run_sass(args.kernel, args)
             rows = payload["rows"]
         elif args.kernel == "model":
             from .model_bench import run_model

@@ -5,6 +5,7 @@
     python -m bench.run --kernel layer --shape text-b16 --out layer.json
     python -m bench.run --kernel model --batch 128 --profile model_trace.json
     python -m bench.run --kernel layer --traffic             # bytes moved, in passes over x (bench/traffic.py)
+    python -m bench.run --kernel layer --sass                # SASS facts and a MODEL of GPU time (bench/sass_run.py)
 
 Each row: median (p20, p80) time, effective GB/s over the minimum bytes and its % of the copy
 bandwidth measured in the same run, speed-up over `reference`, relative error against a float64
@@ -37,14 +38,15 @@ def _device_choice(argv) -> str:
 
 
 def _prepare_environment(argv) -> None:
-    """TRITON_INTERPRET=1 when the run will be on the CPU (--traffic always is: it counts on the interpreter).
+    """TRITON_INTERPRET=1 when the run will be on the CPU (--traffic always is: it counts on the interpreter;
+    so is --sass, whose traffic half counts here and whose compile half runs in a subprocess without it).
 
     Must happen before triton decorates any kernel; nearl.ops imports kernels/ lazily, on the first
     impl="triton" call, so setting it here, before the benchmark starts, is early enough.
     """
     import torch
 
-    if "--traffic" in argv or _device_choice(argv) == "cpu" or not torch.cuda.is_available():
+    if "--traffic" in argv or "--sass" in argv or _device_choice(argv) == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -4,7 +4,8 @@ tests/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are i
 The launchers in kernels/oca.py and kernels/layer.py run for real on small CPU tensors with
 `nearl_kernels.runtime.LAUNCH_HOOK`
 set, so each launch they would make is captured instead of run: kernel, constexprs, num_warps,
-num_stages and the arguments. Each argument is specialised exactly as the Triton JIT would
+num_stages and the arguments (the capture and the compile of one launch live in
+bench/compiled_launches.py, shared with `python -m bench.run --sass`). Each argument is specialised exactly as the Triton JIT would
 (`native_specialize_impl`: pointer dtypes, 16-divisibility, integers equal to 1 as constexprs),
 distinct launches are compiled once per target with `triton.compile(ASTSource(...))`, and the
 shared memory (`metadata.shared`) plus the ptxas register / spill report is printed as one JSON line
@@ -26,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
-import io
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -51,42 +49,16 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-try:  # the JIT's own argument specialisation (triton >= 3.4)
-    from triton._C.libtriton import native_specialize_impl  # noqa: E402
-
-    def specialize(val):
-        return native_specialize_impl(BaseBackend, val, False, True, True)
-except ImportError:  # older triton: the same rules, written out
-    _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
-
-    def specialize(val):
-        if isinstance(val, torch.Tensor):
-            return _PTR[val.dtype], ("D" if val.data_ptr() % 16 == 0 else "")
-        if isinstance(val, bool):
-            return "i1", ""
-        if isinstance(val, int):
-            if val == 1:
-                return "constexpr", 1
-            return ("i32" if -2 ** 31 <= val < 2 ** 31 else "i64"), ("D" if val % 16 == 0 else "")
-        raise TypeError(f"cannot specialise {type(val).__name__}")
-
-import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels onto kernels/)
+import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels and nearl_bench onto the folders)
+from nearl_bench import compiled_launches as CL  # noqa: E402  (capture and compile, shared with bench.run --sass)
 from nearl_kernels import layer as L  # noqa: E402
-from nearl_kernels import layer_bwd_kernels as LKB  # noqa: E402
-from nearl_kernels import layer_kernels as LK  # noqa: E402
 from nearl_kernels import oca as K  # noqa: E402
 from nearl_kernels import runtime  # noqa: E402
 
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
-REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
-KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
-                                   LK.layer_fwd_kernel, LK.layer_attn_kernel, LKB.layer_bwd_dout_kernel,
-                                   LKB.layer_bwd_rows_kernel,
-                                   LKB.layer_bwd_cols_kernel)}
+SHARED_LIMIT = CL.SHARED_LIMIT  # opt-in dynamic shared memory per block
+REGISTER_FILE = CL.REGISTER_FILE  # 32-bit registers per SM (and per block) on sm_80 and sm_90
+KERNELS = CL.KERNELS
 
 LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's launches
     (768, 16, 128, 4, torch.bfloat16, "hard", False),  # ViT-B/16 vision: the default
@@ -136,34 +108,7 @@ FULL_GPU_BATCH = 132  # one sample per SM: no launcher splits a sample
 def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
     """Run the launchers with LAUNCH_HOOK set, as on a GPU of compute capability `cc` (the
     configuration depends on it); return the distinct launches as compile specs."""
-    specs = {}
-
-    def hook(kernel, grid, args, kwargs):
-        names = kernel.arg_names
-        sig, consts, attrs = {}, {}, {}
-        opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg")}
-        bound = dict(zip(names, args))
-        bound.update({k: v for k, v in kwargs.items() if k not in opts})
-        for i, (name, param) in enumerate(zip(names, kernel.params)):
-            val = bound[name]
-            if param.is_constexpr:
-                sig[name] = "constexpr"
-                consts[name] = val
-                continue
-            ty, attr = specialize(val)
-            sig[name] = ty
-            if ty == "constexpr":
-                consts[name] = attr if attr is not None else val
-            elif attr:
-                attrs[i] = attr
-        key = json.dumps([kernel.__name__, sig, {k: str(v) for k, v in consts.items()}, attrs, opts],
-                         sort_keys=True)
-        specs[key] = (kernel.__name__, sig, consts, attrs, opts)
-
-    runtime.LAUNCH_HOOK = hook
-    device_info = runtime.device_info
-    runtime.device_info = lambda device: (132, cc)
-    try:
+    with CL.capturing(device_info=(132, cc)) as launches:
         # B and a batch that fills the GPU: the launchers split a sample's work only while the
         # batch is small, and the one-split configurations differ (the attention kernel's FINAL)
         for batch in (B, FULL_GPU_BATCH):
@@ -190,45 +135,31 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                 _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
                 L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
                             torch.empty(batch, N) if orth == "soft" else None, u_all)
-    finally:
-        runtime.LAUNCH_HOOK = None
-        runtime.device_info = device_info
+    specs = {}  # distinct launches, in the order first seen
+    for launch in launches:
+        specs.setdefault(launch.key, launch.spec)
     return list(specs.values())
 
 
 def compile_one(job):
-    (name, sig, consts, attrs, opts), cc, cap = job  # cap: None = as launched, else a lower ceiling
-    kernel = KERNELS[name]
-    target = GPUTarget("cuda", cc, 32)
-    backend = triton.compiler.make_backend(target)
+    spec, cc, cap = job  # cap: None = as launched, else a lower ceiling
+    name, sig, consts, attrs, opts = spec
     opts = dict(opts, maxnreg=cap or opts["maxnreg"])
-    options = backend.parse_options(opts)
-    parse = getattr(backend, "parse_attr", lambda v: [["tt.divisibility", 16]] if "D" in v else [])
-    attrs = {(i,): parse(v) for i, v in attrs.items()}
     row = {"cc": cc, "kernel": name, **{k: (v if isinstance(v, (int, str)) else str(v))
                                          for k, v in consts.items() if k.isupper()}, **opts}
-    log = io.StringIO()
-    t0 = time.time()
     try:
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                      target=target, options=options.__dict__)
+        compiled, text, seconds = CL.compile_spec(spec, cc, cap)
     except Exception as err:  # a compile failure is a result to report, not a crash
         row.update(ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
         return row
-    text = log.getvalue()
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    n_regs = int(regs.group(1)) if regs else None
-    stores = int(spill.group(1)) if spill else None
-    loads = int(spill.group(2)) if spill else None
-    if regs is None and torch.cuda.is_available() and cc == 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]:
+    n_regs, stores, loads = CL.ptxas_usage(text)
+    if n_regs is None and torch.cuda.is_available() and cc == 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]:
         try:  # no ptxas log (older triton): load the module, the driver reports both
             compiled._init_handles()
             n_regs, stores = compiled.n_regs, compiled.n_spills
         except Exception:
             pass
-    row.update(ok=True, seconds=round(time.time() - t0, 1), shared=compiled.metadata.shared,
+    row.update(ok=True, seconds=round(seconds, 1), shared=compiled.metadata.shared,
                n_regs=n_regs, spill_stores=stores, spill_loads=loads,
                sig={k: v for k, v in sig.items() if v != "constexpr" and not v.startswith("*")})
     row["shared_ok"] = compiled.metadata.shared <= SHARED_LIMIT[cc]
@@ -247,6 +178,13 @@ def compile_one(job):
 REG_BUDGET = 224
 
 
+def headroom_cap(spec, budget: int = REG_BUDGET) -> int:
+    """The headroom compile's ceiling: `budget` of the hardware's 255 registers, and the same share
+    of a lower ceiling that a launch names for occupancy (128 for 16 warps per SM -> 112)."""
+    launched = spec[4]["maxnreg"]
+    return min(budget, launched * budget // runtime.MAX_REGISTERS)
+
+
 def spilled(row) -> bool:
     return bool(row.get("spill_stores"))
 
@@ -263,7 +201,7 @@ def main(argv=None) -> int:
     cases = COVER + list(full_cases()) if args.full else COVER
     layer_cases = LAYER_COVER + list(full_layer_cases()) if args.full else LAYER_COVER
     jobs = [(spec, int(cc), cap) for cc in args.targets.split(",")
-            for spec in capture(cases, int(cc), layer_cases=layer_cases) for cap in (None, args.budget)]
+            for spec in capture(cases, int(cc), layer_cases=layer_cases) for cap in (None, headroom_cap(spec, args.budget))]
     print(json.dumps({"cases": len(cases) + len(layer_cases), "compiles": len(jobs),
                       "budget": args.budget}), flush=True)
     bad = 0
