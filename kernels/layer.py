@@ -65,6 +65,9 @@ class LayerConfig:
     num_warps: int
     num_stages: int
     precision: str
+    attn_warps: int = 8   # `layer_attn_kernel`
+    attn_max_registers: int = runtime.MAX_REGISTERS
+    attn_stages: int = 1
 
 
 def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.dtype,
@@ -125,13 +128,22 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
             block_n, block_c = (128 if orth != "soft" and M % 16 == 0 else 64), 16
         else:  # sm_80 (64 x 32 fits at exactly 224 registers: no headroom)
             block_n, block_c = 64, 16
+        block_n = policy.tokens_to_fill(block_n, B, N, n_sm)
         attn_bn = 32
         n_tiles = triton.cdiv(N, attn_bn)
         splits = max(1, min(n_tiles, triton.cdiv(n_sm, B)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
+    # The attention kernel on sm_90 with TF32 products: one 16-warp CTA at <= 128 registers a thread,
+    # pipelined (115 at ViT-B/16; 106 capped at 112, no spill): 16 warps per SM where 8 warps at
+    # 174 registers held 8. Elsewhere 8 warps and one stage: pipelined, it spilled 4-36 bytes
+    # (IEEE products on sm_90, sm_80; triton 3.6). The products kernel's four accumulators
+    # (BLOCK_N x (2 M + H*M + D)) keep it at 8 warps: at 16 it spilled 44 bytes capped at 112.
+    wide = gpu_tiles and cc >= 90 and precision == "tf32"
     return LayerConfig(block_n, block_c, attn_bn, block_m, block_hm, block_d, splits, tiles_per_split,
-                       num_warps=8, num_stages=1, precision=precision)
+                       num_warps=8, num_stages=policy.PIPELINE_STAGES if gpu_tiles else 1, precision=precision,
+                       attn_warps=16 if wide else 8, attn_max_registers=128 if wide else runtime.MAX_REGISTERS,
+                       attn_stages=policy.PIPELINE_STAGES if wide else 1)
 
 
 def check_kernel_limits(x: torch.Tensor, q: torch.Tensor) -> None:
@@ -146,7 +158,8 @@ def check_kernel_limits(x: torch.Tensor, q: torch.Tensor) -> None:
 def _mask_arg(mask, x):
     if mask is None:
         return x, False  # any pointer; HAS_MASK=False never reads it
-    return mask.to(torch.int8).contiguous(), True
+    # the bool mask's own bytes read as int8 (a view: no conversion op on the hot path)
+    return mask.contiguous().view(torch.int8), True
 
 
 def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
@@ -184,8 +197,8 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
         prods, stats, p_s, gate, ck, cv, ksum, vsum, mask_arg, m_part, l_part, acc_part,
         N, d, M, HM, D, cfg.tiles_per_split, cfg.splits,
         HAS_MASK=has_mask, FINAL=cfg.splits == 1, BLOCK_N=cfg.attn_block_n, BLOCK_M=cfg.block_m,
-        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_HM=cfg.block_hm, BLOCK_D=cfg.block_d, PREC=cfg.precision, num_warps=cfg.attn_warps,
+        num_stages=cfg.attn_stages, maxnreg=cfg.attn_max_registers,
     )
     cos2 = cos2 if orth == "soft" else None
     if cfg.splits == 1:  # nothing to combine: the kernel wrote U_all and the log-sum-exp (FINAL)
@@ -211,6 +224,8 @@ class LayerBwdConfig:
     block_hm: int
     num_warps: int
     precision: str
+    num_stages: int = 1       # dout and rows kernels
+    cols_num_stages: int = 1  # columns kernel
 
 
 def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype,
@@ -255,6 +270,7 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
     else:
         ieee = precision == "ieee"
         dout_bn, dout_bc = (64, 16) if ieee else (128, 32)
+        dout_bn = policy.tokens_to_fill(dout_bn, B, N, n_sm)
         rows_bn = 16
         cols_bn = 16
         if ieee:  # sm_90 only (fused_supported)
@@ -266,7 +282,11 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
         cols_bd = min(cols_bd, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
         splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
-    return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision)
+    # Pipelined loops (policy.PIPELINE_STAGES), but the columns kernel's: at 224 registers its
+    # 128-column tiles spilled 148 bytes with 2 stages and 204 with 3 (sm_90, triton 3.8).
+    stages = policy.PIPELINE_STAGES if gpu_tiles else 1
+    return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision,
+                          num_stages=stages, cols_num_stages=1)
 
 
 def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
@@ -316,7 +336,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     runtime.launch(KB.layer_bwd_dout_kernel, (triton.cdiv(N, cfg.dout_block_n), B),
         x, *x.stride(), dout, *dout.stride(), cc, *cc.stride(), dterms, N, d, M,
         ORTH=orth_code, BLOCK_N=cfg.dout_block_n, BLOCK_C=cfg.dout_block_c, BLOCK_M=cfg.block_m,
-        PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=1)
+        PREC=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     runtime.launch(KB.layer_bwd_rows_kernel, (n_rows_tiles, B),
         dterms, prods, stats, xdo,
         cbar.contiguous(), gate, lse.contiguous(), qdelta, dcos2, *dcos2.stride(), mask_arg,
@@ -325,7 +345,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
         N, d, M, HM, D, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
         ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n,
         BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
-        num_warps=cfg.num_warps, num_stages=1)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     S = cfg.splits
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
     da_part = runtime.empty((B, S, M, d), **f32)  # all (.., M or HM, d): see the kernel's stores
@@ -341,7 +361,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
         N, d, M, HM, triton.cdiv(N, cfg.cols_block_n),
         ORTH=orth_code, BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d, BLOCK_M=cfg.block_m,
         BLOCK_HM=cfg.block_hm, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
-        num_warps=cfg.num_warps, num_stages=1)
+        num_warps=cfg.num_warps, num_stages=cfg.cols_num_stages)
     first_or_sum = (lambda t: t[:, 0]) if S == 1 else (lambda t: t.sum(1))
     da_t, dc, dkabs_t, obar_t = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
     dw_v = obar_t.reshape(B * HM, d).t() @ du_all.reshape(B * HM, D)  # sum_b (LN(x_out)^T Pq)[b] dU_all[b]

@@ -269,18 +269,17 @@ def layer_attn_kernel(
     tile_end = tl.minimum((split + 1) * tiles_per_split, tl.cdiv(N, BLOCK_N))
     for tile in range(split * tiles_per_split, tile_end):
         rows = tile * BLOCK_N + offs_n
-        row_ok = rows < N
+        valid = rows < N
+        if HAS_MASK:  # masked tokens are not read: whatever they hold (NaN) never reaches the queries
+            valid = valid & (tl.load(MASK + b * N + rows, mask=valid, other=0) != 0)
         prods = PRODS + (b * N + rows[:, None]) * width
-        xk = tl.load(prods + 2 * M + offs_hm[None, :], mask=row_ok[:, None] & hm_ok[None, :], other=0.0)
-        xv = tl.load(prods + 2 * M + HM + offs_dq[None, :], mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
-        p = tl.load(P_S + (b * N + rows[:, None]) * M + offs_m[None, :], mask=row_ok[:, None] & m_ok[None, :],
+        xk = tl.load(prods + 2 * M + offs_hm[None, :], mask=valid[:, None] & hm_ok[None, :], other=0.0)
+        xv = tl.load(prods + 2 * M + HM + offs_dq[None, :], mask=valid[:, None] & dq_ok[None, :], other=0.0)
+        p = tl.load(P_S + (b * N + rows[:, None]) * M + offs_m[None, :], mask=valid[:, None] & m_ok[None, :],
                     other=0.0)
-        dm = tl.load(stats + S_SUM * N + rows, mask=row_ok, other=0.0) / d
-        coef = tl.load(stats + S_COEF * N + rows, mask=row_ok, other=0.0)
-        rstd2 = tl.load(stats + S_RSTD2 * N + rows, mask=row_ok, other=0.0)
-        valid = row_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + b * N + rows, mask=row_ok, other=0) != 0)
+        dm = tl.load(stats + S_SUM * N + rows, mask=valid, other=0.0) / d
+        coef = tl.load(stats + S_COEF * N + rows, mask=valid, other=0.0)
+        rstd2 = tl.load(stats + S_RSTD2 * N + rows, mask=valid, other=0.0)
         m_run, l_run, acc = _attend(xk, xv, dm, ksum, vsum, rstd2, coef, gate, p, ck, cv, valid, m_run, l_run, acc,
                                     PREC)
     state = (b * n_splits + split) * HM

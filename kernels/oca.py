@@ -170,7 +170,8 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
                     N, D, M,
                     s_xb, s_xn, s_xd, s_ab, s_ad, s_am, s_cb, s_cm, s_cd, s_ob, s_on, s_od,
                     ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+                    BLOCK_M: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+                    STAGES: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -189,7 +190,8 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
     # chunk pass 1 ended on towards the ones it read longest ago, so that each re-read comes as
     # soon after the first read as it can (L1/L2; forwards, every chunk would come a tile later)
     last = last_chunk_start(D, BLOCK_DC)
-    for i in range(0, tl.cdiv(D, BLOCK_DC)):
+    # pipelined explicitly: the kernel's num_stages alone left this loop's loads unpipelined (SASS)
+    for i in tl.range(0, tl.cdiv(D, BLOCK_DC), num_stages=STAGES):
         offs_d = last - i * BLOCK_DC + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
         x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, offs_d, mask_n, mask_d)
@@ -416,6 +418,12 @@ class OcaConfig:
     cols_splits: int      # token splits per sample: dA/dC partials are (B, cols_splits, d, M)
     num_stages: int
     cols_prec: Optional[str] = None  # the column kernel's dot precision, where not the op's
+    cols_stages: int = 1  # the column kernel's pipeline stages
+    max_registers: int = runtime.MAX_REGISTERS  # per thread, every kernel (ptxas's ceiling)
+
+
+# 16 warps per SM (a quarter of Hopper's 64) need at most 65,536 / (16 x 32) = 128 registers a thread.
+OCCUPANCY_REGISTERS = 128
 
 
 def _pow2(n: int) -> int:
@@ -432,7 +440,7 @@ def _chunk(d: int, cap: int) -> int:
 
 
 def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
-                n_sm: int = 132, cc: int = 90) -> OcaConfig:
+                n_sm: int = 132, cc: int = 90, orth: str = "hard") -> OcaConfig:
     """Every launch parameter of the three kernels, chosen in one place.
 
     tl.dot needs every tile dimension >= 16 on the GPU, so M is padded to BLOCK_M >= 16 (masked
@@ -489,6 +497,14 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     # tf32x3 triples the dot operands held in registers; the heavy cases get smaller tiles.
     # Before sm_90 (no warpgroup MMA) every warp keeps its own copy of a dot's second operand in
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
+    if cc >= 90 and prec == "tf32" and BM == 16:
+        return _sixteen_warps_config(B, N, d, n_sm, orth)
+    return _register_bound_config(B, N, d, BM, prec, n_sm, cc)
+
+
+def _register_bound_config(B: int, N: int, d: int, BM: int, prec: str, n_sm: int, cc: int) -> OcaConfig:
+    """`_oca_config`'s tiles where registers bind: tf32x3 (float32 and float16 x), BLOCK_M > 16,
+    and sm_80 (8-warp CTAs up to 224 registers; `_oca_config` says why each)."""
     x3 = prec == "tf32x3"
     heavy = x3 and BM >= 32
     # Every token tile requests A and C again: past 128 tokens (ViT-B/16's 197), tf32 at
@@ -511,11 +527,42 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy or tall) else 32)
     chunks = triton.cdiv(d, cols_bd)
     splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
+    fwd_bn, rows_bn = (policy.tokens_to_fill(bn, B, N, n_sm) for bn in (fwd_bn, rows_bn))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
                      fwd_block_n=fwd_bn, fwd_warps=8,
                      rows_block_n=rows_bn, rows_warps=rows_warps,
                      cols_block_n=cols_bn, cols_block_d=cols_bd, cols_warps=cols_warps,
-                     cols_splits=splits, num_stages=1, cols_prec="ieee" if heavy and BM == 64 else None)
+                     cols_splits=splits, num_stages=policy.PIPELINE_STAGES,
+                     cols_prec="ieee" if heavy and BM == 64 else None,
+                     # pipelined, the column kernel spilled: 128 bytes with IEEE products at
+                     # BLOCK_M 64 (sm_90), 8-32 on sm_80 (triton 3.6; capped at 224)
+                     cols_stages=1 if (heavy and BM == 64) or cc < 90 else policy.PIPELINE_STAGES)
+
+
+def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaConfig:
+    """sm_90, bfloat16 x (TF32 products), M <= 16: every kernel at 16 warps per SM.
+
+    The tiles stay those that request A and C once per ViT-B/16 sample (256 tokens past 128, else
+    128; 256-column programs), but every launch names at most 128 registers a thread, so that
+    16 warps share an SM: one 16-warp CTA for a 256-token tile and the column kernel, two 8-warp
+    CTAs for a 128-token forward tile (16-warp CTAs of 8 warps' work doubled its loop trips),
+    where 8-warp CTAs of 173-224 registers held 8 warps. Measured with ptxas (triton 3.8, sm_90;
+    as launched / capped at 112, the compile check's headroom, no spill): forward, 32-column
+    chunks, 127 / 112 at ViT-B/16 and 128 / 112 at the text shape; rows kernel 113 / 110 with
+    16-column chunks at ViT-B/16 (32 spilled 52 bytes at 112) and 115 / 104 with 32 at the text
+    shape; column kernel 113 / 111 with 2 stages (3 spilled 8 bytes at 112). With orth="soft"
+    (whose cos^2 terms the column kernel also holds) 256 columns spilled 8-12 bytes whatever the
+    stages (triton 3.6 and 3.8): 128 columns. Smaller tiles (small batches) take fewer warps."""
+    tokens = policy.tokens_to_fill(256 if N > 128 else 128, B, N, n_sm)
+    cols_bd = min(128 if orth == "soft" else 256, max(16, _pow2(d)))
+    chunks = triton.cdiv(d, cols_bd)
+    splits = max(1, min(triton.cdiv(N, 16), (4 * n_sm) // (B * chunks)))
+    warps = lambda tile, full: 16 if tile >= full else (8 if tile >= 64 else 4)  # noqa: E731
+    return OcaConfig(BLOCK_M=16, BLOCK_DC=_chunk(d, 32), rows_block_dc=_chunk(d, 16 if tokens >= 256 else 32),
+                     fwd_block_n=tokens, fwd_warps=warps(tokens, 256), rows_block_n=tokens,
+                     rows_warps=warps(tokens, 128), cols_block_n=16, cols_block_d=cols_bd,
+                     cols_warps=warps(cols_bd, 128), cols_splits=splits, num_stages=policy.PIPELINE_STAGES,
+                     cols_stages=2, max_registers=OCCUPANCY_REGISTERS)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -547,15 +594,15 @@ def oca_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tenso
     B, N, d, M = _check_sizes(x, a)
     prec = _precision(x)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
-    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc)
+    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
     out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
     cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
     runtime.launch(_oca_fwd_kernel, (triton.cdiv(N, cfg.fwd_block_n), B),
             x, a, c, gate, out, cos2, N, d, M,
             *x.stride(), *a.stride(), *c.stride(), *out.stride(),
             ORTH=ORTH_CODES[orth], BLOCK_N=cfg.fwd_block_n, BLOCK_DC=cfg.BLOCK_DC,
-            BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), num_warps=cfg.fwd_warps,
-            num_stages=cfg.num_stages)
+            BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), STAGES=cfg.num_stages,
+            num_warps=cfg.fwd_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers)
     return out, (cos2 if orth == "soft" else None)
 
 
@@ -573,7 +620,7 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
     B, N, d, M = _check_sizes(x, a)
     prec = _precision(x)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
-    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc)
+    cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
     dev = x.device
     n_tiles = triton.cdiv(N, cfg.rows_block_n)
     dg_part = runtime.empty((B, n_tiles), dtype=torch.float32, device=dev)
@@ -591,7 +638,8 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
             x, a, c, gate, gram, dout, dcos2, p_s, ds_s, rows, dg_part, N, d, M,
             *x.stride(), *a.stride(), *c.stride(), *dout.stride(), *dcos2.stride(),
             ORTH=ORTH_CODES[orth], BLOCK_N=cfg.rows_block_n, BLOCK_DC=cfg.rows_block_dc,
-            BLOCK_M=cfg.BLOCK_M, PREC=prec, num_warps=cfg.rows_warps, num_stages=cfg.num_stages)
+            BLOCK_M=cfg.BLOCK_M, PREC=prec, num_warps=cfg.rows_warps, num_stages=cfg.num_stages,
+            maxnreg=cfg.max_registers)
     S = cfg.cols_splits
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
     # One split (a batch that fills the GPU): a program's partial is the gradient itself, so the
@@ -604,8 +652,7 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
             *x.stride(), *dout.stride(), *a.stride(), *c.stride(), *dx.stride(),
             ORTH=ORTH_CODES[orth], BLOCK_N=cfg.cols_block_n, BLOCK_DC=cfg.cols_block_d,
             BLOCK_M=cfg.BLOCK_M, PREC=cfg.cols_prec or prec, ROUND_BY_HAND=interpreting(),
-            num_warps=cfg.cols_warps,
-            num_stages=cfg.num_stages)
+            num_warps=cfg.cols_warps, num_stages=cfg.cols_stages, maxnreg=cfg.max_registers)
     dgate = dg_part.sum().to(gate.dtype).reshape(gate.shape)
     da = da_part[:, 0] if S == 1 else da_part.sum(1).to(a.dtype)
     dc = dc_part[:, 0] if S == 1 else dc_part.sum(1).to(c.dtype)

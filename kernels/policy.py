@@ -28,3 +28,23 @@ def fp32_accurate_products(dtype: torch.dtype) -> bool:
     run three TF32 products on a hi/lo split ("tf32x3"), the layer kernels IEEE float32 products.
     """
     return dtype != torch.bfloat16
+
+# Software pipelining (Triton's num_stages) of the kernels' column and token loops on the GPU:
+# with 1 stage every loop step loads, waits for its loads, then computes, so DRAM latency
+# (600-1000 cycles) and the step's math add up, at one or two CTAs per SM. With 3 stages the
+# loads of the next two steps are in flight (cp.async, LDGSTS in the sm_90 SASS) while a step
+# computes: a 256-token x 32-column bf16 chunk is 16 kB, so two in flight per SM are about the
+# 1-2 MB across 132 SMs that Little's law asks of an H100. Kernels that spill with it keep 1
+# (their launchers say which); the interpreter ignores it.
+PIPELINE_STAGES = 3
+
+
+def tokens_to_fill(block_n: int, B: int, N: int, n_sm: int, floor: int = 16) -> int:
+    """A token tile halved (down to `floor`) while a grid of B x ceil(N / tile) programs leaves
+    SMs idle: at a small batch (predict, evaluate: B = 8 gives 8 ViT-B/16 programs of 256 tokens
+    on 132 SMs) the loop steps are latency-bound whatever the tile, so more, smaller programs
+    finish sooner; the per-sample matrices they request again are small next to idle SMs. At a
+    batch that fills the GPU this returns the tile unchanged."""
+    while block_n > floor and B * -(-N // block_n) < n_sm:
+        block_n //= 2
+    return block_n

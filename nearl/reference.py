@@ -77,8 +77,9 @@ def query_attention(qn, xa, params: Mapping[str, torch.Tensor], mask: Optional[t
     kh = (xa @ params["w_k"]).view(B, N, heads, dh).transpose(1, 2)  # (B, H, N, dh)
     vh = (xa @ params["w_v"]).view(B, N, heads, dh).transpose(1, 2)
     s = qh @ kh.transpose(-1, -2) / math.sqrt(dh)  # (B, H, M, N)
-    if mask is not None:
+    if mask is not None:  # masked tokens reach nothing, whatever they hold (0 * NaN is NaN): scores and values
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        vh = vh.masked_fill(~mask[:, None, :, None], 0.0)
     return (torch.softmax(s, dim=-1) @ vh).transpose(1, 2).reshape(B, M, D)
 
 

@@ -328,3 +328,18 @@ def test_what_spills_takes_the_split_path(monkeypatch):
     assert fused.fused_supported(64, 128, torch.float32, cpu, M=16)
     assert not fused.fused_supported(64, 128, torch.bfloat16, cpu, M=64)  # H = 1
     assert not fused.fused_supported(128, 128, torch.bfloat16, cpu, M=32)  # H*M > 64
+
+
+@pytest.mark.parametrize("impl,tiling", [("reference", None), ("triton", None), ("triton", "h100")])
+def test_nan_in_masked_tokens_never_reaches_the_queries(impl, tiling, monkeypatch):
+    """Padding positions may hold anything (NaN from a broken tower, garbage): a masked token is not
+    attended, and 0 * NaN would still be NaN, so it must not be read at all (issue 24, item 8)."""
+    if tiling:
+        monkeypatch.setenv("NEARL_TILING", tiling)
+    x, q, params = layer_inputs(2, 40, 32, 4, D=16, r=4, heads=2, device=DEV)
+    mask = padding_mask(2, 40).to(DEV)
+    x_clean, q_clean = ops.nearl_layer(x, q, params, mask=mask, impl=impl)
+    x_out, q_out = ops.nearl_layer(x.masked_fill(~mask[..., None], float("nan")), q, params, mask=mask, impl=impl)
+    assert torch.isfinite(q_out).all()
+    torch.testing.assert_close(q_out, q_clean, rtol=0, atol=0)
+    torch.testing.assert_close(x_out[mask], x_clean[mask], rtol=0, atol=0)

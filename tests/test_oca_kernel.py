@@ -198,6 +198,8 @@ def test_matches_float64_reference(case):
 
 
 GPU_CASES = [  # the GPU tiling, run by the interpreter: multi-chunk, multi-tile, token splits
+    # (at these batches on 132 SMs the token tiles are halved to fill the GPU: FULL_TILE_CASES
+    # run the tiles of a batch that fills it)
     (2, 77, 80, 5, "hard", F32, F32, "transposed", "strided", "randn"),   # tf32x3, 16-col chunks
     (1, 130, 96, 33, "soft", F32, F32, "contig", "contig", "randn"),      # tf32x3, BLOCK_M 64
     (3, 70, 192, 16, "none", BF16, F32, "sliced", "transposed", "randn"),  # tf32, 3 col chunks
@@ -205,7 +207,7 @@ GPU_CASES = [  # the GPU tiling, run by the interpreter: multi-chunk, multi-tile
     (2, 40, 64, 5, "hard", BF16, BF16, "contig", "contig", "randn"),    # small shapes, M 5 and 16
     (2, 40, 64, 16, "soft", F32, F32, "contig", "contig", "randn"),
     (2, 40, 400, 16, "hard", BF16, BF16, "contig", "transposed", "randn"),  # tf32, bwd columns 256 + 144
-    (2, 300, 80, 9, "soft", BF16, F32, "strided", "contig", "randn"),  # tf32, 256-token tiles: 256 + 44
+    (2, 300, 80, 9, "soft", BF16, F32, "strided", "contig", "randn"),  # tf32; full tiles: 256 + 44
     (2, 40, 72, 5, "hard", BF16, BF16, "contig", "contig", "randn"),  # 32-col chunks, the last 8 wide
 ]
 
@@ -217,6 +219,23 @@ def test_gpu_tiling_matches_reference(case, gpu_config, poison):
     assert gpu_tiles and (n_sm, cc) == (132, 90)
     cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, n_sm, cc)
     assert cfg.cols_splits > 1 or B * math.ceil(d / cfg.cols_block_d) >= 4 * 132
+    compare(B, N, d, M, orth, xd, pd, xv, av, up)
+
+
+# GPU_CASES with the tiles of a batch that fills the GPU (NEARL_SM_COUNT=1: no tile is halved)
+FULL_TILE_CASES = [case for case in GPU_CASES if case[1] > 64]
+
+
+# ... and an A100's 256-token tiles (tf32 at BLOCK_M 16 past 128 tokens; an H100 takes 128 there)
+@pytest.mark.parametrize("case,tiling", [(case, "h100") for case in FULL_TILE_CASES]
+                         + [(case, "a100") for case in FULL_TILE_CASES if case[1] > 256],
+                         ids=lambda v: v if isinstance(v, str) else _id(v))
+def test_gpu_tiling_at_a_full_batch_matches_reference(case, tiling, monkeypatch, poison):
+    B, N, d, M, orth, xd, pd, xv, av, up = case
+    monkeypatch.setenv("NEARL_TILING", tiling)
+    monkeypatch.setenv("NEARL_SM_COUNT", "1")
+    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, *runtime.tiling(torch.device(DEV))[1:])
+    assert cfg.fwd_block_n >= 128 and cfg.rows_block_n >= 128 or M > 32, cfg
     compare(B, N, d, M, orth, xd, pd, xv, av, up)
 
 

@@ -100,3 +100,22 @@ def test_the_interpreter_can_round_tf32_as_the_gpu(monkeypatch):
     monkeypatch.setattr(runtime, "TF32_AS_THE_GPU", True)
     assert 1e-4 < rel("tf32") < 4e-3
     assert rel("tf32x3") < 1e-6 and rel("ieee") < 1e-6
+
+
+def test_small_batches_fill_the_gpu(monkeypatch):
+    """B = 8 (predict, evaluate) on an H100: the token tiles are halved until the grids fill its 132
+    SMs (8 ViT-B/16 programs of 256 tokens before); at B = 256 the tiles are the full ones."""
+    from nearl_kernels import layer as L
+    from nearl_kernels import oca as K
+
+    monkeypatch.setenv("NEARL_TILING", "h100")
+    monkeypatch.delenv("NEARL_SM_COUNT", raising=False)
+    cpu = torch.device("cpu")
+    N, d, M = 197, 768, 16
+    small, full = (K._oca_config(B, N, d, M, "tf32", False, 132, 90) for B in (8, 256))
+    assert (full.fwd_block_n, full.rows_block_n, full.fwd_warps, full.cols_warps) == (256, 256, 16, 16)
+    assert small.fwd_block_n == small.rows_block_n == 16 and 8 * -(-N // 16) >= 100
+    small, full = (L.layer_config(B, N, d, M, 4 * M, 128, torch.bfloat16, cpu) for B in (8, 256))
+    assert full.block_n == 128 and small.block_n == 16
+    small, full = (L.layer_bwd_config(B, N, d, M, 4 * M, torch.bfloat16, cpu) for B in (8, 256))
+    assert full.dout_block_n == 128 and small.dout_block_n == 16
