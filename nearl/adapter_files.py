@@ -19,13 +19,14 @@ adapter_config.json (format "nearl-adapter", format_version 2):
     method, config           a method of nearl/methods/ and its config (every hyper-parameter)
     task, classnames         "retrieval" | "classification" and the trained class names (or null)
     templates                the prompt templates it was trained with (or null: nearl.classify's)
-    backbone                 model_name, pretrained (tag, file, hf-hub:, local-dir:, transformers:,
-                             or null for random weights), seed (rebuilds a random backbone exactly),
-                             fingerprint (below)
+    backbone                 model_name, pretrained (tag, hf-hub:, transformers: repo id, or null for
+                             random weights; a local file or folder by its name alone, never its path,
+                             with pretrained_local true: loading it needs pretrained= a copy), seed
+                             (rebuilds a random backbone exactly), fingerprint (below)
     weights                  file, sha256 of that file, tensors, parameters, and config_sha256: the
                              sha256 of every other entry of this file as canonical JSON (keys sorted,
                              no spaces), so a changed setting is refused as a changed weights file is
-    source                   where it came from (checkpoint path, step, epoch), for people only
+    source                   where it came from (checkpoint file name, step, epoch), for people only
     written_with             torch, open_clip_torch and safetensors versions, for people only
 
 The backbone fingerprint ("nearl-backbone-v1") is two sha256 digests over the backbone's
@@ -60,6 +61,7 @@ from .evaluation import ModelToEvaluate
 from .methods import build_from_checkpoint, build_method, canonical, check_task, method_of
 from .model import SCHEMAS
 from .nonfinite import NonFiniteError, check_finite_state, nonfinite_outputs, nonfinite_tensors
+from .writes import atomic_write_all, check_writable
 
 logger = logging.getLogger("nearl.adapter")
 
@@ -118,20 +120,7 @@ def _check_target(directory: Path, overwrite: bool) -> None:
     if present and not overwrite:
         raise AdapterError(f"{directory} already holds {', '.join(present)}; pass --overwrite "
                            "(overwrite=True) to replace them")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A reader never sees half a file: a temporary file, fsync'ed, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    check_writable(directory, "the adapter folder")
 
 
 def _versions() -> Dict[str, str]:
@@ -166,6 +155,30 @@ def seal_config(record: Dict[str, Any]) -> Dict[str, Any]:
     return record
 
 
+def _is_local(source: str) -> bool:
+    """Whether a backbone source (schema removed) names a file or folder of this machine."""
+    path = Path(source).expanduser()
+    return path.exists() or path.is_absolute() or source.startswith((".", "~"))
+
+
+def portable_source(pretrained: Optional[str]) -> Tuple[Optional[str], bool]:
+    """(what adapter_config.json records for a backbone source, whether it is a local file or folder).
+    A tag, an hf-hub: id or a transformers: repo id as given; a local weights file, local-dir: or
+    transformers: folder by its name alone: its path means nothing on another machine and may say too
+    much about this one (the fingerprint identifies the weights)."""
+    if pretrained is None or pretrained.startswith("hf-hub:"):
+        return pretrained, False
+    for schema in ("local-dir:", "transformers:"):
+        if pretrained.startswith(schema):
+            rest = pretrained[len(schema):]
+            local = schema == "local-dir:" or _is_local(rest)
+            return (schema + Path(rest).name if local else pretrained), local
+    looks_like_file = os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(WEIGHT_SUFFIXES)
+    if looks_like_file or Path(pretrained).expanduser().exists():
+        return Path(pretrained).name, True
+    return pretrained, False
+
+
 def _check_finite_outputs(model: nn.Module, task: str, classnames, templates, source) -> None:
     """Finite weights are not enough: a diverged model's outputs can be NaN (`nonfinite_outputs`)."""
     bad = nonfinite_outputs(model, classnames if task == "classification" else None, templates)
@@ -197,22 +210,26 @@ def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pret
     # One metadata entry: safetensors writes a map's entries in no fixed order, and an export is meant
     # to give the same bytes every time (what the method is, adapter_config.json says).
     data = safetensors_bytes(state, metadata={"format": "pt"})
+    recorded, local = portable_source(pretrained)  # never a local path: the folder is meant to be shared
+    provenance = dict(source or {})
+    if provenance.get("checkpoint"):
+        provenance["checkpoint"] = Path(str(provenance["checkpoint"])).name
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "nearl_version": NEARL_VERSION,
         "method": method, "config": _json_ready(model.config.to_dict(), f"the {method} config"),
         "task": task, "classnames": list(classnames) if classnames else None,
         "templates": list(templates) if templates else None,
-        "backbone": {"model_name": model_name, "pretrained": pretrained, "seed": int(backbone_seed),
-                     "fingerprint": fingerprint(model)},
+        "backbone": {"model_name": model_name, "pretrained": recorded, **({"pretrained_local": True} if local else {}),
+                     "seed": int(backbone_seed), "fingerprint": fingerprint(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(state),
                     "parameters": sum(t.numel() for t in state.values())},
-        "source": _json_ready(source or {}, "the adapter's source"), "written_with": _versions(),
+        "source": _json_ready(provenance, "the adapter's source"), "written_with": _versions(),
     }
     seal_config(record)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / WEIGHTS_FILE, data)  # the config, which names its sha256, comes after it
-    _write_atomic(directory / CONFIG_FILE, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
-    _write_atomic(directory / CARD_FILE, model_card(record).encode())
+    # All three written before any replaces an earlier one: a refused write (full disk, read-only) leaves an
+    # earlier adapter whole (WriteError, nearl/writes.py). The weights go first: the config names their sha256.
+    atomic_write_all({directory / WEIGHTS_FILE: data, directory / CONFIG_FILE: json.dumps(record, indent=2,
+                      allow_nan=False) + "\n", directory / CARD_FILE: model_card(record)})
     return directory
 
 
@@ -245,14 +262,16 @@ def export_checkpoint(checkpoint: PathLike, directory: PathLike, *, pretrained: 
 def model_card(record: Dict[str, Any]) -> str:
     """README.md for the Hub: metadata header, what the adapter is, how to load it."""
     bb, method = record["backbone"], record["method"]
-    source = bb["pretrained"]
+    source, local = bb["pretrained"], bool(bb.get("pretrained_local"))
     hub = None
     for schema in ("hf-hub:", "transformers:"):
-        if source and source.startswith(schema) and not Path(source[len(schema):]).exists():
+        if source and source.startswith(schema) and not local:
             hub = source[len(schema):]
     header = ["---", "library_name: nearl-clip", "tags:", "- nearl-clip", "- clip", "- adapter", f"- {method}"]
     header += [f"base_model: {hub}"] if hub else []
     weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
+    if local:
+        weights += " (a local copy, not included: `nearl.load(folder, pretrained=<its path>)`)"
     classes = ", ".join(record["classnames"]) if record.get("classnames") else "none recorded"
     lines = header + ["---", "", f"# {method} adapter for {bb['model_name']}", "",
                       f"Learnable weights of a `{method}` model (NEARL-CLIP project) trained for "
@@ -440,6 +459,10 @@ def load_adapter(directory: PathLike, pretrained: Optional[str] = None, *, fused
     state = _read_weights(weights_path, record)
     backbone = record["backbone"]
     source = backbone["pretrained"] if pretrained is None else pretrained
+    if pretrained is None and backbone.get("pretrained_local"):
+        kind = "folder" if source.startswith(SCHEMAS) else "file"
+        raise AdapterError(f"{config_path}: the backbone weights were read from a local {kind}, {source}, whose path "
+                           "is not recorded (the fingerprint is); pass --pretrained (pretrained=) a copy of it")
     _check_source(backbone["model_name"], source, str(config_path))
     with user_errors(f"{config_path}: "):
         model = build_method(record["method"], backbone["model_name"], source, fused=fused,

@@ -35,6 +35,38 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# Upper bounds of what a run can use: past them a value is a typo, and used to fail deep inside (a seed
+# torch cannot take: "Overflow when unpacking long long"), be silently altered (1e23 steps through a
+# float), or run for ever (100,000 queries).
+MAX_SEED = 2 ** 63 - 1  # torch's and numpy's generators take 64-bit seeds (the data order mixes them)
+MAX_STEPS = 10 ** 9  # optimizer steps or epochs of one run
+MAX_QUERIES = 1024  # NEARL-CLIP's query bank (SPEC's M is 16)
+
+
+def seed(text: str) -> int:
+    """A generator seed: an integer in [0, 2**63 - 1]."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1 = {MAX_SEED} (a 64-bit generator seed), "
+                                         f"got {value}")
+    return value
+
+
+def bounded_int(high: int, why: str):
+    """A positive integer of at most `high`; `why` says what the bound is."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} ({why}), got {value:,}")
+        return value
+    parse.__name__ = f"positive_int_at_most_{high}"
+    return parse
+
+
+steps = bounded_int(MAX_STEPS, "a run of more steps or epochs never ends")
+queries = bounded_int(MAX_QUERIES, "the paper uses 16; every query is attended to by every token of every block")
+
+
 def _finite(text: str) -> float:
     value = _number(text, float)
     if not math.isfinite(value):

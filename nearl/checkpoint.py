@@ -46,6 +46,7 @@ import torch
 
 from .errors import UserError
 from .nonfinite import check_finite_state
+from .writes import temporary, write_temporary, writing
 
 logger = logging.getLogger("nearl.checkpoint")
 
@@ -107,22 +108,19 @@ def atomic_save(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -
     """torch.save `obj` to `path` so that `path` is always either the old or the new complete file.
 
     previous: if given and `path` exists, the old file is kept there (hard link, else copy) before
-    the new one replaces it.
+    the new one replaces it. A write the system refuses (a full disk, a read-only folder) raises
+    WriteError naming `path` (nearl/writes.py); the temporary files are removed, the old files kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    tmp = temporary(path)
+    prev_tmp = temporary(previous) if previous is not None else None
+    with writing(path, *(p for p in (tmp, prev_tmp) if p is not None)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_temporary(tmp, lambda f: torch.save(obj, f))
         if previous is not None and path.exists() and not _readable(path):
             logger.warning("%s cannot be read: not kept as %s, which keeps the last good checkpoint",
                            path, Path(previous).name)
         elif previous is not None and path.exists():
-            previous = Path(previous)
-            prev_tmp = previous.with_name(f".{previous.name}.tmp.{os.getpid()}")
             if prev_tmp.exists():
                 prev_tmp.unlink()
             try:
@@ -132,13 +130,6 @@ def atomic_save(obj: Any, path: PathLike, previous: Optional[PathLike] = None) -
             os.replace(prev_tmp, previous)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    finally:
-        for leftover in (tmp,):
-            if leftover.exists():
-                try:
-                    leftover.unlink()
-                except OSError:
-                    pass
     return path
 
 
@@ -152,7 +143,9 @@ def _readable(path: Path) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-_TEMPORARY = re.compile(r"^\.(%s)\.tmp\.\d+$" % "|".join(re.escape(n) for n in (LAST, PREVIOUS, BEST)))
+# A run folder's files written through a temporary name (nearl/writes.py); ".png" ended the curves' before.
+_TEMPORARY = re.compile(r"^\.(%s)\.tmp\.\d+(\.png)?$" % "|".join(
+    re.escape(n) for n in (LAST, PREVIOUS, BEST, "curves.png", "metrics.jsonl")))
 
 
 def remove_stale_temporaries(directory: PathLike) -> List[str]:
@@ -209,6 +202,11 @@ def _load_file(path: Path, map_location) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a NEARL-CLIP checkpoint (no format={FORMAT!r} entry)")
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {obj['version']}; this code reads <= {VERSION}")
+    model = obj.get("model")
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        found = "no 'model' entry" if model is None else f"a 'model' entry of {type(model).__name__}, not tensors"
+        raise CheckpointError(f"{path} does not fit: it holds {found} (the learnable parameters every "
+                              "checkpoint of nearl.train has)")
     obj["path"] = str(path)
     return obj
 
@@ -257,9 +255,14 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
         fallback = target.with_name(PREVIOUS)
         if target.name != LAST or not fallback.is_file():
             raise
-        logger.warning("%s; falling back to %s", err, fallback)
-        warnings.warn(f"{err}; using the previous checkpoint {fallback}")
+        said = (str(target.resolve()), str(err))
+        if said not in _FALLBACKS_SAID:  # once: a resumed run reads its checkpoint more than once
+            _FALLBACKS_SAID.add(said)
+            logger.warning("%s; using the previous checkpoint %s", err, fallback)
         return _load_file(fallback, map_location)
+
+
+_FALLBACKS_SAID: set = set()
 
 
 def describe(ckpt: Dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import UserError
+from .writes import check_writable
 
 
 def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
@@ -34,9 +35,9 @@ def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
 
 
 def check_out_dir(path: Optional[str], flag: str = "--out") -> None:
-    """An output folder must be a folder (or not exist yet): found out before the work, not after."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder")
+    """An output folder must be a folder (or not exist yet) that takes new files: found out before
+    the work, not after it (`writes.check_writable`)."""
+    check_writable(path, flag)
 
 
 def check_backbone(model_name: str, pretrained: Optional[str]) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from . import evaluation as EV
 from . import training
-from .argtypes import Parser, non_negative_int, positive_int
+from .argtypes import MAX_SEED, Parser, non_negative_int, positive_int, steps
 from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their harmonic mean; few-shot: accuracy against K for each K of --shots (classification)")
     p.add_argument("--shots", default="1,2,4,8,16", help="few-shot: images per class, comma-separated "
                    "(default %(default)s)")
-    p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps per run (L-BFGS iterations "
+    p.add_argument("--max-steps", type=steps, default=100, help="optimizer steps per run (L-BFGS iterations "
                    "per candidate for linear-probe); default %(default)s")
     p.add_argument("--task", choices=("retrieval", "classification"), default="classification")
     p.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU or --pretrained, "
@@ -144,6 +144,9 @@ def _seeds(text: str) -> List[int]:
         raise UserError("--seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds: a seed is listed twice: {seeds}")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UserError(f"--seeds: each seed must be in [0, 2**63 - 1] (a 64-bit generator seed), got {bad[0]}")
     return seeds
 
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 
 from .logging_utils import json_safe
 from .plots import save_figure
+from .writes import atomic_write_all
 
 MAIN_METRIC = {"retrieval": "mean_recall", "classification": "accuracy"}
 SHOWN = {"retrieval": ("mean_recall", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
@@ -155,6 +156,6 @@ def write_report(report: Dict[str, Any], out: Path) -> str:
     """comparison.png, comparison.md and comparison.json in `out`; returns the Markdown."""
     (few_shot_plot if report["protocol"] == "few-shot" else bar_plot)(report, out / "comparison.png")
     md = markdown(report)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.json").write_text(json.dumps(json_safe(report), indent=2, default=str, allow_nan=False) + "\n")
+    document = json.dumps(json_safe(report), indent=2, default=str, allow_nan=False) + "\n"
+    atomic_write_all({out / "comparison.md": md, out / "comparison.json": document})
     return md

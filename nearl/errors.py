@@ -15,10 +15,17 @@ class UserError(ValueError):
     """Bad input from the user; the message names the argument or file and what was seen."""
 
 
+class Terminated(BaseException):
+    """The run was sent SIGTERM and stopped (nearl/training/stop.py); the message says where and what
+    was saved. A BaseException, as KeyboardInterrupt is, so no `except Exception` swallows it."""
+
+    exit_status = 128 + 15  # what a shell reports for a process that SIGTERM ended
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
             prog: str = "nearl") -> int:
     """Call `main(argv)` and return its exit status (an int it returns, else 0); a UserError becomes
-    one line on stderr and exit status 2."""
+    one line on stderr and exit status 2, a run stopped by SIGTERM (Terminated) one line and 143."""
     try:
         status = main(argv)
     except UserError as err:
@@ -27,4 +34,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Terminated as stop:
+        print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_status
     return status if isinstance(status, int) and not isinstance(status, bool) else 0

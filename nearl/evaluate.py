@@ -23,14 +23,16 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .adapter_files import adapter_to_evaluate
-from .argtypes import Parser, non_negative_int, positive_int
+from .adapter_files import adapter_to_evaluate, read_adapter_config
+from .argtypes import Parser, non_negative_int, positive_int, seed
+from .checkpoint import load_checkpoint
 from .classify import TEMPLATES
 from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import run_cli
 from .evaluation import (check_templates, check_training_overlap, evaluate_classification, evaluate_retrieval,
                          load_eval_data, model_to_evaluate)
 from .logging_utils import json_safe, markdown_table
+from .writes import atomic_write_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
+    p.add_argument("--seed", type=seed, default=0, help="builds a random backbone reproducibly (zero-shot)")
     p.add_argument("--out", help="directory for results.json and results.md")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -75,18 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
         fused = False
 
+    task, recorded = _task(args)  # the data are read before any backbone weights are downloaded
+    records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
+                                                     split=args.split, classes=args.classes)
     if args.adapter:  # an adapter folder: its own backbone (fingerprint checked), method and task
         chosen = adapter_to_evaluate(args.adapter, method=args.method, model_name=args.model,
-                                     pretrained=args.pretrained, task=args.task, fused=fused)
+                                     pretrained=args.pretrained, task=task, fused=fused)
     else:
-        chosen = model_to_evaluate(args.checkpoint, method=args.method, model_name=args.model,
-                                   pretrained=args.pretrained, task=args.task, seed=args.seed, fused=fused)
+        chosen = model_to_evaluate(recorded, method=args.method, model_name=args.model,
+                                   pretrained=args.pretrained, task=task, seed=args.seed, fused=fused)
     model, method, task, source, label, ckpt = (chosen.model, chosen.method, chosen.task, chosen.source,
                                                 chosen.label, chosen.checkpoint)
     model.to(device).eval()
 
-    records, classnames, split, src = load_eval_data(task, args.data, fmt=args.format, root=args.root,
-                                                     split=args.split, classes=args.classes)
     seen = 0 if ckpt is None else check_training_overlap(  # a checkpoint records its training images
         ckpt.get("train_images"), records, f"{src}, split {split}", f"images {ckpt['path']} was trained on",
         args.allow_train_data)
@@ -112,12 +115,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         document = json.dumps(json_safe(report), indent=2, default=str, allow_nan=False)  # NaN: null
-        (out / "results.json").write_text(document + "\n")
-        (out / "results.md").write_text(table)
+        atomic_write_all({out / "results.json": document + "\n", out / "results.md": table})
         print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return report
+
+
+def _task(args):
+    """(the task evaluated, the checkpoint loaded or None), from the flags, the checkpoint or the
+    adapter's config: known without building the model, so the data are checked first."""
+    if args.adapter:
+        return args.task or read_adapter_config(args.adapter)[1]["task"], None
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    return args.task or (ckpt.get("task") or "retrieval" if ckpt else "retrieval"), ckpt
 
 
 

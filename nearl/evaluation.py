@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,7 +19,7 @@ from .classify import TEMPLATES, classification_logits
 from .cli_args import check_backbone, user_errors
 from .data import demo
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
-from .data.labelled import (NOT_A_SOURCE, read_coop_split, read_image_folder, require_classes, select_classes,
+from .data.labelled import (not_a_source, read_coop_split, read_image_folder, require_classes, select_classes,
                             split_folders)
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.manifests import read_image_text
@@ -215,7 +215,7 @@ def _load_labelled(data: Optional[str], *, root: Optional[str], split: str):
             return records, classnames, "all", str(path)
         records, classnames = read_image_folder(sub)
         return records, classnames, sub.name, str(sub)
-    raise UserError(NOT_A_SOURCE.format(path=path))
+    raise not_a_source(path)
 
 
 def _split_folder(root: Path, split: str) -> Optional[Path]:
@@ -284,16 +284,16 @@ class ModelToEvaluate:
     checkpoint: Optional[Dict[str, Any]]
 
 
-def model_to_evaluate(checkpoint: Optional[str], *, method: Optional[str] = None, model_name: Optional[str] = None,
-                      pretrained: Optional[str] = None, task: Optional[str] = None, seed: int = 0,
-                      fused: bool = False) -> ModelToEvaluate:
-    """The model `python -m nearl.evaluate` evaluates: the one a checkpoint (file or run folder)
-    describes (`method`, when given, must match it; `model_name` / `pretrained` override its
-    backbone), or without one a fresh model of `method` (nearl: the frozen CLIP). What was chosen
-    is said once; a mismatch is a UserError."""
+def model_to_evaluate(checkpoint: Union[None, str, Dict[str, Any]], *, method: Optional[str] = None,
+                      model_name: Optional[str] = None, pretrained: Optional[str] = None, task: Optional[str] = None,
+                      seed: int = 0, fused: bool = False) -> ModelToEvaluate:
+    """The model `python -m nearl.evaluate` evaluates: the one a checkpoint (file or run folder, or
+    one already loaded) describes (`method`, when given, must match it; `model_name` / `pretrained`
+    override its backbone), or without one a fresh model of `method` (nearl: the frozen CLIP). What
+    was chosen is said once; a mismatch is a UserError."""
     method_arg, task_arg = method, task
     if checkpoint:
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         with user_errors(f"checkpoint {ckpt['path']}: "):
             method = canonical(ckpt.get("method") or "nearl")
         if method_arg:

@@ -112,11 +112,15 @@ class FrozenCLIPWrapper(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        ours = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        if set(state) != set(ours):
+            missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
             raise ValueError(f"{self.title} adapter state does not match this model: missing {missing[:5]}, "
                              f"unexpected {extra[:5]}")
+        shapes = [f"{k} is {tuple(v.shape)}, the model's {ours[k]}" for k, v in state.items() if tuple(v.shape) != ours[k]]
+        if shapes:
+            raise ValueError(f"{self.title} adapter state does not match this model: {len(shapes)} tensor(s) of "
+                             f"another shape: {'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}")
         self.load_state_dict(state, strict=False)
 
     # ----------------------------------------------------------------- data helpers

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
+from .writes import append_line, atomic_write
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -60,17 +62,12 @@ class MetricsLog:
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:  # one line per step: reopening is cheap
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        append_line(self.path, json.dumps(json_safe(record), allow_nan=False))  # reopened each line: cheap
 
     def records(self) -> Iterator[Dict[str, Any]]:
         return iter(read_metrics(self.path))

@@ -8,7 +8,7 @@ import open_clip
 import torch
 from torch import nn
 
-from . import ops, transformers_backbone
+from . import downloads, ops, transformers_backbone
 from .config import NEARLConfig
 from .errors import UserError
 from .frozen import FrozenCLIPWrapper, count
@@ -43,7 +43,14 @@ def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs)
     A tag ('openai', 'laion2b_s34b_b88k') or a checkpoint file goes to open_clip as `pretrained`;
     a schema source names the architecture and weights itself, so it becomes the model name. A
     'transformers:' model name with no pretrained source builds random weights from its config.
+    Weights that cannot be downloaded (no network) are one UserError naming the source and the ways
+    to give them offline (nearl/downloads.py).
     """
+    with downloads.downloading(model_name, pretrained):
+        return _create_backbone(model_name, pretrained, **kwargs)
+
+
+def _create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs) -> nn.Module:
     tf = transformers_backbone.SCHEMA
     if pretrained is not None and pretrained.startswith(tf):
         return transformers_backbone.create(pretrained[len(tf):], weights=True)
@@ -52,6 +59,7 @@ def create_backbone(model_name: str, pretrained: Optional[str] = None, **kwargs)
             raise UserError(f"pretrained={pretrained!r} cannot weight {model_name!r}: give pretrained="
                              f"'{model_name}' for its own weights, or none for random weights")
         return transformers_backbone.create(model_name[len(tf):], weights=False)
+    downloads.check_reachable(model_name, pretrained)  # not cached and no network: said now, not after retries
     if pretrained is not None and pretrained.startswith(SCHEMAS):
         return open_clip.create_model(pretrained, **kwargs)
     if pretrained is None:  # random weights, offline: not even a Hugging Face text tower's own weights

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Union
 
 from .logging_utils import read_metrics
+from .writes import atomic_write
 
 PathLike = Union[str, os.PathLike]
 LOSS_TERMS = ("loss", "contrastive", "cross_entropy", "query_alignment", "orth")
@@ -48,12 +49,11 @@ def plot_curves(metrics_path: PathLike, out_path: PathLike) -> Path:
 
 
 def save_figure(fig, path: PathLike, dpi: int = 110) -> Path:
-    """Write `fig` as a PNG atomically (a reader never sees half a file) and close it."""
+    """Write `fig` as a PNG atomically (a reader never sees half a file; a refused write removes its
+    temporary file and raises WriteError, nearl/writes.py) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from .adapter_files import adapter_to_evaluate
-from .argtypes import Parser, non_negative_int, positive_int
+from .argtypes import Parser, non_negative_int, positive_int, seed
 from .classify import TEMPLATES
 from .cli_args import add_model_source, check_out_dir, resolve_device
 from .errors import UserError, run_cli
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--fused", action="store_true", help="Triton kernels (CUDA only; falls back otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="builds a random backbone reproducibly (zero-shot)")
+    p.add_argument("--seed", type=seed, default=0, help="builds a random backbone reproducibly (zero-shot)")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -15,6 +15,7 @@ reject); `python -m nearl.predict` then exits with status 2.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .data.records import LabelledRecord
 from .errors import UserError
 from .evaluation import autocast, encode_images, encode_texts
 from .logging_utils import json_safe
+from .writes import atomic_write_all
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".dcm",
                   ".dicom")
@@ -270,13 +272,11 @@ def write_predictions(pred: Predictions, out_dir: Union[str, Path],
                       meta: Optional[Dict[str, Any]] = None) -> Tuple[Path, Path]:
     """out_dir/predictions.csv and out_dir/predictions.json; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = prediction_rows(pred)
-    fields = list(rows[0]) if rows else ["image"]
-    with open(out / CSV_FILE, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["image"])
+    writer.writeheader()
+    writer.writerows(rows)
     document = json.dumps(json_safe(predictions_json(pred, meta)), indent=2, allow_nan=False)  # NaN: null
-    (out / JSON_FILE).write_text(document + "\n", encoding="utf-8")
+    atomic_write_all({out / CSV_FILE: table.getvalue(), out / JSON_FILE: document + "\n"})  # both, or neither
     return out / CSV_FILE, out / JSON_FILE

@@ -1,12 +1,16 @@
-"""Resuming a run with settings given again (nearl.train --resume): what changed is applied and said,
+"""Resuming a run with settings given again (nearl.train --resume): a checkpoint holding NaN is refused,
+what changed is applied and said,
 the optimiser's hyper-parameters from the command line win over the checkpoint's, the schedule is
 re-laid for a changed length without a jump (schedule.WarmupCosine.changed_at), and a checkpoint
 that does not fit the model names the settings that differ."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List
 
+from .checkpoint import LAST, PREVIOUS, CheckpointError, load_checkpoint
 from .errors import UserError
+from .nonfinite import nonfinite_tensors
 from .schedule import WarmupCosine
 
 OPTIMISER_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the command line sets in each group
@@ -17,6 +21,28 @@ def changed_settings(saved: Dict[str, Any], args) -> List[str]:
     """'--flag old -> new' for each setting of this run that differs from the checkpoint's."""
     return [f"--{k.replace('_', '-')} {show(old)} -> {show(getattr(args, k))}" for k, old in saved.items()
             if k not in NOT_REPORTED and hasattr(args, k) and getattr(args, k) != old]
+
+
+def check_resumable(ckpt: Dict[str, Any]) -> None:
+    """A checkpoint whose learnable tensors hold NaN or inf (a diverged model, written before the
+    checks or by hand) is refused before any work, naming it and the tensors: resumed, its first step
+    would be NaN and the message would blame --lr. Its last.prev.pt is offered when that one is finite."""
+    bad = nonfinite_tensors(ckpt["model"])
+    if not bad:
+        return
+    path = Path(ckpt.get("path", "the checkpoint"))
+    hint = "start again (--overwrite, or another --out)"
+    previous = path.with_name(PREVIOUS)
+    if path.name == LAST and previous.is_file():
+        try:
+            earlier = load_checkpoint(previous)
+        except CheckpointError:
+            earlier = None
+        if earlier is not None and not nonfinite_tensors(earlier["model"]):
+            hint = f"{previous.name} holds step {earlier.get('step')}, finite: --resume {previous}"
+    raise UserError(f"{path}: {len(bad)} of {len(ckpt['model'])} learnable tensors hold NaN or inf "
+                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a diverged model cannot be "
+                    f"resumed; {hint}")
 
 
 def load_adapters(model, ckpt: Dict[str, Any], device) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from .checkpoint import BEST, LAST, PREVIOUS, remove_stale_temporaries
 from .errors import UserError
+from .writes import write_error
 
 try:
     import fcntl
@@ -85,8 +86,10 @@ class RunLock:
         try:
             owner = json.loads(raw.decode("utf-8")) if raw.strip() else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
-            owner = {"pid": "?", "host": "?", "unreadable": True}
-        return owner if isinstance(owner, dict) else {"pid": "?", "host": "?"}
+            owner = None
+        if owner == {} or (isinstance(owner, dict) and "pid" in owner and "host" in owner):
+            return owner
+        return {"pid": "?", "host": "?", "unreadable": True}  # not a lock a run wrote: its host is unknown
 
     def _open_locked(self) -> int:
         """An fd of the lock file holding the flock (retried if the file was replaced meanwhile)."""
@@ -114,7 +117,8 @@ class RunLock:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._open_locked()
         except OSError as e:
-            raise UserError(f"cannot lock the output folder {self.directory}: {e}") from None
+            refused = write_error(e, self.path)  # a read-only or full folder: said as such (nearl/writes.py)
+            raise refused or UserError(f"cannot lock the output folder {self.directory}: {e}") from None
         try:
             owner = self._read(fd)
             if owner:
@@ -135,7 +139,12 @@ class RunLock:
         """A lock file we could flock was left behind: stale, unless it may still be held elsewhere."""
         host = socket.gethostname()
         pid = owner.get("pid")
-        if owner.get("host") != host:
+        if owner.get("unreadable") and fcntl is not None:
+            pass  # no run wrote it, and none holds its flock: garbage, not a lock of another host
+        elif owner.get("unreadable") and not force:
+            raise self._refuse(owner, f"{self.path} cannot be read, so whether a run holds it cannot be checked; "
+                                      "if none does, pass --force-unlock (or delete it)")
+        elif owner.get("host") != host:
             if not force:
                 raise self._refuse(owner, f"it was written on another host, so whether that run still lives "
                                           f"cannot be checked from {host}; if it has ended, pass --force-unlock "
@@ -144,6 +153,13 @@ class RunLock:
                 owner.get("process_start") in (None, _process_start(pid)):
             raise self._refuse(owner, "that process is still running")  # no flock to tell us otherwise
         self.stale = owner
+
+    def stale_note(self) -> str:
+        """What was taken over, said once the lock is held."""
+        if self.stale.get("unreadable"):
+            return f"found an unreadable {self.path.name} (not a lock a run wrote, and no process holds it): taken over"
+        return (f"found a stale {self.path.name} of a run that ended without removing it ({_describe(self.stale)}): "
+                "taken over")
 
     def release(self) -> None:
         if self.fd is None:
@@ -176,6 +192,9 @@ def prepare(directory, *, resuming_here: bool, overwrite: bool) -> List[str]:
     notes: List[str] = []
     found = run_files(directory)
     if found and not resuming_here:
+        if not overwrite and not {LAST, PREVIOUS} & set(found):  # nothing --resume could continue
+            raise UserError(f"{directory} already holds {', '.join(found)} of a run that left no checkpoint to resume "
+                            f"({LAST}); pass --overwrite to delete it and start again, or choose another --out")
         if not overwrite:
             raise UserError(
                 f"{directory} already holds a training run ({', '.join(found)}); a new run there would "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import downloads
 from .errors import UserError
 
 
@@ -81,9 +82,12 @@ def create(source: str, weights: bool) -> TransformersCLIP:
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         # transformers 4.x would guess a model type from the folder's name instead
         raise UserError(f"{SCHEMA}{source}: no transformers config found (no config.json in the folder)")
+    downloads.check_reachable(SCHEMA + source, None)  # a repo id not in the cache, and no network: said at once
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
+        if downloads.unreachable(err):
+            raise downloads.offline_error(SCHEMA + source, None, str(err).splitlines()[0]) from None
         raise UserError(f"{SCHEMA}{source}: no transformers config found ({err})") from None
     if config.model_type not in MODEL_TYPES:
         raise UserError(f"{SCHEMA}{source} is a {config.model_type!r} model; NEARL-CLIP adapts transformers "

@@ -55,13 +55,13 @@ def test_failed_write_keeps_last_good(tmp_path, monkeypatch):
     assert C.load_checkpoint(tmp_path / C.PREVIOUS)["step"] == 1
 
 
-def test_corrupt_last_falls_back_to_previous(tmp_path):
+def test_corrupt_last_falls_back_to_previous(tmp_path, caplog):
     C.save_checkpoint(_state(1), tmp_path)
     C.save_checkpoint(_state(2), tmp_path)
     data = (tmp_path / C.LAST).read_bytes()
     (tmp_path / C.LAST).write_bytes(data[: len(data) // 2])  # a disk that lied about fsync
-    with pytest.warns(UserWarning, match="previous checkpoint"):
-        assert C.load_checkpoint(tmp_path)["step"] == 1
+    assert C.load_checkpoint(tmp_path)["step"] == 1
+    assert [r.getMessage() for r in caplog.records if "using the previous checkpoint" in r.getMessage()]
     with pytest.raises(C.CheckpointError):
         C.load_checkpoint(tmp_path / "missing.pt")
     torch.save({"not": "ours"}, tmp_path / "other.pt")
@@ -121,8 +121,7 @@ def test_save_after_fallback_keeps_the_good_previous(tmp_path):
     C.save_checkpoint(_state(2), tmp_path)
     data = (tmp_path / C.LAST).read_bytes()
     (tmp_path / C.LAST).write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match="previous checkpoint"):
-        assert C.load_checkpoint(tmp_path)["step"] == 1
+    assert C.load_checkpoint(tmp_path)["step"] == 1  # (with a warning: test_corrupt_last_falls_back_to_previous)
     C.save_checkpoint(_state(3), tmp_path)  # the resumed run's next save
     assert C.load_checkpoint(tmp_path / C.PREVIOUS)["step"] == 1
     assert C.load_checkpoint(tmp_path)["step"] == 3

@@ -165,3 +165,48 @@ def test_all_nan_pixels_are_undecodable_not_black(tmp_path, recwarn, caplog):
     Image.fromarray(some, mode="F").save(tmp_path / "some.tif")
     assert np.asarray(load_image(tmp_path / "some.tif"))[0, 0].tolist() == [0, 0, 0]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+
+
+# ----------------------------------------------------------------------------- issue 24.18: codecs
+def compressed_dicom(path, transfer_syntax):
+    """A valid DICOM whose pixel data are encapsulated in `transfer_syntax` (12-bit samples): what a
+    scanner writes. The frame's bytes are not a real codestream, so a decoder that had the codec would
+    call them damaged; none here has it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc1" + bytes(60) + b"\xff\xd9"])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("uid, name", [("1.2.840.10008.1.2.4.51", "JPEG Extended"),  # Pillow: 8-bit only
+                                       ("1.2.840.10008.1.2.4.70", "JPEG Lossless")])  # no decoder at all
+def test_a_dicom_codec_with_no_decoder_is_named_not_called_corrupt(tmp_path, uid, name):
+    """A 12-bit JPEG-Extended (or JPEG Lossless) DICOM is valid; without pylibjpeg-libjpeg or gdcm it
+    cannot be decoded here. It was reported as a 'corrupt DICOM'; now the reason names the transfer
+    syntax and the packages that decode it, and it is counted apart from damaged files."""
+    import importlib.util
+
+    if importlib.util.find_spec("pylibjpeg") or importlib.util.find_spec("gdcm"):
+        pytest.skip("a JPEG decoder plugin for pydicom is installed here")
+    path = compressed_dicom(tmp_path / "scan.dcm", uid)
+    with pytest.raises(BadImageError) as e:
+        load_image(path)
+    msg = str(e.value)
+    assert e.value.kind == "DICOM codec not installed" and "corrupt" not in msg, msg
+    assert name in msg and uid in msg and "pylibjpeg-libjpeg" in msg and "python-gdcm" in msg, msg
+    ds = LabelledDataset([LabelledRecord(path, 0, "c0"), LabelledRecord(write_png(tmp_path / "g.png"), 1, "c1")],
+                         to_tensor)
+    assert epochs(ds, 1, workers=0) == [[1]] and ds.skip_counts() == {"DICOM codec not installed": 1}

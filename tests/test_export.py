@@ -296,3 +296,34 @@ def test_export_refuses_to_overwrite_and_names_a_missing_checkpoint(trained, tmp
     assert run_cli(X.main, ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
                    prog="nearl.export") == 2
     assert "checkpoint not found: " in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 24.17: no local paths
+def test_an_export_records_no_local_path(trained, tmp_path):
+    """A run trained on --pretrained /home/.../weights.pt: adapter_config.json and the model card, meant to
+    be pushed to the Hub as they are, named that absolute path (and the checkpoint's). Now the weights
+    are named by file name alone, with the backbone fingerprint; the folder still loads given a copy of
+    them, and without one the message says to pass it."""
+    private = tmp_path / "home" / "someone" / "private"
+    private.mkdir(parents=True)
+    weights = private / "weights.pt"
+    torch.save(MT.build_method("zeroshot", "NEARL-Tiny", None, seed=0).backbone.state_dict(), weights)
+    ckpt = torch.load(C.resolve(trained[0]), weights_only=True)
+    ckpt["pretrained"] = str(weights)
+    torch.save(ckpt, private / "last.pt")
+    out = tmp_path / "adapter"
+    X.main(["--checkpoint", str(private / "last.pt"), "--out", str(out)])
+    for name in (AF.CONFIG_FILE, AF.CARD_FILE):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "someone" not in text, (name, text)
+    record = json.loads((out / AF.CONFIG_FILE).read_text())
+    assert record["backbone"]["pretrained"] == "weights.pt" and record["source"]["checkpoint"] == "last.pt"
+    assert "`weights.pt`" in (out / AF.CARD_FILE).read_text()
+    with pytest.raises(UserError, match=r"adapter_config.json: the backbone weights were read from a local file, "
+                                        r"weights.pt, .*pass --pretrained \(pretrained=\) a copy"):
+        nearl.load(out)
+    loaded = AF.load_adapter(out, pretrained=str(weights))  # the sealed config and the fingerprint still check
+    reference = nearl.load(trained[1])
+    images, tokens = images_and_tokens(reference)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))

@@ -164,7 +164,9 @@ def test_pretrained_checkpoint_file_and_local_dir_load_weights(tmp_path):
 
 
 def test_hf_hub_source_is_passed_to_open_clip_as_the_model_name(monkeypatch):
+    from nearl import downloads
     seen = {}
+    monkeypatch.setattr(downloads, "check_reachable", lambda *a: None)  # no DNS look-up in the tests
     monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
     assert create_backbone("ViT-B-16", "hf-hub:org/repo") == "m" and seen == {"name": "hf-hub:org/repo"}
     create_backbone("ViT-B-16", "openai")

@@ -200,6 +200,8 @@ class _Recorder:
         monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
                             lambda source, **kw: self.calls.append(("weights", source)) or model)
         import huggingface_hub
+        from nearl import downloads
+        monkeypatch.setattr(downloads, "check_reachable", lambda *a: None)  # no DNS look-up in the tests
         monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                             lambda repo, filename, **kw: self.calls.append(("file", repo, filename))
                             or str(folder / filename))

@@ -50,6 +50,9 @@ class SkipsBadImages:
         # 0 = not failed; k = failed with IMAGE_FAILURES[k - 1]. share_memory_ makes the workers'
         # copies of this tensor (fork or spawn) write to the same memory as the main process's.
         self.failures = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+        # {reason: n} of the images the reader already dropped (missing, empty: records.Unusable), which
+        # the training reports with these (loadable.report_skips); set by whoever built the records.
+        self.dropped: Dict[str, int] = {}
 
     def _fail(self, index: Optional[int], err: BadImageError) -> None:
         if index is not None:

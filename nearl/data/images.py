@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .skips import (CORRUPT_DICOM, EMPTY_IMAGE, MISSING_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE,
-                    UNDECODABLE_IMAGE)
+from .skips import (CORRUPT_DICOM, EMPTY_IMAGE, MISSING_IMAGE, NO_DICOM_DECODER, NOT_AN_IMAGE,
+                    TRUNCATED_IMAGE, UNDECODABLE_IMAGE)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -119,6 +120,44 @@ def _first(value) -> float:
         return float(value)
 
 
+# The modules pydicom's decoder plugins need, as pip installs them where the names differ.
+PIP_NAMES = {"gdcm": "python-gdcm"}
+
+
+def _pip_install(requirement: str) -> str:
+    """pydicom's 'pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1' -> 'pip install
+    pylibjpeg pylibjpeg-libjpeg' (numpy, which nearl needs anyway, left out)."""
+    needs = requirement.split(" - requires ", 1)[-1].split(" and ")
+    names = [re.split(r"[<>=!~ ]", n.strip(), maxsplit=1)[0] for n in needs]
+    return "pip install " + " ".join(PIP_NAMES.get(n, n) for n in names if n and n != "numpy")
+
+
+def missing_codec(ds, err: Exception) -> Optional[str]:
+    """Why a DICOM's pixel data cannot be decoded here when the fault is the installed decoders, not the
+    file: compressed in a transfer syntax that no installed plugin of pydicom reads (JPEG Lossless
+    without pylibjpeg-libjpeg or gdcm, or 12-bit JPEG-Extended, which Pillow does not do). The
+    transfer syntax by name and UID, and what to install; None when a decoder that has the codec
+    failed (the data are damaged)."""
+    import pydicom
+    from pydicom.pixels import get_decoder
+
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None or not uid.is_compressed:
+        return None
+    codec = f"DICOM pixel data compressed as {uid.name} ({uid})"
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"{codec}, which pydicom {pydicom.__version__} cannot decode"
+    refused = [line.strip() for line in str(err).splitlines() if "does not support" in line]
+    if decoder.is_available and not refused:
+        return None
+    needs = sorted(decoder.missing_dependencies, key=lambda r: r.startswith("gdcm"))  # the pip wheels first
+    installs = ", or ".join(_pip_install(r) for r in needs)
+    why = f" ({refused[0]})" if refused else ""
+    return f"{codec}, a codec no installed decoder reads{why}: {installs or 'see pydicom pixel data handlers'}"
+
+
 def _load_dicom(path: Path) -> Image.Image:
     import pydicom
 
@@ -130,7 +169,13 @@ def _load_dicom(path: Path) -> Image.Image:
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise BadImageError(path, "DICOM file has no pixel data", CORRUPT_DICOM)
-    arr = ds.pixel_array  # pydicom converts YBR colour to RGB here
+    try:
+        arr = ds.pixel_array  # pydicom converts YBR colour to RGB here
+    except Exception as err:  # a codec not installed is no corrupt file: say what to install
+        missing = missing_codec(ds, err)
+        if missing:
+            raise BadImageError(path, missing, NO_DICOM_DECODER) from err
+        raise
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]  # multi-frame: the first frame stands for the series
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 from ..errors import UserError
-from .records import LabelledRecord
+from .records import LabelledRecord, Records
 from .skips import MALFORMED, SkipCounter, check_image_file, logger
 from .textfiles import read_json
 
@@ -35,18 +35,18 @@ def read_image_folder(root: PathLike) -> Tuple[List[LabelledRecord], List[str]]:
     classnames = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classnames:
         raise UserError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
-    counter = SkipCounter(root)
+    counter = SkipCounter(root, images=root)
     records: List[LabelledRecord] = []
     for label, name in enumerate(classnames):
         files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
         if not files:
             logger.warning("%s: class %r has no images", root, name)
         for p in files:
-            if check_image_file(p, counter):
+            if check_image_file(p, counter, classname=name):
                 records.append(LabelledRecord(image=p, label=label, classname=name))
                 counter.keep()
     counter.finish()
-    return records, classnames
+    return Records(records, counter.unusable), classnames
 
 
 def read_coop_split(json_path: PathLike, *, root: PathLike
@@ -61,7 +61,7 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
     if not isinstance(data, dict):
         raise UserError(f"{json_path}: expected an object {{split: [[path, label, classname]]}}, "
                         f"got a JSON {type(data).__name__}")
-    counter = SkipCounter(json_path)
+    counter = SkipCounter(json_path, images=root)
     names: Dict[int, str] = {}
     splits: Dict[str, List[LabelledRecord]] = {}
     for split, items in data.items():
@@ -80,17 +80,25 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
                 raise UserError(f"{json_path}: label {label} is named both "
                                  f"{names[label]!r} and {classname!r}")
             image = root / relpath
-            if check_image_file(image, counter):
+            if check_image_file(image, counter, split, classname):
                 splits[split].append(LabelledRecord(image, label, classname, split=split))
                 counter.keep()
     counter.finish()
     if sorted(names) != list(range(len(names))):
         raise UserError(f"{json_path}: labels must be 0..C-1, got {sorted(names)}")
+    splits = {s: Records(rs, [u for u in counter.unusable if u.split == s]) for s, rs in splits.items()}
     return splits, [names[i] for i in range(len(names))]
 
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
 NOT_A_SOURCE = "classification data must be an ImageFolder directory or a CoOp split .json, got {path}"
+
+
+def not_a_source(path: Path) -> UserError:
+    """The error for a classification source that is neither kind: one that is not there says so."""
+    if not path.exists():
+        return UserError(f"{path} does not exist (no such file or folder)")
+    return UserError(NOT_A_SOURCE.format(path=path))
 
 
 def split_folders(root: Path) -> Dict[str, Path]:
@@ -109,7 +117,7 @@ def read_labelled_splits(path: PathLike, root: Union[PathLike, None] = None
     if path.suffix.lower() == ".json":
         return read_coop_split(path, root=Path(root) if root else path.parent)
     if not path.is_dir():
-        raise UserError(NOT_A_SOURCE.format(path=path))
+        raise not_a_source(path)
     folders = split_folders(path)
     if not folders:
         records, classnames = read_image_folder(path)

@@ -11,15 +11,14 @@ a training loop:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from .datasets import SkipsBadImages
-from .skips import format_counts
+from .skips import NAMED, format_counts
 
 logger = logging.getLogger("nearl.data")
-
-NAMED = 3  # images named in an error message
 # Summaries this process has logged: a validation set is rebuilt for every evaluation, and its
 # unchanged count is not worth a line each time.
 _LOGGED: set = set()
@@ -80,22 +79,25 @@ def require_loadable(data: Any, source: Optional[str] = None, *, what: str = "tr
 
 def report_skips(data: Any, log: Any = None, *, step: Optional[int] = None, source: Optional[str] = None,
                  what: str = "training") -> Optional[Dict[str, Any]]:
-    """Log how many images of the set could not be loaded, by reason, when that number grew since the
-    last report (so once per data set, not once per epoch: a bad image is met again each epoch but
-    counted once), and write the same as a metrics.jsonl record {"kind": "skipped_images", ...}
+    """Log how many images of the set could not be loaded (undecodable, or missing or empty: those the
+    reader dropped, `dataset.dropped`), by reason, when that number grew since the last report (so
+    once per data set, not once per epoch: a bad image is met again each epoch but counted once),
+    and write the same as a metrics.jsonl record {"kind": "skipped_images", ...}
     through `log.write` when a log is given. Returns that record, or None when there is nothing new.
 
     A log with `enabled` False (another rank's) makes this silent. Under torchrun each rank counts
     the records of its own shard.
     """
     ds = image_dataset(data)
-    total = ds.bad_count
+    dropped = dict(getattr(ds, "dropped", None) or {})  # missing or empty, dropped by the reader
+    total = ds.bad_count + sum(dropped.values())
     if total <= getattr(ds, "_reported", 0):
         return None
     ds._reported = total
-    counts = ds.skip_counts()
+    counts = Counter(ds.skip_counts()) + Counter(dropped)
+    counts = {reason: counts[reason] for reason in sorted(counts)}
     record = {"kind": "skipped_images", "set": what, "source": source, "step": step,
-              "images": len(ds.records), "skipped": total, "reasons": counts}
+              "images": len(ds.records) + sum(dropped.values()), "skipped": total, "reasons": counts}
     if log is not None and not getattr(log, "enabled", True):
         return record
     key = (what, source, total, len(ds.records))
@@ -103,7 +105,7 @@ def report_skips(data: Any, log: Any = None, *, step: Optional[int] = None, sour
         return record
     _LOGGED.add(key)
     logger.warning("%s data %s: %d of %d images could not be loaded and are skipped (%s)", what,
-                   source or "", total, len(ds.records), format_counts(counts))
+                   source or "", total, record["images"], format_counts(counts))
     if log is not None:
         log.write(record)
     return record

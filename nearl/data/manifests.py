@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..errors import UserError
-from .records import ImageTextRecord
+from .records import ImageTextRecord, Records
 from .skips import (EMPTY_CAPTION, MALFORMED, NO_IMAGE_PATH, NO_MATCH, SkipCounter,
                     check_image_file, logger)
 from .textfiles import open_text
@@ -33,7 +33,7 @@ def _add_record(records: List[ImageTextRecord], counter: SkipCounter, image: Opt
         counter.skip(NO_IMAGE_PATH)
     elif not captions:
         counter.skip(EMPTY_CAPTION)
-    elif check_image_file(image, counter):
+    elif check_image_file(image, counter, split):
         records.append(ImageTextRecord(image=image, captions=captions, split=split, meta=meta))
         counter.keep()
 
@@ -53,7 +53,7 @@ def read_manifest(path: PathLike, *, root: Optional[PathLike] = None, image_colu
     if isinstance(caption_columns, str):
         caption_columns = (caption_columns,)
     root = Path(root) if root is not None else path.parent
-    counter = SkipCounter(path)
+    counter = SkipCounter(path, images=root)
     rows, columns = read_rows(path, counter)
     if table_kind(path) == "csv":  # a CSV header is explicit: a wrong column name is a user error
         missing = [c for c in (image_column, *caption_columns) if c not in columns]
@@ -76,7 +76,7 @@ def read_manifest(path: PathLike, *, root: Optional[PathLike] = None, image_colu
         meta = {k: v for k, v in row.items() if k not in used}
         _add_record(records, counter, image, captions, row_split, meta)
     counter.finish()
-    return records
+    return Records(records, counter.unusable)
 
 
 def _split_from_path(path: Path) -> Optional[str]:
@@ -120,7 +120,7 @@ def _read_roco_dir(directory: Path, root: Path, split: Optional[str]) -> List[Im
     dlinks_file = _find_one(directory, "dlinks.txt", "dlinks*.txt")
     if captions_file is None or dlinks_file is None:
         raise UserError(f"{directory}: ROCO folder needs captions.txt and dlinks.txt")
-    counter = SkipCounter(captions_file)
+    counter = SkipCounter(captions_file, images=root)
     captions = _read_tab_lines(captions_file, 2, counter)
     links = _read_tab_lines(dlinks_file, 3, counter)
     records: List[ImageTextRecord] = []
@@ -141,11 +141,11 @@ def _read_roco_dir(directory: Path, root: Path, split: Optional[str]) -> List[Im
     if unmatched_links:
         counter.skip(NO_MATCH, unmatched_links)
     counter.finish()
-    return records
+    return Records(records, counter.unusable)
 
 
 def _read_roco_csv(path: Path, root: Path, split: Optional[str]) -> List[ImageTextRecord]:
-    counter = SkipCounter(path)
+    counter = SkipCounter(path, images=root)
     rows, columns = read_rows(path, counter)
     missing = [c for c in ("name", "caption") if c not in columns]
     if missing:
@@ -157,7 +157,7 @@ def _read_roco_csv(path: Path, root: Path, split: Optional[str]) -> List[ImageTe
         meta = {"roco_id": clean_text(row.get("id"))}
         _add_record(records, counter, image, captions_from([row.get("caption")]), split, meta)
     counter.finish()
-    return records
+    return Records(records, counter.unusable)
 
 
 def read_roco(path: PathLike, *, root: Optional[PathLike] = None,
@@ -191,7 +191,7 @@ def read_medicat(path: PathLike, *, root: Optional[PathLike] = None) -> List[Ima
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    counter = SkipCounter(path)
+    counter = SkipCounter(path, images=root)
     rows, _ = read_rows(path, counter)
     records: List[ImageTextRecord] = []
     for _, obj in rows:
@@ -209,7 +209,7 @@ def read_medicat(path: PathLike, *, root: Optional[PathLike] = None) -> List[Ima
         meta["caption_source"] = source
         _add_record(records, counter, image, captions, clean_text(obj.get("split")) or None, meta)
     counter.finish()
-    return records
+    return Records(records, counter.unusable)
 
 
 def detect_format(path: PathLike) -> str:
@@ -235,6 +235,8 @@ def read_image_text(path: PathLike, *, format: str = "auto", **kw) -> List[Image
     """Read any supported image-text source; `format` is one of FORMATS, `kw` go to the reader."""
     if format not in FORMATS:
         raise UserError(f"format must be one of {FORMATS}, got {format!r}")
+    if not Path(path).exists():  # not "unknown manifest format ''" for a folder that is not there
+        raise UserError(f"{path} does not exist (no such file or folder)")
     if format == "auto":
         format = detect_format(path)
     reader = {"manifest": read_manifest, "roco": read_roco, "medicat": read_medicat}[format]

@@ -10,7 +10,7 @@ SPEC = MethodSpec(
     model_cls=NEARLCLIP, config_cls=NEARLConfig, fused_kernels=True, aliases=("nearl-clip",),
     summary="NEARL-CLIP: USEformer queries + orthogonal cross-attention in every adapted block",
     options=(
-        Option(("--num-queries",), dict(type=A.positive_int, default=16, help="M"), "num_queries", fixed=True),
+        Option(("--num-queries",), dict(type=A.queries, default=16, help="M (at most 1024)"), "num_queries", fixed=True),
         Option(("--query-dim",), dict(type=A.positive_int, default=128, help="D"), "query_dim", fixed=True),
         Option(("--heads",), dict(type=A.positive_int, default=4, help="H (query heads)"), "heads", fixed=True),
         Option(("--rank",), dict(type=A.positive_int, default=32, help="r (OCA rank)"), "rank", fixed=True),

@@ -2,8 +2,10 @@
 CoOp splits, multi-view studies), few-shot sampling, and the augmented dataset the loop draws from."""
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,10 +16,14 @@ from .. import distributed as D
 from ..data import demo
 from ..data.datasets import ImageTextDataset, LabelledDataset
 from ..data.labelled import k_shot, read_labelled_splits, require_classes, select_classes
+from ..data.loadable import require_loadable
 from ..data.manifests import read_image_text
+from ..data.records import Unusable, unusable
 from ..errors import UserError
 from ..evaluation import VAL_SPLITS
 from ..methods.multiview import VIEW_COLUMNS, MultiViewDataset, read_multiview
+
+logger = logging.getLogger("nearl.data")
 
 
 class SeededAugment(Dataset):
@@ -55,6 +61,7 @@ class TrainData:
     val: list
     classnames: Optional[List[str]]
     source: str
+    unusable: List[Unusable] = field(default_factory=list)  # training images the reader dropped (missing, empty)
 
 
 def _read_retrieval(path: str, fmt: str, root: Optional[str]):
@@ -88,7 +95,8 @@ def load_train_data(args) -> TrainData:
             val = [r for r in records if r.split in VAL_SPLITS]
         if not train:
             raise UserError(f"{path}: no training records (split 'train' or no split column)")
-        return TrainData("retrieval", train, val, None, path)
+        dropped = [u for u in unusable(records) if u.split in (None, "train")]
+        return TrainData("retrieval", train, val, None, path, unusable=dropped)
     path = Path(args.data) if args.data else demo.demo_split_json()
     splits, classnames = read_labelled_splits(path, args.root)
     train = splits.get("train", splits.get("all", []))  # a flat ImageFolder is all training data
@@ -101,8 +109,9 @@ def load_train_data(args) -> TrainData:
         val = splits.get("val", [])
     which = getattr(args, "classes", "all")
     require_classes(classnames, str(path))
+    dropped = unusable(train)
     (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
-    classnames = names
+    classnames, dropped = names, [u for u in dropped if u.classname in names]
     if not train:
         raise UserError(f"{path}: no training records" + ("" if which == "all" else f" of the {which} classes"))
     if args.k_shot:
@@ -111,7 +120,12 @@ def load_train_data(args) -> TrainData:
     if len(present) < 2:
         raise UserError(f"{path}: training images of {len(present)} class ({present}) only, of the classes "
                         f"{classnames}: classification needs images of at least two classes to learn to tell apart")
-    return TrainData("classification", train, val, classnames, str(path))
+    unseen = [c for c in classnames if c not in present]
+    if unseen:
+        logger.warning("%s: no training image for %d of the %d classes (%s): the model never sees them in "
+                       "training, though validation and evaluation score them", path, len(unseen), len(classnames),
+                       unseen)
+    return TrainData("classification", train, val, classnames, str(path), unusable=dropped)
 
 
 def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> Dataset:
@@ -123,4 +137,14 @@ def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> 
         base = ImageTextDataset(data.train, transform, model.tokenizer(), train=True, seed=seed)
     else:
         base = LabelledDataset(data.train, transform)
+    base.dropped = dict(Counter(u.reason for u in data.unusable))  # reported with the undecodable ones
     return SeededAugment(base, seed)
+
+
+def require_decodable(data: TrainData, train, val_source: Optional[str] = None) -> None:
+    """Before the first step: a training set (`train`, its records or dataset) or a validation set
+    with no decodable image stops the run, naming the data file and the first images, rather than
+    an epoch later at the first validation."""
+    require_loadable(train, data.source)
+    if data.val:
+        require_loadable(data.val, val_source or data.source, what="validation")

@@ -20,9 +20,9 @@ from .. import distributed as D
 from ..checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_state
 from ..classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
 from ..data.datasets import collate_skip_bad
-from ..data.loadable import report_skips, require_loadable
+from ..data.loadable import report_skips
 from ..data.overlap import training_images
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
 from ..logging_utils import format_metrics
 from ..losses import NEARLLoss
@@ -31,8 +31,9 @@ from ..nonfinite import NonFiniteError, check_finite_state
 from ..plots import plot_curves
 from ..resume import changed_settings, load_adapters, resume_optimizer
 from ..schedule import warmup_cosine
-from .data import TrainData, make_dataset
+from .data import TrainData, make_dataset, require_decodable
 from .options import saved_args
+from .stop import SigtermStop
 from .tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
@@ -99,12 +100,15 @@ def say(info: D.DistInfo, *msg) -> None:
 class GradientRun:
     """One training run of a model with learnable parameters (or none: zeroshot validates once).
     `run()` returns the summary. The state a checkpoint records lives on the instance: step, epoch,
-    pos (micro-batches into the epoch), best, skipped (non-finite steps skipped)."""
+    pos (micro-batches into the epoch), best, skipped (non-finite steps skipped). `stop` (stop.py):
+    SIGTERM during `run()` stops it at the next step boundary, saved."""
 
     def __init__(self, args, info: D.DistInfo, hooks: Hooks, model, data: TrainData, *, method: str,
-                 model_name: str, fused: bool, tracker: Optional[Tracker] = None):
+                 model_name: str, fused: bool, tracker: Optional[Tracker] = None, stop: Optional[SigtermStop] = None):
         self.args, self.info, self.hooks, self.model, self.data = args, info, hooks, model, data
         self.method, self.model_name, self.fused = method, model_name, fused
+        self.stop, self.stopping = stop or SigtermStop(), False  # stopping: every rank saw SIGTERM's flag
+        self.done_already: Optional[Dict[str, Any]] = None  # a resumed checkpoint at or past this run's end
         self.device, self.out, self.main_rank = info.device, Path(args.out), info.is_main
         self.step = self.epoch = self.pos = self.skipped = 0
         self.best: Optional[float] = None
@@ -122,7 +126,8 @@ class GradientRun:
     def _prepare_data(self) -> None:
         args, info = self.args, self.info
         self.dataset = make_dataset(self.data, self.model, args.seed, multiview=getattr(args, "multiview", False))
-        require_loadable(self.dataset, self.data.source)  # a set with no decodable image stops here, naming files
+        # a training or validation set with no decodable image stops here, naming files
+        require_decodable(self.data, self.dataset, getattr(args, "val_data", None))
         per_rank = args.batch_size
         if len(self.dataset) < per_rank * info.world_size:
             new = max(1, len(self.dataset) // info.world_size)
@@ -198,6 +203,9 @@ class GradientRun:
             raise UserError(f"checkpoint task {ckpt.get('task')} != --task {self.data.task}")
         if canonical(ckpt.get("method") or "nearl") != self.method:
             raise UserError(f"checkpoint method {ckpt.get('method')} != --method {self.method}")
+        if self.params and ckpt["step"] >= self.total:  # nothing to train: run() says so and writes nothing
+            self.done_already = ckpt
+            return
         load_adapters(self.model, ckpt, self.device)
         self.train_images = training_images(self.data.train, ckpt.get("train_images"))  # trained on both
         changed = changed_settings(ckpt.get("args", {}), args)
@@ -261,6 +269,13 @@ class GradientRun:
             return "No checkpoint was written"
         return f"Nothing after step {self.last_good} was saved: {self.out / LAST} holds step {self.last_good}"
 
+    def again(self) -> str:
+        """How to go on after a diverged validation: from the last good checkpoint, if one was written."""
+        lower = f"a lower --lr (now {self.args.lr:g})"
+        if self.last_good is None:
+            return f"Start again with {lower} and --overwrite"
+        return f"Resume from it with {lower} (--resume {self.out} --lr ...), or start again with --overwrite"
+
     def save(self, name: str, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> None:
         # Every rank holds the same parameters, so every rank reaches the same verdict.
         check_finite_state(self.model.trainable_state_dict(), f"step {self.step}: {self.out / name}")
@@ -297,8 +312,7 @@ class GradientRun:
             bad = int(results.get("nonfinite_rows", 0))
             if bad:  # the metrics counted them as misses; the model itself is broken
                 broken = (f"validation at step {self.step}: the model's outputs hold NaN or inf for {bad} inputs: "
-                          f"it has diverged, so training stopped and it was not saved. {self.kept()}. Lower --lr "
-                          f"(now {self.args.lr:g}) and resume from that checkpoint, or start again")
+                          f"it has diverged, so training stopped and it was not saved. {self.kept()}. {self.again()}")
             elif math.isfinite(score) and (self.best is None or score > self.best):
                 self.best = score
                 state = {**self.state(self.epoch, self.pos, results), "nonfinite_skipped": self.skipped}
@@ -321,11 +335,19 @@ class GradientRun:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> Dict[str, Any]:
+        with self.stop.deferred():  # SIGTERM from here on: stop at the next step boundary, saved (stop.py)
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
         self.resume_or_seed()
+        if self.done_already is not None:
+            return self.nothing_to_do()
         self.announce()
         self.module.train()
-        while self.step < self.total and self.epoch < self.epochs:
+        while self.step < self.total and self.epoch < self.epochs and not self.stopping:
             self.run_epoch()
+        if self.stopping:
+            self.stop_here()
         final = self.validate()
         if self.saved_at != {"step": self.step, "best": self.best}:
             self.save(LAST, self.epoch, self.pos, final)
@@ -336,8 +358,34 @@ class GradientRun:
                   f"{out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
                   f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
         self.log.close()
-        return {"step": self.step, "epoch": self.epoch, "best": self.best, "out": str(out), "method": self.method,
-                "learnable_parameters": self.model.num_trainable_parameters(), "nonfinite_skipped": skipped}
+        return self.summary()
+
+    def summary(self) -> Dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "best": self.best, "out": str(self.out), "method": self.method,
+                "learnable_parameters": self.model.num_trainable_parameters(), "nonfinite_skipped": self.skipped}
+
+    def nothing_to_do(self) -> Dict[str, Any]:
+        """--resume of a checkpoint at or past the step this run ends at: said, and nothing written (the
+        checkpoint, metrics.jsonl and curves stay as they were), exit status 0."""
+        ckpt, args = self.done_already, self.args
+        self.step, self.epoch, self.best = ckpt["step"], ckpt["epoch"], ckpt.get("best")
+        self.skipped = int(ckpt.get("nonfinite_skipped", 0))
+        end = f"--max-steps {args.max_steps}" if args.max_steps and args.max_steps <= self.total else (
+            f"{self.epochs} epochs of {self.steps_per_epoch} steps")
+        say(self.info, f"nothing to do: {ckpt['path']} holds step {self.step}, and this run ends at step {self.total} "
+                       f"({end}); nothing was trained or written. Give a larger --max-steps (or --epochs) to "
+                       "train further")
+        self.log.close()
+        return {**self.summary(), "nothing_to_do": True}
+
+    def stop_here(self) -> None:
+        """SIGTERM reached a step boundary (stop.py): save this step, close the log, and say where it stopped."""
+        if self.saved_at != {"step": self.step, "best": self.best}:
+            self.save(LAST, self.epoch, self.pos)
+        self.plot()
+        self.log.close()
+        raise Terminated(f"stopped by SIGTERM after step {self.step} of {self.total}: {self.out / LAST} holds it; "
+                         f"continue with python -m nearl.train --resume {self.out}")
 
     def run_epoch(self) -> None:
         """The rest of the current epoch (from micro-batch `pos`), then its validation and checkpoint."""
@@ -364,11 +412,11 @@ class GradientRun:
             if args.save_every and self.step % args.save_every == 0 and not at_epoch_end and self.step < self.total:
                 self.save(LAST, self.epoch, self.pos)
             self.hooks.on_step(self.step, record)
-            if self.step >= self.total:
+            if self.step >= self.total or self.stopping:
                 break
         bar.close()
         report_skips(self.dataset, self.log, step=self.step, source=self.data.source)  # once per data set
-        if self.pos >= self.steps_per_epoch * accum:  # a full epoch
+        if self.pos >= self.steps_per_epoch * accum and not self.stopping:  # a full epoch (SIGTERM: run() saves)
             self.epoch, self.pos = self.epoch + 1, 0
             if args.eval_every and self.epoch % args.eval_every == 0 and self.validate() is not None:
                 self.plot()  # the curves are redrawn with each validation, and at the end
@@ -437,14 +485,16 @@ class GradientRun:
         return record
 
     def _reduce_group(self, grad_norm: float):
-        """(whether any rank's gradients were non-finite, the group's mean loss terms over all ranks):
-        one collective, so every rank takes the same decision (none waits for another)."""
+        """(whether any rank's gradients were non-finite, the group's mean loss terms over all ranks);
+        `self.stopping` becomes whether any rank was sent SIGTERM before the run's last step (which
+        finishes the run as usual). One collective, so every rank takes the same decisions."""
         group = self.group
         keys = sorted({k for g in group for k in g})
         mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
-        flags = [float(not math.isfinite(grad_norm))] + [mean[k] for k in keys]
+        flags = [float(not math.isfinite(grad_norm)), float(self.stop.requested)] + [mean[k] for k in keys]
         reduced = D.all_reduce_mean(torch.tensor(flags, dtype=torch.float64), self.info).tolist()
-        return reduced[0] > 0, dict(zip(keys, reduced[1:]))
+        self.stopping = reduced[1] > 0 and self.step + 1 < self.total  # self.step: the steps before this one
+        return reduced[0] > 0, dict(zip(keys, reduced[2:]))
 
     def _stop_or_skip(self, bad_loss: bool, mean: Dict[str, float], grad_norm: float) -> None:
         args, skipped = self.args, self.skipped

@@ -11,7 +11,7 @@ from .. import argtypes as A
 from ..checkpoint import load_checkpoint
 from ..data.labelled import CLASS_SUBSETS
 from ..methods import METHODS, add_method_options, canonical, fixed_on_resume
-from ..resume import show as _show
+from ..resume import check_resumable, show as _show
 from .tracking import parse_report_to
 
 DESCRIPTION = """Train NEARL-CLIP's adapters on a frozen CLIP backbone (SPEC 3.2).
@@ -44,7 +44,10 @@ On --resume, settings given again take effect (optimiser, schedule, data); the m
 (--model, --num-queries, ...) stays the checkpoint's. A changed schedule (--max-steps, --epochs,
 --warmup, --min-lr-ratio) is laid out again over the new length, as if the run had started with it,
 and the learning rate moves there linearly from its current value over the next max(1, warmup)
-steps: it never jumps, and a finished run given more steps warms up again from its floor.
+steps: it never jumps, and a finished run given more steps warms up again from its floor. A resume
+with nothing left to do says so and changes nothing (exit 0); a checkpoint holding NaN is refused.
+SIGTERM (Slurm, docker stop, systemd) stops the run at the next step boundary: last.pt saved at that
+step, train.lock released, one line saying how to resume, exit status 143.
 """
 
 # Arguments a resumed run does not take from the checkpoint unless given again (one-shot actions).
@@ -100,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", choices=CLASS_SUBSETS, default="all", help="classification: train on the base "
                    "classes (the first half, CoOp's base-to-novel protocol), the novel ones, or all (default)")
     g.add_argument("--templates", nargs="+", help="classification prompt templates with '{}'")
-    g.add_argument("--seed", type=A.non_negative_int, default=0, help="data order, augmentation, init, few-shot draw")
+    g.add_argument("--seed", type=A.seed, default=0, help="data order, augmentation, init, few-shot draw")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=A.positive_int, help="default 10, or as many as --max-steps needs")
-    g.add_argument("--max-steps", type=A.positive_int, help="stop after this many optimizer steps (also the "
+    g.add_argument("--epochs", type=A.steps, help="default 10, or as many as --max-steps needs")
+    g.add_argument("--max-steps", type=A.steps, help="stop after this many optimizer steps (also the "
                    "schedule's length when it ends before --epochs). Changed on --resume, the warmup + cosine "
                    "is laid out again over the new length and the lr moves onto it linearly over max(1, warmup) "
                    "steps, so it never jumps (a finished run warms up again from its floor)")
@@ -183,6 +186,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.resume_notes = []
     if args.resume:
         ckpt = load_checkpoint(args.resume)
+        check_resumable(ckpt)  # NaN weights: refused before any work
         given = _explicit(parser, argv)
         if "out" not in given:
             args.out = str(resume_dir(args.resume))

@@ -12,25 +12,28 @@ import torch
 
 from .. import distributed as D
 from ..cli_args import check_backbone, user_errors
-from ..data.loadable import require_loadable
 from ..errors import UserError
-from ..evaluation import default_model_name
+from ..evaluation import check_templates, default_model_name
 from ..methods import build_method, canonical, check_options, check_task, method_config, spec as method_spec
 from ..run_dir import RunLock, prepare as prepare_run_dir
-from .data import load_train_data
+from .data import load_train_data, require_decodable
 from .features import fit_on_features
 from .loop import GradientRun, Hooks, say
 from .options import resume_dir, saved_args
+from .stop import SigtermStop
 from .tracking import check_installed, open_trackers, requested
 
 
 def fit(args: argparse.Namespace, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
     """Train as `python -m nearl.train` does; `args` from `nearl.training.parse_args([...])`. Returns
-    the run's summary (steps, best score, output folder, ...); a user's mistake raises UserError."""
+    the run's summary (steps, best score, output folder, ...); a user's mistake raises UserError, and
+    SIGTERM errors.Terminated, after saving the step it stopped at (stop.py)."""
+    check_templates(getattr(args, "templates", None))  # before the folder is claimed (and --overwrite empties it)
     info = D.init(args.device)
+    stop = SigtermStop()
     try:
-        with claim_out(args, info):
-            return _run(args, info, hooks or Hooks())
+        with stop.installed(), claim_out(args, info):
+            return _run(args, info, hooks or Hooks(), stop)
     finally:
         D.cleanup(info)
 
@@ -45,8 +48,7 @@ def claim_out(args, info: D.DistInfo):
         try:
             lock = RunLock(out).acquire(force=bool(getattr(args, "force_unlock", False)))
             if lock.stale:
-                notes.append(f"found a stale {lock.path.name} of a run that ended without removing it "
-                             f"(pid {lock.stale.get('pid', '?')} on host {lock.stale.get('host', '?')}): taken over")
+                notes.append(lock.stale_note())
             overwrite = bool(getattr(args, "overwrite", False))
             here = bool(args.resume) and resume_dir(args.resume).resolve() == out.resolve()
             if here and overwrite:
@@ -71,7 +73,7 @@ def claim_out(args, info: D.DistInfo):
             lock.release()
 
 
-def _run(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
+def _run(args, info: D.DistInfo, hooks: Hooks, stop: SigtermStop) -> Dict[str, Any]:
     if args.accum_steps < 1 or args.batch_size < 1:
         raise UserError("--batch-size and --accum-steps must be >= 1")
     for line in getattr(args, "resume_notes", None) or []:
@@ -88,10 +90,10 @@ def _run(args, info: D.DistInfo, hooks: Hooks) -> Dict[str, Any]:
     with open_trackers(trackers, args.out, main=info.is_main, config=saved_args(args),
                        wandb_project=getattr(args, "wandb_project", None) or "nearl-clip") as tracker:
         if method_spec(method).trainer == "features":
-            require_loadable(data.train, data.source)
+            require_decodable(data, data.train, getattr(args, "val_data", None))
             return fit_on_features(args, info, model, data, Path(args.out), tracker=tracker)
         return GradientRun(args, info, hooks, model, data, method=method, model_name=model_name, fused=fused,
-                           tracker=tracker).run()
+                           tracker=tracker, stop=stop).run()
 
 
 def _resolve(args, info: D.DistInfo):
