@@ -552,13 +552,14 @@ def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaCo
     16-column chunks at ViT-B/16 (32 spilled 52 bytes at 112) and 115 / 104 with 32 at the text
     shape; column kernel 113 / 111 with 2 stages (3 spilled 8 bytes at 112). With orth="soft"
     (whose cos^2 terms the column kernel also holds) 256 columns spilled 8-12 bytes whatever the
-    stages (triton 3.6 and 3.8): 128 columns. Smaller tiles (small batches) take fewer warps."""
+    stages (triton 3.6 and 3.8): 128 columns. Smaller tiles (small batches) take fewer warps, and
+    16-column rows chunks (16 tokens at 4 warps spilled 16 bytes with 32)."""
     tokens = policy.tokens_to_fill(256 if N > 128 else 128, B, N, n_sm)
     cols_bd = min(128 if orth == "soft" else 256, max(16, _pow2(d)))
     chunks = triton.cdiv(d, cols_bd)
     splits = max(1, min(triton.cdiv(N, 16), (4 * n_sm) // (B * chunks)))
     warps = lambda tile, full: 16 if tile >= full else (8 if tile >= 64 else 4)  # noqa: E731
-    return OcaConfig(BLOCK_M=16, BLOCK_DC=_chunk(d, 32), rows_block_dc=_chunk(d, 16 if tokens >= 256 else 32),
+    return OcaConfig(BLOCK_M=16, BLOCK_DC=_chunk(d, 32), rows_block_dc=_chunk(d, 32 if tokens == 128 else 16),
                      fwd_block_n=tokens, fwd_warps=warps(tokens, 256), rows_block_n=tokens,
                      rows_warps=warps(tokens, 128), cols_block_n=16, cols_block_d=cols_bd,
                      cols_warps=warps(cols_bd, 128), cols_splits=splits, num_stages=policy.PIPELINE_STAGES,
