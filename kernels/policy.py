@@ -29,6 +29,7 @@ def fp32_accurate_products(dtype: torch.dtype) -> bool:
     """
     return dtype != torch.bfloat16
 
+
 # Software pipelining (Triton's num_stages) of the kernels' column and token loops on the GPU:
 # with 1 stage every loop step loads, waits for its loads, then computes, so DRAM latency
 # (600-1000 cycles) and the step's math add up, at one or two CTAs per SM. With 3 stages the

@@ -61,8 +61,10 @@ def test_oca_forward_count_equals_the_hand_count(d, monkeypatch):
     """H100 tiling, B 1, N 20, M 4: one program of 128 tokens (20 valid), one 32-column chunk or
     three. x is read in two passes (the statistics with the scores, then the output: the first
     chunk, which gives the shift, is not requested twice), A once, C twice (x C^T, then P C), the
-    gate once; out is written once."""
+    gate once; out is written once. One SM: a batch this small would otherwise have its tiles
+    halved to fill the GPU (policy.tokens_to_fill)."""
     monkeypatch.setenv("NEARL_TILING", "h100")
+    monkeypatch.setenv("NEARL_SM_COUNT", "1")
     B, N, M = 1, 20, 4
     x = torch.randn(B, N, d).bfloat16()
     a, c, gate = torch.randn(B, d, M), torch.randn(B, M, d), torch.tensor(0.5)

@@ -79,6 +79,28 @@ def run(argv, hooks=None):
     return T.fit(args, hooks)
 
 
+TINY_RUN = ["--model", "NEARL-Tiny", "--batch-size", 4, *FAST]
+
+
+def one_step_run(root: Path):
+    """A NEARL-Tiny retrieval run of one step in root/run, and its manifest (one intra-op thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        manifest = make_manifest(root / "data", n_train=4, n_val=2)
+        run(["--data", manifest, "--max-steps", 1, "--out", root / "run", *TINY_RUN])
+        return root / "run", manifest
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_error_line(capsys, prog):
+    """The one line a command line printed for a user's error (warnings aside)."""
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip() and "Warning" not in l]
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
 # ----------------------------------------------------------------------------- units
 def test_warmup_cosine_schedule():
     s = WarmupCosine(warmup=2, total=10)

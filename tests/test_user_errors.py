@@ -22,29 +22,17 @@ from nearl import train as TR
 from nearl import training as T
 from nearl.errors import UserError, run_cli
 from nearl.model import create_backbone
-from test_train import _one_thread, FAST, make_image_folder, make_manifest, run
+from test_train import _one_thread, FAST, make_image_folder, make_manifest, run, TINY_RUN, one_error_line, one_step_run
 
-TINY = ["--model", "NEARL-Tiny", "--batch-size", 4, *FAST]
+TINY = TINY_RUN
 
 
-def _error_line(capsys, prog):
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip() and "Warning" not in l]
-    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A NEARL-Tiny retrieval run of one step (shared: tests copy it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("user_errors")
-        manifest = make_manifest(root / "data", n_train=4, n_val=2)
-        run(["--data", manifest, "--max-steps", 1, "--out", root / "run", *TINY])
-        return root / "run", manifest
-    finally:
-        torch.set_num_threads(threads)
+    return one_step_run(tmp_path_factory.mktemp("user_errors"))
 
 
 # ----------------------------------------------------------------------------- item 19
@@ -83,7 +71,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_everywhere(trained, tmp_path
         (TR, "nearl.train", ["--resume", str(run_dir), "--max-steps", "2", "--no-progress", "--workers", "0"]),
     ]:
         assert run_cli(module.main, argv, prog=prog) == 2, prog
-        line = _error_line(capsys, prog)
+        line = one_error_line(capsys, prog)
         assert str(run_dir / "last.pt") in line and re.search(says, line), line
 
 
@@ -94,7 +82,7 @@ def test_train_templates_need_one_placeholder(tmp_path, capsys, template):
     argv = ["--task", "classification", "--data", root, "--templates", template, "--max-steps", 1,
             "--out", tmp_path / "run", *TINY]
     assert run_cli(TR.main, [str(a) for a in argv], prog="nearl.train") == 2
-    line = _error_line(capsys, "nearl.train")
+    line = one_error_line(capsys, "nearl.train")
     assert line.startswith("nearl.train: error: --templates: each template needs exactly one '{}'"), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any work
 
@@ -104,7 +92,7 @@ def test_compare_templates_need_one_placeholder(tmp_path, capsys):
     argv = ["--methods", "zeroshot", "--seeds", "0", "--templates", "a photo", "--device", "cpu", "--workers", "0",
             "--out", str(tmp_path / "cmp")]
     assert run_cli(CMP.main, argv, prog="nearl.compare") == 2
-    assert "--templates: each template needs exactly one '{}'" in _error_line(capsys, "nearl.compare")
+    assert "--templates: each template needs exactly one '{}'" in one_error_line(capsys, "nearl.compare")
 
 
 # ----------------------------------------------------------------------------- item 22
@@ -207,10 +195,10 @@ def test_evaluate_checks_its_data_before_any_download(monkeypatch, tmp_path, cap
     argv = ["--model", "ViT-B-16", "--pretrained", "openai", "--data", str(tmp_path / "missing.csv"),
             "--device", "cpu", "--workers", "0", "--no-progress"]
     assert run_cli(E.main, argv, prog="nearl.evaluate") == 2
-    assert "missing.csv" in _error_line(capsys, "nearl.evaluate") and offline.calls == []
+    assert "missing.csv" in one_error_line(capsys, "nearl.evaluate") and offline.calls == []
     argv[argv.index("--data") + 1] = str(make_manifest(tmp_path / "data", n_train=0, n_val=2))
     assert run_cli(E.main, argv, prog="nearl.evaluate") == 2  # the data are there: now the download, in one line
-    _says_how_to_work_offline(_error_line(capsys, "nearl.evaluate"))
+    _says_how_to_work_offline(one_error_line(capsys, "nearl.evaluate"))
 
 
 # ----------------------------------------------------------------------------- item 24
@@ -218,12 +206,12 @@ def test_a_missing_data_folder_says_it_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "roco" / "train" / "radiology"
     argv = ["--data", str(missing), "--device", "cpu", "--workers", "0", "--no-progress"]
     assert run_cli(E.main, argv, prog="nearl.evaluate") == 2
-    assert _error_line(capsys, "nearl.evaluate") == f"nearl.evaluate: error: {missing} does not exist (no such file or folder)"
+    assert one_error_line(capsys, "nearl.evaluate") == f"nearl.evaluate: error: {missing} does not exist (no such file or folder)"
     argv = ["--data", str(missing), "--max-steps", "1", "--out", str(tmp_path / "run"), *map(str, TINY)]
     assert run_cli(TR.main, argv, prog="nearl.train") == 2
-    assert f"{missing} does not exist" in _error_line(capsys, "nearl.train")
+    assert f"{missing} does not exist" in one_error_line(capsys, "nearl.train")
     assert run_cli(TR.main, ["--task", "classification", *argv], prog="nearl.train") == 2  # not "must be an ImageFolder"
-    assert _error_line(capsys, "nearl.train") == f"nearl.train: error: {missing} does not exist (no such file or folder)"
+    assert one_error_line(capsys, "nearl.train") == f"nearl.train: error: {missing} does not exist (no such file or folder)"
 
 
 # ----------------------------------------------------------------------------- item 25

@@ -25,9 +25,9 @@ from nearl import predict as P
 from nearl import train as TR
 from nearl.errors import UserError, run_cli
 from nearl.plots import plot_curves
-from test_train import _one_thread, FAST, make_manifest, run
+from test_train import _one_thread, FAST, make_manifest, run, TINY_RUN, one_error_line, one_step_run
 
-TINY = ["--model", "NEARL-Tiny", "--batch-size", 4, *FAST]
+TINY = TINY_RUN
 
 
 def _under(path, folder: str) -> bool:
@@ -104,10 +104,6 @@ def refuse_writes(monkeypatch):
     return arm
 
 
-def _one_error_line(capsys, prog):
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip() and "Warning" not in l]
-    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
-    return err[0]
 
 
 def _leftovers(folder: Path):
@@ -117,15 +113,7 @@ def _leftovers(folder: Path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A NEARL-Tiny retrieval run of one step, its manifest (shared: tests copy it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("writes")
-        manifest = make_manifest(root / "data", n_train=4, n_val=2)
-        run(["--data", manifest, "--max-steps", 1, "--out", root / "run", *TINY])
-        return root / "run", manifest
-    finally:
-        torch.set_num_threads(threads)
+    return one_step_run(tmp_path_factory.mktemp("writes"))
 
 
 # ----------------------------------------------------------------------------- item 13: checked first
@@ -192,7 +180,7 @@ def test_train_disk_full_at_the_first_save_is_one_line(tmp_path, refuse_writes, 
     refuse_writes(out.parent, errno.ENOSPC, left=200_000)  # metrics.jsonl fits, a checkpoint (2 MB) does not
     argv = ["--data", manifest, "--max-steps", 1, "--out", out, *TINY]
     assert run_cli(TR.main, [str(a) for a in argv], prog="nearl.train") == 2
-    line = _one_error_line(capsys, "nearl.train")
+    line = one_error_line(capsys, "nearl.train")
     assert line == f"nearl.train: error: cannot write {out / 'last.pt'}: no space left on device"
     assert not (out / "last.pt").exists() and _leftovers(out) == [] and not (out / "train.lock").exists()
 
@@ -203,7 +191,7 @@ def test_train_disk_full_keeps_the_earlier_checkpoints(run_dir, tmp_path, refuse
     refuse_writes(out, errno.ENOSPC, left=200_000)
     argv = ["--resume", out, "--max-steps", 2, "--eval-every", 0, "--no-progress", "--workers", "0"]
     assert run_cli(TR.main, [str(a) for a in argv], prog="nearl.train") == 2
-    assert "no space left on device" in _one_error_line(capsys, "nearl.train")
+    assert "no space left on device" in one_error_line(capsys, "nearl.train")
     assert {n: (out / n).read_bytes() for n in before} == before and _leftovers(out) == []
 
 
@@ -236,7 +224,7 @@ def test_evaluate_disk_full_keeps_earlier_results(tmp_path, refuse_writes, capsy
     refuse_writes(out, errno.ENOSPC, left=100)
     argv = ["--out", str(out), "--workers", "0", "--no-progress", "--device", "cpu"]
     assert run_cli(E.main, argv, prog="nearl.evaluate") == 2
-    line = _one_error_line(capsys, "nearl.evaluate")
+    line = one_error_line(capsys, "nearl.evaluate")
     assert line == f"nearl.evaluate: error: cannot write {out / 'results.json'}: no space left on device"
     assert (out / "results.json").read_text() == '{"earlier": true}\n'
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no results.md, no temporary
@@ -251,7 +239,7 @@ def test_predict_disk_full_leaves_no_empty_csv(tmp_path, refuse_writes, run_dir,
     argv = ["--images", str(image), "--classes", "red,green", "--out", str(out), "--workers", "0", "--no-progress",
             "--device", "cpu"]
     assert run_cli(P.main, argv, prog="nearl.predict") == 2
-    assert _one_error_line(capsys, "nearl.predict") == (f"nearl.predict: error: cannot write {out / 'predictions.csv'}: "
+    assert one_error_line(capsys, "nearl.predict") == (f"nearl.predict: error: cannot write {out / 'predictions.csv'}: "
                                                          "no space left on device")
     assert list(out.iterdir()) == []
 
@@ -264,7 +252,7 @@ def test_export_disk_full_keeps_the_earlier_adapter(tmp_path, refuse_writes, run
     refuse_writes(adapter, errno.ENOSPC, left=10_000)  # the weights (0.7 MB) do not fit
     assert run_cli(X.main, ["--checkpoint", str(run_dir[0]), "--out", str(adapter), "--overwrite"],
                    prog="nearl.export") == 2
-    assert _one_error_line(capsys, "nearl.export") == (f"nearl.export: error: cannot write "
+    assert one_error_line(capsys, "nearl.export") == (f"nearl.export: error: cannot write "
                                                        f"{adapter / 'adapter.safetensors'}: no space left on device")
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
 
