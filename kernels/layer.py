@@ -142,7 +142,8 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
     wide = gpu_tiles and cc >= 90 and precision == "tf32"
     return LayerConfig(block_n, block_c, attn_bn, block_m, block_hm, block_d, splits, tiles_per_split,
                        num_warps=8, num_stages=policy.PIPELINE_STAGES if gpu_tiles else 1, precision=precision,
-                       attn_warps=16 if wide else 8, attn_max_registers=128 if wide else runtime.MAX_REGISTERS,
+                       attn_warps=16 if wide else 8,
+                       attn_max_registers=policy.OCCUPANCY_REGISTERS if wide else runtime.MAX_REGISTERS,
                        attn_stages=policy.PIPELINE_STAGES if wide else 1)
 
 
@@ -281,7 +282,7 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
             cols_bd = 64 if orth == "soft" else 128
         cols_bd = min(cols_bd, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
-        splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
+        splits = policy.token_splits(N, cols_bn, B, chunks, n_sm)
     # Pipelined loops (policy.PIPELINE_STAGES), but the columns kernel's: at 224 registers its
     # 128-column tiles spilled 148 bytes with 2 stages and 204 with 3 (sm_90, triton 3.8).
     stages = policy.PIPELINE_STAGES if gpu_tiles else 1

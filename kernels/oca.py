@@ -422,10 +422,6 @@ class OcaConfig:
     max_registers: int = runtime.MAX_REGISTERS  # per thread, every kernel (ptxas's ceiling)
 
 
-# 16 warps per SM (a quarter of Hopper's 64) need at most 65,536 / (16 x 32) = 128 registers a thread.
-OCCUPANCY_REGISTERS = 128
-
-
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -526,7 +522,7 @@ def _register_bound_config(B: int, N: int, d: int, BM: int, prec: str, n_sm: int
     cols_warps = 4 if (_pow2(d) <= 32 and BM <= 16) else 8  # d <= 32: a tiny tile
     rows_dc = _chunk(d, 16 if ((x3 and cc < 90) or heavy or tall) else 32)
     chunks = triton.cdiv(d, cols_bd)
-    splits = max(1, min(triton.cdiv(N, cols_bn), (4 * n_sm) // (B * chunks)))
+    splits = policy.token_splits(N, cols_bn, B, chunks, n_sm)
     fwd_bn, rows_bn = (policy.tokens_to_fill(bn, B, N, n_sm) for bn in (fwd_bn, rows_bn))
     return OcaConfig(BLOCK_M=BM, BLOCK_DC=_chunk(d, 32), rows_block_dc=rows_dc,
                      fwd_block_n=fwd_bn, fwd_warps=8,
@@ -557,13 +553,13 @@ def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaCo
     tokens = policy.tokens_to_fill(256 if N > 128 else 128, B, N, n_sm)
     cols_bd = min(128 if orth == "soft" else 256, max(16, _pow2(d)))
     chunks = triton.cdiv(d, cols_bd)
-    splits = max(1, min(triton.cdiv(N, 16), (4 * n_sm) // (B * chunks)))
+    splits = policy.token_splits(N, 16, B, chunks, n_sm)
     warps = lambda tile, full: 16 if tile >= full else (8 if tile >= 64 else 4)  # noqa: E731
     return OcaConfig(BLOCK_M=16, BLOCK_DC=_chunk(d, 32), rows_block_dc=_chunk(d, 32 if tokens == 128 else 16),
                      fwd_block_n=tokens, fwd_warps=warps(tokens, 256), rows_block_n=tokens,
                      rows_warps=warps(tokens, 128), cols_block_n=16, cols_block_d=cols_bd,
                      cols_warps=warps(cols_bd, 128), cols_splits=splits, num_stages=policy.PIPELINE_STAGES,
-                     cols_stages=2, max_registers=OCCUPANCY_REGISTERS)
+                     cols_stages=2, max_registers=policy.OCCUPANCY_REGISTERS)
 
 
 def _precision(x: torch.Tensor) -> str:

@@ -49,3 +49,14 @@ def tokens_to_fill(block_n: int, B: int, N: int, n_sm: int, floor: int = 16) -> 
     while block_n > floor and B * -(-N // block_n) < n_sm:
         block_n //= 2
     return block_n
+
+
+# 16 warps per SM (a quarter of Hopper's 64) need at most 65,536 / (16 x 32) = 128 registers a thread.
+OCCUPANCY_REGISTERS = 128
+
+
+def token_splits(N: int, block_n: int, B: int, chunks: int, n_sm: int) -> int:
+    """How many programs share a sample's tokens in a column kernel (grid: chunks x splits x B):
+    as many as keep B x chunks x splits within four programs per SM, at most one per token tile,
+    at least one (a batch that fills the GPU: one split, whose partial is the gradient itself)."""
+    return max(1, min(-(-N // block_n), (4 * n_sm) // (B * chunks)))
