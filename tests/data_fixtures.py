@@ -34,22 +34,31 @@ def write_truncated_png(path: Path) -> Path:
     return path
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-                slope: Optional[float] = None, intercept: Optional[float] = None,
-                center=None, width=None, signed: bool = False) -> Path:
-    """A minimal valid 16-bit greyscale DICOM file (multi-frame if `pixels` is 3-D)."""
+def dicom_dataset(transfer_syntax):
+    """A secondary-capture DICOM dataset with its file meta (its SOP instance, `transfer_syntax`) and
+    no image attributes yet."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
+                slope: Optional[float] = None, intercept: Optional[float] = None,
+                center=None, width=None, signed: bool = False) -> Path:
+    """A minimal valid 16-bit greyscale DICOM file (multi-frame if `pixels` is 3-D)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = dicom_dataset(ExplicitVRLittleEndian)
     ds.Modality = "CT"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric

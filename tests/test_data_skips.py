@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_fixtures import write_dicom, write_png, write_truncated_png
+from data_fixtures import dicom_dataset, write_dicom, write_png, write_truncated_png
 from nearl import evaluation as EV
 from nearl.data.datasets import LabelledDataset, collate_skip_bad
 from nearl.data.images import BadImageError, load_image
@@ -172,17 +172,9 @@ def compressed_dicom(path, transfer_syntax):
     """A valid DICOM whose pixel data are encapsulated in `transfer_syntax` (12-bit samples): what a
     scanner writes. The frame's bytes are not a real codestream, so a decoder that had the codec would
     call them damaged; none here has it."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = dicom_dataset(transfer_syntax)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows = ds.Columns = 8
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

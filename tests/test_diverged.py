@@ -15,7 +15,7 @@ from nearl import export as X
 from nearl import predict as P
 from nearl.errors import run_cli
 from nearl.nonfinite import NonFiniteError, nonfinite_tensors
-from test_train import FAST, _one_thread, make_image_folder, run  # noqa: F401  (_one_thread: autouse)
+from test_train import FAST, _one_thread, make_image_folder, one_intra_op_thread, run  # noqa: F401  (_one_thread: autouse)
 
 PREDICT = ["--workers", "0", "--no-progress", "--device", "cpu"]
 
@@ -23,14 +23,11 @@ PREDICT = ["--workers", "0", "--no-progress", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory):
     """The issue's run: classification at --lr 1e6, a checkpoint every step; step 2's loss is NaN."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("diverged")
     data = make_image_folder(root / "folder", per_class=(4, 2))
-    with pytest.raises(NonFiniteError, match="step 2: the loss is nan"):
+    with one_intra_op_thread(), pytest.raises(NonFiniteError, match="step 2: the loss is nan"):
         run(["--task", "classification", "--model", "NEARL-Tiny", "--data", data, "--batch-size", 4, "--lr", 1e6,
              "--eval-every", 0, "--save-every", 1, "--max-steps", 3, "--out", root / "run", *FAST])
-    torch.set_num_threads(threads)
     ckpt = C.load_checkpoint(root / "run")
     assert ckpt["step"] == 1 and not nonfinite_tensors(ckpt["model"])  # finite weights: the old checks pass
     return root / "run", data

@@ -19,20 +19,19 @@ from nearl import export as X
 from nearl import methods as MT
 from nearl.errors import UserError, run_cli
 from nearl.nonfinite import NonFiniteError
-from test_train import FAST, _one_thread, make_image_folder, run  # noqa: F401  (_one_thread: autouse)
+from test_train import FAST, _one_thread, make_image_folder, one_intra_op_thread, run  # noqa: F401  (_one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A NEARL-Tiny classification run of 2 steps and its exported adapter (shared: tests copy it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
     data = make_image_folder(root / "folder", per_class=(3, 1))
-    run(["--task", "classification", "--model", "NEARL-Tiny", "--data", data, "--batch-size", 6, "--max-steps", 2,
-         "--lr", 1e-2, "--eval-every", 0, "--templates", "a {} image.", "a photo of {}.", "--out", root / "run", *FAST])
-    assert X.main(["--checkpoint", str(root / "run"), "--out", str(root / "adapter")]) == root / "adapter"
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        run(["--task", "classification", "--model", "NEARL-Tiny", "--data", data, "--batch-size", 6, "--max-steps", 2,
+             "--lr", 1e-2, "--eval-every", 0, "--templates", "a {} image.", "a photo of {}.", "--out", root / "run",
+             *FAST])
+        assert X.main(["--checkpoint", str(root / "run"), "--out", str(root / "adapter")]) == root / "adapter"
     return root / "run", root / "adapter", data
 
 

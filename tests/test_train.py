@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,19 @@ FAST = ["--workers", "0", "--no-progress", "--device", "cpu"]
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The CI box is small and shared: one intra-op thread is faster than fighting for two."""
+    with one_intra_op_thread():
+        yield
+
+
+@contextmanager
+def one_intra_op_thread():
+    """One intra-op thread for the duration (`_one_thread`, and module-scoped fixtures that train)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _image(path: Path, colour: str, rng: np.random.Generator, size: int = 40) -> None:
@@ -84,14 +94,10 @@ TINY_RUN = ["--model", "NEARL-Tiny", "--batch-size", 4, *FAST]
 
 def one_step_run(root: Path):
     """A NEARL-Tiny retrieval run of one step in root/run, and its manifest (one intra-op thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intra_op_thread():
         manifest = make_manifest(root / "data", n_train=4, n_val=2)
         run(["--data", manifest, "--max-steps", 1, "--out", root / "run", *TINY_RUN])
-        return root / "run", manifest
-    finally:
-        torch.set_num_threads(threads)
+    return root / "run", manifest
 
 
 def one_error_line(capsys, prog):
