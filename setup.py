@@ -11,7 +11,7 @@ setup(
     # folders in a checkout that was never installed.
     packages=find_packages(include=["nearl", "nearl.*"]) + ["nearl_kernels", "nearl_bench"],
     package_dir={"nearl_kernels": "kernels", "nearl_bench": "bench"},
-    package_data={"nearl": ["model_configs/*.json"]},
+    package_data={"nearl": ["model_configs/*.json", "layer_paths/*.json"]},
     # Supported range (README, "Supported versions"): CI runs the whole suite at both ends, the
     # newest pip resolves and the floors below (.ci/oldest.txt). triton < 3.7's interpreter
     # breaks on numpy >= 2.4; kernels/runtime.py mends it, and CI runs the kernel tests on that pair.

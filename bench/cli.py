@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nvtx", action="store_true",
                    help="NVTX ranges per provider and phase, e.g. oca > triton > fwd (needs the nvtx package)")
     g.add_argument("--profile", metavar="FILE", default=None, help="write a torch profiler chrome trace")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="oca / layer: also time each provider and mode as the replay of one call captured in a CUDA "
+                        "graph, rows '<provider> (graph)' (compile and a failed capture: skipped with the reason; "
+                        "on the CPU every such row is skipped: CUDA graphs need a GPU)")
     g.add_argument("--out", metavar="FILE.json", default=None, help="write the results as JSON")
     g.add_argument("--traffic", action="store_true",
                    help="oca / layer: count the bytes each kernel and the op's torch operations move, in passes "
@@ -126,6 +130,8 @@ def finish_args(args: argparse.Namespace, device: torch.device) -> argparse.Name
     _finish_sass_args(args)
     if args.grad_checkpointing and not model:
         raise ValueError("--grad-checkpointing compares --kernel model's training step")
+    if args.cuda_graphs and (model or args.traffic or args.sass):
+        raise ValueError("--cuda-graphs times the rows of --kernel oca or layer (not model, --traffic or --sass)")
     if args.mode is None:
         args.mode = "fwd,bwd" if (args.traffic or args.sass) else "all"
     args.traffic_modes = parse_modes(args.mode)  # validate early

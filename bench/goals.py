@@ -15,8 +15,9 @@ class Missing(Exception):
 
 # ------------------------------------------------------------------------------ kernel payloads
 def kernel_row(payload: dict, provider: str, mode: str) -> dict:
+    """The eager row of a provider and mode (the goals are set on eager calls; --cuda-graphs rows aside)."""
     for row in payload.get("rows", []):
-        if row["provider"] == provider and row["mode"] == mode:
+        if row["provider"] == provider and row["mode"] == mode and not row.get("graph"):
             if row["status"] != "ok":
                 raise Missing(f"{provider} {mode} {row['status']}: {row.get('reason')}")
             return row

@@ -5,27 +5,37 @@
     python -m bench.gpu_check --dry-run          # the same steps, tiny, on the CPU interpreter
 
 Steps, most valuable first (each a subprocess with its own timeout, so a hang cannot eat the budget
-and a crash cannot take the rest down):
-  kernel-tests    pytest tests/test_oca_kernel.py tests/test_layer_kernel.py (forward and every
-                  gradient against float64, fp32 / bf16 / fp16; on CUDA when there is one)
+and a crash cannot take the rest down); each writes DIR/<step>.json, and its raw result in DIR/logs/:
+  env             the GPU: name, SM count, compute capability, clocks now and at most, ECC, power
+                  limit, driver (torch.cuda.get_device_properties, nvidia-smi); python -m bench.check_env
+  profile         every op once at the real shapes, fwd+bwd, bf16, under torch.profiler: each CUDA
+                  kernel's calls and time (ops.oca, the layer's fused and split paths; ViT-B/16 and
+                  text-B/16, B 256); python -m bench.profile_case
+  ncu             Nsight Compute (when found) on OCA, the fused layer and its split path, fwd and bwd,
+                  ViT-B/16, B 256: every kernel's SpeedOfLight, Occupancy, LaunchStats,
+                  WarpStateStats and MemoryWorkloadAnalysis sections, DRAM and L2 bytes, instructions,
+                  time (bench.ncu_case, bench.ncu_report)
+  oca-vit-b16, layer-vit-b16, layer-text-b16, oca-text-b16 (B 256), then the same at B 32 (-b32)
+                  python -m bench.run --kernel oca|layer --shape ... --B ... --dtype bf16 --mode all
+                  --providers reference,compile[,split],triton --cuda-graphs: each row eager and
+                  replayed from a CUDA graph
+  sweep           python -m bench.layer_table measure: both layer paths timed per bucket, the table
+                  nearl.layer_path reads; copied to nearl/layer_paths/<GPU name>.json to be committed
+  kernel-tests    pytest tests/test_oca_kernel.py tests/test_layer_kernel.py, sized to what is left:
+                  at ~2.5 s of compile a case, a fixed-order subset when they cannot all fit
   model-tests     pytest tests/test_model_fused.py (needs open_clip)
-  oca-vit-b16, layer-vit-b16, layer-text-b16
-                  python -m bench.run --kernel oca|layer --shape ... --dtype bf16 --mode all
-  ncu-layer       ncu (Nsight Compute, when on the PATH) on one fused layer forward and backward at
-                  ViT-B/16, B 256: each kernel's DRAM and L2 bytes, instructions and time
-                  (bench.ncu_case, bench.ncu_report)
-  oca-text-b16    as above
   model           python -m bench.run --kernel model --grad-checkpointing (needs open_clip)
-  memcheck        compute-sanitizer --tool memcheck python -m bench.memcheck_case (when on the PATH)
+  memcheck, initcheck
+                  compute-sanitizer --tool memcheck | initcheck python -m bench.memcheck_case
 A step is not started when less than its minimum time is left, and is stopped at its share of the
-budget or at the budget's end; both are written down as such, and the run goes on. Each step writes
-DIR/<step>.json (device, driver, torch, triton and CUDA versions, the exact command, its result)
-and DIR/logs/<step>.log; DIR/summary.md has every performance goal met / not met / not measured.
+budget or at the budget's end; both are written down as such, and the run goes on. Each record
+holds the device, driver, torch, triton and CUDA versions, the exact command and its result;
+DIR/summary.md has every performance goal met / not met / not measured, and what was skipped and why.
 
 Without CUDA (or with --dry-run) the steps run at tiny sizes on the Triton interpreter, the kernel
 tests on a fast subset, without the `compile` provider (a minute of C++ compilation per kernel on
-a CPU), and the default DIR is a fresh temporary folder: the point is that this command keeps
-working, and it says in bold that no GPU figure was measured.
+a CPU); the sweep is skipped (it needs a GPU), and the default DIR is a fresh temporary folder: the
+point is that this command keeps working, and it says in bold that no GPU figure was measured.
 Exit status: 0 when no step failed (skipped and budget-stopped steps are fine), 1 otherwise.
 """
 from __future__ import annotations
@@ -62,50 +72,153 @@ TAIL_CHARS = 4000
 DRY_KERNEL_TESTS = ("every_output_element_written or zero_c or kernel_limits or float64_goes or strided_inputs "
                     "or masked_tokens or B1-N1-d16 or B2-N1-d768 or 2-1-80-1 or 2-50-48")
 DRY_MODEL_TESTS = "fresh_fused_model"
+KERNEL_TEST_FILES = ("tests/test_oca_kernel.py", "tests/test_layer_kernel.py")
+# Sizing the kernel tests: on a GPU their time is the Triton compile of each case's kernels (issue
+# 23: 158 specialisations at about 2-3 s each); pytest's start and collection come on top.
+PER_TEST_S = 2.5
+TEST_OVERHEAD_S = 20.0
+# The test functions a subset takes first, most valuable first (one case of each before a second).
+KERNEL_TEST_PRIORITY = (
+    "test_forward_and_every_gradient_match_float64", "test_matches_float64_reference",
+    "test_h100_tiling_matches_float64", "test_gpu_tiling_at_a_full_batch_matches_reference",
+    "test_every_output_element_written", "test_masked_tokens_get_their_oca_update_but_never_reach_q_out",
+    "test_nan_in_masked_tokens_never_reaches_the_queries", "test_gpu_tiling_matches_reference",
+    "test_large_query_banks_take_the_split_path_and_stay_accurate", "test_bf16_with_the_gpus_tf32",
+    "test_strided_inputs", "test_rows_with_a_large_mean",
+)
+BENCH_BATCHES = (256, 32)
+BENCH_CASES = (("oca", "vit-b16"), ("layer", "vit-b16"), ("layer", "text-b16"), ("oca", "text-b16"))
 
 
 @dataclass
 class Step:
     name: str  # also the file name: DIR/<name>.json
     title: str
-    kind: str  # "pytest" | "bench" | "memcheck" | "ncu"
+    kind: str  # "env" | "case" | "ncu" | "bench" | "sweep" | "pytest" | "sanitizer"
     args: List[str]  # after `python -m`
     share: float  # the most of the budget one run may take
     min_s: float  # not started with less than this left (a quarter of it in the dry run)
     needs: Tuple[str, ...] = ()  # import names (bench.check_env.OPTIONAL)
     dry_args: List[str] = field(default_factory=list)  # added in the dry run
+    tool: str = ""  # the compute-sanitizer tool of a "sanitizer" step
+    gpu_only: bool = False  # skipped in the dry run
+    sized: bool = False  # a pytest step cut to the cases its time can compile
+
+
+def bench_step(kernel: str, shape: str, B: int, dry_run: bool) -> Step:
+    """bench.run for one kernel, shape and batch, each row eager and CUDA-graph replayed; in the
+    dry run at the CPU size, without `compile`, the B 32 steps forward only."""
+    providers = ["reference", "compile"] + (["split"] if kernel == "layer" else []) + ["triton"]
+    name = f"{kernel}-{shape}" + ("" if B == 256 else f"-b{B}")
+    args = ["bench.run", "--kernel", kernel, "--shape", shape]
+    if dry_run:
+        small = B == 256
+        args += ["--device", "cpu", "--reps", "2", "--warmup", "0", "--dtype", "bf16", "--mode",
+                 "all" if small else "fwd", "--providers", ",".join(p for p in providers if p != "compile")]
+        args += [] if small else ["--B", "1"]
+    else:
+        args += ["--B", str(B), "--dtype", "bf16", "--mode", "all", "--providers", ",".join(providers)]
+    return Step(name, f"bench.run --kernel {kernel} --shape {shape} --B {B}, eager and CUDA graphs", "bench",
+                args + ["--cuda-graphs"], share=0.2 if B == 256 else 0.15, min_s=30 if B == 256 else 25)
 
 
 def plan(dry_run: bool) -> List[Step]:
-    from .providers import PROVIDERS
-
-    dry_bench = ["--device", "cpu", "--reps", "2", "--warmup", "0",
-                 "--providers", ",".join(p for p in PROVIDERS if p != "compile")]
-
-    def bench(kernel: str, shape: str) -> Step:
-        return Step(f"{kernel}-{shape}", f"bench.run --kernel {kernel} --shape {shape}", "bench",
-                    ["bench.run", "--kernel", kernel, "--shape", shape, "--dtype", "bf16", "--mode", "all"],
-                    share=0.3, min_s=40, dry_args=dry_bench)
-
+    benches = [bench_step(k, s, B, dry_run) for B in BENCH_BATCHES for k, s in BENCH_CASES]
     return [
-        Step("kernel-tests", "kernel tests (OCA, layer)", "pytest",
-             ["pytest", "tests/test_oca_kernel.py", "tests/test_layer_kernel.py"], share=0.45, min_s=60,
-             needs=("pytest",), dry_args=["-k", DRY_KERNEL_TESTS]),
+        Step("env", "the GPU: SKU, SMs, clocks, ECC, power, driver", "env", ["bench.check_env"], share=0.05,
+             min_s=5, dry_args=["--device", "cpu"]),
+        Step("profile", "torch.profiler: every op once, fwd+bwd, per-kernel times", "case", ["bench.profile_case"],
+             share=0.2, min_s=30, dry_args=["--device", "cpu"]),
+        Step("ncu", "ncu: OCA, the fused layer and its split path, every kernel (ViT-B/16, B 256)", "ncu",
+             ["bench.ncu_case"], share=0.25, min_s=45, dry_args=["--device", "cpu"]),
+        *benches,
+        Step("sweep", "bench.layer_table measure: fused vs split per bucket, this GPU's table", "sweep",
+             ["bench.layer_table", "measure"], share=0.3, min_s=60, gpu_only=True),
+        Step("kernel-tests", "kernel tests (OCA, layer), sized to the time left", "pytest",
+             ["pytest", *KERNEL_TEST_FILES], share=0.45, min_s=60, needs=("pytest",),
+             dry_args=["-k", DRY_KERNEL_TESTS], sized=True),
         Step("model-tests", "fused-model tests", "pytest", ["pytest", "tests/test_model_fused.py"],
-             share=0.3, min_s=40, needs=("pytest", "open_clip"), dry_args=["-k", DRY_MODEL_TESTS]),
-        bench("oca", "vit-b16"),
-        bench("layer", "vit-b16"),
-        bench("layer", "text-b16"),
-        Step("ncu-layer", "ncu: the fused layer's kernels, bytes and time (ViT-B/16, B 256)", "ncu",
-             ["bench.ncu_case"], share=0.3, min_s=45, dry_args=["--device", "cpu"]),
-        bench("oca", "text-b16"),
+             share=0.2, min_s=40, needs=("pytest", "open_clip"), dry_args=["-k", DRY_MODEL_TESTS]),
         Step("model", "bench.run --kernel model", "bench", ["bench.run", "--kernel", "model", "--dtype", "bf16",
                                                             "--grad-checkpointing"],
-             share=0.35, min_s=60, needs=("open_clip",),
+             share=0.25, min_s=60, needs=("open_clip",),
              dry_args=["--device", "cpu", "--batch", "2", "--reps", "1", "--warmup", "0"]),
-        Step("memcheck", "compute-sanitizer memcheck: one OCA and one layer fwd+bwd", "memcheck",
-             ["bench.memcheck_case"], share=0.3, min_s=30, dry_args=["--device", "cpu"]),
+        Step("memcheck", "compute-sanitizer memcheck: one OCA and one layer fwd+bwd", "sanitizer",
+             ["bench.memcheck_case"], share=0.15, min_s=30, dry_args=["--device", "cpu"], tool="memcheck"),
+        Step("initcheck", "compute-sanitizer initcheck: one OCA and one layer fwd+bwd", "sanitizer",
+             ["bench.memcheck_case"], share=0.15, min_s=30, dry_args=["--device", "cpu"], tool="initcheck"),
     ]
+
+
+# ------------------------------------------------------------------ sizing the kernel tests
+def test_capacity(seconds: float) -> int:
+    """How many kernel-test cases `seconds` can compile and run (at least one)."""
+    return max(1, int((seconds - TEST_OVERHEAD_S) // PER_TEST_S))
+
+
+def spread(n: int) -> List[int]:
+    """0..n-1 in the order a subset takes them: the last (the largest parameters, as the tests
+    order them), the first, then the midpoints, so that a few cases span the range."""
+    order = [n - 1, 0] + [(k * n) // 2 ** lvl for lvl in range(1, n.bit_length() + 1) for k in range(1, 2 ** lvl, 2)]
+    seen: List[int] = []
+    for i in order + list(range(n)):
+        if 0 <= i < n and i not in seen:
+            seen.append(i)
+    return seen
+
+
+def choose_tests(ids: Sequence[str], capacity: int, priority: Sequence[str] = KERNEL_TEST_PRIORITY) -> List[str]:
+    """A deterministic subset of the test ids of at most `capacity` (all when they fit): test
+    functions in `priority` order (the others after, in collection order), one case of each
+    function per round; returned in collection order."""
+    if capacity >= len(ids):
+        return list(ids)
+    groups: Dict[str, List[str]] = {}
+    for node in ids:
+        groups.setdefault(node.split("[", 1)[0], []).append(node)
+    rank = {name: i for i, name in enumerate(priority)}
+    order = sorted(groups, key=lambda g: rank.get(g.rsplit("::", 1)[-1], len(rank)))  # stable: collection order
+    queues = {g: [groups[g][i] for i in spread(len(groups[g]))] for g in order}
+    chosen: List[str] = []
+    for depth in range(max(len(q) for q in queues.values())):
+        for g in order:
+            if depth < len(queues[g]) and len(chosen) < capacity:
+                chosen.append(queues[g][depth])
+    keep = set(chosen)
+    return [node for node in ids if node in keep]
+
+
+def collect_tests(step: Step, ctx: "Context", timeout: float = 120.0) -> Optional[List[str]]:
+    """The test ids the step's pytest command selects, or None when collecting fails."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ctx.pytest_args,
+           *step.args[1:], *(step.dry_args if ctx.dry_run else [])]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=ctx.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ids = [ln.strip() for ln in done.stdout.splitlines() if "::" in ln and not ln.startswith(" ")]
+    return ids if done.returncode == 0 and ids else None
+
+
+def size_tests(step: Step, ctx: "Context", seconds: float) -> Tuple[Optional[List[str]], dict]:
+    """(the ids to run, or None for the step's own selection; what was chosen and why)."""
+    ids = collect_tests(step, ctx, timeout=min(120.0, seconds / 2))  # within the step's own time
+    if ids is None:
+        return None, {"collected": None, "note": "collecting the tests failed: the whole selection runs"}
+    chosen = choose_tests(ids, test_capacity(seconds))
+    info = {"collected": len(ids), "run": len(chosen), "per_test_s": PER_TEST_S, "seconds": round(seconds),
+            "subset": len(chosen) < len(ids)}
+    if not info["subset"]:
+        info["note"] = f"all {len(ids)} collected cases fit its {seconds:.0f} s at ~{PER_TEST_S} s of compile a case"
+        return None, info
+    ids_file = ctx.raw_dir / f"{step.name}.ids"
+    ids_file.parent.mkdir(parents=True, exist_ok=True)
+    ids_file.write_text("\n".join(chosen) + "\n")
+    info["ids_file"] = str(ids_file)
+    info["note"] = (f"ran {len(chosen)} of {len(ids)} test cases: a fixed-order subset sized to its {seconds:.0f} s "
+                    f"at ~{PER_TEST_S} s of compile a case ({ids_file.name})")
+    return chosen, info
 
 
 # ------------------------------------------------------------------------------ running one step
@@ -197,6 +310,8 @@ class Context:
     sanitizer: Optional[str]
     pytest_args: List[str]
     ncu: Optional[str] = None
+    device: Optional[str] = None  # torch.cuda.get_device_name: the sweep's table is named after it
+    tables: Optional[Path] = None  # where the sweep's table is copied (default nearl/layer_paths/)
 
 
 # what ncu prints where it cannot read the hardware counters (KINDS.md: gVisor; a driver that
@@ -221,25 +336,72 @@ def ncu_case_json(raw: Path) -> Path:
     return raw.with_name(raw.name.replace(".csv", ".case.json"))
 
 
-def command_for(step: Step, ctx: Context) -> Tuple[List[str], Optional[Path], Dict[str, str]]:
-    """The exact command, where its machine-readable result will be, and its environment."""
+def raw_path(step: Step, ctx: Context) -> Path:
+    """Where the step's machine-readable result goes."""
+    if step.kind == "sweep":
+        return ctx.raw_dir.parent / "layer_table.json"
+    suffix = {"pytest": "junit.xml", "ncu": "csv"}.get(step.kind, "out.json")
+    return ctx.raw_dir / f"{step.name}.{suffix}"
+
+
+def command_for(step: Step, ctx: Context, timeout: Optional[float] = None,
+                select: Optional[List[str]] = None) -> Tuple[List[str], Optional[Path], Dict[str, str]]:
+    """The exact command, where its machine-readable result will be, and its environment.
+    `timeout`: the step's limit (the sweep stops starting entries well before it); `select`: the
+    test ids a sized pytest step runs instead of its own selection."""
     args = list(step.args) + (step.dry_args if ctx.dry_run else [])
     env = dict(ctx.env)
-    suffix = {"pytest": "junit.xml", "ncu": "csv"}.get(step.kind, "out.json")
-    raw = ctx.raw_dir / f"{step.name}.{suffix}"
+    raw = raw_path(step, ctx)
     if step.kind == "pytest":
-        args = args[:1] + ["-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={raw}"] + ctx.pytest_args + args[1:]
+        body = select if select is not None else args[1:]
+        args = args[:1] + ["-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={raw}"] + ctx.pytest_args + body
     elif step.kind == "ncu":  # the case writes its shape; ncu writes its CSV to raw
         args += ["--out", str(ncu_case_json(raw))]
+    elif step.kind == "sweep":  # the last entry started may take a while (its compile): stop early
+        args += ["--budget-s", str(max(1, int(0.6 * (timeout or 600)))), "--out", str(raw)]
     else:
         args += ["--out", str(raw)]
     cmd = [sys.executable, "-m"] + args
     if step.kind == "ncu" and ctx.ncu and not ctx.dry_run:
         cmd = ncu_report.ncu_command(ctx.ncu, str(raw)) + cmd
-    if step.kind == "memcheck" and ctx.sanitizer and not ctx.dry_run:
-        cmd = [ctx.sanitizer, "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20"] + cmd
+    if step.kind == "sanitizer" and ctx.sanitizer and not ctx.dry_run:
+        cmd = [ctx.sanitizer, "--tool", step.tool, "--error-exitcode", "3", "--print-limit", "20"] + cmd
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # one allocation per tensor: overruns are visible
     return cmd, raw, env
+
+
+def read_result(raw: Optional[Path]) -> Tuple[Optional[object], Optional[str]]:
+    """(the step's JSON result or None, why it is unreadable or None)."""
+    if not raw or not raw.exists():
+        return None, None
+    try:
+        return json.loads(raw.read_text()), None
+    except ValueError as err:
+        return None, f"unreadable result {raw.name}: {err}"
+
+
+def pytest_outcome(rc: Optional[int], raw: Optional[Path]) -> Tuple[str, str, object]:
+    payload = junit_counts(raw) if raw else None
+    if rc == 0:
+        return "ok", "", payload
+    if rc == 5:
+        return "failed", "no test was selected", payload
+    if payload:
+        return "failed", f"{payload['failures']} failed, {payload['errors']} errors of {payload['tests']}", payload
+    return "failed", f"pytest exited with {rc}", payload
+
+
+def sanitizer_outcome(step: Step, rc: Optional[int], payload, text: str, ctx: Context) -> Tuple[str, str, object]:
+    payload = {"tool": step.tool, "sanitizer": None if ctx.dry_run else ctx.sanitizer, "case": payload,
+               "error_summary": next((ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln), None)}
+    if "Device not supported" in text or "device is not supported" in text.lower():
+        return "skipped", "compute-sanitizer cannot use this device here (\"Device not supported\")", payload
+    if rc == 0:
+        dry = "dry run: the case ran on the interpreter, without compute-sanitizer"
+        return "ok", dry if ctx.dry_run else "", payload
+    if rc == 3:
+        return "failed", f"{step.tool} found errors: {payload['error_summary']}", payload
+    return "failed", f"exited with {rc}", payload
 
 
 def outcome(step: Step, rc: Optional[int], raw: Optional[Path], log: Path, ctx: Context) -> Tuple[str, str, object]:
@@ -248,40 +410,43 @@ def outcome(step: Step, rc: Optional[int], raw: Optional[Path], log: Path, ctx: 
     if step.kind == "ncu":
         return ncu_outcome(rc, raw, text, ctx)
     if step.kind == "pytest":
-        payload = junit_counts(raw) if raw else None
-        if rc == 0:
-            return "ok", "", payload
-        if rc == 5:
-            return "failed", "no test was selected", payload
-        if payload:
-            return "failed", f"{payload['failures']} failed, {payload['errors']} errors of {payload['tests']}", payload
-        return "failed", f"pytest exited with {rc}", payload
-    payload = None
-    if raw and raw.exists():
-        try:
-            payload = json.loads(raw.read_text())
-        except ValueError as err:
-            return "failed", f"unreadable result {raw.name}: {err}", None
-    if step.kind == "memcheck":
-        payload = {"sanitizer": None if ctx.dry_run else ctx.sanitizer, "case": payload,
-                   "error_summary": next((ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln), None)}
-        if "Device not supported" in text or "device is not supported" in text.lower():
-            return "skipped", "compute-sanitizer cannot use this device here (\"Device not supported\")", payload
+        return pytest_outcome(rc, raw)
+    payload, unreadable = read_result(raw)
+    if unreadable:
+        return "failed", unreadable, None
+    if step.kind == "sanitizer":
+        return sanitizer_outcome(step, rc, payload, text, ctx)
+    if step.kind == "sweep" and rc == 0:
+        return sweep_outcome(payload, raw, ctx)
     if rc == 0:
-        dry = step.kind == "memcheck" and ctx.dry_run
-        return "ok", "dry run: the case ran on the interpreter, without compute-sanitizer" if dry else "", payload
+        return "ok", "", payload
     if step.kind == "bench" and rc == 1 and payload:
         rows = payload.get("rows") or (payload.get("inference", []) + payload.get("train", []))
-        bad = [f"{r.get('provider', r.get('variant'))} {r.get('mode', '')}".strip() for r in rows
-               if r.get("status") == "failed"]
+        bad = [f"{r.get('provider', r.get('variant'))}{' (graph)' if r.get('graph') else ''} "
+               f"{r.get('mode', '')}".strip() for r in rows if r.get("status") == "failed"]
         return "failed", f"{len(bad)} row(s) failed: {', '.join(bad)}", payload
-    if step.kind == "memcheck" and rc == 3:
-        return "failed", f"memcheck found errors: {payload['error_summary']}", payload
     return "failed", f"exited with {rc}", payload
 
 
+def sweep_outcome(table: Optional[dict], raw: Path, ctx: Context) -> Tuple[str, str, object]:
+    """The measured table, copied where nearl.layer_path looks for this GPU's (to be committed)."""
+    if not table or not table.get("entries"):
+        return "failed", "bench.layer_table wrote no entry", {"table": str(raw)}
+    from nearl import layer_path
+
+    dest = (ctx.tables or layer_path.TABLES) / layer_path.device_file_name(ctx.device or "unknown GPU")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(raw, dest)
+    left = table.get("skipped_for_budget") or []
+    payload = {"table": str(raw), "copied_to": str(dest), "entries": len(table["entries"]),
+               "skipped_for_budget": left}
+    why = (f"{len(table['entries'])} entries, copied to {dest.parent.name}/{dest.name} (commit it)"
+           + (f"; {len(left)} buckets not timed for the budget" if left else ""))
+    return "ok", why, payload
+
+
 def ncu_outcome(rc: Optional[int], raw: Path, log_text: str, ctx: Context) -> Tuple[str, str, object]:
-    """The ncu step: its case's shape and, profiled, each layer kernel's figures (bench.ncu_report)."""
+    """The ncu step: its case's shape and phases and, profiled, each kernel's figures (bench.ncu_report)."""
     case_path = ncu_case_json(raw)
     try:
         case = json.loads(case_path.read_text())
@@ -300,9 +465,10 @@ def ncu_outcome(rc: Optional[int], raw: Path, log_text: str, ctx: Context) -> Tu
     # the CSV goes to --log-file; should an ncu version print it to stdout instead, it is in the log
     launches = ncu_report.read_csv(ncu_text) or ncu_report.read_csv(log_text)
     if not launches or case is None:
-        return "failed", "ncu profiled no fused-layer kernel" if case else f"no case result ({case_path.name})", \
+        return "failed", "ncu profiled no kernel of the case" if case else f"no case result ({case_path.name})", \
             {"case": case}
-    return "ok", "", {"case": case, "ncu": ncu_report.summarise(launches, case["pass_bytes"])}
+    summary = ncu_report.summarise(launches, case["pass_bytes"], case.get("phases"), case.get("marker"))
+    return "ok", "", {"case": case, "ncu": summary}
 
 
 # --------------------------------------------------------------------------------- the whole run
@@ -322,14 +488,29 @@ class Check:
         return self.budget - (self.clock() - self.t0) - RESERVE_S
 
     def why_not(self, step: Step) -> Optional[str]:
-        """Why a step cannot start (a missing package or tool, too little budget), or None."""
+        """Why a step cannot start (a missing package or tool, no GPU, too little budget), or None."""
         missing = [m for m in step.needs if not self.available(m)]
         if missing:
             return f"needs {', '.join(missing)}, not installed here (see 'Missing packages')"
+        if step.gpu_only and self.dry_run:
+            return "needs a GPU (the dry run has none)"
         need = step.min_s / 4 if self.dry_run else step.min_s
         if self.left() < need:
             return (f"budget: {max(self.left(), 0):.0f} s left of --budget-s {self.budget:.0f}, "
                     f"the step needs at least {need:.0f} s")
+        return self.missing_tool(step)
+
+    def missing_tool(self, step: Step) -> Optional[str]:
+        """The profiler or sanitizer a step runs under, where it is not here. The dry run runs the
+        cases without their tools; initcheck's case is memcheck's, so it is run once there."""
+        if step.kind == "sanitizer" and not self.ctx.sanitizer:
+            if not self.dry_run:
+                return "compute-sanitizer is not on the PATH (it comes with the CUDA toolkit)"
+            if step.tool != "memcheck":
+                return ("compute-sanitizer is not on the PATH (it comes with the CUDA toolkit); its case ran "
+                        "in the memcheck step")
+        if step.kind == "ncu" and not self.dry_run and not self.ctx.ncu:
+            return "ncu is not on the PATH nor in /opt/nvidia/nsight-compute (it comes with the CUDA toolkit)"
         return None
 
     def record(self, step: Step, number: int, **fields) -> dict:
@@ -343,49 +524,68 @@ class Check:
         return rec
 
     def run(self) -> List[dict]:
-        total = len(self.steps)
         for i, step in enumerate(self.steps, start=1):
             reason = self.why_not(step)
-            if step.kind == "memcheck" and reason is None and not self.dry_run and not self.ctx.sanitizer:
-                reason = "compute-sanitizer is not on the PATH (it comes with the CUDA toolkit)"
-            if step.kind == "ncu" and reason is None and not self.dry_run and not self.ctx.ncu:
-                reason = "ncu is not on the PATH nor in /opt/nvidia/nsight-compute (it comes with the CUDA toolkit)"
             if reason:
-                print(f"[{i}/{total}] {step.name}: skipped: {reason}", flush=True)
+                print(f"[{i}/{len(self.steps)}] {step.name}: skipped: {reason}", flush=True)
                 self.record(step, i, status="skipped", reason=reason)
                 continue
-            timeout = max(1.0, min(self.left(), step.share * self.budget))
-            cmd, raw, env = command_for(step, self.ctx)
-            results = [raw] if raw is not None else []
-            if step.kind == "ncu":
-                results.append(ncu_case_json(raw))  # the ncu step's second result: its case's shape
-            for old in results:
-                if old.exists():
-                    old.unlink()  # an earlier run's result must not pass for this one's
-            log = self.out / "logs" / f"{step.name}.log"
-            by_budget = timeout >= self.left()  # else its share of the budget is the limit
-            print(f"[{i}/{total}] {step.name}: {step.title} (at most {timeout:.0f} s) ...", flush=True)
-            started, t = now(), self.clock()
-            try:
-                rc, timed_out = run_command(cmd, env, timeout, log)
-            except KeyboardInterrupt:
-                self.record(step, i, status="interrupted", reason="stopped by the user (Ctrl-C)", command=cmd,
-                            started=started, seconds=round(self.clock() - t, 1), log=str(log.relative_to(self.out)),
-                            output_tail=tail(log))
-                for j, rest in enumerate(self.steps[i:], start=i + 1):
-                    self.record(rest, j, status="skipped", reason="the run was interrupted")
-                raise
-            seconds = round(self.clock() - t, 1)
-            if timed_out:
-                cause = "the budget ran out" if by_budget else f"its share of the budget ({step.share:.0%})"
-                status, why, payload = "timed out", f"stopped after {timeout:.0f} s: {cause}", None
-            else:
-                status, why, payload = outcome(step, rc, raw, log, self.ctx)
-            print(f"[{i}/{total}] {step.name}: {status} in {seconds:.0f} s{': ' + why if why else ''}", flush=True)
-            self.record(step, i, status=status, reason=why, command=cmd, started=started, seconds=seconds,
-                        timeout_s=round(timeout), returncode=rc, log=str(log.relative_to(self.out)),
-                        output_tail=tail(log), payload=payload)
+            self.run_step(i, step)
         return self.records
+
+    def timeout_for(self, step: Step) -> float:
+        return max(1.0, min(self.left(), step.share * self.budget))
+
+    def prepare(self, step: Step) -> Tuple[Optional[List[str]], Optional[dict]]:
+        """A sized step's test ids (None: its own selection) and what was chosen; else (None, None)."""
+        if not step.sized:
+            return None, None
+        return size_tests(step, self.ctx, self.timeout_for(step))
+
+    def interrupted(self, i: int, step: Step, **fields) -> None:
+        """Ctrl-C: this step and every later one written down as such."""
+        self.record(step, i, status="interrupted", reason="stopped by the user (Ctrl-C)", **fields)
+        for j, rest in enumerate(self.steps[i:], start=i + 1):
+            self.record(rest, j, status="skipped", reason="the run was interrupted")
+
+    def run_step(self, i: int, step: Step) -> None:
+        try:
+            select, selection = self.prepare(step)
+        except KeyboardInterrupt:
+            self.interrupted(i, step)
+            raise
+        timeout = self.timeout_for(step)
+        cmd, raw, env = command_for(step, self.ctx, timeout, select)
+        results = [raw] if raw is not None else []
+        if step.kind == "ncu":
+            results.append(ncu_case_json(raw))  # the ncu step's second result: its case's shape
+        for old in results:
+            if old.exists():
+                old.unlink()  # an earlier run's result must not pass for this one's
+        log = self.out / "logs" / f"{step.name}.log"
+        by_budget = timeout >= self.left()  # else its share of the budget is the limit
+        print(f"[{i}/{len(self.steps)}] {step.name}: {step.title} (at most {timeout:.0f} s) ...", flush=True)
+        started, t = now(), self.clock()
+        try:
+            rc, timed_out = run_command(cmd, env, timeout, log)
+        except KeyboardInterrupt:
+            self.interrupted(i, step, command=cmd, started=started, seconds=round(self.clock() - t, 1),
+                             log=str(log.relative_to(self.out)), output_tail=tail(log))
+            raise
+        seconds = round(self.clock() - t, 1)
+        if timed_out:
+            cause = "the budget ran out" if by_budget else f"its share of the budget ({step.share:.0%})"
+            status, why, payload = "timed out", f"stopped after {timeout:.0f} s: {cause}", None
+        else:
+            status, why, payload = outcome(step, rc, raw, log, self.ctx)
+        if selection is not None:
+            payload = dict(payload or {}, selection=selection)
+            why = "; ".join(x for x in (why, selection.get("note", "")) if x)
+        print(f"[{i}/{len(self.steps)}] {step.name}: {status} in {seconds:.0f} s{': ' + why if why else ''}",
+              flush=True)
+        self.record(step, i, status=status, reason=why, command=cmd, started=started, seconds=seconds,
+                    timeout_s=round(timeout), returncode=rc, log=str(log.relative_to(self.out)),
+                    output_tail=tail(log), payload=payload)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -397,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="where the JSON files, logs/ and summary.md go (default: bench/results/; "
                         "in the dry run a new temporary folder)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget in seconds (default: 480)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall-clock budget in seconds (default: 480, a 10-minute GPU visit with room to start)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on the CPU interpreter (the default when there is no CUDA device)")
     p.add_argument("--only", metavar="STEPS", default=None, help="comma list of steps to run (default: all)")
@@ -451,7 +652,8 @@ def main(argv: Optional[Sequence[str]] = None, available: Optional[Callable[[str
         print(line)
     pytest_args = [] if available("pytest_benchmark") else ["-o", "addopts=-ra"]  # pytest.ini names its flag
     started = now()
-    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args, find_ncu())
+    ctx = Context(dry_run, env, out / "logs", shutil.which("compute-sanitizer"), pytest_args, find_ncu(),
+                  device=None if dry_run else header["device"])
     check = Check(steps, out, args.budget_s, dry_run, header, available, ctx)
     interrupted = False
     try:

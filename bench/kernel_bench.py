@@ -4,6 +4,10 @@ Per row: median / p20 / p80 time; effective GB/s over the minimum bytes (shapes.
 that as a % of the device's copy bandwidth measured in the same run; speed-up over `reference` in the
 same mode; relative error ||out - ref64|| / ||ref64|| of the forward output (and of dx for the
 backward modes) against impl="reference" evaluated on float64 copies of the same inputs.
+
+With --cuda-graphs each provider also gets one row per mode whose call is captured in a CUDA graph
+(torch.cuda.CUDAGraph, after warm-up calls on a side stream, as PyTorch's docs do) and timed as
+graph.replay(): the same work without the Python and launch overhead of the eager call.
 """
 from __future__ import annotations
 
@@ -17,9 +21,13 @@ from . import providers as prov
 from .nvtx_ranges import Ranges
 from .report import CPU_NOTE, environment, format_table, num, sci, span
 from .shapes import Case, fmt_bytes, make_case, resolve_shape, split_outputs
-from .timing import Timer, copy_bandwidth
+from .timing import Timer, copy_bandwidth, graph_replay, synchronize
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+GRAPH_NOTE = ("CUDA graph: one call captured after 3 warm-up calls on a side stream, timed as graph.replay() "
+              "(L2 flushed before each replay, as for the eager rows)")
+NO_GRAPH_COMPILE = ("not captured: torch.compile's own CUDA-graph form is mode='reduce-overhead'; the default mode "
+                    "compared here is timed eager only")
 
 
 def parse_modes(text: str) -> List[str]:
@@ -44,6 +52,8 @@ class Row:
     pct_copy: Optional[float] = None
     speedup: Optional[float] = None
     errors: Dict[str, float] = field(default_factory=dict)
+    graph: bool = False  # timed as the replay of a captured CUDA graph (--cuda-graphs)
+    note: Optional[str] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -73,21 +83,26 @@ def make_runner(case: Case, fn: Callable, mode: str, douts: List[torch.Tensor]):
     fwd: inference (inputs without grad). bwd: only the backward, retain_graph=True on a forward
     computed once here; grads set to None before every rep. fwd+bwd: both, grads reset likewise.
     """
+    return runner_and_inputs(case, fn, mode, douts)[:2]
+
+
+def runner_and_inputs(case: Case, fn: Callable, mode: str, douts: List[torch.Tensor]):
+    """make_runner's (run, setup) and the inputs they use (whose .grad the backward modes write)."""
     if mode == "fwd":
         t = case.clone(requires_grad=False)
-        return (lambda: case.invoke(fn, t)), None
+        return (lambda: case.invoke(fn, t)), None, t
     t = case.clone(requires_grad=True)
     if mode == "bwd":
         outs = differentiable(split_outputs(case.invoke(fn, t)))
 
         def run_bwd():
             torch.autograd.backward(outs, douts[:len(outs)], retain_graph=True)
-        return run_bwd, _zero_grads(t)
+        return run_bwd, _zero_grads(t), t
 
     def run_fwd_bwd():
         outs = differentiable(split_outputs(case.invoke(fn, t)))
         torch.autograd.backward(outs, douts[:len(outs)])
-    return run_fwd_bwd, _zero_grads(t)
+    return run_fwd_bwd, _zero_grads(t), t
 
 
 class KernelBench:
@@ -103,6 +118,7 @@ class KernelBench:
         self.need_bwd = any(m != "fwd" for m in self.modes)
         self.case = make_case(kernel, self.shape, self.dtype, args.orth, device, seed=args.seed)
         self.reps, self.warmup = args.reps, args.warmup
+        self.graphs = bool(getattr(args, "cuda_graphs", False))
         self.rows: List[Row] = []
         self.timer = Timer(device)
 
@@ -144,13 +160,14 @@ class KernelBench:
             torch.cuda.synchronize(self.device)
         return errors
 
-    def _run_provider(self, name: str, ref64) -> None:
+    def _run_provider(self, name: str, ref64) -> Optional[Callable]:
+        """The provider's eager rows; returns its callable when it ran (for the graph rows)."""
         args = self.args
         try:
             fn = prov.make_provider(name, self.kernel, args.orth, self.device)
         except prov.Skip as skip:
             self.rows += [Row(name, m, "skipped", str(skip)) for m in self.modes]
-            return
+            return None
         try:
             errors = self._check(name, fn, *ref64)
         except Exception as err:  # noqa: BLE001 - reported in the table, the run goes on
@@ -158,21 +175,12 @@ class KernelBench:
             status = "skipped" if reason else "failed"
             self.rows += [Row(name, m, status, reason or f"{type(err).__name__}: {err}") for m in self.modes]
             self._free()
-            return
-        timer = self.timer
+            return None
         for mode in self.modes:
             row = Row(name, mode, errors={k: v for k, v in errors.items() if k != "dx" or mode != "fwd"})
             try:
                 run, setup = make_runner(self.case, fn, mode, ref64[2])
-                label = f"{self.kernel}/{name}/{mode}"
-                timing = timer.time(run, reps=self.reps, warmup=self.warmup, setup=setup,
-                                    around=self.ranges.factory(label))
-                row.timing = timing.to_dict()
-                row.bytes = self.case.min_bytes(mode)
-                if self.on_gpu:
-                    row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
-                    if self.copy_gbps:
-                        row.pct_copy = 100.0 * row.gbps / self.copy_gbps
+                self._time_row(row, run, setup)
             except Exception as err:  # noqa: BLE001
                 reason = prov.skip_reason(name, err)
                 row.status = "skipped" if reason else "failed"
@@ -180,6 +188,61 @@ class KernelBench:
             self.rows.append(row)
             run = setup = None
             self._free()
+        return fn
+
+    def _time_row(self, row: Row, run: Callable, setup: Optional[Callable]) -> None:
+        label = f"{self.kernel}/{row.provider}{'-graph' if row.graph else ''}/{row.mode}"
+        timing = self.timer.time(run, reps=self.reps, warmup=self.warmup, setup=setup,
+                                 around=self.ranges.factory(label))
+        row.timing = timing.to_dict()
+        row.bytes = self.case.min_bytes(row.mode)
+        if self.on_gpu:
+            row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
+            if self.copy_gbps:
+                row.pct_copy = 100.0 * row.gbps / self.copy_gbps
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_rows(self, name: str, fn: Optional[Callable], ref64) -> None:
+        """One row per mode timed as a CUDA graph's replay; a provider that cannot be captured is a
+        skipped row with the reason, never a crash."""
+        why = self._no_graph_reason(name, fn)
+        if why:
+            self.rows += [Row(name, m, "skipped", why, graph=True) for m in self.modes]
+            return
+        for mode in self.modes:
+            row = Row(name, mode, graph=True, note=GRAPH_NOTE)
+            try:
+                replay, inputs, static = graph_replay(
+                    lambda: runner_and_inputs(self.case, fn, mode, ref64[2]), self.device)
+                self._time_row(row, replay, None)
+                row.errors = self._graph_errors(mode, inputs, static, ref64)
+            except Exception as err:  # noqa: BLE001 - a capture failure is a skipped row
+                row.status, row.reason = "skipped", f"CUDA graph capture failed: {type(err).__name__}: {err}"
+                try:
+                    synchronize(self.device)
+                except Exception:  # noqa: BLE001 - a broken context: the next rows say so themselves
+                    pass
+            self.rows.append(row)
+            replay = inputs = static = None
+            self._free()
+
+    def _no_graph_reason(self, name: str, fn: Optional[Callable]) -> Optional[str]:
+        if not self.on_gpu:
+            return "CUDA graphs need a GPU"
+        if name == "compile":
+            return NO_GRAPH_COMPILE
+        if fn is None:  # the provider could not run eagerly: the same reason
+            eager = next((r for r in self.rows if r.provider == name and not r.graph and r.status != "ok"), None)
+            return f"eager {eager.status}: {eager.reason}" if eager else "its eager rows did not run"
+        return None
+
+    def _graph_errors(self, mode: str, inputs, static, ref64) -> Dict[str, float]:
+        """What the replayed graph left behind against float64: its output (fwd) or dx."""
+        synchronize(self.device)
+        _, outs64, _, grads64 = ref64
+        if mode == "fwd":
+            return {"out": rel_err(split_outputs(static)[0], outs64[0])}
+        return {"dx": rel_err(inputs["x"].grad, grads64["x"])}
 
     def _free(self) -> None:
         gc.collect()
@@ -191,12 +254,15 @@ class KernelBench:
         self.copy_gbps = copy_bandwidth(self.device)
         ref64 = self._reference64()
         for name in self.args.provider_list:
-            self._run_provider(name, ref64)
-        base = {r.mode: r.timing["median_ms"] for r in self.rows
+            fn = self._run_provider(name, ref64)
+            if self.graphs:
+                self._graph_rows(name, fn, ref64)
+        # graph rows against the graph-replayed reference, eager rows against the eager one
+        base = {(r.mode, r.graph): r.timing["median_ms"] for r in self.rows
                 if r.provider == "reference" and r.status == "ok"}
         for r in self.rows:
-            if r.status == "ok" and r.mode in base:
-                r.speedup = base[r.mode] / r.timing["median_ms"]
+            if r.status == "ok" and (r.mode, r.graph) in base:
+                r.speedup = base[(r.mode, r.graph)] / r.timing["median_ms"]
         if self.args.profile:
             self.profile(self.args.profile, ref64[2])
         return self.payload()
@@ -208,7 +274,7 @@ class KernelBench:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_gpu else [])
         with profile(activities=activities) as prof:
             for row in self.rows:
-                if row.status != "ok":
+                if row.status != "ok" or row.graph:  # the profiler traces the eager calls
                     continue
                 fn = prov.make_provider(row.provider, self.kernel, self.args.orth, self.device)
                 run, setup = make_runner(self.case, fn, row.mode, douts)
@@ -235,6 +301,8 @@ class KernelBench:
             "orth": self.args.orth,
             "modes": self.modes,
             "providers": self.args.provider_list,
+            "cuda_graphs": self.graphs,
+            "graph_note": GRAPH_NOTE if self.graphs else None,
             "reps": self.reps,
             "warmup": self.warmup,
             "copy_bandwidth_gbps": self.copy_gbps,
@@ -266,11 +334,12 @@ def format_kernel_report(payload: dict) -> str:
     right = [False, False] + [True] * (len(headers) - 2)
     rows = []
     for r in payload["rows"]:
+        label = r["provider"] + (" (graph)" if r.get("graph") else "")
         if r["status"] != "ok":
-            rows.append(span([r["provider"], r["mode"]], f"{r['status']}: {r['reason']}"))
+            rows.append(span([label, r["mode"]], f"{r['status']}: {r['reason']}"))
             continue
         tm, e = r["timing"], r["errors"]
-        cells = [r["provider"], r["mode"], f"{tm['median_ms'] * scale:.4g}", f"{tm['p20_ms'] * scale:.4g}",
+        cells = [label, r["mode"], f"{tm['median_ms'] * scale:.4g}", f"{tm['p20_ms'] * scale:.4g}",
                  f"{tm['p80_ms'] * scale:.4g}", num(r["gbps"], ".0f"), num(r["pct_copy"], ".1f"),
                  speedup(r["speedup"]),
                  sci(e.get("out")), sci(e.get("update"))]
@@ -293,6 +362,9 @@ def format_kernel_report(payload: dict) -> str:
     head.append("minimum bytes: " + ", ".join(f"{m} {fmt_bytes(payload['min_bytes'][m])}" for m in payload["modes"]))
     foot = ["err = ||out - ref64|| / ||ref64|| vs impl='reference' in float64; err(upd) on out - x; "
             "speedup = reference median / provider median (same mode)."]
+    if payload.get("cuda_graphs"):
+        foot.append(f"(graph) rows: {payload['graph_note']}; their speedup is over the graph-replayed reference, "
+                    "their errors those of the replay's own output (fwd) or dx.")
     if not on_gpu:
         foot.append("CPU numbers: correctness only; run on a GPU for performance.")
     return "\n".join(head + ["", format_table(headers, rows, right), ""] + foot)

@@ -4,11 +4,13 @@
 - compile:   `torch.compile` of the reference function (default mode).
 - xformers:  the reference with its attention done by `xformers.ops.memory_efficient_attention`.
 - sdpa:      the reference with its attention done by `torch.nn.functional.scaled_dot_product_attention`.
-- split:     (layer only) the fair unfused peer: the fused OCA kernel (`ops.oca(impl="triton")`), then
+- split:     (layer only) the library's unfused path (`nearl.split_layer`): the fused OCA kernel, then
              `LN(x_out) @ [W_k | W_v]` as one matrix product (cuBLAS on a GPU) and the small query
              attention (M queries over N tokens, sdpa) and tail in PyTorch: what a careful engineer
-             writes without a fused layer.
-- triton:    the fused kernels through the public API (`impl="triton"`).
+             writes without a fused layer, and what `impl="triton"` runs where `nearl.layer_path`
+             finds it faster.
+- triton:    the fused kernels (`impl="triton"`; for the layer, its fused path whatever
+             `nearl.layer_path` would choose).
 
 OCA as attention: the N tokens are the queries, the M per-sample columns of A the keys and the rows
 of C the values: scores = LN(x) @ a = q k^T with q = LN(x) (B, N, d), k = a^T (B, M, d), v = c
@@ -112,32 +114,17 @@ def layer_via(attend: Callable, x, q, params, mask=None, *, orth: str = "hard"):
     return out + (cos2,) if orth == "soft" else out
 
 
-def layer_split(x, q, params, mask=None, *, orth: str = "hard"):
-    """The layer as fused OCA + unfused query update (provider `split`).
+def layer_path_fn(orth: str, path: str) -> Callable:
+    """The layer on the kernels down one path, whatever `nearl.layer_path` would choose: "fused"
+    (provider `triton`) or "split" (provider `split`: the library's `nearl.split_layer`)."""
+    from nearl.fused_layer import nearl_layer as kernels_layer
+    from nearl.validation import check_layer_args
 
-    The small (B, M, D)-sized work is the reference's (float32, or float64 for float64 inputs); the
-    token-sized work after the OCA kernel runs in x's dtype: one LayerNorm of x_out, one product with
-    the concatenated key and value weights, and scaled_dot_product_attention of the M queries over
-    the N (masked) tokens.
-    """
-    heads = params.get("heads", 4)
-    B, N, d = x.shape
-    dt = x.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        p, qf, a, c, cdt = _small_terms(x, q, params)
-        M, D = qf.shape[1], qf.shape[2]
-        dh = D // heads
-        res = ops.oca(x, a, c, p["gate"], orth=orth, impl="triton")
-        x_out, cos2 = res if orth == "soft" else (res, None)
-        xa = F.layer_norm(x_out, (d,), eps=reference.LN_EPS)  # in x's dtype, float32 statistics
-        kv = xa @ torch.cat([params["w_k"], params["w_v"]], dim=1).to(dt)  # (B, N, 2D): one product
-        kh, vh = (t.reshape(B, N, heads, dh).transpose(1, 2) for t in kv.split(D, dim=-1))
-        qh = (reference.layer_norm_q(qf, p) @ p["w_q"]).view(B, M, heads, dh).transpose(1, 2).to(dt)
-        m = mask[:, None, None, :] if mask is not None else None
-        u = sdpa_attend(qh, kh, vh, m, 1.0 / math.sqrt(dh)).transpose(1, 2).reshape(B, M, D).to(cdt)
-        q_out = reference.query_tail(qf, u, p)
-    out = (x_out, q_out.to(q.dtype))
-    return out + (cos2,) if orth == "soft" else out
+    def fn(x, q, params, mask):
+        # the benchmark's masks hold a valid position by construction, as the model's do: no row check
+        sizes = check_layer_args(x, q, params, mask, orth, False)
+        return kernels_layer(x, q, params, mask=mask, orth=orth, heads=sizes["H"], path=path)
+    return fn
 
 
 # ---------------------------------------------------------------------------- the providers
@@ -186,13 +173,13 @@ def make_provider(name: str, kernel: str, orth: str, device: torch.device) -> Ca
     if name == "triton":
         if device.type != "cuda" and not ops.interpreting():
             raise Skip("needs a CUDA device or TRITON_INTERPRET=1")
-        return _api_fn(kernel, orth, "triton")
+        return _api_fn(kernel, orth, "triton") if kernel == "oca" else layer_path_fn(orth, "fused")
     if name == "split":
         if kernel != "layer":
             raise Skip("the layer's unfused peer (fused OCA + torch query update): --kernel layer only")
         if device.type != "cuda" and not ops.interpreting():
             raise Skip("needs a CUDA device or TRITON_INTERPRET=1")
-        return lambda x, q, params, mask: layer_split(x, q, params, mask, orth=orth)
+        return layer_path_fn(orth, "split")
     if name == "sdpa":
         return _via_fn(kernel, orth, sdpa_attend)
     if name == "xformers":

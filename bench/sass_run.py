@@ -36,7 +36,7 @@ from .sass_summary import weighted_mix
 from .shapes import resolve_shape
 from .traffic import TrafficRun, environ, launch_configs
 
-SMALL_B = 2  # the batch the launches are captured and the bytes counted at
+SMALL_B = 2  # the batch the launches are captured and the bytes counted at, where it can be
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `python -m <package>` finds it
 
 
@@ -55,16 +55,22 @@ class SassPlan:
     modes: List[str]
 
 
-def _small_sm_count(kernel, shape, dtype, orth, tiling, sm_count, small_B) -> int:
-    """The smallest SM count at which small_B gets the launch configurations of shape.B on sm_count SMs."""
+def _capture(kernel, shape, dtype, orth, tiling, sm_count) -> Tuple[int, int]:
+    """The smallest batch (2, 4, 8, ... up to shape.B) and, for it, the smallest SM count at which it
+    gets the launch configurations of shape.B on sm_count SMs: a small batch splits its work finer
+    (policy.tokens_to_fill), so B = 32 may have no batch-2 twin, while B = 256 has."""
     with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(sm_count)):
         want = launch_configs(kernel, shape, dtype, shape.B, orth)
-    for n in range(1, sm_count + 1):
-        with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n)):
-            if launch_configs(kernel, shape, dtype, small_B, orth) == want:
-                return n
-    raise ValueError(f"no SM count gives batch {small_B} the launch configurations of B={shape.B} on "
-                     f"{sm_count} SMs; try another --B")
+    small_B = min(SMALL_B, shape.B)
+    while True:
+        for n in range(1, sm_count + 1):
+            with environ(NEARL_TILING=tiling, NEARL_SM_COUNT=str(n)):
+                if launch_configs(kernel, shape, dtype, small_B, orth) == want:
+                    return small_B, n
+        if small_B >= shape.B:
+            raise ValueError(f"no batch up to B={shape.B} on fewer SMs gets the launch configurations of "
+                             f"B={shape.B} on {sm_count} SMs; try another --B")
+        small_B = min(2 * small_B, shape.B)
 
 
 def make_plan(kernel: str, args) -> SassPlan:
@@ -80,8 +86,7 @@ def make_plan(kernel: str, args) -> SassPlan:
     if params_for(cc) is None:
         raise ValueError(f"no model parameters for sm_{cc}")
     targets = list(dict.fromkeys([cc] + list(args.sass_targets)))
-    small_B = min(SMALL_B, shape.B)
-    small_sm = _small_sm_count(kernel, shape, args.torch_dtype, args.orth, tiling, sm_count, small_B)
+    small_B, small_sm = _capture(kernel, shape, args.torch_dtype, args.orth, tiling, sm_count)
     return SassPlan(kernel, args, shape, tiling, sm_count, cc, targets, small_B, small_sm,
                     list(args.provider_list), list(args.traffic_modes))
 

@@ -4,7 +4,7 @@
 
 It must run without TRITON_INTERPRET (under it the kernels are interpreter objects), while the
 traffic half of --sass must run under it, so bench/sass_run.py starts this as a subprocess. It
-drives the op (triton provider: ops.oca / ops.nearl_layer; split: providers.layer_split) on CPU
+drives the op (triton provider: ops.oca / the layer's fused path; split: its split path) on CPU
 tensors at the small batch and SM count whose launch configurations equal B's on the whole GPU,
 with every launch captured instead of run (bench/compiled_launches.py), compiles each distinct
 launch for each target in a pool of `jobs` processes, and writes per launch its grid at B and per
@@ -29,7 +29,6 @@ os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spills
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import contextlib  # noqa: E402
-import functools  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
@@ -59,11 +58,9 @@ def _provider(name: str, kernel: str, orth: str):
 
     from . import providers as prov
 
-    if name == "split":
-        return functools.partial(prov.layer_split, orth=orth)
     if kernel == "oca":
         return lambda x, a, c, gate: ops.oca(x, a, c, gate, orth=orth, impl="triton")
-    return lambda x, q, params, mask: ops.nearl_layer(x, q, params, mask=mask, orth=orth, impl="triton")
+    return prov.layer_path_fn(orth, "split" if name == "split" else "fused")
 
 
 def capture_mode(case, fn, mode: str) -> list:

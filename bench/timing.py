@@ -3,13 +3,14 @@
 On CUDA each repetition is bracketed by CUDA events, after the L2 cache is flushed (a 256 MB write,
 as `triton.testing.do_bench` does) and after the per-rep setup (grads set to None); the setup and
 the flush stay outside the timed region. On CPU, `time.perf_counter` around the call.
+`graph_replay` captures one call in a CUDA graph, whose replay is then timed the same way.
 """
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -96,6 +97,37 @@ class Timer:
                 ends[i].record()
         torch.cuda.synchronize(self.device)
         return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def graph_replay(build: Callable[[], tuple], device: torch.device,
+                 warmup: int = 3) -> Tuple[Callable[[], None], object, object]:
+    """(replay, inputs, static output) of one call captured in a torch.cuda.CUDAGraph.
+
+    `build()` returns (run, setup, inputs) as kernel_bench.runner_and_inputs does. As PyTorch's
+    docs do: `warmup` calls on a side stream first (Triton compiles and cuBLAS picks its kernels
+    outside the capture), then the capture on that stream. build() runs there too, so that a
+    forward it computes (the bwd mode's) is on the stream whose backward the graph captures.
+    setup() (grads to None) runs once before the capture: the replays rewrite the same grads.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run, setup, inputs = build()
+        for _ in range(warmup):
+            if setup:
+                setup()
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if setup:
+        setup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        static = run()
+    keep = (graph, run, inputs, static)  # the graph's memory and inputs live as long as replay
+
+    def replay() -> None:
+        keep[0].replay()
+    return replay, inputs, static
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> Optional[float]:

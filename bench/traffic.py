@@ -80,7 +80,7 @@ def launch_configs(kernel: str, shape: Shape, dtype: torch.dtype, B: int, orth: 
 
     cpu = torch.device("cpu")
     gpu_tiles, n_sm, cc = runtime.tiling(cpu)
-    prec = K._precision(torch.empty(0, dtype=dtype))
+    prec = K._precision(torch.empty(0, dtype=dtype), shape.M, cc)
     configs = [K._oca_config(B, shape.N, shape.d, shape.M, prec, not gpu_tiles, n_sm, cc, orth)]
     if kernel == "layer":
         configs += [L.layer_config(B, shape.N, shape.d, shape.M, shape.H * shape.M, shape.D, dtype, cpu, orth),

@@ -41,7 +41,7 @@ def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device
     x's `dtype` on `device` (its tiling) without spilling: H*M <= 64, D <= 128 and M <= 16 (the
     backward's rows kernel spills hundreds of bytes at BLOCK_M = 64 on sm_90). On sm_80 (no
     warpgroup MMA: every warp holds its own copy of a product's second operand) IEEE float32
-    products (float32 and float16 x, `policy.fp32_accurate_products`) spill in the forward
+    products (float16 x, and float32 at "highest" precision: `policy.fp32_accurate_products`) spill in the forward
     whatever the tiles."""
     if hm > MAX_FUSED_HM or D > MAX_FUSED_D or M > MAX_FUSED_M:
         return False
@@ -124,7 +124,7 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
         ieee = precision == "ieee"  # no tensor cores: the products' operands stay in registers
         if ieee:  # sm_90 only (fused_supported)
             block_n, block_c = 64, 16
-        elif cc >= 90:  # bfloat16 x
+        elif cc >= 90:  # TF32: bfloat16 x, or float32 x below "highest" matmul precision
             block_n, block_c = (128 if orth != "soft" and M % 16 == 0 else 64), 16
         else:  # sm_80 (64 x 32 fits at exactly 224 registers: no headroom)
             block_n, block_c = 64, 16
@@ -245,11 +245,11 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
       holds (BLOCK_DC x (2 M + 2 H*M)) float32 accumulators across its token loop, plus
       (BLOCK_N x BLOCK_DC) tiles of x, dout, LN(x_out), G, Delta and dx; the chunks of A^T, Cc,
       KABS^T and DO are the right operands of its products, which sm_90's warpgroup MMA reads
-      from shared memory (100-120 kB at 128 columns), not registers. 16 tokens at 8 warps:
-      128 columns on sm_90 (222-224 registers, triton 3.6 and 3.8; 4-16 bytes of spill with
-      orth="soft", which takes 64: 224), 32 on sm_80 (mma.sync: operands in registers; 64
-      spill 450-550 bytes) and 16 with IEEE products (32 spilled 4-16 bytes: orth="soft" on
-      both toolchains, "hard" on triton 3.6).
+      from shared memory, not registers. 16 tokens at 8 warps: 64 columns on sm_90 with bf16 x
+      (its 16-bit A, KABS and DO and bf16 scratch: 196-232 registers with 3 stages; 128 columns
+      spilled 8-116 bytes, and with float32 operands took 254 registers at 1 stage), 32 on sm_80
+      (mma.sync: operands in registers; 64 spill 450-550 bytes) and 16 with IEEE products (32
+      spilled 4-16 bytes: orth="soft" on both toolchains, "hard" on triton 3.6).
     - Splits: a sample's tokens go to several programs only when B * (d chunks) is under half
       the target of four programs per SM (as many splits as stay within it), so at large B the
       partials are (B, 1, ...).
@@ -278,16 +278,18 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
             cols_bd = 16
         elif cc < 90:
             cols_bd = 32
-        else:
-            cols_bd = 64 if orth == "soft" else 128
+        else:  # TF32: bf16 x (16-bit A, KABS and DO spilled 8-116 bytes at 128), or float32 below "highest"
+            cols_bd = 64
         cols_bd = min(cols_bd, max(16, triton.next_power_of_2(d)))
         chunks = triton.cdiv(d, cols_bd)
         splits = policy.token_splits(N, cols_bn, B, chunks, n_sm)
-    # Pipelined loops (policy.PIPELINE_STAGES), but the columns kernel's: at 224 registers its
-    # 128-column tiles spilled 148 bytes with 2 stages and 204 with 3 (sm_90, triton 3.8).
+    # Pipelined loops (policy.PIPELINE_STAGES). The columns kernel's only with 16-bit operands on
+    # sm_90 (64 columns: 210 registers with 3 stages): at 224 registers its 128-column float32
+    # tiles spilled 148 bytes with 2 stages and 204 with 3 (sm_90, triton 3.8).
     stages = policy.PIPELINE_STAGES if gpu_tiles else 1
+    cols_stages = stages if gpu_tiles and cc >= 90 and policy.operand_dtype(dtype) == torch.bfloat16 else 1
     return LayerBwdConfig(dout_bn, dout_bc, rows_bn, cols_bn, cols_bd, splits, block_m, block_hm, 8, precision,
-                          num_stages=stages, cols_num_stages=1)
+                          num_stages=stages, cols_num_stages=cols_stages)
 
 
 def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
@@ -295,9 +297,10 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
 
     Three kernels (`kernels/layer_bwd_kernels.py`): the dout kernel makes the one pass over dout
     (and x, hard projection), dout Cc^T and two row sums; the rows kernel reduces every row-level
-    quantity from those and the forward's products (prods, stats: `layer_fwd`) and writes,
-    float32, P and rstd dS (B, N, M), dS_q and Pq
-    (B, N, H*M), 13 row scalars (B, 13, N) and a dgate partial per tile; the columns kernel writes
+    quantity from those and the forward's products (prods, stats: `layer_fwd`) and writes P and
+    rstd dS (B, N, M), dS_q and Pq (B, N, H*M) in `policy.scratch_dtype` (bf16 for bf16 x, the
+    operands of the columns kernel's products), 13 row scalars (B, 13, N) float32 and a dgate
+    partial per tile; the columns kernel writes
     dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
     (B, S, H*M, d), and dC's row sums per program (B, S, d chunks, M), summed here with torch
     (deterministic: no atomics). dW_v = sum_b
@@ -315,7 +318,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     dout = torch.zeros((1, 1, 1), dtype=x.dtype, device=dev).expand(B, N, d) if dout is None else dout
     if orth != "soft" or dcos2 is None:  # no upstream cos^2 gradient: read a zero, stride 0
         dcos2 = torch.zeros((1, 1), **f32).expand(B, N)
-    do = (du_all @ w_v.t().float()).contiguous()  # (B, HM, d)
+    do = (du_all.to(w_v.dtype) @ w_v.t()).contiguous()  # (B, HM, d), in W_v's dtype (policy.operand_dtype)
     cdo = (cv @ du_all.transpose(1, 2)).contiguous()  # Cc DO^T (B, M, HM)
     dosum = (du_all @ vsum).contiguous()  # DO 1 (B, HM)
     # rowsum(dU * U) of flash-attention's backward, as B*HM dot products: one read of each (a
@@ -327,10 +330,11 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     mask_arg, has_mask = _mask_arg(mask, x)
     n_rows_tiles = triton.cdiv(N, cfg.rows_block_n)
     dg_part = runtime.empty((B, n_rows_tiles), **f32)
-    p_s = runtime.empty((B, N, M), **f32)
-    ds_s = runtime.empty((B, N, M), **f32)
-    dsq_s = runtime.empty((B, N, HM), **f32)
-    pq_s = runtime.empty((B, N, HM), **f32)
+    scratch = dict(device=dev, dtype=policy.scratch_dtype(x.dtype))
+    p_s = runtime.empty((B, N, M), **scratch)
+    ds_s = runtime.empty((B, N, M), **scratch)
+    dsq_s = runtime.empty((B, N, HM), **scratch)
+    pq_s = runtime.empty((B, N, HM), **scratch)
     rows = runtime.empty((B, KB.N_ROWS.value, N), **f32)
     orth_code = ORTH_CODES[orth]
     dterms = runtime.empty((B, N, M + 2), **f32)
@@ -345,15 +349,18 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
         p_s, ds_s, dsq_s, pq_s, rows, dg_part,
         N, d, M, HM, D, policy.LN_EPS, policy.ORTH_EPS, policy.COS2_EPS,
         ORTH=orth_code, HAS_MASK=has_mask, BLOCK_N=cfg.rows_block_n,
-        BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision,
+        BLOCK_M=cfg.block_m, BLOCK_HM=cfg.block_hm, PREC=cfg.precision, ROUND_BY_HAND=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     S = cfg.splits
     dx = runtime.empty((B, N, d), dtype=x.dtype, device=dev)
-    da_part = runtime.empty((B, S, M, d), **f32)  # all (.., M or HM, d): see the kernel's stores
+    # all (.., M or HM, d): see the kernel's stores. With one split a program's partial is the
+    # gradient itself: stored in its input's dtype (16-bit A and KABS: SPEC 7), no cast after.
+    grad_dtype = (lambda t: t.dtype) if S == 1 else (lambda t: torch.float32)
+    da_part = runtime.empty((B, S, M, d), device=dev, dtype=grad_dtype(a))
     dc_part = runtime.empty((B, S, M, d), **f32)
     n_chunks = triton.cdiv(d, cfg.cols_block_d)
     dcb_part = runtime.empty((B, S, n_chunks, M), **f32)  # row sums of dC per program: cbar's gradient
-    dk_part = runtime.empty((B, S, HM, d), **f32)
+    dk_part = runtime.empty((B, S, HM, d), device=dev, dtype=grad_dtype(kabs))
     ob_part = runtime.empty((B, S, HM, d), **f32)
     runtime.launch(KB.layer_bwd_cols_kernel, (n_chunks, S, B),
         x, *x.stride(), dout, *dout.stride(), a, *a.stride(), cc, *cc.stride(), kabs, *kabs.stride(),
@@ -506,6 +513,17 @@ def block_queries(qh: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, H*M, D) from Qh (B, M, D): row h*M + m keeps only head h's columns of Qh[m], scaled by
     1/sqrt(dh), so that K @ block_queries^T gives every head's scores in one product."""
     return _BlockQueries.apply(qh, heads)
+
+
+def head_products(g: torch.Tensor, qh: torch.Tensor, heads: int) -> torch.Tensor:
+    """sqrt(dh) g @ block_queries(qh, heads)^T (B, Mg, H*M) from g (B, Mg, D) and Qh (B, M, D),
+    without forming the (B, H*M, D) block queries: per head, g's and Qh's head columns. Unscaled:
+    callers fold 1/sqrt(dh) into a weight-sized factor of g (a batch-sized division is one more op)."""
+    B, Mg, D = g.shape
+    M, dh = qh.shape[1], D // heads
+    gh = g.reshape(B, Mg, heads, dh).transpose(1, 2)  # (B, H, Mg, dh)
+    qt = qh.reshape(B, M, heads, dh).permute(0, 2, 3, 1)  # (B, H, dh, M)
+    return (gh @ qt).transpose(1, 2).reshape(B, Mg, heads * M)
 
 
 def absorbed_keys(qb: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:

@@ -82,15 +82,18 @@ def _rows_sample_terms(CBAR, COLA, KSUM, DOSUM, LSE, DELTA, GC, CK, CDO, b, M, H
 
 @triton.jit
 def _store_rows(P_S, DS_S, DSQ_S, PQ_S, rows, b, N, M, HM, offs_n, row_ok, offs_m, m_ok, offs_hm, hm_ok,
-                p, ds_rstd, dsq, pq, mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k0, k_dl, alpha, beta):
-    """What the columns kernel reads of each row: P, rstd dS (B, N, M), dS_q, Pq (B, N, HM) and the
-    N_ROWS row scalars (B, N_ROWS, N)."""
+                p, ds_rstd, dsq, pq, mean, rstd2, coef, pc, mean_g, mean_gx, k_do, k_x, q, k0, k_dl, alpha, beta,
+                ROUND_BY_HAND: tl.constexpr):
+    """What the columns kernel reads of each row: P, rstd dS (B, N, M), dS_q, Pq (B, N, HM), in the
+    scratch's dtype (bf16 for bf16 x: the operands of the columns kernel's products, flash-attention's
+    rule), and the N_ROWS row scalars (B, N_ROWS, N), float32."""
     nm = row_ok[:, None] & m_ok[None, :]
     nh = row_ok[:, None] & hm_ok[None, :]
-    tl.store(P_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], p, mask=nm)
-    tl.store(DS_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], ds_rstd, mask=nm)
-    tl.store(DSQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], dsq, mask=nh)
-    tl.store(PQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], pq, mask=nh)
+    sdt = P_S.dtype.element_ty
+    tl.store(P_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], cast_out(p, sdt, ROUND_BY_HAND), mask=nm)
+    tl.store(DS_S + (b * N + offs_n[:, None]) * M + offs_m[None, :], cast_out(ds_rstd, sdt, ROUND_BY_HAND), mask=nm)
+    tl.store(DSQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], cast_out(dsq, sdt, ROUND_BY_HAND), mask=nh)
+    tl.store(PQ_S + (b * N + offs_n[:, None]) * HM + offs_hm[None, :], cast_out(pq, sdt, ROUND_BY_HAND), mask=nh)
     tl.store(rows + R_MEAN * N, mean, mask=row_ok)
     tl.store(rows + R_RSTD2 * N, rstd2, mask=row_ok)
     tl.store(rows + R_COEF * N, coef, mask=row_ok)
@@ -201,6 +204,7 @@ def layer_bwd_rows_kernel(
     ln_eps, orth_eps, cos2_eps,
     ORTH: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HM: tl.constexpr, PREC: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,
 ):
     """Backward, per token, from per-token terms alone (no (B, N, d) tensor is read).
 
@@ -265,7 +269,7 @@ def layer_bwd_rows_kernel(
     tl.store(DG_PART + b * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, dg, 0.0), 0))
     _store_rows(P_S, DS_S, DSQ_S, PQ_S, ROWS + b * N_ROWS * N + offs_n, b, N, M, HM, offs_n, row_ok, offs_m, m_ok,
                 offs_hm, hm_ok, p, ds * rstd[:, None], dsq, pq, mean, rstd2, coef, pc, mean_g, mean_gx, 1.0 + c_do,
-                c_x, rstd * rstd * m2s, -rstd * m1, c_dl, alpha, beta)
+                c_x, rstd * rstd * m2s, -rstd * m1, c_dl, alpha, beta, ROUND_BY_HAND)
 
 
 @triton.jit
@@ -298,15 +302,18 @@ def _load_scratch(P_S, DS_S, DSQ_S, PQ_S, b, N, M, HM, offs_n, n_ok, offs_m, m_o
 
 @triton.jit
 def _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, DCB_PART, part, pid_d, d, M, HM, offs_d, d_ok, offs_m, m_ok,
-                    offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o):
-    """A program's four token reductions, once, into its own slot of the partial buffers."""
+                    offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o, ROUND_BY_HAND: tl.constexpr):
+    """A program's four token reductions, once, into its own slot of the partial buffers (dA's and
+    dKABS's in the gradient's own dtype when a program's partial is the whole gradient)."""
     dm_ok = d_ok[:, None] & m_ok[None, :]
     dh_ok = d_ok[:, None] & hm_ok[None, :]
     # every partial (..., M or HM, d): A and KABS are transposed views of (M, d) and (HM, d)
     # products, so their gradients come back in the layout autograd passes on without a copy
-    tl.store(DA_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_a, mask=dm_ok)
+    tl.store(DA_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None],
+             cast_out(acc_a, DA_PART.dtype.element_ty, ROUND_BY_HAND), mask=dm_ok)
     tl.store(DC_PART + part * M * d + offs_m[None, :] * d + offs_d[:, None], acc_ct, mask=dm_ok)
-    tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_k, mask=dh_ok)
+    tl.store(DK_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None],
+             cast_out(acc_k, DK_PART.dtype.element_ty, ROUND_BY_HAND), mask=dh_ok)
     tl.store(OB_PART + part * HM * d + offs_hm[None, :] * d + offs_d[:, None], acc_o, mask=dh_ok)
     # the chunk's row sums of dC, cbar's gradient, (B, splits, d chunks, M): summed over d by
     # torch they would be a second read of dC
@@ -394,4 +401,4 @@ def layer_bwd_cols_kernel(
         acc_k = tl.dot(tl.trans(xn2), dsq, acc_k, input_precision=PREC)
         acc_o = tl.dot(tl.trans(xn2), pq, acc_o, input_precision=PREC)
     _store_partials(DA_PART, DC_PART, DK_PART, OB_PART, DCB_PART, b * n_splits + pid_s, pid_d, d, M, HM, offs_d,
-                    d_ok, offs_m, m_ok, offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o)
+                    d_ok, offs_m, m_ok, offs_hm, hm_ok, acc_a, acc_ct, acc_k, acc_o, ROUND_BY_HAND)

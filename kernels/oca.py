@@ -562,14 +562,17 @@ def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaCo
                      cols_stages=2, max_registers=policy.OCCUPANCY_REGISTERS)
 
 
-def _precision(x: torch.Tensor) -> str:
+def _precision(x: torch.Tensor, M: int = 16, cc: int = 90) -> str:
     """tl.dot input precision on the GPU, by the one policy (`policy.fp32_accurate_products`):
-    "tf32" for bfloat16 x, else "tf32x3" (three TF32 products on a hi/lo split, about float32
-    accuracy, `_mm`). The a/c/gate dtypes do not matter: their gradients carry the accuracy of the
-    x path (bf16 x with fp32 a: tf32, about 5e-4 relative in dA). Under the interpreter every
-    product is exact fp32, and "tf32x3" still runs its three-product split, so the split's algebra
-    is tested on the CPU."""
-    return "tf32x3" if policy.fp32_accurate_products(x.dtype) else "tf32"
+    "tf32" for bfloat16 x and for float32 x below "highest" matmul precision, else "tf32x3" (three
+    TF32 products on a hi/lo split, about float32 accuracy, `_mm`); float32 x at BLOCK_M 64 on sm_80
+    keeps tf32x3's smaller tiles, its float32 tiles at tf32's spilled 16-24 bytes (triton 3.8). The
+    a/c/gate dtypes do not matter: their gradients carry the accuracy of the x path (bf16 x with
+    fp32 a: tf32, about 5e-4 relative in dA). Under the interpreter every product is exact fp32,
+    and "tf32x3" still runs its three-product split, so the split's algebra is tested on the CPU."""
+    if policy.fp32_accurate_products(x.dtype) or (x.dtype == torch.float32 and cc < 90 and M > 32):
+        return "tf32x3"
+    return "tf32"
 
 
 def _check_sizes(x: torch.Tensor, a: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -589,8 +592,8 @@ def oca_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tenso
     """Forward launch. x (B, N, d), a (B, d, M), c (B, M, d), gate () -> out (B, N, d) in x's
     dtype and, for orth="soft", cos2 (B, N) float32 (else None). Inputs may be strided views."""
     B, N, d, M = _check_sizes(x, a)
-    prec = _precision(x)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
+    prec = _precision(x, M, cc)
     cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
     out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
     cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
@@ -615,8 +618,8 @@ def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, 
     split they are dA and dC themselves, stored by the kernel in a's and c's dtype.
     """
     B, N, d, M = _check_sizes(x, a)
-    prec = _precision(x)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
+    prec = _precision(x, M, cc)
     cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
     dev = x.device
     n_tiles = triton.cdiv(N, cfg.rows_block_n)

@@ -17,17 +17,39 @@ MAX_M = 64
 
 
 def fp32_accurate_products(dtype: torch.dtype) -> bool:
-    """The one precision policy for the kernels' tl.dot products (their sums are float32 always).
+    """The one precision policy for the kernels' tl.dot products (their sums are float32 always),
+    SPEC section 7's.
 
     bfloat16 x: no; TF32 products. x is exact in TF32, and the float32 operands formed from it
     (LN(x), P, A, C, keys) are rounded to TF32's unit roundoff 2^-11, eight times finer than the
     2^-8 of a bfloat16 result, so the result stays within bfloat16's own error.
-    float32 and float16 x: yes. The tests ask 1e-4 of float32, and float16's unit roundoff is 2^-11,
-    as coarse as TF32's, so TF32 products could double the error of a float16 result.
+    float32 x: as torch.matmul, by `torch.get_float32_matmul_precision()`: "highest" (PyTorch's
+    default) yes, float32-accurate products and 1e-4 of float64; "high" or "medium" no, TF32
+    products under the half-precision bar (a model trained under autocast keeps its residual
+    stream, so the layer's x, in float32: this switch is how it asks for the tensor cores' rate).
+    float16 x: yes. Its unit roundoff is 2^-11, as coarse as TF32's, so TF32 products could
+    double the error of a float16 result.
     How a kernel gets float32 accuracy is its own affair, a matter of registers: the OCA kernels
     run three TF32 products on a hi/lo split ("tf32x3"), the layer kernels IEEE float32 products.
     """
+    if dtype == torch.float32:
+        return torch.get_float32_matmul_precision() == "highest"
     return dtype != torch.bfloat16
+
+
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused layer holds its per-sample matrices (A, the absorbed keys) and W_v in:
+    bfloat16 for bfloat16 x (SPEC 7: 16-bit operands under flash-attention's bar), else float32.
+    float16 x keeps float32 ones: its IEEE products' forward kernel spilled 4 bytes on sm_90 with
+    float16 operands to convert (triton 3.8), and SPEC 7 allows, not asks."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def scratch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the layer backward's per-token scratch (P, dS and their query-side twins), the
+    operands of its column kernel's products: bfloat16 for bfloat16 x (flash-attention rounds P
+    and dS so), float32 otherwise (float16's range would flush small dS to 0)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 # Software pipelining (Triton's num_stages) of the kernels' column and token loops on the GPU:

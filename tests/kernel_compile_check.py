@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -54,6 +55,7 @@ import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels
 from nearl_bench import compiled_launches as CL  # noqa: E402  (capture and compile, shared with bench.run --sass)
 from nearl_kernels import layer as L  # noqa: E402
 from nearl_kernels import oca as K  # noqa: E402
+from nearl_kernels import policy  # noqa: E402
 from nearl_kernels import runtime  # noqa: E402
 
 SHARED_LIMIT = CL.SHARED_LIMIT  # opt-in dynamic shared memory per block
@@ -105,13 +107,25 @@ def full_layer_cases():
 FULL_GPU_BATCH = 132  # one sample per SM: no launcher splits a sample
 
 
+@contextlib.contextmanager
+def _restored_precision():
+    saved = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
     """Run the launchers with LAUNCH_HOOK set, as on a GPU of compute capability `cc` (the
     configuration depends on it); return the distinct launches as compile specs."""
-    with CL.capturing(device_info=(132, cc)) as launches:
-        # B and a batch that fills the GPU: the launchers split a sample's work only while the
-        # batch is small, and the one-split configurations differ (the attention kernel's FINAL)
-        for batch in (B, FULL_GPU_BATCH):
+    with CL.capturing(device_info=(132, cc)) as launches, _restored_precision():
+        # float32 x at both of PyTorch's switches (policy.fp32_accurate_products): "highest" takes
+        # float32-accurate products, "high" TF32 ones; B and a batch that fills the GPU: the
+        # launchers split a sample's work only while the batch is small, and the one-split
+        # configurations differ (the attention kernel's FINAL)
+        for precision, batch in itertools.product(("highest", "high"), (B, FULL_GPU_BATCH)):
+            torch.set_float32_matmul_precision(precision)
             for d, M, xd, pd, orth in cases:
                 x = torch.empty(batch, N, d, dtype=xd)
                 a = torch.empty(batch, d, M, dtype=pd)
@@ -122,16 +136,17 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                 K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
             for d, M, D, H, xd, orth, masked in layer_cases:
                 x = torch.empty(batch, N, d, dtype=xd)
-                if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: the OCA kernels on x.float(), then torch
-                    x, a, c, gate = x.float(), torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(())
+                if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: OCA kernels, then torch
+                    a, c, gate = torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(())
                     K.oca_fwd(x, a, c, gate, orth)
                     K.oca_bwd(torch.empty_like(x), torch.empty(batch, N) if orth == "soft" else None, x, a, c, gate, orth)
                     continue
-                a, c, cbar = torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(batch, M)
-                kabs = torch.empty(batch, H * M, d).transpose(1, 2)  # as absorbed_keys makes it
-                w_v, gate = torch.empty(d, D), torch.empty(())
+                low = policy.operand_dtype(xd)  # A, KABS and W_v as nearl.fused_layer.layer_operands holds them
+                a, c, cbar = torch.empty(batch, d, M, dtype=low), torch.empty(batch, M, d), torch.empty(batch, M)
+                kabs = torch.empty(batch, H * M, d, dtype=low).transpose(1, 2)  # as absorbed_keys makes it
+                w_v, gate = torch.empty(d, D, dtype=low), torch.empty(())
                 mask = torch.ones(batch, N, dtype=torch.bool) if masked else None
-                aux = L.small_products(a, c, kabs, w_v)
+                aux = L.small_products(a.float(), c, kabs.float(), w_v.float())
                 _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
                 L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
                             torch.empty(batch, N) if orth == "soft" else None, u_all)

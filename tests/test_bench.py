@@ -146,9 +146,75 @@ def test_checkpointing_report_with_gpu_rows():
     assert format_checkpointing(None) == []
 
 
+def test_cli_cuda_graphs_on_cpu_are_skipped_rows(tmp_path, capsys):
+    """--cuda-graphs adds a graph-replayed row per provider and mode; without a GPU each is skipped
+    with the reason, the eager rows run as before, and the exit status is 0."""
+    out = tmp_path / "oca.json"
+    argv = ["--kernel", "oca", *TINY, "--mode", "fwd,bwd", "--providers", "reference,triton",
+            "--cuda-graphs", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert any(line.split()[:3] == ["triton", "(graph)", "fwd"] and line.endswith("skipped: CUDA graphs need a GPU")
+               for line in text.splitlines())
+    payload = json.loads(out.read_text())
+    assert payload["cuda_graphs"] is True
+    graph = [(r["provider"], r["mode"], r["status"], r["reason"]) for r in payload["rows"] if r["graph"]]
+    assert graph == [(p, m, "skipped", "CUDA graphs need a GPU") for p in ("reference", "triton")
+                     for m in ("fwd", "bwd")]
+    eager = [r for r in payload["rows"] if not r["graph"]]
+    assert len(eager) == 4 and {r["status"] for r in eager} == {"ok"}
+
+
+def fake_replay(build, device):
+    """graph_replay's contract without a GPU: the call itself stands for the replay."""
+    run, setup, inputs = build()
+
+    def replay():
+        if setup:
+            setup()
+        return run()
+    return replay, inputs, replay()
+
+
+def graph_bench(monkeypatch, replay):
+    from nearl_bench import kernel_bench
+    args = cli.build_parser().parse_args(["--kernel", "oca", *TINY, "--mode", "fwd,bwd", "--cuda-graphs"])
+    cli.finish_args(args, torch.device("cpu"))
+    bench = kernel_bench.KernelBench("oca", args, torch.device("cpu"), Ranges(False))
+    bench.copy_gbps = None
+    ref64 = bench._reference64()
+    fn = bench._run_provider("reference", ref64)
+    monkeypatch.setattr(kernel_bench, "graph_replay", replay)
+    bench.on_gpu = True  # past the CPU's skip: the capture itself is faked
+    bench._graph_rows("reference", fn, ref64)
+    bench._graph_rows("compile", None, ref64)
+    return [r for r in bench.rows if r.graph]
+
+
+def test_graph_rows_time_the_replay_and_check_its_results(monkeypatch):
+    rows = graph_bench(monkeypatch, fake_replay)
+    ref = [r for r in rows if r.provider == "reference"]
+    assert [(r.mode, r.status, r.note) for r in ref] == [(m, "ok", "CUDA graph: one call captured after 3 warm-up "
+                                                         "calls on a side stream, timed as graph.replay() (L2 flushed "
+                                                         "before each replay, as for the eager rows)")
+                                                        for m in ("fwd", "bwd")]
+    assert ref[0].errors["out"] < 1e-5 and ref[1].errors["dx"] < 1e-5 and ref[0].timing["reps"] == 2
+    compiled = [r for r in rows if r.provider == "compile"]
+    assert [r.status for r in compiled] == ["skipped"] * 2 and "reduce-overhead" in compiled[0].reason
+
+
+def test_a_failed_capture_is_a_skipped_row(monkeypatch):
+    def broken(build, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    rows = [r for r in graph_bench(monkeypatch, broken) if r.provider == "reference"]
+    assert [r.status for r in rows] == ["skipped", "skipped"]
+    assert rows[0].reason == "CUDA graph capture failed: RuntimeError: operation not permitted when stream is capturing"
+
+
 def test_cli_rejects_bad_options(capsys):
     for argv in (["--mode", "sideways"], ["--providers", "reference,cuda-magic"], ["--B", "0"],
-                 ["--kernel", "oca", "--grad-checkpointing"]):
+                 ["--kernel", "oca", "--grad-checkpointing"], ["--kernel", "model", "--cuda-graphs"],
+                 ["--kernel", "oca", "--traffic", "--cuda-graphs"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2

@@ -217,7 +217,7 @@ def test_gpu_tiling_matches_reference(case, gpu_config, poison):
     B, N, d, M, orth, xd, pd, xv, av, up = case
     gpu_tiles, n_sm, cc = runtime.tiling(torch.device(DEV))
     assert gpu_tiles and (n_sm, cc) == (132, 90)
-    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, n_sm, cc)
+    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd), M, cc), False, n_sm, cc)
     assert cfg.cols_splits > 1 or B * math.ceil(d / cfg.cols_block_d) >= 4 * 132
     compare(B, N, d, M, orth, xd, pd, xv, av, up)
 
@@ -234,7 +234,8 @@ def test_gpu_tiling_at_a_full_batch_matches_reference(case, tiling, monkeypatch,
     B, N, d, M, orth, xd, pd, xv, av, up = case
     monkeypatch.setenv("NEARL_TILING", tiling)
     monkeypatch.setenv("NEARL_SM_COUNT", "1")
-    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd)), False, *runtime.tiling(torch.device(DEV))[1:])
+    n_sm, cc = runtime.tiling(torch.device(DEV))[1:]
+    cfg = K._oca_config(B, N, d, M, K._precision(torch.empty(0, dtype=xd), M, cc), False, n_sm, cc)
     assert cfg.fwd_block_n >= 128 and cfg.rows_block_n >= 128 or M > 32, cfg
     compare(B, N, d, M, orth, xd, pd, xv, av, up)
 
@@ -386,3 +387,42 @@ def test_torch_compile_fullgraph(orth):
         results.append((loss, *torch.autograd.grad(loss, leaves)))
     for r1, r2 in zip(*results):
         torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-6)
+
+
+def tf32_peer_oca(x, a, c, gate, orth="hard"):
+    """OCA in float32 with TF32 products, as torch.matmul runs them at "high" precision on a GPU
+    (operands truncated to TF32, tests/precision_bar.tf32)."""
+    from precision_bar import tf32
+    xf = x.float()
+    p = torch.softmax(tf32(reference.layer_norm(xf)) @ tf32(a.float()), dim=-1)
+    update, cos2 = reference.orth_update(tf32(p) @ tf32(c.float()), xf, orth)
+    out = xf + gate.float() * update
+    return (out, cos2) if orth == "soft" else out
+
+
+@pytest.mark.parametrize("orth", ["soft"])  # cos2 too
+def test_float32_below_highest_precision_takes_tf32(orth, gpu_config, monkeypatch):
+    """float32 x follows torch.get_float32_matmul_precision() (SPEC 7): at "high" one TF32
+    product (the tensor cores' truncation emulated) instead of tf32x3's three, within twice the
+    error of the same math with TF32 products."""
+    monkeypatch.setattr(runtime, "TF32_AS_THE_GPU", True)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        inputs = make_inputs(2, 197, 768, 16, F32, F32)
+        assert K._precision(inputs[0]) == "tf32"
+        gen = torch.Generator().manual_seed(1)
+        up = {"dout": torch.randn(2, 197, 768, generator=gen).to(DEV),
+              "dcos2": torch.randn(2, 197, generator=gen).to(DEV)}
+        got = run(K.oca, inputs, orth, up, F32)
+        peer = run(tf32_peer_oca, inputs, orth, up, F32)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert K._precision(inputs[0]) == "tf32x3"
+    want = run(reference.oca, [t.detach().double() for t in inputs], orth, up, torch.float64)
+    pairs = [("out", got[0], peer[0], want[0])]
+    pairs += [(f"d{n}", g, p, w) for n, g, p, w in zip("xacg", got[2], peer[2], want[2])]
+    if orth == "soft":
+        pairs.append(("cos2", got[1], peer[1], want[1]))
+    for name, g, p, w in pairs:
+        assert rel(g, w) <= 2 * rel(p, w) + 1e-6, (name, rel(g, w), rel(p, w))

@@ -124,13 +124,13 @@ def test_small_batch_gets_the_launch_configurations_of_b256(kernel, want, monkey
 
 
 def test_launch_configs_follow_orth(monkeypatch):
-    """The layer backward's column chunk depends on orth (soft: 64 columns on sm_90), so the count
-    must pick the SM count from the configurations of the orth it runs."""
+    """The layer forward's token tile depends on orth (soft: 64 tokens on sm_90), so the count must
+    pick the SM count from the configurations of the orth it runs."""
     monkeypatch.setenv("NEARL_TILING", "h100")
     shape = resolve_shape("vit-b16", {"B": 2}, on_gpu=True)
     hard = launch_configs("layer", shape, torch.bfloat16, REFERENCE_B, "hard")
     soft = launch_configs("layer", shape, torch.bfloat16, REFERENCE_B, "soft")
-    assert (hard[-1].cols_block_d, soft[-1].cols_block_d) == (128, 64)
+    assert (hard[1].block_n, soft[1].block_n) == (128, 64)
 
 
 # ------------------------------------------------------------------------------------------- command
