@@ -110,7 +110,7 @@ def from_table(table: dict, key: Bucket, grad: bool, exact: bool) -> Optional[Tu
     path = "fused" if fused <= split else "split"
     what = "forward + backward" if grad else "forward"
     near = "" if dist == 0 else f" (nearest entry, bucket {entry['bucket']})"
-    return path, (f"{table.get('source', 'table')} {what}: fused {fused * 1e6:.0f} us, split {split * 1e6:.0f} us"
+    return path, (f"{table.get('source', 'table')}; {what}: fused {fused * 1e6:.0f} us, split {split * 1e6:.0f} us"
                   f"{near}")
 
 
