@@ -130,14 +130,14 @@ def _default_out(what: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        grid = _grid(args)
-        out = args.out or _default_out(args.what) if args.what == "estimate" else args.out
-    except ValueError as err:
-        parser.error(str(err))
     if args.what == "measure" and not torch.cuda.is_available():
         parser.error("measure times the paths on a GPU, and there is none here; `estimate` runs on the CPU")
-    out, start, entries, skipped, failed = out or _default_out(args.what), time.monotonic(), [], [], []
+    try:
+        grid = _grid(args)
+        out = args.out or _default_out(args.what)
+    except ValueError as err:
+        parser.error(str(err))
+    start, entries, skipped, failed = time.monotonic(), [], [], []
     for shape_name, B, dtype in grid:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             skipped.append([shape_name, B, dtype])

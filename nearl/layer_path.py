@@ -156,7 +156,16 @@ def choose(shape: Tuple[int, int, int], dtype: torch.dtype, device: torch.device
     return "fused", f"no table entry for {name} (sm_{cc}) and this shape"
 
 
+# decide()'s answers, by its arguments and what else choose() reads (the environment switches and
+# float32's matmul precision): a layer call then costs a dict lookup, where choose() takes ~20 us
+# (its table walk), every adapted layer, every step. Tables are read once (load_table).
+_chosen = {}
 _said = set()
+
+
+def _switches() -> tuple:
+    return (*(os.environ.get(k, "") for k in (ENV, "NEARL_TILING", "NEARL_SM_COUNT", "TRITON_INTERPRET")),
+            torch.get_float32_matmul_precision())
 
 
 @torch._dynamo.assume_constant_result
@@ -164,7 +173,11 @@ def decide(shape: Tuple[int, int, int], dtype: torch.dtype, device: torch.device
            grad: bool) -> str:
     """`choose`'s path, its reason logged the first time (torch.compile calls this while tracing and
     keeps the answer, so the choice costs a compiled layer nothing)."""
+    key = (tuple(shape), dtype, device, hm, D, M, grad, _switches())
+    if key in _chosen:
+        return _chosen[key]
     path, reason = choose(shape, dtype, device, hm, D, M, grad)
+    _chosen[key] = path
     said = (path, reason, tuple(shape[1:]), dtype, hm)
     if said not in _said:
         _said.add(said)

@@ -20,8 +20,10 @@ def fresh_tables(monkeypatch):
     monkeypatch.delenv(layer_path.ENV, raising=False)
     layer_path.load_table.cache_clear()
     layer_path._said.clear()
+    layer_path._chosen.clear()
     yield
     layer_path.load_table.cache_clear()
+    layer_path._chosen.clear()
 
 
 def vit_x(B=256, dtype=torch.bfloat16):
