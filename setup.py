@@ -14,7 +14,7 @@ setup(
     package_data={"nearl": ["model_configs/*.json", "layer_paths/*.json"]},
     # Supported range (README, "Supported versions"): CI runs the whole suite at both ends, the
     # newest pip resolves and the floors below (.ci/oldest.txt). triton < 3.7's interpreter
-    # breaks on numpy >= 2.4; kernels/runtime.py mends it, and CI runs the kernel tests on that pair.
+    # breaks on numpy >= 2.4; kernels/interpreter_shims.py mends it, and CI runs the kernel tests on that pair.
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",

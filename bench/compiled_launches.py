@@ -3,7 +3,7 @@
 Shared by tests/kernel_compile_check.py (does every launch compile, fit and not spill?) and
 `python -m bench.run --sass` (bench/sass_worker.py: what will the GPU wait on?).
 
-The launchers in kernels/ run on CPU tensors with `nearl_kernels.runtime.LAUNCH_HOOK` set, so each
+The launchers in kernels/ run on CPU tensors under `nearl_kernels.runtime.instrumented(hook=...)`, so each
 launch is captured instead of run (`capturing`). Each argument is specialised exactly as the Triton
 JIT would (`specialize`: pointer dtypes, 16-divisibility, integers equal to 1 as constexprs), and
 `compile_spec` compiles one launch with `triton.compile(ASTSource(...), target=GPUTarget("cuda",
@@ -114,14 +114,13 @@ def capturing(device_info: Optional[Tuple[int, int]] = None):
         key, spec, ints = spec_of(kernel, args, kwargs)
         launches.append(Launch(key, spec, tuple(int(g) for g in grid), ints))
 
-    saved_hook, saved_info = runtime.LAUNCH_HOOK, runtime.device_info
-    runtime.LAUNCH_HOOK = hook
+    saved_info = runtime.device_info
     if device_info is not None:
         runtime.device_info = lambda device: device_info
     try:
-        yield launches
+        with runtime.instrumented(hook=hook):
+            yield launches
     finally:
-        runtime.LAUNCH_HOOK = saved_hook
         runtime.device_info = saved_info
 
 

@@ -6,7 +6,7 @@ builder (`create_load` / `create_store` call `create_masked_load` / `create_mask
 `KernelTraffic` is active those two are wrapped, and each access counts its active (mask-true)
 elements times the element size: the bytes the program requests from global memory, before any
 cache. Each address is attributed to the tensor argument of the launch it falls in (launches are
-caught through `nearl_kernels.runtime.LAUNCH_HOOK`); an address in none of them is an error (an
+caught through `nearl_kernels.runtime.instrumented(hook=...)`); an address in none of them is an error (an
 out-of-bounds access, or an access kind the counter does not know). Atomics, block pointers and
 tensor descriptors are not counted: a kernel that uses them makes the counter raise rather than
 undercount.
@@ -109,7 +109,7 @@ class KernelTraffic:
             return
         try:
             with self.around_launch():
-                kernel[grid](*args, **kwargs)
+                runtime.run(kernel, grid, args, kwargs)
         finally:
             self._current = None
 
@@ -179,12 +179,12 @@ class KernelTraffic:
             if hasattr(cls, name):
                 setattr(builder, name, refuse(name))
                 self._patched.append(name)
-        self._hook_before = runtime.LAUNCH_HOOK
-        runtime.LAUNCH_HOOK = self._launch
+        self._hooked = runtime.instrumented(hook=self._launch)
+        self._hooked.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        runtime.LAUNCH_HOOK = self._hook_before
+        self._hooked.__exit__(*exc)
         for name in self._patched:
             self._builder.__dict__.pop(name, None)
 

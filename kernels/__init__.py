@@ -6,8 +6,8 @@ there) finds this folder under that name first. Imported as `kernels`, it theref
 over: where Hugging Face's package is installed anywhere else on the path, that package is loaded
 in this module's place (the import system returns what `sys.modules` holds once this file has run).
 Where it is not installed, this stays an empty package whose every attribute says how to import
-the kernels, rather than a second copy of these modules, whose settings (runtime.POISON_OUTPUTS,
-LAUNCH_HOOK) the first copy would not see; transformers' version probe then reads no version.
+the kernels, rather than a second copy of these modules, whose instrumentation (runtime.instrumented)
+the first copy would not see; transformers' version probe then reads no version.
 """
 
 

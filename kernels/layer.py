@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -33,6 +33,47 @@ from .runtime import interpreting
 MAX_FUSED_HM = 64
 MAX_FUSED_D = 128
 MAX_FUSED_M = 16
+
+
+class SmallProducts(NamedTuple):
+    """Per-sample terms the kernels' algebra needs besides the tokens' products, formed without
+    gradient (`small_products`, or from the weights: `nearl.fused_layer.layer_operands`)."""
+    cc_kabs: torch.Tensor     # Cc KABS (B, M, HM)
+    cc_wv: torch.Tensor       # Cc W_v (B, M, D)
+    cc_cc: torch.Tensor       # Cc Cc^T (B, M, M)
+    a_colsum: torch.Tensor    # 1^T A (B, M)
+    kabs_colsum: torch.Tensor  # 1^T KABS (B, HM)
+    wv_colsum: torch.Tensor   # 1^T W_v (D,)
+
+
+class LayerOperands(NamedTuple):
+    """Everything the fused kernels take besides x and the mask; the gradients are of the first six."""
+    a: torch.Tensor       # A (B, d, M): OCA's scores are LN(x) A
+    cc: torch.Tensor      # C's centred rows (B, M, d): C = cc + cbar 1^T
+    cbar: torch.Tensor    # ... and their means (B, M)
+    gate: torch.Tensor    # () the OCA gate
+    kabs: torch.Tensor    # the absorbed keys (B, d, HM), a strided view (`absorbed_keys`)
+    w_v: torch.Tensor     # the value weight (d, D)
+    aux: SmallProducts
+
+
+class LayerSaved(NamedTuple):
+    """What the forward keeps for the backward besides its inputs (float32)."""
+    u_all: torch.Tensor   # the query attention (B, HM, D), every head's columns (`head_diagonal`)
+    lse: torch.Tensor     # its log-sum-exp (B, HM)
+    prods: torch.Tensor   # the tokens' products (B, N, 2 M + HM + D) (`layer_kernels._save_products`)
+    stats: torch.Tensor   # row terms (B, N_STATS, N)
+
+
+class LayerGrads(NamedTuple):
+    """Gradients of x and of `LayerOperands`' first six, each in its input's dtype."""
+    dx: torch.Tensor
+    da: torch.Tensor
+    dcc: torch.Tensor
+    dcbar: torch.Tensor
+    dgate: torch.Tensor
+    dkabs: torch.Tensor
+    dw_v: torch.Tensor
 
 
 def fused_supported(hm: int, D: int, dtype: torch.dtype = torch.bfloat16, device: Optional[torch.device] = None,
@@ -163,14 +204,12 @@ def _mask_arg(mask, x):
     return mask.contiguous().view(torch.int8), True
 
 
-def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
-    """x_out (B, N, d) in x's dtype, cos2 (B, N) float32 or None, and the combined query attention
-    U_all (B, HM, D) float32 with its log-sum-exp (B, HM). C enters as its centred rows
-    cc (B, M, d) and their means cbar (B, M): C = cc + cbar[..., None]. kabs (B, d, HM) and w_v
-    (d, D) may be strided views. aux: the per-sample terms the kernel's algebra needs besides the
-    tokens' products (`small_products`, or cheaper from the weights: `layer_operands`).
-    Also returned for the backward: the tokens' products prods (B, N, 2 M + HM + D) and row terms
-    stats (B, N_STATS, N), float32 (`layer_kernels._save_products`)."""
+def layer_fwd(x: torch.Tensor, ops: LayerOperands, mask: Optional[torch.Tensor], orth: str
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerSaved]:
+    """(x_out (B, N, d) in x's dtype, cos2 (B, N) float32 or None, what the backward keeps):
+    `LayerSaved`'s combined query attention U_all and its log-sum-exp, and the tokens' products
+    and row terms. kabs and w_v may be strided views."""
+    a, cc, cbar, gate, kabs, w_v, aux = ops
     B, N, d = x.shape
     M, HM, D = a.shape[2], kabs.shape[2], w_v.shape[1]
     cfg = layer_config(B, N, d, M, HM, D, x.dtype, x.device, orth)
@@ -203,14 +242,14 @@ def layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth: str):
     )
     cos2 = cos2 if orth == "soft" else None
     if cfg.splits == 1:  # nothing to combine: the kernel wrote U_all and the log-sum-exp (FINAL)
-        return out, cos2, acc_part[:, 0], m_part[:, 0], prods, stats
+        return out, cos2, LayerSaved(acc_part[:, 0], m_part[:, 0], prods, stats)
     # Combine the splits' softmax states (deterministic: a torch sum over a fixed axis).
     m_max = m_part.max(dim=1).values
     w = torch.exp(m_part - m_max[:, None])
     l_tot = (w * l_part).sum(dim=1)
     u_all = (w[..., None] * acc_part).sum(dim=1) / l_tot[..., None]
     lse = m_max + torch.log(l_tot)
-    return out, cos2, u_all, lse, prods, stats
+    return out, cos2, LayerSaved(u_all, lse, prods, stats)
 
 
 @dataclass(frozen=True)
@@ -292,8 +331,28 @@ def layer_bwd_config(B: int, N: int, d: int, M: int, HM: int, dtype: torch.dtype
                           num_stages=stages, cols_num_stages=cols_stages)
 
 
-def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout, dcos2, du_all):
-    """Gradients of (x, a, cc, cbar, gate, kabs, w_v), each in its input's dtype.
+def _query_side_terms(du_all, w_v, cv, vsum, u_all, prods, M: int):
+    """The backward's small per-sample terms, from torch: DO = dU_all W_v^T (B, HM, d) in W_v's
+    dtype (policy.operand_dtype), Cc DO^T (B, M, HM), DO 1 (B, HM), rowsum(dU_all * U_all) (B, HM)
+    and (x - s) DO^T (B, N, HM)."""
+    B, HM, D = du_all.shape
+    do = (du_all.to(w_v.dtype) @ w_v.t()).contiguous()
+    cdo = (cv @ du_all.transpose(1, 2)).contiguous()
+    dosum = (du_all @ vsum).contiguous()
+    # rowsum(dU * U) of flash-attention's backward, as B*HM dot products: one read of each (a
+    # multiply then a sum would write and re-read their product)
+    qdelta = torch.bmm(du_all.reshape(B * HM, 1, D), u_all.reshape(B * HM, D, 1)).view(B, HM)
+    # (x - s) DO^T = ((x - s) W_v) dU_all^T from the forward's (x - s) W_v: one batched product
+    # where the rows kernel would re-read DO (HM x d) for every tile
+    xdo = torch.bmm(prods[..., 2 * M + HM:], du_all.transpose(1, 2))
+    return do, cdo, dosum, qdelta, xdo
+
+
+def layer_bwd(x: torch.Tensor, ops: LayerOperands, mask: Optional[torch.Tensor], orth: str, saved: LayerSaved, *,
+              dout: Optional[torch.Tensor], dcos2: Optional[torch.Tensor], du_all: Optional[torch.Tensor]
+              ) -> LayerGrads:
+    """Gradients of x and of the operands, given those of x_out (dout), cos2 (dcos2, orth="soft")
+    and U_all (du_all); None for a gradient nobody sent.
 
     Three kernels (`kernels/layer_bwd_kernels.py`): the dout kernel makes the one pass over dout
     (and x, hard projection), dout Cc^T and two row sums; the rows kernel reduces every row-level
@@ -304,9 +363,10 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     dx and float32 partials of dA^T, dC (B, S, M, d), dKABS^T and (LN(x_out)^T Pq)^T
     (B, S, H*M, d), and dC's row sums per program (B, S, d chunks, M), summed here with torch
     (deterministic: no atomics). dW_v = sum_b
-    (LN(x_out)^T Pq)[b] dU_all[b]. Small per-sample terms come from torch: DO = dU_all W_v^T
-    (B, H*M, d), Cc DO^T = (Cc W_v) dU_all^T, DO 1 = dU_all (W_v^T 1), rowsum(dU_all * U_all).
+    (LN(x_out)^T Pq)[b] dU_all[b]. Small per-sample terms come from torch (`_query_side_terms`).
     """
+    a, cc, cbar, gate, kabs, w_v, aux = ops
+    u_all, lse, prods, stats = saved
     B, N, d = x.shape
     M, HM = a.shape[2], kabs.shape[2]
     D = w_v.shape[1]
@@ -318,15 +378,7 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     dout = torch.zeros((1, 1, 1), dtype=x.dtype, device=dev).expand(B, N, d) if dout is None else dout
     if orth != "soft" or dcos2 is None:  # no upstream cos^2 gradient: read a zero, stride 0
         dcos2 = torch.zeros((1, 1), **f32).expand(B, N)
-    do = (du_all.to(w_v.dtype) @ w_v.t()).contiguous()  # (B, HM, d), in W_v's dtype (policy.operand_dtype)
-    cdo = (cv @ du_all.transpose(1, 2)).contiguous()  # Cc DO^T (B, M, HM)
-    dosum = (du_all @ vsum).contiguous()  # DO 1 (B, HM)
-    # rowsum(dU * U) of flash-attention's backward, as B*HM dot products: one read of each (a
-    # multiply then a sum would write and re-read their product)
-    qdelta = torch.bmm(du_all.reshape(B * HM, 1, D), u_all.reshape(B * HM, D, 1)).view(B, HM)
-    # (x - s) DO^T = ((x - s) W_v) dU_all^T from the forward's (x - s) W_v: one batched product
-    # where the rows kernel would re-read DO (HM x d) for every tile
-    xdo = torch.bmm(prods[..., 2 * M + HM:], du_all.transpose(1, 2))  # (B, N, HM)
+    do, cdo, dosum, qdelta, xdo = _query_side_terms(du_all, w_v, cv, vsum, u_all, prods, M)
     mask_arg, has_mask = _mask_arg(mask, x)
     n_rows_tiles = triton.cdiv(N, cfg.rows_block_n)
     dg_part = runtime.empty((B, n_rows_tiles), **f32)
@@ -374,8 +426,9 @@ def layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prod
     da_t, dc, dkabs_t, obar_t = (first_or_sum(t) for t in (da_part, dc_part, dk_part, ob_part))
     dw_v = obar_t.reshape(B * HM, d).t() @ du_all.reshape(B * HM, D)  # sum_b (LN(x_out)^T Pq)[b] dU_all[b]
     dgate = dg_part.sum()
-    return (dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dcb_part.sum((1, 2)).to(cbar.dtype),
-            dgate.to(gate.dtype).reshape(gate.shape), dkabs_t.transpose(1, 2).to(kabs.dtype), dw_v.to(w_v.dtype))
+    return LayerGrads(dx, da_t.transpose(1, 2).to(a.dtype), dc.to(cc.dtype), dcb_part.sum((1, 2)).to(cbar.dtype),
+                      dgate.to(gate.dtype).reshape(gate.shape), dkabs_t.transpose(1, 2).to(kabs.dtype),
+                      dw_v.to(w_v.dtype))
 
 
 # The token part of the layer as torch custom ops, so torch.compile traces through the kernels
@@ -386,10 +439,15 @@ def layer_tokens_fwd(x: torch.Tensor, a: torch.Tensor, cc: torch.Tensor, cbar: t
                      kabs: torch.Tensor, w_v: torch.Tensor, aux: List[torch.Tensor],
                      mask: Optional[torch.Tensor], orth: str
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cos2, u_all, lse, prods, stats = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+    out, cos2, saved = layer_fwd(x, _operands(a, cc, cbar, gate, kabs, w_v, aux), mask, orth)
     if cos2 is None:  # fixed arity: an empty placeholder unless orth="soft"
         cos2 = x.new_empty((0,), dtype=torch.float32)
-    return out, cos2, u_all, lse, prods, stats
+    return (out, cos2, *saved)
+
+
+def _operands(a, cc, cbar, gate, kabs, w_v, aux) -> LayerOperands:
+    """The named operands from the flat arguments a torch custom op takes."""
+    return LayerOperands(a, cc, cbar, gate, kabs, w_v, SmallProducts(*aux))
 
 
 @layer_tokens_fwd.register_fake
@@ -405,9 +463,10 @@ def _(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
 
 def layer_tokens_backward(dout, dcos2, du_all, x, a, cc, cbar, gate, kabs, w_v, aux, mask, u_all, lse, prods, stats,
                           orth):
-    """Gradients of (x, a, cc, cbar, gate, kabs, w_v): `layer_bwd`'s two kernels."""
-    return layer_bwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, dout,
-                     dcos2 if orth == "soft" else None, du_all)
+    """Gradients of (x, a, cc, cbar, gate, kabs, w_v), from the custom ops' flat arguments: `layer_bwd`."""
+    return tuple(layer_bwd(x, _operands(a, cc, cbar, gate, kabs, w_v, aux), mask, orth,
+                           LayerSaved(u_all, lse, prods, stats),
+                           dout=dout, dcos2=dcos2 if orth == "soft" else None, du_all=du_all))
 
 
 @torch.library.custom_op("nearl::layer_tokens_bwd", mutates_args=())
@@ -455,7 +514,7 @@ class _LayerTokensFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
-        out, cos2, u_all, lse, prods, stats = layer_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)
+        out, cos2, (u_all, lse, prods, stats) = layer_fwd(x, _operands(a, cc, cbar, gate, kabs, w_v, aux), mask, orth)
         ctx.save_for_backward(x, a, cc, cbar, gate, kabs, w_v, mask, u_all, lse, prods, stats, *aux)
         ctx.orth = orth
         ctx.mark_non_differentiable(lse, prods, stats)
@@ -464,7 +523,7 @@ class _LayerTokensFunction(torch.autograd.Function):
         return out, cos2, u_all, lse, prods, stats
 
     @staticmethod
-    @once_differentiable  # double backward raises (README, "Double backward")
+    @once_differentiable  # double backward raises (docs/python.md, "Double backward")
     def backward(ctx, dout, dcos2, du_all, _dlse, _dprods, _dstats):
         return (*layer_tokens_backward(dout, dcos2, du_all, *_unpack(ctx), ctx.orth), None, None, None)
 
@@ -474,11 +533,12 @@ class _LayerTokensFunction(torch.autograd.Function):
 compiling = torch.compiler.is_compiling
 
 
-def layer_tokens(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth):
+def layer_tokens(x: torch.Tensor, ops: LayerOperands, mask: Optional[torch.Tensor], orth: str):
     """(x_out, cos2, U_all, lse): the custom op when torch.compile traces (opaque to dynamo, with
     fake and autograd rules), the autograd.Function in eager mode. aux gets no gradient: the
     backward differentiates through a, cc, kabs and w_v directly. The products both return for
     the backward stay with autograd."""
+    a, cc, cbar, gate, kabs, w_v, aux = ops
     aux = list(aux)
     if compiling():
         return layer_tokens_fwd(x, a, cc, cbar, gate, kabs, w_v, aux, mask, orth)[:4]
@@ -499,7 +559,7 @@ class _BlockQueries(torch.autograd.Function):
         return (qh.view(B, 1, M, heads, dh) * heads_eye.view(1, heads, 1, heads, 1)).reshape(B, heads * M, D)
 
     @staticmethod
-    @once_differentiable  # double backward raises (README, "Double backward")
+    @once_differentiable  # double backward raises (docs/python.md, "Double backward")
     def backward(ctx, grad):
         B, HM, D = grad.shape
         heads = ctx.heads
@@ -534,11 +594,11 @@ def absorbed_keys(qb: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     return (qb @ w_k.t()).transpose(1, 2)
 
 
-def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor):
+def small_products(a: torch.Tensor, cc: torch.Tensor, kabs: torch.Tensor, w_v: torch.Tensor) -> SmallProducts:
     """`layer_fwd`'s aux, computed from the batch-sized factors (tests and tools; the layer forms
     them from weights, `layer_operands`): cc @ kabs (B, M, HM), cc @ w_v (B, M, D), cc @ cc^T
     (B, M, M) and the column sums of a (B, M), kabs (B, HM) and w_v (D)."""
-    return [cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2), a.sum(1), kabs.sum(1), w_v.sum(0)]
+    return SmallProducts(cc @ kabs, cc @ w_v, cc @ cc.transpose(1, 2), a.sum(1), kabs.sum(1), w_v.sum(0))
 
 
 def _diagonal_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """What the launchers of every kernel share: interpreter mode, device facts, output allocation and
-the launch itself (with a hook that lets the compile check capture launches instead of running them)."""
+the launch itself, and the instrumentation tests and bench tools switch on around them
+(`instrumented`: NaN-poisoned outputs, the GPU's TF32 rounding on the interpreter, a launch hook that
+captures launches instead of running them)."""
 import contextlib
+import dataclasses
 import os
-from typing import Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -12,74 +15,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _interpreter_numpy_fix() -> None:
-    """Make triton < 3.7's interpreter work with numpy >= 2.4 (called by `launch` under the
-    interpreter; cheap and idempotent).
-
-    The interpreter turns a scalar (a one-element array) into a Python int with `int(array)`, for
-    every `range(0, D, ...)` over a kernel argument; numpy 2.4 refuses that for arrays of rank > 0
-    ("only 0-dimensional arrays can be converted to Python scalars"). triton 3.7 and later squeeze
-    the array first; this does the same for older triton, through the interpreter's own patch
-    scope, so it is undone with the rest after every launch. Nothing changes on a GPU.
-    This module must not import triton at import time: `nearl.ops` imports it before a caller may
-    set TRITON_INTERPRET, and triton decides at import whether its own jit functions are
-    interpreted.
-    """
-    import triton
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "nearl_fixed", False):
-        return
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
-        original.nearl_fixed = True  # nothing to mend; remember that
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.nearl_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
+@dataclasses.dataclass(frozen=True)
+class Instrumentation:
+    """What `instrumented` switches on. Off by default: production launches see none of it."""
+    poison: bool = False  # every buffer `empty` makes starts as NaN: an element a kernel fails to write shows
+    tf32_as_gpu: bool = False  # the interpreter's TF32 products truncate their operands as the GPU's do
+    # `launch` hands (kernel, grid, args, kwargs) to it instead of running the kernel: the compile
+    # check and `bench.run --sass` capture launches with it, the traffic counter counts bytes
+    hook: Optional[Callable] = None
 
 
-# Tests set this to True to have the interpreter round TF32 products as the GPU does (below).
-TF32_AS_THE_GPU = False
+_ACTIVE = Instrumentation()
 
 
-def _interpreter_tf32_fix() -> None:
-    """Let the interpreter's TF32 products be what the GPU's are, while TF32_AS_THE_GPU is set
-    (called by `launch` under the interpreter; cheap and idempotent).
+def active() -> Instrumentation:
+    """The instrumentation in force now."""
+    return _ACTIVE
 
-    `tl.dot(..., input_precision="tf32")` on float32 operands: NVIDIA's tensor cores read the
-    operands' top 19 bits and ignore the low 13 mantissa bits (Triton passes the float32 bits as
-    they are: triton-lang/triton#4574), a relative rounding of up to 2^-10. The interpreter
-    multiplies in full float32, so a test of a TF32 kernel on the CPU measures a precision the GPU
-    does not have (the fused layer's bfloat16 path: 1e-7 on the query output where the GPU's TF32
-    gives 3e-4). With the flag set this truncates both operands of every TF32 product as the GPU
-    does; "tf32x3" and "ieee" products are float32-accurate on the GPU and stay as they are.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
 
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-    if getattr(original, "nearl_tf32", False):
-        return
-
-    def tf32(handle):
-        if handle.data.dtype != np.float32:
-            return handle
-        bits = handle.data.view(np.uint32) & np.uint32(0xFFFFE000)
-        return interpreter.TensorHandle(bits.view(np.float32), handle.dtype)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if TF32_AS_THE_GPU and str(input_precision).rsplit(".", 1)[-1].upper() == "TF32":
-            a, b = tf32(a), tf32(b)
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    create_dot.nearl_tf32 = True
-    builder.create_dot = create_dot
+@contextlib.contextmanager
+def instrumented(*, poison: Optional[bool] = None, tf32_as_gpu: Optional[bool] = None,
+                 hook: Optional[Callable] = None) -> Iterator[Instrumentation]:
+    """Within the block, the given switches of `Instrumentation` (None: as the enclosing block has
+    it); on exit, however it exits, what was in force before. Nests."""
+    global _ACTIVE
+    before = _ACTIVE
+    given = {"poison": poison, "tf32_as_gpu": tf32_as_gpu, "hook": hook}
+    _ACTIVE = dataclasses.replace(before, **{k: v for k, v in given.items() if v is not None})
+    try:
+        yield _ACTIVE
+    finally:
+        _ACTIVE = before
 
 
 _DEVICE_INFO = {}
@@ -130,22 +96,12 @@ def tiling(device: torch.device) -> Tuple[bool, int, int]:
     return gpu_tiles, n_sm, cc
 
 
-# Tests set this to True so that every buffer starts as NaN: an element a kernel fails to write
-# then shows up as a NaN in the result.
-POISON_OUTPUTS = False
-
-
 def empty(shape, *, device, dtype) -> torch.Tensor:
-    """torch.empty for kernel outputs and scratch (NaN-filled while POISON_OUTPUTS is set)."""
-    if POISON_OUTPUTS:
+    """torch.empty for kernel outputs and scratch (NaN-filled under `instrumented(poison=True)`)."""
+    if _ACTIVE.poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
-
-# When set, `launch` hands (kernel, grid, args, kwargs) to it instead of running the kernel.
-# tests/kernel_compile_check.py uses it to compile, for a GPU target, exactly the launches
-# (constexprs, argument types and specialisations) the launchers make.
-LAUNCH_HOOK = None
 
 # Every launch names its register ceiling, the hardware's 255. Left to itself, ptxas may choose
 # fewer registers than a kernel needs (for occupancy) and spill: triton 3.8 compiled the fp32 layer
@@ -164,13 +120,20 @@ def device_guard(args) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    kwargs.setdefault("maxnreg", MAX_REGISTERS)
-    if LAUNCH_HOOK is not None:
-        LAUNCH_HOOK(kernel, grid, args, kwargs)
-        return
+def run(kernel, grid, args, kwargs) -> None:
+    """Run one launch as `launch` does without a hook (for a hook that records, then runs it)."""
     if interpreting():
-        _interpreter_numpy_fix()
-        _interpreter_tf32_fix()
+        from . import interpreter_shims  # opt-in: only a process that interprets ever loads it
+        interpreter_shims.install()
     with device_guard(args):
         kernel[grid](*args, **kwargs)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) with the register ceiling named, on the arguments' device;
+    handed to the hook instead while `instrumented(hook=...)` is active."""
+    kwargs.setdefault("maxnreg", MAX_REGISTERS)
+    if _ACTIVE.hook is not None:
+        _ACTIVE.hook(kernel, grid, args, kwargs)
+        return
+    run(kernel, grid, args, kwargs)

@@ -15,12 +15,13 @@ import torch
 from nearl_kernels import layer as L
 from nearl_kernels import policy
 
-from . import layer_path, reference
+from . import layer_path, query_math, reference
 from .split_layer import split_layer
 
 
-def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int, dtype: torch.dtype = torch.float32):
-    """Everything the fused kernels take besides x and the mask: (a, cc, cbar, gate, kabs, w_v, aux).
+def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int,
+                   dtype: torch.dtype = torch.float32) -> L.LayerOperands:
+    """Everything the fused kernels take besides x and the mask (`kernels.layer.LayerOperands`).
 
     For bf16 x (`dtype`; `policy.operand_dtype`), A, KABS and W_v are formed with bf16 operands and
     held in bf16 (SPEC 7): every token tile re-reads them, so they are most of the forward's requests (2.1 of
@@ -29,7 +30,7 @@ def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int, 
     the residual stream's mean); A, KABS and W_v enter only through (x - s) products whose shift
     terms use differences of means (dm), small by construction.
 
-    A as in `reference.oca_factors`; C = Vq W_up as its centred rows cc = Vq (W_up - rowmean) and
+    A as in `query_math.oca_factors`; C = Vq W_up as its centred rows cc = Vq (W_up - rowmean) and
     their means cbar = Vq rowmean(W_up) (centring the weight centres C: a weight-sized op). The
     products of Cc with KABS, W_v and itself, and the column sums, factor through the weights, so
     none of them reads a batch-sized tensor: Cc KABS = Vq (W_upc W_k) Qb^T, Cc W_v = Vq (W_upc W_v),
@@ -47,18 +48,19 @@ def layer_operands(qf: torch.Tensor, p: Mapping[str, torch.Tensor], heads: int, 
     up_mean = p["w_up"].mean(dim=1)
     w_upc = p["w_up"] - up_mean[:, None]
     vq = qf @ p["w_ov"]
-    qh = reference.layer_norm_q(qf, p) @ p["w_q"]
+    qh = query_math.layer_norm_q(qf, p) @ p["w_q"]
     # the block queries (B, H*M, D) only for KABS, in its dtype; what else reads them reads Qh
     kabs = L.absorbed_keys(L.block_queries(low(qh), heads), low(p["w_k"]))
     with torch.no_grad():
         w_k = p["w_k"] / math.sqrt(p["w_k"].shape[1] // heads)  # the block queries' 1/sqrt(dh), on the weight
-        aux = [L.head_products(vq @ (w_upc @ w_k), qh, heads),  # Cc KABS
-               vq @ (w_upc @ p["w_v"]),  # Cc W_v
-               vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2),  # Cc Cc^T
-               kq @ w_down.sum(0),  # 1^T A
-               L.head_products(w_k.sum(0).expand(qh.shape[0], 1, -1), qh, heads)[:, 0],  # 1^T KABS
-               p["w_v"].sum(0)]  # 1^T W_v
-    return a, vq @ w_upc, vq @ up_mean, p["gate"], kabs, low(p["w_v"]), aux
+        aux = L.SmallProducts(cc_kabs=L.head_products(vq @ (w_upc @ w_k), qh, heads),
+                              cc_wv=vq @ (w_upc @ p["w_v"]),
+                              cc_cc=vq @ (w_upc @ w_upc.t()) @ vq.transpose(1, 2),
+                              a_colsum=kq @ w_down.sum(0),
+                              kabs_colsum=L.head_products(w_k.sum(0).expand(qh.shape[0], 1, -1), qh, heads)[:, 0],
+                              wv_colsum=p["w_v"].sum(0))
+    return L.LayerOperands(a=a, cc=vq @ w_upc, cbar=vq @ up_mean, gate=p["gate"], kabs=kabs, w_v=low(p["w_v"]),
+                           aux=aux)
 
 
 
@@ -87,8 +89,8 @@ def nearl_layer(x: torch.Tensor, q: torch.Tensor, params: Mapping[str, torch.Ten
         if path == "split":
             x_out, q_out, cos2 = split_layer(x, qf, p, mask, orth, heads)
         else:
-            x_out, cos2, u_all, _ = L.layer_tokens(x, *layer_operands(qf, p, heads, x.dtype), mask, orth)
-            q_out = reference.query_tail(qf, L.head_diagonal(u_all, heads), p)
+            x_out, cos2, u_all, _ = L.layer_tokens(x, layer_operands(qf, p, heads, x.dtype), mask, orth)
+            q_out = query_math.query_tail(qf, L.head_diagonal(u_all, heads), p)
     q_out = q_out.to(q.dtype)
     return (x_out, q_out, cos2) if orth == "soft" else (x_out, q_out)
 

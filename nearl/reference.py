@@ -15,6 +15,11 @@ import torch.nn.functional as F
 # The epsilons are the kernels' (one source): LN_EPS of LayerNorm, ORTH_EPS of the projection's
 # <X, X> + eps (SPEC 3.1), COS2_EPS keeps cos^2 finite (and 0) when Delta = 0, as it is at init.
 from nearl_kernels.policy import COS2_EPS, LN_EPS, ORTH_EPS  # torch only, no Triton
+
+# The (B, M, D)-sized math every path runs (the fused and split paths too) lives in its own module;
+# the reference composes it with its plain statement of the token-sized part.
+from .query_math import layer_norm_q, oca_factors, query_tail  # noqa: F401  (reference.<name> is public)
+
 ORTH_MODES = ("hard", "soft", "none")
 
 
@@ -60,14 +65,6 @@ def oca(x, a, c, gate, *, orth: str = "hard"):
     return out
 
 
-def oca_factors(q, w_down, w_up, w_ok, w_ov):
-    """The per-sample OCA matrices of SPEC 3.1: A = W_down Kq^T / sqrt(r) (B, d, M), C = Vq W_up (B, M, d)."""
-    r = w_down.shape[1]
-    a = (w_down @ (q @ w_ok).transpose(-1, -2)) / math.sqrt(r)
-    c = (q @ w_ov) @ w_up
-    return a, c
-
-
 def query_attention(qn, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):
     """concat_h softmax(S_h) @ (xa W_v[h]): the normalised queries qn (B, M, D) read xa (B, N, d)."""
     B, M, D = qn.shape
@@ -81,21 +78,6 @@ def query_attention(qn, xa, params: Mapping[str, torch.Tensor], mask: Optional[t
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         vh = vh.masked_fill(~mask[:, None, :, None], 0.0)
     return (torch.softmax(s, dim=-1) @ vh).transpose(1, 2).reshape(B, M, D)
-
-
-def layer_norm_q(q, params: Mapping[str, torch.Tensor]):
-    return F.layer_norm(q, q.shape[-1:], params["ln_q_weight"], params["ln_q_bias"], eps=LN_EPS)
-
-
-def query_tail(q, u, params: Mapping[str, torch.Tensor]):
-    """Q + U W_o, then the residual MLP on LN_f: the (B, M, D)-sized rest of the query update.
-    Each residual and bias is added by the product that makes its other term (addmm, linear), so
-    no elementwise op writes and re-reads a product: `Q + U W_o` and `h W_1 + b_1` are one op each."""
-    D = q.shape[-1]
-    q = torch.addmm(q.reshape(-1, D), u.reshape(-1, D), params["w_o"]).view(q.shape)
-    h = F.layer_norm(q, q.shape[-1:], params["ln_f_weight"], params["ln_f_bias"], eps=LN_EPS)
-    h = F.gelu(F.linear(h, params["mlp_w1"].t(), params["mlp_b1"]))
-    return torch.addmm(q.reshape(-1, D), h.reshape(-1, h.shape[-1]), params["mlp_w2"]).view(q.shape) + params["mlp_b2"]
 
 
 def query_update(q, xa, params: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor], heads: int):

@@ -8,3 +8,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import nearl  # noqa: E402,F401  (maps nearl_kernels / nearl_bench onto the folders in an uninstalled checkout)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Every buffer a kernel launcher allocates starts as NaN, so an element a kernel fails to write shows."""
+    from nearl_kernels import runtime
+    with runtime.instrumented(poison=True):
+        yield
+
+
+@pytest.fixture
+def gpu_tf32():
+    """The interpreter's TF32 products truncate their operands as an NVIDIA GPU's tensor cores do."""
+    from nearl_kernels import runtime
+    with runtime.instrumented(tf32_as_gpu=True):
+        yield

@@ -2,8 +2,8 @@
 tests/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are interpreter objects).
 
 The launchers in kernels/oca.py and kernels/layer.py run for real on small CPU tensors with
-`nearl_kernels.runtime.LAUNCH_HOOK`
-set, so each launch they would make is captured instead of run: kernel, constexprs, num_warps,
+`nearl_kernels.runtime.instrumented(hook=...)`,
+so each launch they would make is captured instead of run: kernel, constexprs, num_warps,
 num_stages and the arguments (the capture and the compile of one launch live in
 bench/compiled_launches.py, shared with `python -m bench.run --sass`). Each argument is specialised exactly as the Triton JIT would
 (`native_specialize_impl`: pointer dtypes, 16-divisibility, integers equal to 1 as constexprs),
@@ -117,7 +117,7 @@ def _restored_precision():
 
 
 def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
-    """Run the launchers with LAUNCH_HOOK set, as on a GPU of compute capability `cc` (the
+    """Run the launchers with a launch hook (`CL.capturing`), as on a GPU of compute capability `cc` (the
     configuration depends on it); return the distinct launches as compile specs."""
     with CL.capturing(device_info=(132, cc)) as launches, _restored_precision():
         # float32 x at both of PyTorch's switches (policy.fp32_accurate_products): "highest" takes
@@ -146,10 +146,10 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                 kabs = torch.empty(batch, H * M, d, dtype=low).transpose(1, 2)  # as absorbed_keys makes it
                 w_v, gate = torch.empty(d, D, dtype=low), torch.empty(())
                 mask = torch.ones(batch, N, dtype=torch.bool) if masked else None
-                aux = L.small_products(a.float(), c, kabs.float(), w_v.float())
-                _, _, u_all, lse, prods, stats = L.layer_fwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth)
-                L.layer_bwd(x, a, c, cbar, gate, kabs, w_v, aux, mask, orth, u_all, lse, prods, stats, torch.empty_like(x),
-                            torch.empty(batch, N) if orth == "soft" else None, u_all)
+                ops = L.LayerOperands(a, c, cbar, gate, kabs, w_v, L.small_products(a.float(), c, kabs.float(), w_v.float()))
+                _, _, saved = L.layer_fwd(x, ops, mask, orth)
+                L.layer_bwd(x, ops, mask, orth, saved, dout=torch.empty_like(x),
+                            dcos2=torch.empty(batch, N) if orth == "soft" else None, du_all=saved.u_all)
     specs = {}  # distinct launches, in the order first seen
     for launch in launches:
         specs.setdefault(launch.key, launch.spec)

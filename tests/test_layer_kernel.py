@@ -13,9 +13,8 @@ from nearl import ops
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def poison_outputs(poisoned_outputs):
     """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
-    monkeypatch.setattr(nearl_kernels.runtime, "POISON_OUTPUTS", True)
 
 
 err = precision_bar.err  # norm-relative; where the reference is exactly zero, the largest absolute value
@@ -105,11 +104,10 @@ def test_rows_with_a_large_mean(dtype, monkeypatch):
     (2, 197, 768, 16, 128, False, "hard"),  # ViT-B/16
     (2, 77, 512, 16, 128, True, "soft"),    # the text tower, key mask
 ])
-def test_bf16_with_the_gpus_tf32(B, N, d, M, D, masked, orth, monkeypatch):
+def test_bf16_with_the_gpus_tf32(B, N, d, M, D, masked, orth, monkeypatch, gpu_tf32):
     """bfloat16 x takes TF32 products (kernels/policy.py), whose operands the GPU's tensor cores
     truncate at 2^-10, where the interpreter multiplies in float32 unless told (kernels/runtime.py).
     Told, at the real widths and the H100 tiling, the layer still meets SPEC 7's bar."""
-    monkeypatch.setattr(nearl_kernels.runtime, "TF32_AS_THE_GPU", True)
     monkeypatch.setenv("NEARL_TILING", "h100")
     check_against_float64(B, N, d, M, D, masked, orth, torch.bfloat16, True)
 
@@ -117,11 +115,10 @@ def test_bf16_with_the_gpus_tf32(B, N, d, M, D, masked, orth, monkeypatch):
 @pytest.mark.parametrize("B,N,d,M,D,masked,orth", [
     (2, 77, 512, 16, 128, True, "soft"),    # the text tower, key mask (ViT-B/16's tiles: the bf16 test's)
 ])
-def test_float32_below_highest_precision_takes_tf32(B, N, d, M, D, masked, orth, monkeypatch):
+def test_float32_below_highest_precision_takes_tf32(B, N, d, M, D, masked, orth, monkeypatch, gpu_tf32):
     """float32 x follows torch.get_float32_matmul_precision() as torch.matmul does (SPEC 7): at
     "high", TF32 products (the tensor cores' truncation emulated) under the half-precision bar,
     the peer taking TF32 products too."""
-    monkeypatch.setattr(nearl_kernels.runtime, "TF32_AS_THE_GPU", True)
     monkeypatch.setenv("NEARL_TILING", "h100")
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
@@ -210,7 +207,7 @@ def test_fake_implementations_give_the_right_shapes():
         a, cc, cbar = torch.empty(2, 32, 3), torch.empty(2, 3, 32), torch.empty(2, 3)
         kabs, w_v = torch.empty(2, 32, 12), torch.empty(32, 16)
         out, cos2, u_all, lse, prods, stats = fused.layer_tokens_fwd(
-            x, a, cc, cbar, torch.empty(()), kabs, w_v, fused.small_products(a, cc, kabs, w_v), None, "soft")
+            x, a, cc, cbar, torch.empty(()), kabs, w_v, list(fused.small_products(a, cc, kabs, w_v)), None, "soft")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cos2.shape == (2, 7) and u_all.shape == (2, 12, 16) and lse.shape == (2, 12)
         assert prods.shape == (2, 7, 2 * 3 + 12 + 16) and stats.shape == (2, 5, 7)  # kept for the backward
@@ -286,15 +283,15 @@ def test_large_query_banks_take_the_split_path_and_stay_accurate(monkeypatch, M,
 
     def record(kernel, grid, args, kwargs):
         launched.append(kernel.__name__)
-        kernel[grid](*args, **kwargs)
+        nearl_kernels.runtime.run(kernel, grid, args, kwargs)
 
-    monkeypatch.setattr(nearl_kernels.runtime, "LAUNCH_HOOK", record)
     B, N, d, orth, dtype = 2, 40, 48, "hard", torch.bfloat16
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, batched_q=True, device=DEV)
     mask = padding_mask(B, N).to(DEV)
     up = upstream_for(B, N, d, M, D, orth)
     want = precision_bar.run_layer("float64", x, q, params, mask, orth, up)
-    got = precision_bar.run_layer(triton_layer, x, q, params, mask, orth, up)
+    with nearl_kernels.runtime.instrumented(hook=record):
+        got = precision_bar.run_layer(triton_layer, x, q, params, mask, orth, up)
     assert ("layer_fwd_kernel" in launched) == fused_expected, launched
     assert "_oca_fwd_kernel" in launched or fused_expected
     # bfloat16: SPEC 7's bar (the split path's query update takes 16-bit operands)

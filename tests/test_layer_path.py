@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 
-import nearl_kernels.runtime
 from factories import layer_inputs, padding_mask
 from nearl import fused_layer, layer_path, ops
 from precision_bar import bars, err, run_layer, ulp_sensitivity
@@ -103,7 +102,7 @@ def test_buckets():
 
 def test_the_committed_model_table_picks_split_where_the_model_says_so(monkeypatch):
     """The model (bench.run --sass) puts the split path ahead at ViT-B/16 and the text shape, bf16,
-    B = 256 (the README says so): on an H100 without a measured table, that is the default."""
+    B = 256 (kernels/README.md, "Fused or split"): on an H100 without a measured table, that is the default."""
     monkeypatch.setattr(layer_path, "_gpu", lambda x: ("A GPU without a measured table", 132, 90))
     table = layer_path.load_table(str(layer_path.TABLES / "model-sm90.json"))
     assert table is not None and "MODEL" in table["source"]
@@ -150,10 +149,9 @@ def upstream(B, N, d, M, D, orth):
     (2, 65, 48, 7, 32, False, "soft", torch.float16),
     (2, 40, 64, 64, 32, True, "none", torch.bfloat16),  # 256 query rows: split whatever is asked
 ])
-def test_split_path_matches_float64(B, N, d, M, D, masked, orth, dtype, monkeypatch):
+def test_split_path_matches_float64(B, N, d, M, D, masked, orth, dtype, poisoned_outputs):
     """float32 at 1e-4 (products at the default "highest" precision); 16-bit under SPEC 7's bar, the
     gate's gradient against its one-ulp sensitivity. Kernel outputs start as NaN."""
-    monkeypatch.setattr(nearl_kernels.runtime, "POISON_OUTPUTS", True)
     x, q, params = layer_inputs(B, N, d, M, D=D, r=8, dtype=dtype, device=DEV)
     mask = padding_mask(B, N).to(DEV) if masked else None
     up = upstream(B, N, d, M, D, orth)

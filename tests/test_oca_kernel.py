@@ -13,7 +13,6 @@ chunks, tiles and token splits), so the chunk loops, masks and partial sums are 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -160,9 +159,8 @@ def gpu_config(monkeypatch):
 
 
 @pytest.fixture
-def poison(monkeypatch):
+def poison(poisoned_outputs):
     """Every buffer a launcher allocates starts as NaN, so an unwritten element shows."""
-    monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,11 +399,10 @@ def tf32_peer_oca(x, a, c, gate, orth="hard"):
 
 
 @pytest.mark.parametrize("orth", ["soft"])  # cos2 too
-def test_float32_below_highest_precision_takes_tf32(orth, gpu_config, monkeypatch):
+def test_float32_below_highest_precision_takes_tf32(orth, gpu_config, gpu_tf32):
     """float32 x follows torch.get_float32_matmul_precision() (SPEC 7): at "high" one TF32
     product (the tensor cores' truncation emulated) instead of tf32x3's three, within twice the
     error of the same math with TF32 products."""
-    monkeypatch.setattr(runtime, "TF32_AS_THE_GPU", True)
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:

@@ -45,8 +45,9 @@ def test_launchers_follow_the_tiling(monkeypatch):
     from nearl_kernels import oca as K
 
     launches = []
-    monkeypatch.setattr(runtime, "LAUNCH_HOOK", lambda kernel, grid, args, kwargs:
-                        launches.append((kernel.__name__, grid, kwargs.get("BLOCK_N"))))
+
+    def capture(kernel, grid, args, kwargs):
+        launches.append((kernel.__name__, grid, kwargs.get("BLOCK_N")))
     B, N, d, M = 2, 300, 64, 16
     # bf16 x: the tiles of the common case (float32 x takes 16-token layer tiles: IEEE products)
     x = torch.randn(B, N, d).to(torch.bfloat16)
@@ -55,9 +56,11 @@ def test_launchers_follow_the_tiling(monkeypatch):
 
     def run():
         launches.clear()
-        K.oca_fwd(x, a, c, gate, "hard")
-        K.oca_bwd(x, None, x, a, c, gate, "hard")
-        L.layer_fwd(x, a, c, c.sum(-1), gate, kabs, w_v, L.small_products(a, c, kabs, w_v), None, "hard")
+        with runtime.instrumented(hook=capture):
+            K.oca_fwd(x, a, c, gate, "hard")
+            K.oca_bwd(x, None, x, a, c, gate, "hard")
+            L.layer_fwd(x, L.LayerOperands(a, c, c.sum(-1), gate, kabs, w_v, L.small_products(a, c, kabs, w_v)),
+                        None, "hard")
         return {name: (grid, bn) for name, grid, bn in launches}
 
     monkeypatch.setenv("NEARL_TILING", "h100")
@@ -76,7 +79,7 @@ def test_launchers_follow_the_tiling(monkeypatch):
 
 @pytest.mark.skipif(not runtime.interpreting(), reason="the interpreter's products")
 def test_the_interpreter_can_round_tf32_as_the_gpu(monkeypatch):
-    """runtime.TF32_AS_THE_GPU: TF32 products truncate their operands at 2^-10 (relative error
+    """runtime.instrumented(tf32_as_gpu=True): TF32 products truncate their operands at 2^-10 (relative error
     about 1e-3 on random operands, not float32's 1e-7); tf32x3 and ieee stay float32-accurate."""
     import triton
     import triton.language as tl
@@ -97,9 +100,10 @@ def test_the_interpreter_can_round_tf32_as_the_gpu(monkeypatch):
         return ((c.double() - want).norm() / want.norm()).item()
 
     assert rel("tf32") < 1e-6  # by default the interpreter multiplies in float32
-    monkeypatch.setattr(runtime, "TF32_AS_THE_GPU", True)
-    assert 1e-4 < rel("tf32") < 4e-3
-    assert rel("tf32x3") < 1e-6 and rel("ieee") < 1e-6
+    with runtime.instrumented(tf32_as_gpu=True):
+        assert 1e-4 < rel("tf32") < 4e-3
+        assert rel("tf32x3") < 1e-6 and rel("ieee") < 1e-6
+    assert rel("tf32") < 1e-6  # and again after the block
 
 
 def test_small_batches_fill_the_gpu(monkeypatch):

@@ -47,7 +47,7 @@ def test_counter_counts_active_elements_per_tensor_exactly():
     assert rec["tensors"]["S"] == {"class": "small", "load": 2 * 4, "store": 0}
     assert kern.totals()["_copy_kernel"] == {"token_load": 80, "token_store": 40, "small_load": 8, "small_store": 0}
     assert torch.equal(y[0, :7], (2 * x[0, :7]).half())  # the kernel really ran
-    assert runtime.LAUNCH_HOOK is None  # removed on exit
+    assert runtime.active().hook is None  # removed on exit
 
 
 def test_counter_refuses_an_access_outside_every_tensor():
