@@ -39,6 +39,19 @@ def _bucket(shape, dtype: torch.dtype, sm_count: int) -> dict:
     return layer_path.bucket(shape.B, shape.N, shape.d, shape.H * shape.M, dtype, sm_count).to_dict()
 
 
+def _planned_bucket(shape_name: str, B: int, dtype: str, what: str) -> dict:
+    """The bucket a grid point will fill, known before it runs: the GPU's SM count when measuring,
+    else the tiling's that `bench.run --sass` models (NEARL_TILING, default h100; NEARL_SM_COUNT)."""
+    shape = resolve_shape(shape_name, {"B": B}, on_gpu=True)
+    if what == "measure":
+        sm_count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    else:
+        from nearl_kernels import runtime
+        tiling = os.environ.get("NEARL_TILING", "").strip().lower() or "h100"
+        sm_count = int(os.environ.get("NEARL_SM_COUNT", "").strip() or runtime.TILINGS[tiling][0])
+    return _bucket(shape, DTYPES[dtype], sm_count)
+
+
 def _model_times(payload: dict, provider: str) -> dict:
     ops = {o["mode"]: o["total_s"] for o in payload["model"]["ops"] if o["provider"] == provider}
     out = {"fwd_s": ops["fwd"][MODEL_SET], "bwd_s": ops["bwd"][MODEL_SET]}
@@ -137,11 +150,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = args.out or _default_out(args.what)
     except ValueError as err:
         parser.error(str(err))
-    start, entries, skipped, failed = time.monotonic(), [], [], []
+    start, entries, skipped, failed, same, filled = time.monotonic(), [], [], [], [], {}
     for shape_name, B, dtype in grid:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             skipped.append([shape_name, B, dtype])
             continue
+        # one entry a bucket: the chooser looks buckets up, and a second entry would be one it never reads
+        bucket = json.dumps(_planned_bucket(shape_name, B, dtype, args.what), sort_keys=True)
+        if bucket in filled:
+            print(f"{args.what}: {shape_name} B={B} {dtype} falls in the bucket of {filled[bucket]}: not run")
+            same.append([shape_name, B, dtype, filled[bucket]])
+            continue
+        filled[bucket] = f"{shape_name} B={B} {dtype}"
         print(f"{args.what}: {shape_name} B={B} {dtype}", flush=True)
         try:
             entries.append(estimate_entry(shape_name, B, dtype, timeout_s=1800) if args.what == "estimate"
@@ -152,8 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = (f"MODEL ({MODEL_SET} set of bench.run --sass), not a measurement" if args.what == "estimate"
               else "measured")
     device = torch.device("cuda") if args.what == "measure" else torch.device("cpu")
-    write_json(out, {"source": source, "command": "python -m bench.layer_table " + " ".join(argv or sys.argv[1:]),
-                     **environment(device), "skipped_for_budget": skipped, "failed": failed, "entries": entries})
+    # the command as a user types it (environment()'s is sys.argv: this machine's absolute path of the file)
+    write_json(out, {"source": source, **environment(device),
+                     "command": "python -m bench.layer_table " + " ".join(argv or sys.argv[1:]), "skipped_for_budget": skipped, "same_bucket": same, "failed": failed,
+                     "entries": entries})
     print(f"{len(entries)} entries written to {out}" + (f"; {len(skipped)} skipped for the budget" if skipped else "")
           + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0

@@ -1,5 +1,7 @@
 """`python -m bench.layer_table`: the tables nearl.layer_path reads, written in its format."""
 
+import json
+
 import pytest
 import torch
 
@@ -25,12 +27,35 @@ def test_an_estimate_table_is_one_the_chooser_reads(tmp_path, monkeypatch):
     assert runs == [("vit-b16", 256, "bf16", 1800), ("vit-b16", 8, "bf16", 1800)]
     table = layer_path.load_table(str(out))
     assert "MODEL" in table["source"] and len(table["entries"]) == 2
+    assert table["command"] == "python -m bench.layer_table estimate --shapes vit-b16 --batches 256,8 --dtypes bf16 " \
+                               f"--out {out}"
     first = table["entries"][0]
     assert first["bucket"] == layer_path.bucket(256, 197, 768, 64, torch.bfloat16, 132).to_dict()
     assert (first["fused"]["fwd_s"], first["split"]["bwd_s"]) == (3e-4, 8e-4)  # the pessimistic set
     assert first["fused"]["fwd_s_optimistic"] == 1.5e-4
     key = layer_path.bucket(256, 197, 768, 64, torch.bfloat16, 132)
     assert layer_path.from_table(table, key, grad=True, exact=True)[0] == "split"
+
+
+def test_one_entry_a_bucket(tmp_path, monkeypatch):
+    """The text shape at B 8 and 32 fills one bucket (batch in waves, at least 1/8): the second is
+    not run, and the table says which bucket took it."""
+    runs = []
+    monkeypatch.setattr(layer_table, "sass_payload", lambda *args, **kw: runs.append(args) or fake_payload())
+    out = tmp_path / "model-sm90.json"
+    assert layer_table.main(["estimate", "--shapes", "text-b16", "--batches", "8,32,256", "--dtypes", "bf16",
+                             "--out", str(out)]) == 0
+    assert [r[1] for r in runs] == [8, 256]
+    table = layer_path.load_table(str(out))
+    buckets = [json.dumps(e["bucket"], sort_keys=True) for e in table["entries"]]
+    assert len(buckets) == len(set(buckets)) == 2
+    assert table["same_bucket"] == [["text-b16", 32, "bf16", "text-b16 B=8 bf16"]]
+
+
+def test_the_committed_tables_hold_one_entry_a_bucket():
+    for path in sorted(layer_path.TABLES.glob("*.json")):
+        buckets = [json.dumps(e["bucket"], sort_keys=True) for e in layer_path.load_table(str(path))["entries"]]
+        assert len(buckets) == len(set(buckets)), path
 
 
 def test_a_failed_sass_run_is_reported(monkeypatch):
