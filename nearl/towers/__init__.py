@@ -4,10 +4,12 @@ through the protocol in `base.py` (stem, blocks, pooling, projection, width, dep
 
 Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransformer),
 `timm_vision.py` (open_clip's TimmModel around a timm VisionTransformer, as in BiomedCLIP),
-`open_clip_text.py` (its CLIP text transformer, inline or TextTransformer), `hf_text.py` (its
-HFTextEncoder around a BERT-style encoder, as in BiomedCLIP), and `hf_clip_vision.py` /
-`hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, on `hf_clip_base.py`;
-nearl/transformers_backbone.py builds the backbone).
+`timm_eva.py` (around a timm Eva: EVA01, EVA02, PE-Core) and `timm_relpos.py` (around a timm
+VisionTransformerRelPos), the three on `timm_base.py`, `open_clip_text.py` (its CLIP text
+transformer, inline or TextTransformer), `open_clip_coca_text.py` (CoCa's, with a class token
+appended), `hf_text.py` (its HFTextEncoder around a BERT-style encoder, as in BiomedCLIP), and
+`hf_clip_vision.py` / `hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, on
+`hf_clip_base.py`; nearl/transformers_backbone.py builds the backbone).
 A new type is a new module with a `Tower` subclass, listed in TOWER_TYPES.
 """
 from __future__ import annotations
@@ -20,11 +22,15 @@ from .base import PreNormParts, Tower
 from .hf_clip_text import HFCLIPText
 from .hf_clip_vision import HFCLIPVision
 from .hf_text import HFText
+from .open_clip_coca_text import CoCaText
 from .open_clip_text import OpenClipText
 from .open_clip_vision import OpenClipVision
+from .timm_eva import TimmEva
+from .timm_relpos import TimmRelPos
 from .timm_vision import TimmVision
 
-TOWER_TYPES = {"vision": (OpenClipVision, TimmVision, HFCLIPVision), "text": (OpenClipText, HFText, HFCLIPText)}
+TOWER_TYPES = {"vision": (OpenClipVision, TimmVision, TimmEva, TimmRelPos, HFCLIPVision),
+               "text": (OpenClipText, CoCaText, HFText, HFCLIPText)}
 
 
 def tower_of(backbone: nn.Module, kind: str) -> Tower:
@@ -46,4 +52,5 @@ def towers_of(backbone: nn.Module) -> Dict[str, Tower]:
     return {kind: tower_of(backbone, kind) for kind in TOWER_TYPES}
 
 
-__all__ = ["HFCLIPText", "HFCLIPVision", "HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText", "OpenClipVision", "TimmVision", "tower_of", "towers_of"]
+__all__ = ["CoCaText", "HFCLIPText", "HFCLIPVision", "HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText",
+           "OpenClipVision", "TimmEva", "TimmRelPos", "TimmVision", "tower_of", "towers_of"]

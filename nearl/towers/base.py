@@ -59,7 +59,9 @@ class Tower:
 
     # ----------------------------------------------------------------- stepping
     def stem(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Images or token ids -> (tokens (B, N, width), the blocks' attention mask or None)."""
+        """Images or token ids -> (tokens (B, N, width), the blocks' attention mask or None). Callers
+        hand that second value back to `block` / `prenorm_parts` as it is: a tower whose blocks take
+        something else beside the tokens gives that instead (timm Eva: its rotary embedding)."""
         raise NotImplementedError
 
     def block(self, k: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

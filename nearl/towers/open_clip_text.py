@@ -32,7 +32,7 @@ class OpenClipText(Tower):
     @classmethod
     def accepts(cls, backbone: nn.Module) -> bool:
         text = getattr(backbone, "text", None)
-        if text is not None:  # CoCa-style towers append a class token the stepping does not know
+        if text is not None:  # CoCa-style towers append a class token: open_clip_coca_text.py
             return isinstance(text, TextTransformer) and text.cls_emb is None
         return hasattr(backbone, "token_embedding") and hasattr(backbone, "transformer")
 
