@@ -23,7 +23,7 @@
 (3) `--profile FILE`: a torch profiler chrome trace of two reps of every variant; `--nvtx`: ranges
     per variant and phase ("model/nearl-fused/train" > "forward" > "image_tower" > "block3" >
     "nearl3", then "loss", "backward", "step"). Backward has no per-layer ranges: autograd runs the
-    backward outside any Python scope of ours (see the README for what the model would need).
+    backward outside any Python scope of ours (bench/README.md, "Profiling": what the model would need).
 
 The W_up matrices (zero at init, which makes the OCA a no-op on its inputs) are set to small random
 values first, so that the fused/reference comparison of features is meaningful.

@@ -674,7 +674,7 @@ class _OcaFunction(torch.autograd.Function):
         return out, cos2
 
     @staticmethod
-    @once_differentiable  # double backward raises (README, "Double backward")
+    @once_differentiable  # double backward raises (docs/python.md, "Double backward")
     def backward(ctx, dout, dcos2=None):
         x, a, c, gate = ctx.saved_tensors
         dx, da, dc, dgate = oca_bwd(dout, dcos2, x, a, c, gate, ctx.orth)

@@ -5,16 +5,17 @@ from ._checkout import map_uninstalled_folders
 
 map_uninstalled_folders()  # before ops imports nearl_kernels
 
-from . import ops, reference  # noqa: E402
-from .config import NEARLConfig  # noqa: E402
-
-# The model and the loss import open_clip; loading them on first use keeps `from nearl import ops`
-# (the kernels, their tests and `bench.run --kernel oca | layer`) working where open_clip is absent.
-_LAZY = {"build": "model", "NEARLCLIP": "model", "NEARLOutput": "model", "NEARLLoss": "losses",
-         "load": "adapter_files"}
+# Every public name loads on first use (PEP 562): `import nearl` and the command lines' --help stay
+# free of torch, and `from nearl import ops` (the kernels, their tests and `bench.run --kernel oca |
+# layer`) works where open_clip, which the model and the loss import, is absent.
+_SUBMODULES = ("ops", "reference")
+_LAZY = {"NEARLConfig": "config", "build": "model", "NEARLCLIP": "model", "NEARLOutput": "model",
+         "NEARLLoss": "losses", "load": "adapter_files"}
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it here too
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -23,7 +24,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_LAZY))
 
 
 __all__ = ["ops", "reference", "build", "load", "NEARLCLIP", "NEARLConfig", "NEARLLoss", "NEARLOutput"]

@@ -6,6 +6,8 @@ pushed to the Hugging Face Hub as it is:
     adapter.safetensors   the learnable tensors (model.trainable_state_dict()), nothing else
     adapter_config.json   what rebuilds the model around them (schema below)
     README.md             a short model card
+    train_images.json     the images it was trained on, as hashes of their bytes (never their paths):
+                          nearl.evaluate --adapter refuses to score them (nearl/data/overlap.py)
 
 `load_adapter` / `nearl.load` rebuild the method on its backbone through
 `nearl.methods.build_method` and load the weights, and refuse, naming the file and what differed,
@@ -21,11 +23,17 @@ adapter_config.json (format "nearl-adapter", format_version 2):
     templates                the prompt templates it was trained with (or null: nearl.classify's)
     backbone                 model_name, pretrained (tag, hf-hub:, transformers: repo id, or null for
                              random weights; a local file or folder by its name alone, never its path,
-                             with pretrained_local true: loading it needs pretrained= a copy), seed
-                             (rebuilds a random backbone exactly), fingerprint (below)
+                             with pretrained_local / model_local true: loading it needs pretrained= /
+                             model= where it is now), seed (rebuilds a random backbone exactly),
+                             fingerprint (below), and local_sources: for each local source ("model",
+                             "pretrained") the sha256 of the weights files read from it (files,
+                             files_sha256) and the Hub id its transformers config names
+                             (config_name_or_path), when there are such
     weights                  file, sha256 of that file, tensors, parameters, and config_sha256: the
                              sha256 of every other entry of this file as canonical JSON (keys sorted,
                              no spaces), so a changed setting is refused as a changed weights file is
+    train_images             file (train_images.json), its sha256, count and algorithm; null when the
+                             checkpoint held no record of its training images' contents
     source                   where it came from (checkpoint file name, step, epoch), for people only
     written_with             torch, open_clip_torch and safetensors versions, for people only
 
@@ -46,6 +54,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -55,10 +64,11 @@ from torch import nn
 
 from . import __version__ as NEARL_VERSION
 from .checkpoint import describe, load_checkpoint
+from .data.overlap import CONTENT_ALGORITHM, has_content, keys_from_hex, keys_to_hex
 from .cli_args import check_backbone, user_errors
 from .errors import UserError
 from .evaluation import ModelToEvaluate
-from .methods import build_from_checkpoint, build_method, canonical, check_task, method_of
+from .methods import build_from_checkpoint, build_method, canonical, check_task, method_of, spec
 from .model import SCHEMAS
 from .nonfinite import NonFiniteError, check_finite_state, nonfinite_outputs, nonfinite_tensors
 from .writes import atomic_write_all, check_writable
@@ -68,6 +78,7 @@ logger = logging.getLogger("nearl.adapter")
 FORMAT, FORMAT_VERSION = "nearl-adapter", 2
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "adapter_config.json", "README.md"
 FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
+TRAIN_IMAGES_FILE, TRAIN_IMAGES_FORMAT = "train_images.json", "nearl-train-images"
 FINGERPRINT_ALGORITHM = "nearl-backbone-v1"
 SAMPLE = 65536  # elements of a tensor the content hash reads at most
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -179,6 +190,107 @@ def portable_source(pretrained: Optional[str]) -> Tuple[Optional[str], bool]:
     return pretrained, False
 
 
+def portable_model_name(model_name: str) -> Tuple[str, bool]:
+    """`portable_source` for a model name: a local-dir: or transformers: folder by its name alone (an
+    open_clip architecture is a name, even where a file of that name lies about)."""
+    if model_name.startswith(("local-dir:", "transformers:")):
+        return portable_source(model_name)
+    return model_name, False
+
+
+def _model_name_used(source: Optional[str]) -> bool:
+    """Whether the backbone is built from its model name: a schema source names its own (nearl.model)."""
+    return source is None or not source.startswith(SCHEMAS)
+
+
+def _local_path(source: str) -> Optional[Path]:
+    """The file or folder of this machine a backbone source names, None for a tag or a Hub id."""
+    rest = source.split(":", 1)[1] if source.startswith(("local-dir:", "transformers:")) else source
+    path = Path(rest).expanduser()
+    return path if path.exists() else None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_files(source: str) -> Dict[str, str]:
+    """{name: sha256} of the weights files of a local source (the file itself, or a folder's *.safetensors,
+    *.bin, ...): what a Hub repository lists for its files, so a copy of them can be told by its files."""
+    path = _local_path(source)
+    if path is None:
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES))
+    return {p.name: _sha256_file(p) for p in files}
+
+
+def files_digest(files: Dict[str, str]) -> str:
+    """One sha256 over the files' digests (their names left out: a renamed copy is the same weights)."""
+    return hashlib.sha256("".join(f"{d}\n" for d in sorted(files.values())).encode()).hexdigest()
+
+
+def _config_hub_id(source: str) -> Optional[str]:
+    """The Hub id a transformers folder's config.json names (`_name_or_path`, which transformers wrote
+    until 4.x), when it is one; a local path there is not recorded."""
+    path = _local_path(source) if source.startswith("transformers:") else None
+    try:
+        value = json.loads((path / "config.json").read_text()).get("_name_or_path") if path else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) and not _is_local(value):
+        return value
+    return None
+
+
+def local_source(source: str, weights: bool) -> Dict[str, Any]:
+    """What identifies a local backbone source in adapter_config.json, its path left out: the sha256 of the
+    weights files read from it (`weights`), the Hub id its config names."""
+    entry: Dict[str, Any] = {}
+    files = weights_files(source) if weights else {}
+    if files:
+        entry.update(files=files, files_sha256=files_digest(files))
+    hub = _config_hub_id(source)
+    if hub:
+        entry["config_name_or_path"] = hub
+    return entry
+
+
+def _backbone_entry(model: nn.Module, model_name: str, pretrained: Optional[str], seed: int,
+                    read_from: Optional[str]) -> Dict[str, Any]:
+    """adapter_config.json's `backbone`: never a local path, since the folder is meant to be shared.
+    read_from: where the weights were read (export --pretrained), when not from `pretrained` itself."""
+    recorded, local = portable_source(pretrained)
+    name, name_local = portable_model_name(model_name)
+    actual = read_from if read_from is not None else pretrained
+    sources = {}
+    if local and actual is not None:
+        sources["pretrained"] = local_source(actual, weights=True)
+    if name_local and _model_name_used(actual):  # local-dir: reads its weights; transformers: its config alone
+        sources["model"] = local_source(model_name, weights=model_name.startswith("local-dir:"))
+    sources = {k: v for k, v in sources.items() if v}
+    return {"model_name": name, **({"model_local": True} if name_local else {}),
+            "pretrained": recorded, **({"pretrained_local": True} if local else {}),
+            "seed": int(seed), "fingerprint": fingerprint(model), **({"local_sources": sources} if sources else {})}
+
+
+def _train_images_files(train_images: Optional[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(adapter_config.json's `train_images` entry, train_images.json's text) for a checkpoint's record:
+    its content keys alone (the path keys would say nothing elsewhere); (None, None) without them."""
+    if not has_content(train_images):
+        return None, None
+    keys = keys_to_hex(train_images["content"])
+    text = json.dumps({"format": TRAIN_IMAGES_FORMAT, "algorithm": CONTENT_ALGORITHM, "count": len(keys),
+                       "keys": keys}, separators=(",", ":")) + "\n"
+    entry = {"file": TRAIN_IMAGES_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "count": len(keys),
+             "algorithm": CONTENT_ALGORITHM}
+    return entry, text
+
+
 def _check_finite_outputs(model: nn.Module, task: str, classnames, templates, source) -> None:
     """Finite weights are not enough: a diverged model's outputs can be NaN (`nonfinite_outputs`)."""
     bad = nonfinite_outputs(model, classnames if task == "classification" else None, templates)
@@ -192,11 +304,14 @@ def _check_finite_outputs(model: nn.Module, task: str, classnames, templates, so
 def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pretrained: Optional[str],
                  backbone_seed: int = 0, task: str = "retrieval", classnames: Optional[Sequence[str]] = None,
                  templates: Optional[Sequence[str]] = None, source: Optional[Dict[str, Any]] = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, train_images: Optional[Dict[str, Any]] = None,
+                 read_from: Optional[str] = None) -> Path:
     """Write `model`'s learnable weights, adapter_config.json and a model card into `directory`.
 
     model_name / pretrained / backbone_seed: how the backbone was built (as nearl.methods.build_method
-    takes them), so `load_adapter` rebuilds it. A state holding NaN or inf, or a model whose outputs
+    takes them), so `load_adapter` rebuilds it; local ones are recorded by name (`_backbone_entry`).
+    train_images: a checkpoint's record of its training images (nearl.data.overlap.training_images),
+    whose content hashes go to train_images.json. A state holding NaN or inf, or a model whose outputs
     on a probe batch do (`nonfinite_outputs`), is refused (NonFiniteError) and nothing is written.
     Returns the folder."""
     from safetensors.torch import save as safetensors_bytes
@@ -210,7 +325,6 @@ def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pret
     # One metadata entry: safetensors writes a map's entries in no fixed order, and an export is meant
     # to give the same bytes every time (what the method is, adapter_config.json says).
     data = safetensors_bytes(state, metadata={"format": "pt"})
-    recorded, local = portable_source(pretrained)  # never a local path: the folder is meant to be shared
     provenance = dict(source or {})
     if provenance.get("checkpoint"):
         provenance["checkpoint"] = Path(str(provenance["checkpoint"])).name
@@ -219,17 +333,23 @@ def save_adapter(model: nn.Module, directory: PathLike, *, model_name: str, pret
         "method": method, "config": _json_ready(model.config.to_dict(), f"the {method} config"),
         "task": task, "classnames": list(classnames) if classnames else None,
         "templates": list(templates) if templates else None,
-        "backbone": {"model_name": model_name, "pretrained": recorded, **({"pretrained_local": True} if local else {}),
-                     "seed": int(backbone_seed), "fingerprint": fingerprint(model)},
+        "backbone": _backbone_entry(model, model_name, pretrained, backbone_seed, read_from),
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "tensors": len(state),
                     "parameters": sum(t.numel() for t in state.values())},
+        "train_images": None,
         "source": _json_ready(provenance, "the adapter's source"), "written_with": _versions(),
     }
+    record["train_images"], images_text = _train_images_files(train_images)
     seal_config(record)
-    # All three written before any replaces an earlier one: a refused write (full disk, read-only) leaves an
+    # All written before any replaces an earlier one: a refused write (full disk, read-only) leaves an
     # earlier adapter whole (WriteError, nearl/writes.py). The weights go first: the config names their sha256.
-    atomic_write_all({directory / WEIGHTS_FILE: data, directory / CONFIG_FILE: json.dumps(record, indent=2,
-                      allow_nan=False) + "\n", directory / CARD_FILE: model_card(record)})
+    files = {directory / WEIGHTS_FILE: data, directory / CONFIG_FILE: json.dumps(record, indent=2,
+             allow_nan=False) + "\n", directory / CARD_FILE: model_card(record)}
+    if images_text is not None:
+        files[directory / TRAIN_IMAGES_FILE] = images_text
+    atomic_write_all(files)
+    if images_text is None:  # an earlier export's, which the config no longer names
+        (directory / TRAIN_IMAGES_FILE).unlink(missing_ok=True)
     return directory
 
 
@@ -256,7 +376,8 @@ def export_checkpoint(checkpoint: PathLike, directory: PathLike, *, pretrained: 
     return save_adapter(model, directory, model_name=ckpt["model_name"], pretrained=recorded,
                         backbone_seed=int(ckpt.get("backbone_seed", 0)), task=ckpt.get("task") or "retrieval",
                         classnames=ckpt.get("classnames"), templates=ckpt.get("templates"), source=provenance,
-                        overwrite=overwrite)
+                        overwrite=overwrite, train_images=ckpt.get("train_images"),
+                        read_from=None if pretrained == "checkpoint" else pretrained)
 
 
 def model_card(record: Dict[str, Any]) -> str:
@@ -269,22 +390,40 @@ def model_card(record: Dict[str, Any]) -> str:
             hub = source[len(schema):]
     header = ["---", "library_name: nearl-clip", "tags:", "- nearl-clip", "- clip", "- adapter", f"- {method}"]
     header += [f"base_model: {hub}"] if hub else []
-    weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
-    if local:
-        weights += " (a local copy, not included: `nearl.load(folder, pretrained=<its path>)`)"
     classes = ", ".join(record["classnames"]) if record.get("classnames") else "none recorded"
+    images = record.get("train_images")
     lines = header + ["---", "", f"# {method} adapter for {bb['model_name']}", "",
                       f"Learnable weights of a `{method}` model (NEARL-CLIP project) trained for "
                       f"{record['task']}, {record['weights']['parameters']:,} parameters in `{WEIGHTS_FILE}`; "
                       "the frozen backbone is not included.", "",
-                      f"- backbone: `{bb['model_name']}`, weights {weights}",
-                      f"- backbone fingerprint ({bb['fingerprint']['algorithm']}): `{bb['fingerprint']['weights']}`",
+                      *_card_backbone(bb),
                       f"- classes: {classes}",
+                      f"- training images: {images['count']:,}, as hashes of their bytes in `{images['file']}` "
+                      "(`nearl.evaluate` refuses to score them)" if images else "- training images: not recorded",
                       f"- hyper-parameters: `{CONFIG_FILE}` (`config`)", "", "## Use", "", "```python",
                       "import nearl", 'model = nearl.load("path/to/this/folder")   # refuses another backbone',
                       "```", "", "```bash", "python -m nearl.predict --adapter path/to/this/folder "
                       "--images scans/ --classes \"pneumonia,normal\"", "```", ""]
     return "\n".join(lines)
+
+
+def _card_backbone(bb: Dict[str, Any]) -> List[str]:
+    """The model card's lines on the backbone: its name and weights, and how to give a local one."""
+    source = bb["pretrained"]
+    weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
+    if bb.get("pretrained_local"):
+        weights += " (a local copy, not included: `nearl.load(folder, pretrained=<its path>)`)"
+    name = f"`{bb['model_name']}`"
+    if bb.get("model_local") and _model_name_used(source):
+        name += " (a local folder, not included: `nearl.load(folder, model=<its path>)`)"
+    lines = [f"- backbone: {name}, weights {weights}",
+             f"- backbone fingerprint ({bb['fingerprint']['algorithm']}): `{bb['fingerprint']['weights']}`"]
+    for role, entry in (bb.get("local_sources") or {}).items():
+        if entry.get("config_name_or_path"):
+            lines.append(f"- the {role} folder's config names `{entry['config_name_or_path']}` (the weights may "
+                         "differ: the fingerprint tells)")
+        lines += [f"- {role} weights file `{f}`, sha256 `{d}`" for f, d in sorted((entry.get("files") or {}).items())]
+    return lines
 
 
 # ----------------------------------------------------------------------------- reading
@@ -388,10 +527,20 @@ def _check_source(model_name: str, source: Optional[str], where: str) -> None:
         raise AdapterError(f"{where}: its backbone cannot be built here: {err}") from None
 
 
-def _check_fingerprint(model: nn.Module, backbone: Dict[str, Any], source: Optional[str], path: Path) -> None:
+def _files_note(backbone: Dict[str, Any], model_name: str, source: Optional[str]) -> str:
+    """For a refusal: how the weights files of the local source given differ from those exported, if
+    they were recorded ("" otherwise; hashed only once the backbone is known to differ)."""
+    role, given = ("pretrained", source) if source is not None and _local_path(source) else ("model", model_name)
+    want = ((backbone.get("local_sources") or {}).get(role) or {}).get("files_sha256")
+    found = files_digest(weights_files(given)) if want and given and _local_path(given) else None
+    return f", weights files {found[:16]} != recorded {want[:16]} (sha256)" if found and found != want else ""
+
+
+def _check_fingerprint(model: nn.Module, backbone: Dict[str, Any], model_name: str, source: Optional[str],
+                       path: Path) -> None:
     """The backbone built must be the one the adapter was trained on (see the module docstring)."""
     want, found = backbone["fingerprint"], fingerprint(model)
-    built = f"model_name={backbone['model_name']!r}, pretrained={source!r}, seed {backbone['seed']}"
+    built = f"model_name={model_name!r}, pretrained={source!r}, seed {backbone['seed']}"
     if want["algorithm"] != found["algorithm"]:
         raise AdapterError(f"{path}: fingerprint algorithm {want['algorithm']!r} is not known to this nearl "
                            f"({NEARL_VERSION}, which computes {found['algorithm']!r})")
@@ -405,7 +554,8 @@ def _check_fingerprint(model: nn.Module, backbone: Dict[str, Any], source: Optio
         raise AdapterError(
             f"{path}: the backbone built from {built} is not the one this adapter was trained on: same "
             f"architecture, different weights (fingerprint {found['weights'][:16]} != recorded "
-            f"{want['weights'][:16]}); give --pretrained (pretrained=) the weights it was trained on")
+            f"{want['weights'][:16]}){_files_note(backbone, model_name, source)}; give --pretrained (pretrained=) "
+            "the weights it was trained on")
 
 
 def _check_weights(model: nn.Module, state: Dict[str, torch.Tensor], weights: Path, config: Path) -> None:
@@ -447,36 +597,81 @@ class LoadedAdapter:
         return self.record.get("templates")
 
 
-def load_adapter(directory: PathLike, pretrained: Optional[str] = None, *, fused: bool = False) -> LoadedAdapter:
+def _backbone_source(backbone: Dict[str, Any], pretrained: Optional[str], model: Optional[str],
+                     path: Path) -> Tuple[str, Optional[str]]:
+    """(model name, pretrained source) to build the adapter's backbone from: the recorded ones, or where
+    a local folder or file lives now (`model` / `pretrained`). A local one not given, whose path the
+    adapter does not hold, is a one-line error naming the keyword (flag) that gives it."""
+    model_name = backbone["model_name"] if model is None else model
+    source = backbone["pretrained"] if pretrained is None else pretrained
+    if pretrained is None and backbone.get("pretrained_local"):
+        if model is not None and backbone.get("model_local") and source == backbone["model_name"]:
+            return model_name, model  # one folder gave both (--model X --pretrained X): --model says where
+        kind = "folder" if source.startswith(SCHEMAS) else "file"
+        raise AdapterError(f"{path}: the backbone weights were read from a local {kind}, {source}, whose path "
+                           "is not recorded (the fingerprint is); pass --pretrained (pretrained=) a copy of it")
+    if model is None and backbone.get("model_local") and _model_name_used(source):
+        schema = model_name.split(":", 1)[0]
+        raise AdapterError(f"{path}: the backbone was built from a local folder, {model_name}, whose path is not "
+                           f"recorded (the fingerprint is); pass --model (model=) where it is now, e.g. "
+                           f"--model {schema}:/path/to/{model_name.split(':', 1)[1]}")
+    return model_name, source
+
+
+def load_adapter(directory: PathLike, pretrained: Optional[str] = None, *, model: Optional[str] = None,
+                 fused: bool = False) -> LoadedAdapter:
     """Rebuild an adapter folder's model on its backbone and load its weights.
 
     pretrained: None reads the backbone weights from the recorded source; another source (a local
     file of the same weights, hf-hub:, ...) overrides it, and its fingerprint must still match.
+    model: where a backbone folder recorded by name alone (a local `transformers:` or `local-dir:`
+    model name, `model_local`) is now, e.g. "transformers:/data/plip"; the fingerprint must match.
     Refuses (AdapterError, naming the file) missing or damaged files, another backbone, and a
     method / config whose model does not take the weights' names and shapes."""
     folder, record = read_adapter_config(directory)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     state = _read_weights(weights_path, record)
     backbone = record["backbone"]
-    source = backbone["pretrained"] if pretrained is None else pretrained
-    if pretrained is None and backbone.get("pretrained_local"):
-        kind = "folder" if source.startswith(SCHEMAS) else "file"
-        raise AdapterError(f"{config_path}: the backbone weights were read from a local {kind}, {source}, whose path "
-                           "is not recorded (the fingerprint is); pass --pretrained (pretrained=) a copy of it")
-    _check_source(backbone["model_name"], source, str(config_path))
+    model_name, source = _backbone_source(backbone, pretrained, model, config_path)
+    _check_source(model_name, source, str(config_path))
     with user_errors(f"{config_path}: "):
-        model = build_method(record["method"], backbone["model_name"], source, fused=fused,
-                             seed=int(backbone["seed"]), **record["config"])
-    _check_fingerprint(model, backbone, source, config_path)
-    _check_weights(model, state, weights_path, config_path)
-    model.load_trainable_state_dict(state)
-    return LoadedAdapter(model.eval(), folder, record, source)
+        built = build_method(record["method"], model_name, source, fused=fused, seed=int(backbone["seed"]),
+                             **record["config"])
+    _check_fingerprint(built, backbone, model_name, source, config_path)
+    _check_weights(built, state, weights_path, config_path)
+    built.load_trainable_state_dict(state)
+    return LoadedAdapter(built.eval(), folder, record, source)
 
 
-def load(directory: PathLike, pretrained: Optional[str] = None, *, fused: bool = False) -> nn.Module:
+def load(directory: PathLike, pretrained: Optional[str] = None, *, model: Optional[str] = None,
+         fused: bool = False) -> nn.Module:
     """`nearl.load(DIR)`: the model of an adapter folder, on its own backbone, in eval mode (see
-    `load_adapter`, which also returns the folder's record: task, class names, templates)."""
-    return load_adapter(directory, pretrained, fused=fused).model
+    `load_adapter`, which also returns the folder's record: task, class names, templates; `model=` /
+    `pretrained=` say where a local backbone folder or weights file is now)."""
+    return load_adapter(directory, pretrained, model=model, fused=fused).model
+
+
+def read_train_images(folder: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The record of the images an adapter was trained on (train_images.json: content keys, as
+    nearl.data.overlap.trained_on takes them), None when its config names none. A missing or changed
+    file is refused as the weights are: the config holds its sha256."""
+    entry = record.get("train_images")
+    if not entry:
+        return None
+    path = folder / TRAIN_IMAGES_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: {CONFIG_FILE} names it (hashes of the images the adapter was "
+                           "trained on, which nearl.evaluate checks against); copy the whole adapter folder")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise AdapterError(f"{path} is not the file its {CONFIG_FILE} was written with (sha256 differs): "
+                           "changed or damaged since the export")
+    try:
+        document = json.loads(data)
+        keys = keys_from_hex(document["keys"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise AdapterError(f"{path}: not a record of training images ({err})") from None
+    return {"content_algorithm": document.get("algorithm"), "content": keys, "count": int(keys.numel())}
 
 
 def adapter_to_evaluate(directory: PathLike, *, method: Optional[str] = None, model_name: Optional[str] = None,
@@ -486,7 +681,9 @@ def adapter_to_evaluate(directory: PathLike, *, method: Optional[str] = None, mo
     for a checkpoint. `method` must match the adapter's; `model_name` cannot change its backbone."""
     folder, record = read_adapter_config(directory)
     recorded_name = record["backbone"]["model_name"]
-    if model_name and model_name != recorded_name:
+    # A local folder (recorded by name, or by path before 24.17) may have moved: --model says where it is now
+    movable = bool(record["backbone"].get("model_local")) or portable_model_name(recorded_name)[1]
+    if model_name and model_name != recorded_name and not movable:
         raise AdapterError(f"--model {model_name}: the adapter {folder} is for {recorded_name!r} and cannot be "
                            "moved to another backbone (--pretrained may name another copy of the same weights)")
     if method:
@@ -494,7 +691,7 @@ def adapter_to_evaluate(directory: PathLike, *, method: Optional[str] = None, mo
             wanted = canonical(method)
         if wanted != record["method"]:
             raise AdapterError(f"--method {method} but the adapter {folder} holds method {record['method']!r}")
-    loaded = load_adapter(folder, pretrained, fused=fused)
+    loaded = load_adapter(folder, pretrained, model=model_name if movable else None, fused=fused)
     task = task or loaded.task
     with user_errors():
         check_task(loaded.method, task)
@@ -504,6 +701,7 @@ def adapter_to_evaluate(directory: PathLike, *, method: Optional[str] = None, mo
         print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {record['backbone']['seed']}); "
               "numbers only check the pipeline.")
     info = {"path": str(folder / WEIGHTS_FILE), "classnames": loaded.classnames, "templates": loaded.templates,
-            "step": (record.get("source") or {}).get("step")}
-    label = f"{'NEARL-CLIP' if loaded.method == 'nearl' else loaded.method} (adapter {folder.name})"
+            "step": (record.get("source") or {}).get("step"), "train_images": read_train_images(folder, record),
+            "train_images_file": str(folder / CONFIG_FILE)}
+    label = f"{spec(loaded.method).display_name} (adapter {folder.name})"
     return ModelToEvaluate(loaded.model, loaded.method, task, loaded.pretrained, label, info)

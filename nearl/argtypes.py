@@ -42,6 +42,13 @@ MAX_SEED = 2 ** 63 - 1  # torch's and numpy's generators take 64-bit seeds (the 
 MAX_STEPS = 10 ** 9  # optimizer steps or epochs of one run
 MAX_QUERIES = 1024  # NEARL-CLIP's query bank (SPEC's M is 16)
 
+# --classes: all, or CoOp's base-to-novel halves of the class list (nearl.data.labelled reads them)
+CLASS_SUBSETS = ("all", "base", "novel")
+
+# --format: the image-text readers (nearl.data.manifests.READERS, whose package imports torch), or
+# "auto" to detect one; tests/test_one_place.py keeps the two equal
+DATA_FORMATS = ("auto", "manifest", "roco", "medicat")
+
 
 def seed(text: str) -> int:
     """A generator seed: an integer in [0, 2**63 - 1]."""

@@ -14,8 +14,9 @@ A checkpoint is a dict loadable with `torch.load(..., weights_only=True)` (no pi
     rng                    python / numpy / torch / cuda generator states
     data                   the sampler's state: seed, epoch, start batch, sizes
     best, args, metrics    best validation score so far, the training arguments, last metrics
-    train_images           the images it was trained on, as keys of their paths (nearl/data/overlap.py),
-                           so that evaluating on them is caught; None when not recorded
+    train_images           the images it was trained on, as keys of their paths and of their bytes
+                           (nearl/data/overlap.py), so that evaluating on them, or on copies of them,
+                           is caught; None when not recorded
 
 Writing (`atomic_save`): the new file goes to a temporary name in the same directory, is flushed
 and fsync'ed, and only then `os.replace`d over the target; the previous `last.pt` is first linked

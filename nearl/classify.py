@@ -66,25 +66,10 @@ def class_queries(text_queries: torch.Tensor, num_classes: int) -> torch.Tensor:
     return q.reshape(num_classes, -1, q.shape[-1]).mean(dim=1)
 
 
-class ClassifierOutput(NamedTuple):
-    logits: torch.Tensor  # (B, C): logit_scale * cos(image, class)
-    image_queries: torch.Tensor  # (B, D): mean over M of the final Q_v
-    class_queries: torch.Tensor  # (C, D)
-    orth_penalty: Optional[torch.Tensor]
-
-
 def class_prompt_tokens(model, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
-    """The token ids of a model's class prompts: its own `class_prompt_tokens` if it has one (CoOp:
-    learned context, one prompt per class), else the templates filled with the class names."""
-    own = getattr(model, "class_prompt_tokens", None)
-    if own is not None:
-        return own(classnames, templates)
-    return tokenize_prompts(model.tokenizer(), classnames, templates)
-
-
-def prompt_tower(model):
-    """The text path class prompts take: the model's `prompt_tower` if it has one, else its text tower."""
-    return getattr(model, "prompt_tower", None) or model.text_tower
+    """The token ids of a model's class prompts (its `class_prompt_tokens`: the templates filled with
+    the class names, or CoOp's learned context, one prompt per class)."""
+    return model.class_prompt_tokens(classnames, templates)
 
 
 class ClassifierOutput(NamedTuple):
@@ -110,9 +95,9 @@ class PromptClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ClassifierOutput:
         image = self.model.image_tower(images)
-        text = prompt_tower(self.model)(self.prompt_tokens)
+        text = self.model.prompt_tower(self.prompt_tokens)
         classes = class_embeddings(text.features, self.num_classes)
-        logits = self.model.logit_scale.float() * F.normalize(image.features.float(), dim=-1) @ classes.T
+        logits = self.model.class_logits(image.features, classes)  # logit_scale * cos (Tip-Adapter: + its cache)
         penalties = [p for p in (image.orth_penalty, text.orth_penalty) if p is not None]
         penalty = torch.stack(penalties).mean() if penalties else None
         image_q = image.queries.float().mean(dim=1) if image.queries is not None else None
@@ -178,24 +163,25 @@ class ClassificationLoss(nn.Module):
 @torch.no_grad()
 def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, *,
                          device=None, batch_size: int = 256) -> torch.Tensor:
-    """(C, E) unit class embeddings from the (adapted) text tower, for evaluation."""
-    tokens = class_prompt_tokens(model, classnames, templates)
+    """(C, E) unit class embeddings from the (adapted) prompt tower, for evaluation."""
+    tokens = model.class_prompt_tokens(classnames, templates)
     device = device if device is not None else next(model.parameters()).device
-    if getattr(model, "prompt_tower", None) is not None:
-        encode = lambda t: model.prompt_tower(t).features
-    else:
-        encode = model.encode_text
-    feats = [encode(tokens[i:i + batch_size].to(device)).float() for i in range(0, tokens.shape[0], batch_size)]
+    feats = [model.prompt_tower(tokens[i:i + batch_size].to(device)).features.float()
+             for i in range(0, tokens.shape[0], batch_size)]
     return class_embeddings(torch.cat(feats), len(classnames))
+
+
+def prompt_logits(model, image_features: torch.Tensor, classnames: Sequence[str],
+                  templates: Sequence[str] = TEMPLATES, *, device=None) -> torch.Tensor:
+    """(n, C) logit_scale * cos(image, prompt-ensembled class), on the CPU: the classifier of every
+    model without one of its own (FrozenCLIPWrapper.classification_logits)."""
+    classes = zero_shot_classifier(model, classnames, templates, device=device).float().cpu()
+    return model.class_logits(image_features.float().cpu(), classes)
 
 
 @torch.no_grad()
 def classification_logits(model, image_features: torch.Tensor, classnames: Sequence[str],
                           templates: Sequence[str] = TEMPLATES, *, device=None) -> torch.Tensor:
-    """(n, C) logits for image features from model.encode_image: the model's own classifier if it has
-    one (linear-probe), else logit_scale * cos(image, prompt-ensembled class)."""
-    own = getattr(model, "classification_logits", None)
-    if own is not None:
-        return own(image_features, classnames, templates, device=device).float().cpu()
-    classes = zero_shot_classifier(model, classnames, templates, device=device).float().cpu()
-    return model.logit_scale.float().cpu() * F.normalize(image_features.float().cpu(), dim=-1) @ classes.T
+    """(n, C) logits, on the CPU, for image features from model.encode_image: the model's
+    `classification_logits` (prompt_logits, or linear-probe's own head)."""
+    return model.classification_logits(image_features, classnames, templates, device=device).float().cpu()

@@ -1,24 +1,28 @@
-"""Checks shared by the command lines (train, evaluate, compare): the --device, the --out folder,
-the backbone flags, and a way to say that the ValueErrors of a library call are about the user's
-input. The argparse value types are in `argtypes`."""
+"""Checks shared by the command lines (train, evaluate, compare): the --device (and whether --fused
+runs on it), the --out folder, the backbone flags, and a way to say that the ValueErrors of a
+library call are about the user's input. The argparse value types are in `argtypes`. Imports no
+torch (the parsers use this module): what needs it imports it when called."""
 from __future__ import annotations
 
 import argparse
 import difflib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .errors import UserError
 from .writes import check_writable
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
     """The torch.device a --device value names (None or "auto": CUDA when available, else CPU).
     A CUDA device without a GPU, or past the GPUs present, is a UserError, not torch's own error
     at the first tensor moved there."""
+    import torch
+
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -32,6 +36,15 @@ def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
             raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def use_fused(asked: bool, device: torch.device, say: Callable[[str], None] = print) -> bool:
+    """Whether the Triton kernels run: --fused `asked` on a CUDA `device`. Asked without one, the
+    reference PyTorch path runs and `say` tells the user so (training passes its main-rank print)."""
+    if asked and device.type != "cuda":
+        say("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+        return False
+    return bool(asked)
 
 
 def check_out_dir(path: Optional[str], flag: str = "--out") -> None:
@@ -87,6 +100,7 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="without --checkpoint / --adapter: the method to build fresh (default nearl, "
                    "which computes the frozen CLIP; zeroshot is the same by name). With one: must match it")
     p.add_argument("--model", help="open_clip architecture or transformers:<repo id or folder> (default: the "
-                   "checkpoint's or adapter's; without one, ViT-B-16 with a GPU, NEARL-Tiny on CPU)")
+                   "checkpoint's or adapter's; without one, ViT-B-16 with a GPU, NEARL-Tiny on CPU). With "
+                   "--adapter: where its local backbone folder is now (transformers:/path or local-dir:/path)")
     p.add_argument("--pretrained", help="backbone weights: open_clip tag, file, hf-hub:, local-dir:, transformers: "
                    "(default: the checkpoint's or adapter's, which must match it; without one: random)")

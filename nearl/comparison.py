@@ -1,9 +1,9 @@
-"""Comparison of adaptation methods, the library: the options of a comparison, its runs (each
+"""Comparison of adaptation methods, the library: a comparison's runs (each
 trained by `nearl.training.fit` and evaluated by `nearl.evaluation`) and their measurements;
-the report and the plot are comparison_report.py's. `python -m nearl.compare` is its command line; its description below."""
+the report and the plot are comparison_report.py's. `python -m nearl.compare` is its command line;
+its options and their description are in comparison_options.py (no torch: --help answers at once)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import resource
@@ -16,123 +16,41 @@ import torch
 
 from . import evaluation as EV
 from . import training
-from .argtypes import MAX_SEED, Parser, non_negative_int, positive_int, steps
+from .argtypes import MAX_SEED
 from .checkpoint import LAST, load_checkpoint
 from .cli_args import check_backbone, check_out_dir, resolve_device, user_errors
 from .errors import UserError
 from .logging_utils import read_metrics
-from .methods import METHODS, build_from_checkpoint, canonical, check_task, methods_for
+from .comparison_config import CompareConfig
+from .comparison_options import DESCRIPTION, build_parser, parse_config  # noqa: F401 (nearl.comparison.*)
+from .methods import build_from_checkpoint, canonical, check_task, methods_for, spec
 from .comparison_report import MAIN_METRIC, SHOWN, write_report
-from .protocols import (B2N_KEYS, PROTOCOLS, Run, check_shots, comma_ints, eval_sets, harmonic_mean, parse_shots,
+from .protocols import (B2N_KEYS, Run, check_shots, comma_ints, eval_sets, harmonic_mean, parse_shots,
                         plan, run_metrics)
 from .protocols import check as check_protocol
 from .run_dir import run_files
 from .data.overlap import training_images
+from .training.config import TrainConfig
 from .training.data import load_train_data
 
 logger = logging.getLogger("nearl.compare")
 
-DESCRIPTION = """Compare adaptation methods fairly: same backbone, data, seeds and step budget, one command.
-
-    python -m nearl.compare --max-steps 2 --seeds 0,1 --out runs/cmp          # embedded demo set, CPU
-    python -m nearl.compare --model ViT-B-16 --pretrained openai --task classification \\
-        --data split.json --root images/ --k-shot 16 --methods nearl,alta,clip-adapter,coop,linear-probe,zeroshot \\
-        --seeds 0,1,2 --max-steps 500 --batch-size 32 --precision bf16 --out runs/cmp
-    python -m nearl.compare --protocol base2novel --data split.json --k-shot 16 --seeds 1,2,3 ...
-    python -m nearl.compare --protocol few-shot --shots 1,2,4,8,16 --data split.json --seeds 1,2,3 ...
-
-Protocols: standard (above); base2novel (CoOp's): every run trains on the base classes (the first
-half of the class list, nearl.train --classes base) and is evaluated on the base and on the novel
-classes of --split, each among its own classes, reported as base, novel and their harmonic mean HM
-(linear-probe cannot score unseen classes and is left out); few-shot: one run per K of --shots
-(nearl.train --k-shot K), accuracy against K as a table and a plot; a K some class of the training
-data cannot give is refused. Evaluation images that are among the training images are refused
-before any run, unless --allow-train-data.
-
-Every (method, seed) is trained in this process by nearl.train (same data pipeline, loop, optimiser,
-schedule and checkpoints; --max-steps optimizer steps, or L-BFGS iterations for linear-probe, none
-for zeroshot), then its final checkpoint (last.pt, not the best on validation: equal budgets) is
-rebuilt and evaluated by nearl.evaluate on --split (default test; falls back to val). Seeds fix the
-data order, the initial weights and, without --pretrained, the random backbone, which is then the
-same for every method of one seed.
-
-Outputs in --out: comparison.md and comparison.json (task metrics as mean and standard deviation
-over seeds, learnable parameters, training time per step, peak memory, inference images/s),
-comparison.png (the main metric with std error bars), and runs/<method>/seed<k>/ (each run's
-metrics.jsonl, curves.png and checkpoints).
-
-Measurements: time per step is the median wall time of an optimizer step (data loading included;
-the first step, which pays for warm-up, is left out when there are more); peak memory is
-torch.cuda.max_memory_allocated over training and evaluation on a GPU, and "n/a" on CPU (the JSON
-then gives the process's peak RSS, which only grows over the whole comparison); inference images/s
-is encode_image on a fixed batch of random images, after warm-up, for the first seed's model.
-"""
 PIPELINE_NOTE = ("These numbers only show that the pipeline runs: {why}. They say nothing about "
                  "which method is better.")
 
 
 # ----------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m nearl.compare", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", help="comma-separated, from " + ", ".join(METHODS) +
-                   " (default: every method that applies to --task)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="standard (default): train on "
-                   "--data, evaluate on --split; base2novel: train on the base classes, report base, novel and "
-                   "their harmonic mean; few-shot: accuracy against K for each K of --shots (classification)")
-    p.add_argument("--shots", default="1,2,4,8,16", help="few-shot: images per class, comma-separated "
-                   "(default %(default)s)")
-    p.add_argument("--max-steps", type=steps, default=100, help="optimizer steps per run (L-BFGS iterations "
-                   "per candidate for linear-probe); default %(default)s")
-    p.add_argument("--task", choices=("retrieval", "classification"), default="classification")
-    p.add_argument("--model", help="open_clip architecture (default: ViT-B-16 with a GPU or --pretrained, "
-                   "NEARL-Tiny otherwise)")
-    p.add_argument("--pretrained", help="backbone weights (default: none = random backbone)")
-    p.add_argument("--data", help="as nearl.train --data (default: the embedded demo set)")
-    p.add_argument("--val-data")
-    p.add_argument("--test-data", help="evaluation source (default: --data, split --split)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--root")
-    p.add_argument("--k-shot", type=positive_int)
-    p.add_argument("--templates", nargs="+")
-    p.add_argument("--split", default="test", help="evaluated split (default test; falls back to val)")
-    p.add_argument("--allow-train-data", action="store_true", help="evaluate on images the runs train on "
-                   "(refused by default), with a warning")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--eval-batch-size", type=positive_int)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=non_negative_int)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--fused", action="store_true", help="nearl's Triton kernels (CUDA only)")
-    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=non_negative_int, default=2)
-    p.add_argument("--bench-batch", type=positive_int, default=32, help="batch of the inference throughput probe")
-    p.add_argument("--bench-iters", type=positive_int, default=10, help="timed iterations of that probe (after 2 warm-up)")
-    p.add_argument("--train-args", default="", help="extra nearl.train arguments for every run, one string "
-                   "(e.g. \"--grad-clip 0.5\")")
-    p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
-                   help="extra nearl.train arguments for one method, e.g. \"alta=--multiview\" or "
-                        "\"coop=--n-ctx 8\" (repeatable)")
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument("--overwrite", action="store_true",
-                   help="run again over an earlier comparison in --out (each run's folder is emptied first)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def _methods(args) -> List[str]:
-    if not args.methods:
-        return list(methods_for(args.task))
+def _methods(config: CompareConfig) -> List[str]:
+    if not config.methods:
+        return list(methods_for(config.task))
     with user_errors("--methods: "):
-        chosen = [canonical(m) for m in args.methods.split(",") if m.strip()]
+        chosen = [canonical(m) for m in config.methods.split(",") if m.strip()]
     if not chosen:
-        raise UserError(f"--methods {args.methods!r} names no method")
-    bad = [m for m in chosen if m not in methods_for(args.task)]
+        raise UserError(f"--methods {config.methods!r} names no method")
+    bad = [m for m in chosen if m not in methods_for(config.task)]
     if bad:
-        raise UserError(f"method(s) {', '.join(bad)} do not apply to task {args.task!r} "
-                         f"(it takes: {', '.join(methods_for(args.task))}); drop them or change --task")
+        raise UserError(f"method(s) {', '.join(bad)} do not apply to task {config.task!r} "
+                         f"(it takes: {', '.join(methods_for(config.task))}); drop them or change --task")
     if len(set(chosen)) != len(chosen):
         raise UserError(f"--methods: a method is listed twice: {chosen}")
     return chosen
@@ -150,33 +68,28 @@ def _seeds(text: str) -> List[int]:
     return seeds
 
 
-def train_argv(args, method: str, seed: int, out: Path, model_name: str) -> List[str]:
-    argv = ["--method", method, "--seed", seed, "--max-steps", args.max_steps, "--task", args.task,
-            "--model", model_name, "--batch-size", args.batch_size, "--lr", args.lr,
-            "--weight-decay", args.weight_decay, "--precision", args.precision, "--workers", args.workers,
-            "--eval-every", 0, "--out", out, "--format", args.format]
-    for flag, value in (("--pretrained", args.pretrained), ("--data", args.data), ("--val-data", args.val_data),
-                        ("--root", args.root), ("--k-shot", args.k_shot), ("--warmup", args.warmup),
-                        ("--device", args.device), ("--eval-batch-size", args.eval_batch_size)):
-        if value is not None:
-            argv += [flag, value]
-    if args.templates:
-        argv += ["--templates", *args.templates]
-    if args.fused:
-        argv.append("--fused")
-    if args.overwrite:
-        argv.append("--overwrite")
-    if args.no_progress:
-        argv.append("--no-progress")
-    argv += args.train_args.split()
-    argv += method_args(args).get(method, [])
-    return [str(a) for a in argv]
+def train_config(config: CompareConfig, run: Run, model_name: str) -> TrainConfig:
+    """The TrainConfig of one run: the comparison's shared settings, then --train-args and the method's
+    --method-args (parsed as nearl.train parses them, a later flag winning), then the run's own (its K,
+    its classes); each value checked as nearl.train's command line checks it."""
+    shared = TrainConfig(
+        method=run.method, seed=run.seed, max_steps=config.max_steps, task=config.task, model=model_name,
+        batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, precision=config.precision,
+        workers=config.workers, eval_every=0, out=str(run.folder), format=config.format,
+        pretrained=config.pretrained, data=config.data, val_data=config.val_data, root=config.root,
+        k_shot=config.k_shot, warmup=config.warmup, device=config.device, eval_batch_size=config.eval_batch_size,
+        templates=list(config.templates) if config.templates else None, fused=bool(config.fused),
+        overwrite=bool(config.overwrite), no_progress=bool(config.no_progress))
+    extra = config.train_args.split() + method_args(config).get(run.method, [])
+    derived = shared.replace(**training.given_settings(extra)).replace(**dict(run.train))
+    training.check_flags(derived)
+    return derived
 
 
-def method_args(args) -> Dict[str, List[str]]:
+def method_args(config: CompareConfig) -> Dict[str, List[str]]:
     """--method-args "alta=--multiview" ... -> {"alta": ["--multiview"]}."""
     out: Dict[str, List[str]] = {}
-    for item in args.method_args or []:
+    for item in config.method_args or []:
         if "=" not in item:
             raise UserError(f"--method-args takes METHOD=ARGS, got {item!r}")
         name, rest = item.split("=", 1)
@@ -186,25 +99,22 @@ def method_args(args) -> Dict[str, List[str]]:
     return out
 
 
-def _check_training_data(args, run: Run, model_name: str, sets: Dict[str, tuple]) -> None:
+def _check_training_data(config: CompareConfig, run: Run, model_name: str, sets: Dict[str, tuple]) -> None:
     """Before any run: the images the runs train on (drawn from, with --k-shot) must give every K of
     few-shot's --shots for every class, and must not be among the evaluated ones (--allow-train-data)."""
-    pool = training_pool(args, run, model_name)
-    if args.protocol == "few-shot":
-        check_shots(parse_shots(args.shots), pool.train, pool.classnames)
+    pool = training_pool(config, run, model_name)
+    if config.protocol == "few-shot":
+        check_shots(parse_shots(config.shots), pool.train, pool.classnames)
     trained = training_images(pool.train)
     for records, _classes, split, source in sets.values():
         EV.check_training_overlap(trained, records, f"{source}, split {split}", "among the images the runs train "
-                                  f"on ({pool.source})", args.allow_train_data)
+                                  f"on ({pool.source})", config.allow_train_data)
 
 
-def training_pool(args, run: Run, model_name: str):
+def training_pool(config: CompareConfig, run: Run, model_name: str):
     """The training data (nearl.training.data.TrainData) a run of this comparison reads, as nearl.train
     reads it, before any --k-shot draw."""
-    train_args = training.parse_args(train_argv(args, run.method, run.seed, run.folder, model_name) +
-                                     list(run.extra_argv))
-    train_args.k_shot = None
-    return load_train_data(train_args)
+    return load_train_data(train_config(config, run, model_name).replace(k_shot=None))
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -262,31 +172,31 @@ def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one run
-def run_one(args, run: Run, model_name: str, device: torch.device, eval_sets: Dict[str, tuple],
+def run_one(config: CompareConfig, run: Run, model_name: str, device: torch.device, eval_sets: Dict[str, tuple],
             bench: bool) -> Dict[str, Any]:
     """Train `run` with nearl.train, rebuild its final checkpoint, evaluate it on every eval set."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = run.folder
     t0 = time.perf_counter()
-    argv = train_argv(args, run.method, run.seed, out, model_name) + list(run.extra_argv)
-    summary = training.fit(training.parse_args(argv))
+    summary = training.fit(train_config(config, run, model_name))
     train_wall = time.perf_counter() - t0
     ckpt = load_checkpoint(out / LAST)
-    model = build_from_checkpoint(ckpt, fused=args.fused and device.type == "cuda").to(device).eval()
-    kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
-              precision=args.precision, progress=not args.no_progress)
+    model = build_from_checkpoint(ckpt, fused=config.fused and device.type == "cuda").to(device).eval()
+    kw = dict(device=device, batch_size=config.eval_batch_size or config.batch_size, workers=config.workers,
+              precision=config.precision, progress=not config.no_progress)
     results = {}
     for name, (records, classnames, _split, _src) in eval_sets.items():
-        if args.task == "retrieval":
+        if config.task == "retrieval":
             results[name] = EV.evaluate_retrieval(model, records, **kw)
         else:
             results[name] = EV.evaluate_classification(model, records, classnames,
-                                                       templates=args.templates or EV.TEMPLATES, **kw)
+                                                       templates=config.templates or EV.TEMPLATES, **kw)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    ips = inference_throughput(model, device, args.bench_batch, args.bench_iters, args.precision) if bench else None
+    ips = (inference_throughput(model, device, config.bench_batch, config.bench_iters, config.precision)
+           if bench else None)
     return {"seed": run.seed, "shots": run.shots, "steps": summary["step"],
-            "metrics": run_metrics(args.protocol, results), "results": results,
+            "metrics": run_metrics(config.protocol, results), "results": results,
             "learnable_parameters": model.num_trainable_parameters(),
             "time_per_step_s": step_time(out / "metrics.jsonl") if summary["step"] else None,
             "train_wall_s": train_wall, "peak_memory_mb": peak, "inference_images_per_s": ips,
@@ -335,49 +245,48 @@ def _check_earlier_runs(runs: Sequence[Run], overwrite: bool) -> None:
                         f"earlier comparison; pass --overwrite to run it again there, or choose another --out")
 
 
-def _pipeline_note(args, model_name: str) -> Optional[str]:
+def _pipeline_note(config: CompareConfig, model_name: str) -> Optional[str]:
     why = []
-    if args.pretrained is None:
+    if config.pretrained is None:
         why.append(f"the {model_name} backbone is RANDOM (no --pretrained), not CLIP")
-    if args.data is None:
+    if config.data is None:
         why.append("the data are the tiny embedded demo set (nearl.data.demo), whose views of one image "
                    "land in several splits")
     return PIPELINE_NOTE.format(why="; ".join(why)) if why else None
 
 
-def _run_all(args, runs: List[Run], model_name: str, device: torch.device,
+def _run_all(config: CompareConfig, runs: List[Run], model_name: str, device: torch.device,
              sets: Dict[str, tuple]) -> Dict[str, List[Dict[str, Any]]]:
     """Every planned run, with a line before and after each; {method: [its runs' results]}."""
     out: Dict[str, List[Dict[str, Any]]] = {}
     for i, run in enumerate(runs, 1):
-        what = {"zeroshot": "no training", "linear-probe": f"fitting, {args.max_steps} L-BFGS iterations "
-                "per weight-decay candidate"}.get(run.method, f"training {args.max_steps} steps")
+        what = spec(run.method).training_note.format(steps=config.max_steps)
         label = f"method {run.method}, " + ("" if run.shots is None else f"K = {run.shots}, ") + f"seed {run.seed}"
         print(f"\n=== [{i}/{len(runs)}] {label}: {what} ===", flush=True)
         first = not any(r.method == run.method for r in runs[:i - 1])
-        r = run_one(args, run, model_name, device, sets, bench=first)
+        r = run_one(config, run, model_name, device, sets, bench=first)
         out.setdefault(run.method, []).append(r)
-        shown = {k: v for k, v in r["metrics"].items() if k in SHOWN[args.task] + B2N_KEYS}
+        shown = {k: v for k, v in r["metrics"].items() if k in SHOWN[config.task] + B2N_KEYS}
         print(f"=== [{i}/{len(runs)}] {label}: " + " ".join(f"{k}={v:.2f}" for k, v in shown.items()) +
               f", {r['learnable_parameters']:,} learnable parameters, {r['train_wall_s']:.1f}s ===", flush=True)
     return out
 
 
-def _report(args, methods, seeds, model_name, device, note, sets, runs, out: Path) -> Dict[str, Any]:
+def _report(config: CompareConfig, methods, seeds, model_name, device, note, sets, runs, out: Path) -> Dict[str, Any]:
     first = next(iter(sets.values()))
-    b2n = args.protocol == "base2novel"
+    b2n = config.protocol == "base2novel"
     report = {
-        "task": args.task, "protocol": args.protocol, "data": first[3], "split": first[2], "device": str(device),
-        "note": note, "main_metric": "hm" if b2n else MAIN_METRIC[args.task],
-        "shown": list(B2N_KEYS) if b2n else list(SHOWN[args.task]),
-        "plotted": list(B2N_KEYS) if b2n else [MAIN_METRIC[args.task]],
-        "config": {"methods": methods, "seeds": seeds, "max_steps": args.max_steps, "model": model_name,
-                   "pretrained": args.pretrained, "batch_size": args.batch_size, "lr": args.lr,
-                   "weight_decay": args.weight_decay, "precision": args.precision, "k_shot": args.k_shot,
-                   "shots": sorted({r["shots"] for rs in runs.values() for r in rs}) if args.protocol == "few-shot"
-                   else None, "bench_batch": args.bench_batch, "bench_iters": args.bench_iters,
-                   "train_args": args.train_args, "method_args": method_args(args),
-                   "train_data": args.data or "embedded demo set"},
+        "task": config.task, "protocol": config.protocol, "data": first[3], "split": first[2], "device": str(device),
+        "note": note, "main_metric": "hm" if b2n else MAIN_METRIC[config.task],
+        "shown": list(B2N_KEYS) if b2n else list(SHOWN[config.task]),
+        "plotted": list(B2N_KEYS) if b2n else [MAIN_METRIC[config.task]],
+        "config": {"methods": methods, "seeds": seeds, "max_steps": config.max_steps, "model": model_name,
+                   "pretrained": config.pretrained, "batch_size": config.batch_size, "lr": config.lr,
+                   "weight_decay": config.weight_decay, "precision": config.precision, "k_shot": config.k_shot,
+                   "shots": sorted({r["shots"] for rs in runs.values() for r in rs}) if config.protocol == "few-shot"
+                   else None, "bench_batch": config.bench_batch, "bench_iters": config.bench_iters,
+                   "train_args": config.train_args, "method_args": method_args(config),
+                   "train_data": config.data or "embedded demo set"},
         "peak_rss_mb": peak_rss_mb(), "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else
         "n/a on CPU (see peak_rss_mb: this process's peak RSS over the whole comparison)",
         "files": {"md": str(out / "comparison.md"), "json": str(out / "comparison.json"),
@@ -385,8 +294,8 @@ def _report(args, methods, seeds, model_name, device, note, sets, runs, out: Pat
     }
     if b2n:
         report["classes"] = {name: list(data[1]) for name, data in sets.items()}
-    summary = summarise_by_shots if args.protocol == "few-shot" else summarise
-    report["methods"] = summary(runs, args.task)
+    summary = summarise_by_shots if config.protocol == "few-shot" else summarise
+    report["methods"] = summary(runs, config.task)
     if b2n:  # the harmonic mean of the mean accuracies, as CoCoOp's tables give it; std over seeds kept
         for m in report["methods"].values():
             base, novel = m["metrics"]["base"]["mean"], m["metrics"]["novel"]["mean"]
@@ -394,31 +303,35 @@ def _report(args, methods, seeds, model_name, device, note, sets, runs, out: Pat
     return report
 
 
-def compare(args) -> Dict[str, Any]:
-    methods, seeds = _methods(args), _seeds(args.seeds)
-    methods = check_protocol(args, methods, chosen_by_user=bool(args.methods))
-    unknown = sorted(set(method_args(args)) - set(methods))
+def compare(config: CompareConfig) -> Dict[str, Any]:
+    """Run the comparison `config` describes (`python -m nearl.compare`; CompareConfig(...) from Python)
+    and write its report; returns the report."""
+    if not isinstance(config, CompareConfig):
+        raise TypeError(f"compare takes a CompareConfig (nearl.comparison_config), got {type(config).__name__}")
+    methods, seeds = _methods(config), _seeds(config.seeds)
+    methods = check_protocol(config, methods, chosen_by_user=bool(config.methods))
+    unknown = sorted(set(method_args(config)) - set(methods))
     if unknown:
         raise UserError(f"--method-args for {unknown}, which are not among --methods {methods}")
     with user_errors():
         for m in methods:
-            check_task(m, args.task)
-    device = resolve_device(args.device)
-    EV.check_templates(args.templates)
-    check_out_dir(args.out)
-    model_name = args.model or EV.default_model_name(args.pretrained)
-    check_backbone(model_name, args.pretrained)
-    out = Path(args.out)
-    runs = plan(args, methods, seeds, out)
-    _check_earlier_runs(runs, args.overwrite)
+            check_task(m, config.task)
+    device = resolve_device(config.device)
+    EV.check_templates(config.templates)
+    check_out_dir(config.out)
+    model_name = config.model or EV.default_model_name(config.pretrained)
+    check_backbone(model_name, config.pretrained)
+    out = Path(config.out)
+    runs = plan(config, methods, seeds, out)
+    _check_earlier_runs(runs, config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    note = _pipeline_note(args, model_name)
+    note = _pipeline_note(config, model_name)
     if note:
         print(f"NOTE: {note}", flush=True)
-    sets = eval_sets(args)
-    _check_training_data(args, runs[0], model_name, sets)
-    results = _run_all(args, runs, model_name, device, sets)
-    report = _report(args, methods, seeds, model_name, device, note, sets, results, out)
+    sets = eval_sets(config)
+    _check_training_data(config, runs[0], model_name, sets)
+    results = _run_all(config, runs, model_name, device, sets)
+    report = _report(config, methods, seeds, model_name, device, note, sets, results, out)
     md = write_report(report, out)
     print("\n" + md)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}", flush=True)

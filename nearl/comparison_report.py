@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .logging_utils import json_safe
+from .metric_table import COMPARISON_SHOWN, MAIN_METRIC  # noqa: F401 (comparison.py reads MAIN_METRIC here)
 from .plots import save_figure
 from .writes import atomic_write_all
 
-MAIN_METRIC = {"retrieval": "mean_recall", "classification": "accuracy"}
-SHOWN = {"retrieval": ("mean_recall", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
-         "classification": ("accuracy", "macro_f1", "macro_auc")}
+SHOWN = COMPARISON_SHOWN  # the table's metric columns, per task (nearl/metric_table.py)
 
 
 def fmt_stat(stat: Dict[str, Any], digits: int = 2) -> str:

@@ -16,16 +16,20 @@ class UserError(ValueError):
 
 
 class Terminated(BaseException):
-    """The run was sent SIGTERM and stopped (nearl/training/stop.py); the message says where and what
-    was saved. A BaseException, as KeyboardInterrupt is, so no `except Exception` swallows it."""
+    """The run was sent SIGTERM (or a first Ctrl-C) and stopped (nearl/training/stop.py); the message
+    says where and what was saved. A BaseException, as KeyboardInterrupt is, so no `except Exception`
+    swallows it."""
 
-    exit_status = 128 + 15  # what a shell reports for a process that SIGTERM ended
+    def __init__(self, message: str = "", signum: int = 15):
+        super().__init__(message)
+        self.exit_status = 128 + signum  # what a shell reports for a process that signal ended: 143, 130
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
             prog: str = "nearl") -> int:
     """Call `main(argv)` and return its exit status (an int it returns, else 0); a UserError becomes
-    one line on stderr and exit status 2, a run stopped by SIGTERM (Terminated) one line and 143."""
+    one line on stderr and exit status 2, a run stopped by SIGTERM or Ctrl-C (Terminated) one line and
+    143 or 130."""
     try:
         status = main(argv)
     except UserError as err:

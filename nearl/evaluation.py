@@ -1,8 +1,9 @@
 """Evaluation, the library: image-text retrieval Recall@1/5/10 and prompt-based classification,
-the encoders they run on, and the evaluation data a source holds (`nearl.evaluate` is its command
-line)."""
+the encoders they run on, the evaluation data a source holds, and a whole evaluation from its
+EvalConfig (`evaluate`; `nearl.evaluate` is its command line)."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,21 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import describe, load_checkpoint
 from .classify import TEMPLATES, classification_logits
-from .cli_args import check_backbone, user_errors
+from .cli_args import check_backbone, check_out_dir, resolve_device, use_fused, user_errors
 from .data import demo
 from .data.datasets import ImageTextDataset, LabelledDataset, SkipsBadImages
 from .data.labelled import (not_a_source, read_coop_split, read_image_folder, require_classes, select_classes,
                             split_folders)
 from .data.loadable import describe_failures, report_skips, require_loadable
 from .data.manifests import read_image_text
-from .data.overlap import trained_on
+from .data.overlap import has_content, trained_on
 from .data.records import ImageTextRecord, LabelledRecord
 from .errors import UserError
-from .methods import build_from_checkpoint, build_method, canonical, check_task
+from .evaluation_config import EvalConfig
+from .logging_utils import json_safe, markdown_table
+from .methods import DEFAULT_METHOD, build_from_checkpoint, build_method, canonical, check_task, spec
+from .metric_table import MAIN_METRIC
+from .writes import atomic_write_all
 
 logger = logging.getLogger("nearl.evaluate")  # the name its messages have always carried
 
@@ -160,8 +165,8 @@ def evaluate_classification(model, records: Sequence[LabelledRecord], classnames
 
 
 def headline(task: str, results: Dict[str, float]) -> float:
-    """The score best.pt is chosen by: mean recall (retrieval) or accuracy (classification)."""
-    return float(results["mean_recall"] if task == "retrieval" else results["accuracy"])
+    """The score best.pt is chosen by: the task's main metric (nearl/metric_table.py)."""
+    return float(results[MAIN_METRIC[task]])
 
 
 # ----------------------------------------------------------------------------- data selection
@@ -240,11 +245,18 @@ def _split_folder(root: Path, split: str) -> Optional[Path]:
 
 
 def check_training_overlap(recorded: Optional[Dict[str, Any]], records: Sequence[Any], where: str, trained: str,
-                           allow: bool) -> int:
+                           allow: bool, record_of: Optional[str] = None) -> int:
     """How many of the evaluated records are images the model was trained on (`recorded`: a checkpoint's
-    `train_images`). Some, without `allow` (--allow-train-data): a UserError, since their scores
-    measure memory, not generalisation; with it, a warning. `where` names the evaluated data, and
-    `trained` ends the sentence "N of the M images evaluated are ...": what they were trained by."""
+    `train_images`, by path and content, or an adapter's, by content). Some, without `allow`
+    (--allow-train-data): a UserError, since their scores measure memory, not generalisation; with it,
+    a warning. `where` names the evaluated data, and `trained` ends the sentence "N of the M images
+    evaluated are ...": what they were trained by. `record_of`: the file the record comes from, named
+    in one line when it holds none (written before the record) or paths only (copies go unseen)."""
+    if record_of and not recorded:
+        print(f"cannot check overlap with training data: {record_of} predates the record", flush=True)
+    elif record_of and not has_content(recorded):
+        print(f"overlap with training data checked by path only: {record_of} predates the content record "
+              "(copies of its training images elsewhere are not caught)", flush=True)
     n = trained_on(records, recorded)
     if n and not allow:
         raise UserError(f"{n} of the {len(records)} images evaluated ({where}) are {trained}: their scores would "
@@ -295,13 +307,13 @@ def model_to_evaluate(checkpoint: Union[None, str, Dict[str, Any]], *, method: O
     if checkpoint:
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         with user_errors(f"checkpoint {ckpt['path']}: "):
-            method = canonical(ckpt.get("method") or "nearl")
+            method = canonical(ckpt.get("method") or DEFAULT_METHOD)
         if method_arg:
             with user_errors("--method: "):
                 wanted = canonical(method_arg)
             if wanted != method:
                 raise UserError(f"--method {method_arg} but the checkpoint {ckpt['path']} holds method {method!r}")
-        print(f"checkpoint {describe(ckpt)}{'' if method == 'nearl' else f', method {method}'}")
+        print(f"checkpoint {describe(ckpt)}{f', method {method}' if spec(method).named_in_messages else ''}")
         chosen = pretrained if pretrained is not None else "checkpoint"
         source = ckpt.get("pretrained") if chosen == "checkpoint" else chosen
         if model_name or pretrained is not None:
@@ -309,18 +321,19 @@ def model_to_evaluate(checkpoint: Union[None, str, Dict[str, Any]], *, method: O
         with user_errors(f"checkpoint {ckpt['path']} does not fit the model asked for: "):
             model = build_from_checkpoint(ckpt, fused=fused, pretrained=chosen, model_name=model_name)
         task = task_arg or ckpt.get("task", "retrieval")
-        label = f"{'NEARL-CLIP' if method == 'nearl' else method} ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
+        label = f"{spec(method).display_name} ({Path(ckpt['path']).name}, step {ckpt.get('step')})"
     else:
         ckpt = None
         with user_errors("--method: "):
-            method = canonical(method_arg or "nearl")
+            method = canonical(method_arg or DEFAULT_METHOD)
         name = model_name or default_model_name(pretrained)
         check_backbone(name, pretrained)
         model = build_method(method, name, pretrained, fused=fused, seed=seed)
         task = task_arg or "retrieval"
         source = pretrained
-        label = f"zero-shot {name}" if method in ("nearl", "zeroshot") else f"{method} {name} (untrained)"
-        if method not in ("nearl", "zeroshot"):
+        zero_shot = spec(method).untrained_is_zero_shot  # a fresh model of it is the frozen CLIP
+        label = f"zero-shot {name}" if zero_shot else f"{method} {name} (untrained)"
+        if not zero_shot:
             print(f"NOTE: --method {method} without --checkpoint evaluates an UNTRAINED {method} model")
     with user_errors():
         check_task(method, task)
@@ -328,3 +341,82 @@ def model_to_evaluate(checkpoint: Union[None, str, Dict[str, Any]], *, method: O
         shown = seed if ckpt is None else ckpt.get("backbone_seed")
         print(f"NOTE: no pretrained weights: the backbone is RANDOM (seed {shown}); numbers only check the pipeline.")
     return ModelToEvaluate(model, method, task, source, label, ckpt)
+
+
+# ----------------------------------------------------------------------------- a whole evaluation
+def evaluate(config: EvalConfig) -> Dict[str, Any]:
+    """What `python -m nearl.evaluate` does, from its EvalConfig: read the data, rebuild the model
+    (a checkpoint, an adapter, or a fresh one: zero-shot), score it, print the table and, with `out`,
+    write results.json and results.md. Returns the report; a user's mistake raises UserError."""
+    if not isinstance(config, EvalConfig):
+        raise TypeError(f"evaluate takes an EvalConfig (nearl.evaluation_config), got {type(config).__name__}")
+    device = resolve_device(config.device)
+    check_templates(config.templates)
+    check_out_dir(config.out)
+    fused = use_fused(config.fused, device)
+    task, recorded = _task(config)  # the data are read before any backbone weights are downloaded
+    records, classnames, split, src = load_eval_data(task, config.data, fmt=config.format, root=config.root,
+                                                     split=config.split, classes=config.classes)
+    chosen = _chosen_model(config, task, recorded, fused)
+    model, method, task, source, label, ckpt = (chosen.model, chosen.method, chosen.task, chosen.source,
+                                                chosen.label, chosen.checkpoint)
+    model.to(device).eval()
+
+    seen = 0 if ckpt is None else check_training_overlap(  # a checkpoint (or adapter) records its training images
+        ckpt.get("train_images"), records, f"{src}, split {split}", f"images {ckpt['path']} was trained on",
+        config.allow_train_data, record_of=ckpt.get("train_images_file") or ckpt["path"])
+    kw = dict(device=device, batch_size=config.batch_size, workers=config.workers, precision=config.precision,
+              progress=not config.no_progress, source=src)
+    if task == "retrieval":
+        results = evaluate_retrieval(model, records, **kw)
+    else:
+        if ckpt is not None and ckpt.get("classnames") and list(ckpt["classnames"]) != list(classnames):
+            print(f"note: the checkpoint was trained on classes {ckpt['classnames']}; evaluating on "
+                  f"{classnames} by their prompts")
+        results = evaluate_classification(model, records, classnames, templates=config.templates or TEMPLATES,
+                                          **kw)
+
+    report = {"task": task, "method": method, "data": src, "split": split, "classes": config.classes,
+              "model": model.model_name,
+              "pretrained": source, "learnable_parameters": model.num_trainable_parameters(),
+              "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results,
+              "train_images_evaluated": seen}
+    _show_and_write(report, label, seen, config.out)
+    return report
+
+
+def _chosen_model(config: EvalConfig, task: str, recorded, fused: bool) -> ModelToEvaluate:
+    from .adapter_files import adapter_to_evaluate  # it imports this module
+
+    if config.adapter:  # an adapter folder: its own backbone (fingerprint checked), method and task
+        return adapter_to_evaluate(config.adapter, method=config.method, model_name=config.model,
+                                   pretrained=config.pretrained, task=task, fused=fused)
+    return model_to_evaluate(recorded, method=config.method, model_name=config.model,
+                             pretrained=config.pretrained, task=task, seed=config.seed, fused=fused)
+
+
+def _show_and_write(report: Dict[str, Any], label: str, seen: int, out: Optional[str]) -> None:
+    """The Markdown table on stdout and, with `out`, results.json and results.md there."""
+    results, classes = report["metrics"], report["classes"]
+    shown = "" if classes == "all" else f", {classes} classes"
+    trained = f", {seen} of them training images" if seen else ""
+    table = markdown_table({label: {k: v for k, v in results.items() if not k.startswith("n_") and k != "auc_classes"}},
+                           title=f"{report['task']} on {report['data']} ({report['split']}{shown}, "
+                                 f"{results.get('n_images')} images{trained})")
+    print(table)
+    if out:
+        out = Path(out)
+        document = json.dumps(json_safe(report), indent=2, default=str, allow_nan=False)  # NaN: null
+        atomic_write_all({out / "results.json": document + "\n", out / "results.md": table})
+        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def _task(config: EvalConfig):
+    """(the task evaluated, the checkpoint loaded or None), from the config, the checkpoint or the
+    adapter's config: known without building the model, so the data are checked first."""
+    from .adapter_files import read_adapter_config  # it imports this module
+
+    if config.adapter:
+        return config.task or read_adapter_config(config.adapter)[1]["task"], None
+    ckpt = load_checkpoint(config.checkpoint) if config.checkpoint else None
+    return config.task or (ckpt.get("task") or "retrieval" if ckpt else "retrieval"), ckpt

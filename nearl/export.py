@@ -5,9 +5,11 @@
 
 DIR receives adapter.safetensors (the learnable weights only, no backbone), adapter_config.json
 (method, every hyper-parameter, task, class names, the backbone's name, source, seed and
-fingerprint, the nearl version) and README.md (a model card): a layout that can be pushed to the
-Hugging Face Hub as it is. `nearl.load(DIR)` and `--adapter DIR` of nearl.evaluate / nearl.predict
-read it back, and refuse another backbone.
+fingerprint, the nearl version), README.md (a model card) and train_images.json (hashes of the
+training images' bytes, when the checkpoint recorded them): a layout that can be pushed to the
+Hugging Face Hub as it is; a local backbone file or folder is named, never its path.
+`nearl.load(DIR)` and `--adapter DIR` of nearl.evaluate / nearl.predict read it back, and refuse
+another backbone.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, export_checkpoint
 from .argtypes import Parser
 from .errors import run_cli
 from .logging_utils import setup_logging
@@ -36,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """The command line; returns the folder written. User mistakes raise UserError (see cli())."""
     args = build_parser().parse_args(argv)
+    from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, export_checkpoint  # torch: after the parse
+
     setup_logging()
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
                             pretrained="checkpoint" if args.pretrained is None else args.pretrained)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE} and {out / 'README.md'} ({size / 1e6:.2f} MB)")
+    images = " and train_images.json" if (out / "train_images.json").is_file() else ""
+    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / 'README.md'}{images} ({size / 1e6:.2f} MB)")
     return out
 
 

@@ -3,11 +3,12 @@ learnable parts (trainable parameters and their state, the parameter table, data
 
 NEARLCLIP (nearl/model.py) and the comparison methods (nearl/methods/) subclass it; the training
 loop, the evaluation and the checkpoints rely only on this interface plus forward / image_tower /
-text_tower.
+text_tower. The hooks in which methods differ (num_views, decays, class_prompt_tokens, prompt_tower,
+classification_logits) are declared here with their defaults; callers call them, never look them up.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
 import open_clip
 import torch
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import downloads
 from .towers import Tower, tower_of
+
+if TYPE_CHECKING:
+    from .model import TowerResult
 
 # ALTA's two additions to a block: (after_attention, beside_mlp), as `Tower.adapted_block` takes them.
 BlockAdditions = Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
@@ -85,6 +90,47 @@ class FrozenCLIPWrapper(nn.Module):
         features = self.text_tower(tokens).features
         return F.normalize(features, dim=-1) if normalize else features
 
+    # ----------------------------------------------------------------- hooks a method may override
+    # nearl.classify imports the models (through nearl.losses), hence its imports inside the defaults.
+    @property
+    def num_views(self) -> int:
+        """The most images of one sample image_tower takes, as (B, V, 3, H, W) with a view mask
+        (ALTA's multi-view studies: 4); 1: one image a sample."""
+        return 1
+
+    def decays(self, name: str, p: torch.Tensor) -> bool:
+        """Whether AdamW decays the learnable tensor `name` (nearl.training.param_groups asks). By
+        default the matrices of the method's own modules: not biases, norms, gates, nor the backbone."""
+        return p.ndim >= 2 and not name.startswith("backbone.")
+
+    def class_prompt_tokens(self, classnames: Sequence[str], templates: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """(P, context_length) token ids of the class prompts, class-major (P a multiple of the classes).
+        By default every template (None: nearl.classify.TEMPLATES) filled with each class name; CoOp:
+        one prompt a class around its learned context."""
+        from .classify import TEMPLATES, tokenize_prompts
+        return tokenize_prompts(self.tokenizer(), classnames, TEMPLATES if templates is None else templates)
+
+    def prompt_tower(self, tokens: torch.Tensor) -> TowerResult:
+        """The text path of the class prompts (training's PromptClassifier and evaluation's classifier):
+        by default the text tower; CoOp's puts its learned context into them."""
+        return self.text_tower(tokens)
+
+    def class_logits(self, image_features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(n, C) logits of image features against (C, E) unit class embeddings, in training
+        (PromptClassifier) and evaluation (prompt_logits): by default logit_scale * cos(image, class);
+        Tip-Adapter adds its cache model's logits."""
+        scale = self.logit_scale.float().to(classes.device)
+        return scale * F.normalize(image_features.float(), dim=-1) @ classes.T
+
+    def classification_logits(self, image_features: torch.Tensor, classnames: Sequence[str],
+                              templates: Optional[Sequence[str]] = None, device=None) -> torch.Tensor:
+        """(n, C) logits for image features from encode_image (evaluation and prediction). By default
+        logit_scale * cos(image, class), each class its prompts' ensemble (nearl.classify.prompt_logits);
+        linear-probe: its fitted head, which scores its trained classes only."""
+        from .classify import TEMPLATES, prompt_logits
+        return prompt_logits(self, image_features, classnames, TEMPLATES if templates is None else templates,
+                             device=device)
+
     # ----------------------------------------------------------------- parameters
     def trainable_parameters(self):
         return (p for p in self.parameters() if p.requires_grad)
@@ -131,4 +177,5 @@ class FrozenCLIPWrapper(nn.Module):
 
     def tokenizer(self):
         own = getattr(self.backbone, "make_tokenizer", None)  # a transformers checkpoint's (transformers_backbone.py)
-        return own() if own is not None else open_clip.get_tokenizer(self.model_name)
+        with downloads.getting_tokenizer(self.model_name):  # one that cannot be downloaded: one line, within seconds
+            return own() if own is not None else open_clip.get_tokenizer(self.model_name)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
+from .metric_table import RECALL_KS, recall_key
+
 logger = logging.getLogger("nearl.metrics")
 
 _CHUNK = 1024  # rows of the similarity matrix computed at a time (bounds memory on big test sets)
@@ -34,7 +36,7 @@ def _check_2d(name: str, x: torch.Tensor) -> None:
 
 
 def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                     text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+                     text_to_image: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
     """Recall@k (percent) for image->text ("i2t_R@k") and text->image ("t2i_R@k"), plus
     "mean_recall" (their mean).
 
@@ -88,9 +90,9 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
     out: Dict[str, float] = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+        out[recall_key("i2t", k)] = 100.0 * (i2t_rank < k).float().mean().item()
     for k in ks:
-        out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+        out[recall_key("t2i", k)] = 100.0 * (t2i_rank < k).float().mean().item()
     out["mean_recall"] = mean_recall(out)
     if bad_rows:
         _warn_nonfinite("embeddings", bad_rows, n_img + n_txt, "their pairs are counted as misses")

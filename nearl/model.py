@@ -132,6 +132,11 @@ class NEARLCLIP(FrozenCLIPWrapper):
                            self.logit_bias)
 
     # ----------------------------------------------------------------- parameters
+    def decays(self, name: str, p: torch.Tensor) -> bool:
+        """NEARL-CLIP's AdamW rule: decay on weight matrices; none on gates, LayerNorms, biases and
+        the query bank (Q0, e_v, e_t)."""
+        return p.ndim >= 2 and not name.startswith("queries.")
+
     def parameter_breakdown(self) -> Dict[str, int]:
         rows = {f"OCA ({t})": count(a.oca_parameters()) for t, a in self.adapters.items()}
         rows.update({f"USEformer keys/values ({t})": count(a.useformer_parameters()) for t, a in self.adapters.items()})

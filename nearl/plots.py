@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Union
 
 from .logging_utils import read_metrics
+from .metric_table import VALIDATION_SHOWN
 from .writes import atomic_write
 
 PathLike = Union[str, os.PathLike]
 LOSS_TERMS = ("loss", "contrastive", "cross_entropy", "query_alignment", "orth")
-VAL_KEYS = ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy", "macro_f1", "macro_auc")
+VAL_KEYS = VALIDATION_SHOWN  # the validation metrics drawn (nearl/metric_table.py)
 
 
 def plot_curves(metrics_path: PathLike, out_path: PathLike) -> Path:

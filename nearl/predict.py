@@ -18,16 +18,10 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .adapter_files import adapter_to_evaluate
 from .argtypes import Parser, non_negative_int, positive_int, seed
-from .classify import TEMPLATES
-from .cli_args import add_model_source, check_out_dir, resolve_device
+from .cli_args import add_model_source, check_out_dir, resolve_device, use_fused
 from .errors import UserError, run_cli
-from .evaluation import check_templates, model_to_evaluate
 from .logging_utils import setup_logging
-from .nonfinite import NonFiniteError
-from .prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
-                         split_classes, write_predictions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
     args = build_parser().parse_args(argv)
+    # torch, the backbones and the image readers: imported after the parse (--help needs none of them)
+    from .adapter_files import adapter_to_evaluate
+    from .classify import TEMPLATES
+    from .evaluation import check_templates, model_to_evaluate
+    from .nonfinite import NonFiniteError
+    from .prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
+                             split_classes, write_predictions)
+
     setup_logging()
     device = resolve_device(args.device)
     check_templates(args.templates)
@@ -66,9 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if texts is None and classes is None and not (args.adapter or args.checkpoint):
         raise UserError("give --classes (classification) or --texts / --texts-file (retrieval)")
     images = find_images(args.images)
-    fused = args.fused and device.type == "cuda"
-    if args.fused and not fused:
-        print("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+    fused = use_fused(args.fused, device)
     task = "retrieval" if texts is not None else "classification"
     common = dict(method=args.method, model_name=args.model, pretrained=args.pretrained, task=task, fused=fused)
     chosen = (adapter_to_evaluate(args.adapter, **common) if args.adapter else

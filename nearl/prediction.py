@@ -32,6 +32,7 @@ from .data.records import LabelledRecord
 from .errors import UserError
 from .evaluation import autocast, encode_images, encode_texts
 from .logging_utils import json_safe
+from .methods import spec
 from .writes import atomic_write_all
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".dcm",
@@ -125,9 +126,9 @@ def read_texts(texts: Optional[Sequence[str]], texts_file: Optional[str]) -> Opt
 
 
 def resolve_classes(given: Optional[List[str]], recorded: Optional[Sequence[str]], method: str) -> List[str]:
-    """The classes to score: those given, else those the model was trained on. A linear probe scores
-    its trained classes only, in their order (its outputs are not named by prompts). One class is a
-    UserError: its softmax is 1 whatever the image."""
+    """The classes to score: those given, else those the model was trained on. A method that does not
+    score unseen classes (linear-probe's head, Tip-Adapter's cache) scores its trained classes only, in
+    their order. One class is a UserError: its softmax is 1 whatever the image."""
     if given is None:
         if not recorded:
             raise UserError("give --classes (classification) or --texts / --texts-file (retrieval): the model "
@@ -136,9 +137,9 @@ def resolve_classes(given: Optional[List[str]], recorded: Optional[Sequence[str]
     if len(given) < 2:
         raise UserError(f"--classes {','.join(given)}: one class, whose probability is 1 whatever the image; "
                         "give at least two classes to choose between")
-    if method == "linear-probe" and recorded and list(given) != list(recorded):
-        raise UserError(f"--classes {','.join(given)}: a linear probe scores the classes it was trained on, in "
-                        f"their order: {','.join(recorded)} (or leave --classes out)")
+    if not spec(method).scores_unseen_classes and recorded and list(given) != list(recorded):
+        raise UserError(f"--classes {','.join(given)}: {spec(method).display_name} scores the classes it was trained "
+                        f"on, in their order: {','.join(recorded)} (or leave --classes out)")
     return list(given)
 
 

@@ -8,14 +8,13 @@
 
 This module says which runs a protocol needs (`plan`), what each is evaluated on (`eval_sets`), how
 a run's results become its metrics (`run_metrics`); comparison_report.py renders each protocol.
-"""
+`config` below is the comparison's CompareConfig (nearl/comparison_config.py)."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import evaluation as EV
 from .errors import UserError
 
 PROTOCOLS = ("standard", "base2novel", "few-shot")
@@ -24,12 +23,12 @@ B2N_KEYS = ("base", "novel", "hm")
 
 
 class Run(NamedTuple):
-    """One training run of a protocol: its method, seed, folder, extra nearl.train arguments, and
-    for few-shot its K."""
+    """One training run of a protocol: its method, seed, folder, its own TrainConfig settings ((name,
+    value) pairs: base2novel's classes, few-shot's K), and for few-shot its K."""
     method: str
     seed: int
     folder: Path
-    extra_argv: Tuple[str, ...] = ()
+    train: Tuple[Tuple[str, Any], ...] = ()
     shots: Optional[int] = None
 
 
@@ -48,19 +47,20 @@ def parse_shots(text: str) -> List[int]:
     return sorted(shots)
 
 
-def check(args, methods: List[str], chosen_by_user: bool) -> List[str]:
+def check(config, methods: List[str], chosen_by_user: bool) -> List[str]:
     """The methods the protocol runs; a UserError for a protocol that does not fit the arguments."""
-    protocol = args.protocol
-    if protocol in NEEDS_CLASSES and args.task != "classification":
+    protocol = config.protocol
+    if protocol in NEEDS_CLASSES and config.task != "classification":
         raise UserError(f"--protocol {protocol} is a classification protocol; add --task classification")
-    if protocol == "few-shot" and args.k_shot:
+    if protocol == "few-shot" and config.k_shot:
         raise UserError("--protocol few-shot sets K itself from --shots; drop --k-shot")
     if protocol != "base2novel":
         return methods
-    blind = [m for m in methods if m == "linear-probe"]  # a fixed classifier: no score for unseen classes
+    from .methods import spec  # here: nearl.compare --help reads this module without torch
+    blind = [m for m in methods if not spec(m).scores_unseen_classes]  # a fixed classifier (linear-probe's)
     if blind and chosen_by_user:
-        raise UserError("--protocol base2novel evaluates on classes the model never saw; linear-probe's "
-                        "classifier cannot score them: drop it from --methods")
+        raise UserError(f"--protocol base2novel evaluates on classes the model never saw; {' and '.join(blind)}'s "
+                        f"classifier cannot score them: drop {'it' if len(blind) == 1 else 'them'} from --methods")
     return [m for m in methods if m not in blind]
 
 
@@ -78,22 +78,24 @@ def check_shots(shots: Sequence[int], records: Sequence[Any], classnames: Sequen
                         f"The largest K every class allows is {fewest}")
 
 
-def plan(args, methods: Sequence[str], seeds: Sequence[int], out: Path) -> List[Run]:
+def plan(config, methods: Sequence[str], seeds: Sequence[int], out: Path) -> List[Run]:
     runs = out / "runs"
-    if args.protocol == "few-shot":
-        return [Run(m, s, runs / m / f"k{k}" / f"seed{s}", ("--k-shot", str(k)), k)
-                for m in methods for k in parse_shots(args.shots) for s in seeds]
-    extra = ("--classes", "base") if args.protocol == "base2novel" else ()
+    if config.protocol == "few-shot":
+        return [Run(m, s, runs / m / f"k{k}" / f"seed{s}", (("k_shot", k),), k)
+                for m in methods for k in parse_shots(config.shots) for s in seeds]
+    extra = (("classes", "base"),) if config.protocol == "base2novel" else ()
     return [Run(m, s, runs / m / f"seed{s}", extra) for m in methods for s in seeds]
 
 
-def eval_sets(args) -> Dict[str, tuple]:
+def eval_sets(config) -> Dict[str, tuple]:
     """{name: load_eval_data(...)} each run is evaluated on."""
-    kw = dict(fmt=args.format, root=args.root, split=args.split)
-    data = args.test_data or args.data
-    if args.protocol == "base2novel":
-        return {c: EV.load_eval_data(args.task, data, classes=c, **kw) for c in ("base", "novel")}
-    return {"test": EV.load_eval_data(args.task, data, **kw)}
+    from . import evaluation as EV  # torch: imported here, so PROTOCOLS serves nearl.compare --help
+
+    kw = dict(fmt=config.format, root=config.root, split=config.split)
+    data = config.test_data or config.data
+    if config.protocol == "base2novel":
+        return {c: EV.load_eval_data(config.task, data, classes=c, **kw) for c in ("base", "novel")}
+    return {"test": EV.load_eval_data(config.task, data, **kw)}
 
 
 def harmonic_mean(base: float, novel: float) -> float:

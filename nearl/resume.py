@@ -17,10 +17,11 @@ OPTIMISER_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the command line
 NOT_REPORTED = {"resume", "overwrite", "force_unlock", "workers", "no_progress"}
 
 
-def changed_settings(saved: Dict[str, Any], args) -> List[str]:
-    """'--flag old -> new' for each setting of this run that differs from the checkpoint's."""
-    return [f"--{k.replace('_', '-')} {show(old)} -> {show(getattr(args, k))}" for k, old in saved.items()
-            if k not in NOT_REPORTED and hasattr(args, k) and getattr(args, k) != old]
+def changed_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """'--flag old -> new' for each setting of this run (TrainConfig.to_dict()) that differs from the
+    checkpoint's."""
+    return [f"--{k.replace('_', '-')} {show(old)} -> {show(current[k])}" for k, old in saved.items()
+            if k not in NOT_REPORTED and k in current and current[k] != old]
 
 
 def check_resumable(ckpt: Dict[str, Any]) -> None:

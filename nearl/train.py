@@ -11,13 +11,16 @@ from typing import Any, Dict, Optional, Sequence
 
 from .errors import run_cli
 from .logging_utils import setup_logging
-from .training import fit, parse_args
+from .training.options import parse_config  # no torch: the run's stack is imported after the parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train from a command line; user mistakes raise UserError (see `cli` for the one-line report)."""
     setup_logging()
-    return fit(parse_args(argv))
+    config = parse_config(argv)  # the TrainConfig the flags (and, with --resume, the checkpoint) give
+    from .training import fit
+
+    return fit(config)
 
 
 def cli() -> None:

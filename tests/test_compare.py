@@ -75,8 +75,8 @@ def test_compare_refuses_methods_outside_the_task(tmp_path):
     with pytest.raises(ValueError, match="coop, linear-probe do not apply to task 'retrieval'"):
         CMP.main(["--task", "retrieval", "--methods", "nearl,coop,linear-probe", "--out", str(tmp_path), *FAST])
     assert not (tmp_path / "runs").exists()  # refused before any run
-    assert CMPL._methods(CMPL.build_parser().parse_args(["--task", "retrieval"])) == [
-        "nearl", "alta", "clip-adapter", "zeroshot"]
+    assert CMPL._methods(CMPL.parse_config(["--task", "retrieval"])) == [
+        "nearl", "alta", "clip-adapter", "zeroshot", "clip-lora"]
 
 
 def test_mean_std_and_step_time(tmp_path):

@@ -99,7 +99,7 @@ def test_evaluating_the_training_images_is_refused_unless_allowed(tmp_path, caps
     printed = capsys.readouterr().out
     assert report["train_images_evaluated"] == 9 and "WARNING: 9 of the 9 images evaluated" in printed
     assert "(all, 9 images, 9 of them training images)" in printed
-    held_out = make_image_folder(tmp_path / "other", per_class=(0, 2))
+    held_out = make_image_folder(tmp_path / "other", per_class=(0, 2), seed=1)  # seed 0 redraws training images
     assert E.main(["--checkpoint", str(out), "--data", str(held_out), "--split", "val", "--workers", "0",
                    "--no-progress"])["train_images_evaluated"] == 0
     manifest = make_manifest(tmp_path / "data", n_train=4, n_val=0)
@@ -114,3 +114,54 @@ def test_evaluating_the_training_images_is_refused_unless_allowed(tmp_path, caps
         CMP.main(["--task", "classification", "--methods", "zeroshot", "--seeds", "0", "--data", str(flat),
                   "--batch-size", "4", "--out", str(tmp_path / "cmp"), *FAST])
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_copies_of_the_training_images_are_caught_through_checkpoints_and_adapters(tmp_path, capsys):
+    """issue 24 item 9: the record held the images' paths only, so a copy of the training data elsewhere
+    was scored as results, an exported adapter carried no record, and a checkpoint written before the
+    record was evaluated without a word. Now each training image is also kept by a hash of its bytes,
+    adapters carry those hashes (train_images.json, no paths), and a file without a record says so."""
+    import shutil
+    from pathlib import Path
+
+    from nearl import adapter_files as AF
+    from nearl import export as X
+    from nearl.checkpoint import resolve
+    from nearl.errors import UserError, run_cli
+
+    data = make_image_folder(tmp_path / "folder", per_class=(3, 1))
+    out = tmp_path / "run"
+    run(["--task", "classification", "--model", "NEARL-Tiny", "--data", data / "train", "--batch-size", 4,
+         "--max-steps", 1, "--eval-every", 0, "--out", out, *FAST])
+    copy = Path(shutil.copytree(data / "train", tmp_path / "elsewhere" / "copy"))
+    common = ["--data", str(copy), "--workers", "0", "--no-progress"]
+    assert run_cli(E.main, ["--checkpoint", str(out), *common], prog="nearl.evaluate") == 2
+    assert "error: 9 of the 9 images evaluated" in capsys.readouterr().err
+    adapter = X.main(["--checkpoint", str(out), "--out", str(tmp_path / "adapter")])
+    text = (adapter / "train_images.json").read_text()
+    assert str(tmp_path) not in text and ".png" not in text and json.loads(text)["count"] == 9
+    with pytest.raises(UserError, match=r"9 of the 9 images evaluated \(.*copy, split all\) are images "
+                                        r".*adapter.* was trained on"):
+        E.main(["--adapter", str(adapter), *common])
+    assert E.main(["--adapter", str(adapter), *common, "--allow-train-data"])["train_images_evaluated"] == 9
+    held_out = ["--data", str(data / "val"), "--workers", "0", "--no-progress"]
+    capsys.readouterr()
+    assert E.main(["--adapter", str(adapter), *held_out])["train_images_evaluated"] == 0
+    assert "cannot check overlap" not in capsys.readouterr().out
+
+    ckpt = torch.load(resolve(out), weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save({**ckpt, "train_images": None}, old)  # as written before the record
+    E.main(["--checkpoint", str(old), *held_out])
+    assert f"cannot check overlap with training data: {old} predates the record" in capsys.readouterr().out
+    by_path = {k: v for k, v in ckpt["train_images"].items() if not k.startswith("content")}
+    torch.save({**ckpt, "train_images": by_path}, old)  # paths only, as the first record was
+    assert E.main(["--checkpoint", str(old), "--data", str(data / "train"), "--workers", "0", "--no-progress",
+                   "--allow-train-data"])["train_images_evaluated"] == 9
+    assert f"by path only: {old} predates the content record" in capsys.readouterr().out
+    record = json.loads((adapter / AF.CONFIG_FILE).read_text())
+    record.pop("train_images")
+    (adapter / AF.CONFIG_FILE).write_text(json.dumps(AF.seal_config(record)))  # an adapter exported before
+    E.main(["--adapter", str(adapter), *held_out])
+    assert (f"cannot check overlap with training data: {adapter / AF.CONFIG_FILE} predates the record"
+            in capsys.readouterr().out)

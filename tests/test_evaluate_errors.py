@@ -98,7 +98,7 @@ def test_unknown_model_method_and_templates(tmp_path, capsys):
     for argv, message in [
         (["--model", "ViT-B-61"], "--model 'ViT-B-61' is not an open_clip architecture; did you mean"),
         (["--model", "NEARL-Tiny", "--pretrained", "nope.pt"], "--pretrained 'nope.pt' is neither a file nor a tag"),
-        (["--method", "lora"], "--method: unknown method 'lora'"),
+        (["--method", "maple"], "--method: unknown method 'maple'"),
         (["--templates", "a photo"], "--templates: each template needs exactly one '{}'"),
         (["--out", __file__], f"--out {__file__} is a file, not a folder"),
     ]:

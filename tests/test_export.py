@@ -76,7 +76,8 @@ def test_round_trip_is_bit_for_bit(trained):
 def test_folder_layout_and_config(trained):
     run_dir, adapter, _ = trained
     ckpt = C.load_checkpoint(run_dir)
-    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json",
+                                                         "train_images.json"]
     assert sum(p.stat().st_size for p in adapter.iterdir()) < 3_000_000  # a few MB at most; no backbone
     record = json.loads((adapter / AF.CONFIG_FILE).read_text())
     assert record["format"] == "nearl-adapter" and record["nearl_version"] == nearl.__version__
@@ -89,6 +90,8 @@ def test_folder_layout_and_config(trained):
     assert record["backbone"]["fingerprint"] == AF.fingerprint(MT.build_from_checkpoint(ckpt))
     assert record["weights"]["parameters"] == sum(v.numel() for v in ckpt["model"].values())
     assert record["source"]["step"] == 2
+    assert record["train_images"] | {"sha256": None} == {"file": "train_images.json", "sha256": None, "count": 9,
+                                                         "algorithm": "nearl-image-content-v1"}
     with safe_open(str(adapter / AF.WEIGHTS_FILE), "pt") as f:
         assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(ckpt["model"])
     card = (adapter / "README.md").read_text()
@@ -113,12 +116,16 @@ def test_evaluate_with_adapter_equals_checkpoint(trained, capsys):
         E.main(["--adapter", str(adapter), "--method", "alta", *common])
 
 
-@pytest.mark.parametrize("method", ["alta", "clip-adapter", "coop", "linear-probe", "zeroshot"])
+@pytest.mark.parametrize("method", ["alta", "clip-adapter", "coop", "linear-probe", "zeroshot", "tip-adapter",
+                                    "tip-adapter-f", "clip-lora"])
 def test_every_method_round_trips(tmp_path, method):
     """save_adapter on a model whose learnable tensors were changed (as training would); ALTA trains
     backbone LayerNorms, which the fingerprint must leave out."""
-    cfg = {"num_classes": 3} if method == "linear-probe" else {}
+    tip = MT.spec(method).prepare is not None  # Tip-Adapter's cache of 6 images travels with it
+    cfg = {"num_classes": 3} if method == "linear-probe" else {"classnames": ["red", "green", "blue"]} if tip else {}
     model = MT.build_method(method, "NEARL-Tiny", None, seed=0, **cfg)
+    if tip:
+        model.set_cache(torch.randn(6, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.trainable_parameters():
@@ -326,3 +333,100 @@ def test_an_export_records_no_local_path(trained, tmp_path):
     images, tokens = images_and_tokens(reference)
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
+
+
+def _clip_folder(folder: Path, seed: int) -> str:
+    """A tiny transformers CLIPModel folder with weights (seed `seed`) and a config that names a Hub id, as a
+    download of one has it; returns its 'transformers:' name."""
+    import tiny_transformers
+
+    name = tiny_transformers.write(folder, "clip")
+    tiny_transformers.save_weights(MT.build_method("zeroshot", name, None, seed=seed).backbone.hf, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "vinid/plip"}))
+    return name
+
+
+def test_a_local_transformers_backbone_is_recorded_by_name_and_loads_from_a_moved_copy(tmp_path, capsys):
+    """issue 24.17, the rest: --model transformers:/local/folder (random weights from its config) and
+    --pretrained transformers:/local/folder were written into adapter_config.json and the model card as
+    given, absolute path and all. Now by the folder's name, the Hub id its config names and the sha256
+    of its weights files; loading says which keyword (flag) gives the folder, takes it from where it
+    lives now, and still checks the backbone fingerprint."""
+    import hashlib
+
+    private = tmp_path / "home" / "someone" / "clip"
+    name = _clip_folder(private, seed=0)
+    models, adapters = {}, {}
+    for case, pretrained in (("weights", name), ("random", None)):
+        models[case] = MT.build_method("nearl", name, pretrained, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in models[case].trainable_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        adapters[case] = AF.save_adapter(models[case].eval(), tmp_path / f"adapter-{case}", model_name=name,
+                                         pretrained=pretrained, task="classification", classnames=["a", "b"])
+        for path in adapters[case].iterdir():
+            if path.suffix != ".safetensors":
+                text = path.read_text()
+                assert str(tmp_path) not in text and "someone" not in text, (case, path.name, text)
+    bb = json.loads((adapters["weights"] / AF.CONFIG_FILE).read_text())["backbone"]
+    assert (bb["model_name"], bb["pretrained"]) == ("transformers:clip", "transformers:clip")
+    assert bb["model_local"] and bb["pretrained_local"]
+    weights_sha = hashlib.sha256((private / "model.safetensors").read_bytes()).hexdigest()
+    assert bb["local_sources"]["pretrained"]["files"] == {"model.safetensors": weights_sha}
+    assert bb["local_sources"]["pretrained"]["config_name_or_path"] == "vinid/plip"
+    assert "vinid/plip" in (adapters["weights"] / AF.CARD_FILE).read_text()
+    random_bb = json.loads((adapters["random"] / AF.CONFIG_FILE).read_text())["backbone"]
+    assert random_bb["pretrained"] is None and random_bb["model_name"] == "transformers:clip"
+
+    images, tokens = images_and_tokens(models["weights"])  # its tokenizer is read from the folder
+    moved = tmp_path / "elsewhere" / "clip-copy"
+    shutil.move(str(private), str(moved))
+    here = "transformers:" + str(moved)
+    with pytest.raises(UserError, match=r"local folder, transformers:clip, .*pass --pretrained \(pretrained=\)"):
+        nearl.load(adapters["weights"])
+    with pytest.raises(UserError, match=r"built from a local folder, transformers:clip, .*pass --model \(model=\)"):
+        nearl.load(adapters["random"])
+    for case, kw in (("weights", {"pretrained": here}), ("weights", {"model": here}), ("random", {"model": here})):
+        loaded = AF.load_adapter(adapters[case], **kw)
+        with torch.no_grad():
+            assert torch.equal(loaded.model.encode_image(images), models[case].encode_image(images)), (case, kw)
+            assert torch.equal(loaded.model.encode_text(tokens), models[case].encode_text(tokens)), (case, kw)
+    from nearl import predict as P
+    image = make_image_folder(tmp_path / "data", per_class=(1, 0)) / "train" / "red" / "0.png"
+    for case in adapters:
+        report = P.main(["--adapter", str(adapters[case]), "--model", here, "--images", str(image), "--workers", "0",
+                         "--no-progress", "--device", "cpu"])
+        assert report["predictions"].images == [str(image)] and report["predictions"].labels == ["a", "b"]
+    other = _clip_folder(tmp_path / "other" / "clip", seed=1)
+    with pytest.raises(UserError, match=r"different weights \(fingerprint [0-9a-f]{16} != recorded [0-9a-f]{16}\).*"
+                                        r"weights files [0-9a-f]{16} != recorded [0-9a-f]{16}"):
+        nearl.load(adapters["weights"], pretrained=other)
+    capsys.readouterr()
+    assert run_cli(P.main, ["--adapter", str(adapters["random"]), "--images", str(image), "--workers", "0",
+                            "--no-progress"], prog="nearl.predict") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nearl.predict: error: ") and err.count("\n") == 1 and "pass --model (model=)" in err
+
+
+def test_an_adapter_written_with_an_absolute_path_still_loads(tmp_path):
+    """Adapters exported before 24.17 recorded a transformers: folder by its path: they load as they are,
+    and --model (model=) may still say where the folder is now."""
+    name = _clip_folder(tmp_path / "clip", seed=0)
+    model = MT.build_method("nearl", name, None, seed=0).eval()
+    folder = AF.save_adapter(model, tmp_path / "adapter", model_name=name, pretrained=None)
+
+    def as_before(record):
+        record["backbone"]["model_name"] = name
+        for key in ("model_local", "local_sources"):
+            record["backbone"].pop(key, None)
+
+    edit_config(folder, as_before)
+    images, _ = images_and_tokens(model)
+    with torch.no_grad():
+        assert torch.equal(nearl.load(folder).encode_image(images), model.encode_image(images))
+    moved = Path(shutil.move(str(tmp_path / "clip"), str(tmp_path / "moved")))
+    with torch.no_grad():
+        loaded = nearl.load(folder, model="transformers:" + str(moved))
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))

@@ -128,15 +128,16 @@ def test_parameter_counts_vit_b16(vit_b16):
         "coop": 16 * dt,  # M = 16 context vectors of the text width
         "linear-probe": E_ * 6 + 6,  # 6 classes, with bias
         "zeroshot": 0,
-        "nearl": 1_428_632,  # README / SPEC 3.1
+        "nearl": 1_428_632,  # docs/comparison.md / SPEC 3.1
     }
 
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_names_errors_and_same_backbone_per_seed():
     assert MT.canonical("CLIP_Adapter") == "clip-adapter" and MT.canonical("zero-shot") == "zeroshot"
-    with pytest.raises(ValueError, match="unknown method 'lora'"):
-        MT.canonical("lora")
+    assert MT.canonical("lora") == "clip-lora" and MT.canonical("Tip") == "tip-adapter"
+    with pytest.raises(ValueError, match="unknown method 'maple'"):
+        MT.canonical("maple")
     for method in ("coop", "linear-probe"):
         with pytest.raises(ValueError, match=f"method '{method}' does not apply to task 'retrieval'"):
             MT.check_task(method, "retrieval")
@@ -301,7 +302,8 @@ def test_the_registry_holds_every_method_once_with_its_options():
     resumed run keeps."""
     from nearl import training as T
     from nearl.model import NEARLCLIP
-    assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "linear-probe", "zeroshot")
+    assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "linear-probe", "zeroshot", "tip-adapter",
+                          "tip-adapter-f", "clip-lora")
     for name in MT.METHODS:
         assert MT.spec(name).name == name and MT.spec(name).model_cls.method == name
     assert MT.spec("nearl").model_cls is NEARLCLIP and MT.method_of(MT.build_method("nearl", "NEARL-Tiny")) == "nearl"
@@ -309,8 +311,8 @@ def test_the_registry_holds_every_method_once_with_its_options():
     assert len(actions) == 1 and actions[0].help.startswith("alta, clip-adapter:"), [a.help for a in actions]
     assert set(T.FIXED_ON_RESUME) == {"method", "task", "model", "seed", "classes", "num_queries", "query_dim",
                                       "heads", "rank", "vision_layers", "text_layers", "reduction", "n_ctx",
-                                      "multiview"}
-    assert MT.method_config("coop", T.parse_args(["--method", "coop", "--n-ctx", "3"])) == {"n_ctx": 3}
+                                      "multiview", "lora_rank"}
+    assert MT.method_config("coop", T.parse_config(["--method", "coop", "--n-ctx", "3"])) == {"n_ctx": 3}
     with pytest.raises(ValueError, match="registered twice"):
         MT.register(MT.spec("coop"))
 

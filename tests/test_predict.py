@@ -212,7 +212,7 @@ def test_helpers(tmp_path):
     assert PR.split_classes(["pleural_effusion, normal", "mass"]) == ["pleural_effusion", "normal", "mass"]
     assert PR.resolve_classes(None, CLASSES, "nearl") == CLASSES
     assert PR.resolve_classes(["a", "b"], CLASSES, "coop") == ["a", "b"]  # prompts name any class
-    with pytest.raises(UserError, match="a linear probe scores the classes it was trained on, in their order: "
+    with pytest.raises(UserError, match="linear-probe scores the classes it was trained on, in their order: "
                                         "red,green,blue"):
         PR.resolve_classes(["green", "red", "blue"], CLASSES, "linear-probe")
     assert PR.read_texts(None, None) is None

@@ -129,8 +129,9 @@ def test_coop_context_goes_after_cls_in_place_of_the_word_embeddings(name):
 
 
 def test_biomedclip_at_full_size_its_parameters_and_a_frozen_text_pass(tmp_path, capsys):
-    """The README's BiomedCLIP row: NEARL-CLIP's learnable parameters on BiomedCLIP's real
-    architecture, and a padded 256-token caption through the stepped PubMedBERT, bit for bit."""
+    """The BiomedCLIP row (README, "Backbones"; docs/backbones.md): NEARL-CLIP's learnable
+    parameters on BiomedCLIP's real architecture, and a padded 256-token caption through the
+    stepped PubMedBERT, bit for bit."""
     model = nearl.build(tiny_biomed.register_full(tmp_path))
     model.print_parameter_breakdown()
     table = capsys.readouterr().out

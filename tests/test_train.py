@@ -85,8 +85,7 @@ def train_losses(out: Path):
 
 
 def run(argv, hooks=None):
-    args = T.parse_args([str(a) for a in argv])
-    return T.fit(args, hooks)
+    return T.fit(T.parse_config([str(a) for a in argv]), hooks)
 
 
 TINY_RUN = ["--model", "NEARL-Tiny", "--batch-size", 4, *FAST]

@@ -175,7 +175,7 @@ def test_mismatched_checkpoint_names_the_setting():
     (["--vision-layers", "3-1"], "argument --vision-layers: the range '3-1' is empty (3 > 1)"),
     (["--text-layers", "0,1"], "argument --text-layers: block numbers are 1-based"),
     (["--device", "gpu"], "argument --device: must be cpu, cuda, cuda:N or auto"),
-    (["--method", "lora"], "argument --method: unknown method 'lora'"),
+    (["--method", "maple"], "argument --method: unknown method 'maple'"),
 ])
 def test_arguments_that_meant_something_else(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -137,18 +137,21 @@ def test_a_class_with_no_training_image_is_warned_about(tmp_path, caplog):
     assert len(warned) == 1 and "['blue']" in warned[0] and "1 of the 3 classes" in warned[0], warned
 
 
-# ----------------------------------------------------------------------------- 16: SIGTERM
-def test_sigterm_stops_at_a_step_boundary_saves_and_releases_the_lock(tmp_path):
-    """What Slurm, docker stop and systemd send, here to the whole process group (DataLoader worker
-    included): the run used to die at once, with no message, leaving train.lock behind."""
+# ----------------------------------------------------------------------------- 16: SIGTERM, SIGINT
+def _signalled_run(tmp_path, signum):
+    """`python -m nearl.train` at the repo root, sent `signum` (to the whole process group, DataLoader
+    worker included) after its third step: (exit status, stderr, out folder, the steps it logged)."""
     manifest = make_manifest(tmp_path / "data", n_train=4, n_val=0)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, "-m", "nearl.train", "--model", "NEARL-Tiny", "--data", str(manifest), "--batch-size", "2",
             "--epochs", "100000", "--workers", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
+    # a shell's background job inherits SIGINT ignored; Ctrl-C reaches a job in the foreground
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if (
+        signal.getsignal(signal.SIGINT) == signal.SIG_IGN) else None
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=restore)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -156,20 +159,84 @@ def test_sigterm_stops_at_a_step_boundary_saves_and_releases_the_lock(tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 143, (proc.returncode, stdout[-2000:], stderr[-2000:])
-    last = stderr.strip().splitlines()[-1]
     steps = [r["step"] for r in train_losses(out)[1] if r["kind"] == "train"]
+    return proc.returncode, stderr, out, steps
+
+
+def test_sigterm_stops_at_a_step_boundary_saves_and_releases_the_lock(tmp_path):
+    """What Slurm, docker stop and systemd send, here to the whole process group (DataLoader worker
+    included): the run used to die at once, with no message, leaving train.lock behind."""
+    status, stderr, out, steps = _signalled_run(tmp_path, signal.SIGTERM)
+    assert status == 143, (status, stderr[-2000:])
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"nearl.train: stopped by SIGTERM after step {steps[-1]}") and "--resume" in last, stderr
     assert C.load_checkpoint(out)["step"] == steps[-1] == len(steps) >= 3
     assert not (out / "train.lock").exists()
     summary = run(["--resume", out, "--max-steps", steps[-1] + 1, "--epochs", 100000, "--workers", 0])
     assert summary["step"] == steps[-1] + 1
+
+
+def test_a_first_ctrl_c_stops_at_a_step_boundary_as_sigterm_does(tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group, DataLoader worker included) used to stop at
+    once, losing the steps since the last checkpoint. Now the first one is said at once and stops the
+    run at the next step boundary, saved, with exit status 130 (128 + 2)."""
+    status, stderr, out, steps = _signalled_run(tmp_path, signal.SIGINT)
+    assert status == 130, (status, stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    notices = [line for line in lines if "Ctrl-C again" in line]
+    assert len(notices) == 1 and "without saving" in notices[0], stderr
+    assert lines[-1].startswith(f"nearl.train: stopped by Ctrl-C (SIGINT) after step {steps[-1]}"), stderr
+    assert "--resume" in lines[-1] and "Traceback" not in stderr, stderr
+    assert C.load_checkpoint(out)["step"] == steps[-1] == len(steps) >= 3
+    assert not (out / "train.lock").exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice: the second one does not wait for the step boundary; nothing more is saved, the lock
+    is released, exit status 130, and the previous SIGINT handler is back afterwards."""
+    from nearl.training import loop
+
+    def twice(self, step, record):
+        if step == 2:  # after step 2's checkpoint (--save-every 1)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second Ctrl-C did not stop the run at once")
+
+    monkeypatch.setattr(loop.Hooks, "on_step", twice)
+    manifest = make_manifest(tmp_path / "data", n_train=16, n_val=0)
+    out = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGINT)
+    status, _, err = _cli(["--data", manifest, "--max-steps", 10, "--save-every", 1, "--out", out, *TINY], capsys)
+    assert signal.getsignal(signal.SIGINT) is previous
+    lines = err.strip().splitlines()
+    assert status == 130 and lines[-1] == "nearl.train: interrupted", err
+    assert len([line for line in lines if "Ctrl-C again" in line]) == 1 and "stopped by" not in err, err
+    assert C.load_checkpoint(out)["step"] == 2 and not (out / "train.lock").exists()
+
+
+def test_ctrl_c_before_the_loop_stops_at_once(tmp_path, monkeypatch, capsys):
+    """Reading the data there is no step to finish: Ctrl-C stops there as it always did."""
+    from nearl.training import run as RUN
+
+    real = RUN.load_train_data
+
+    def reading(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(args)
+
+    monkeypatch.setattr(RUN, "load_train_data", reading)
+    manifest = make_manifest(tmp_path / "data", n_train=4, n_val=0)
+    out = tmp_path / "run"
+    status, _, err = _cli(["--data", manifest, "--max-steps", 2, "--out", out, *TINY], capsys)
+    assert status == 130 and err.strip().splitlines()[-1] == "nearl.train: interrupted", err
+    assert "Ctrl-C again" not in err
+    assert not (out / "train.lock").exists() and not (out / "last.pt").exists()
 
 
 def test_sigterm_before_the_loop_stops_at_once(tmp_path, monkeypatch, capsys):
@@ -213,6 +280,7 @@ def test_a_worker_forked_in_the_loop_outlives_a_group_sigterm_but_not_its_parent
     try:
         time.sleep(0.5)  # the child's SIGTERM thread started
         subprocess.run(["kill", "-TERM", str(child.pid)], check=True)  # from another process: ignored
+        subprocess.run(["kill", "-INT", str(child.pid)], check=True)  # Ctrl-C, sent to the group: ignored
         child.join(1.0)
         assert child.is_alive()
         child.terminate()  # from its parent: it exits, as torch's worker does

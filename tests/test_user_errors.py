@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -119,14 +123,16 @@ def test_seeds_of_the_other_command_lines_are_bounded(capsys):
         CMP.build_parser().parse_args(["--max-steps", str(10 ** 23)])
     assert "must be at most 1,000,000,000" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"--seeds: each seed must be in \[0, 2\*\*63 - 1\]"):
-        CMP.compare(CMP.build_parser().parse_args(["--seeds", f"0,{2 ** 70}", "--device", "cpu"]))
+        CMP.compare(CMP.parse_config(["--seeds", f"0,{2 ** 70}", "--device", "cpu"]))
 
 
 # ----------------------------------------------------------------------------- item 23
 class _Offline:
-    """What huggingface_hub raises offline: LocalEntryNotFoundError, from a connection error."""
+    """What huggingface_hub raises offline: LocalEntryNotFoundError, from a connection error. `resolves`:
+    whether the Hub's host resolves; `connects`: whether it then takes a connection (no answer: the
+    connection times out, as behind a firewall that drops packets)."""
 
-    def __init__(self, monkeypatch, resolves: bool):
+    def __init__(self, monkeypatch, resolves: bool, connects: Optional[bool] = None):
         import huggingface_hub
         import open_clip.pretrained
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -148,8 +154,24 @@ class _Offline:
 
         monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", download)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        self.probed = []
+
+        def connect(address, timeout=None, *a, **kw):
+            self.probed.append(address)
+            resolve(address[0])
+            if not (resolves if connects is None else connects):
+                time.sleep(timeout)
+                raise socket.timeout("timed out")
+            return _Socket()
+
         monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        monkeypatch.setattr(socket, "create_connection", connect)
         monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **kw: None)
+
+
+class _Socket:
+    def close(self):
+        pass
 
 
 def _says_how_to_work_offline(message: str) -> None:
@@ -184,6 +206,7 @@ def test_a_transformers_repo_offline_is_not_called_a_missing_config(monkeypatch)
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **kw: [])
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: _Socket())  # the Hub answers; the download fails
     with pytest.raises(UserError) as e:
         create_backbone("ViT-B-16", "transformers:vinid/plip")
     assert "cannot get the backbone weights 'transformers:vinid/plip'" in str(e.value)
@@ -199,6 +222,111 @@ def test_evaluate_checks_its_data_before_any_download(monkeypatch, tmp_path, cap
     argv[argv.index("--data") + 1] = str(make_manifest(tmp_path / "data", n_train=0, n_val=2))
     assert run_cli(E.main, argv, prog="nearl.evaluate") == 2  # the data are there: now the download, in one line
     _says_how_to_work_offline(one_error_line(capsys, "nearl.evaluate"))
+
+
+@pytest.mark.parametrize("how", ["times out", "never answers"])
+def test_a_hub_that_resolves_but_does_not_answer_is_said_within_seconds(monkeypatch, how):
+    """Behind a firewall that drops packets the host resolves, and huggingface_hub retried each file for
+    minutes: a connection to the Hub is tried first, for a few seconds, before any download."""
+    from nearl import downloads
+
+    offline = _Offline(monkeypatch, resolves=True, connects=False)
+    monkeypatch.setattr(downloads, "PROBE_TIMEOUT", 0.5, raising=False)
+    released = threading.Event()
+    if how == "never answers":  # a connect that ignores its timeout: the probe's own wait bounds it
+        monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: released.wait(60) and _Socket())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(UserError) as e:
+            create_backbone("ViT-B-16", "openai")
+    finally:
+        released.set()
+    assert time.monotonic() - t0 < 3.0
+    assert "cannot get the backbone weights 'openai' of ViT-B-16" in str(e.value)
+    assert "huggingface.co:443" in str(e.value) and "0.5 s" in str(e.value), str(e.value)
+    _says_how_to_work_offline(str(e.value))
+    assert offline.calls == []  # no download, so no retries
+
+
+@pytest.mark.parametrize("env, probed", [({"HTTPS_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+                                         ({"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "huggingface.co"},
+                                          ("huggingface.co", 443)),
+                                         ({"HF_ENDPOINT": "http://hub.internal:8080"}, ("hub.internal", 8080))])
+def test_the_probe_goes_where_the_downloads_go(monkeypatch, env, probed):
+    """Through the proxy the environment names for the Hub (the Hub's own host is then not looked up
+    here), to HF_ENDPOINT's host and port."""
+    import huggingface_hub.constants
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if name == "HF_ENDPOINT":  # read once, when huggingface_hub is imported
+            monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", value)
+        else:
+            monkeypatch.setenv(name, value)
+    offline = _Offline(monkeypatch, resolves=True)
+    with pytest.raises(UserError):
+        create_backbone("ViT-B-16", "openai")
+    assert offline.probed == [probed] and offline.calls  # reachable: the download was tried (and failed)
+
+
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+
+
+def _tokenizer_offline(monkeypatch, tmp_path, connects: bool):
+    """BiomedCLIP's weights and open_clip config in the cache (the model was built), its tokenizer
+    (PubMedBERT's, loaded by transformers.AutoTokenizer) not: (what AutoTokenizer was asked, the
+    model's tokenizer() as nearl/frozen.py gives it)."""
+    import huggingface_hub
+    import open_clip.pretrained
+    import transformers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from nearl.frozen import FrozenCLIPWrapper
+
+    config = tmp_path / "open_clip_config.json"
+    config.write_text(json.dumps({"model_cfg": {"embed_dim": 512, "text_cfg": {
+        "hf_model_name": PUBMEDBERT, "hf_tokenizer_name": PUBMEDBERT, "context_length": 256}}}))
+    _Offline(monkeypatch, resolves=True, connects=connects)
+    cached = {"open_clip_config.json": str(config)}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: cached.get(name))
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", lambda repo_id, filename, **kw: cached[filename])
+    asked = []
+
+    def from_pretrained(source, **kw):
+        asked.append(source)
+        try:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        except LocalEntryNotFoundError as err:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                          "them in the cached files. Check your connection or see how to run the library in "
+                          "offline mode.") from err
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    stub = SimpleNamespace(backbone=object(), model_name=BIOMEDCLIP)
+    return asked, lambda: FrozenCLIPWrapper.tokenizer(stub)
+
+
+@pytest.mark.parametrize("connects", [False, True])
+def test_a_tokenizer_that_cannot_be_downloaded_is_one_line(monkeypatch, tmp_path, connects):
+    """BiomedCLIP's tokenizer is downloaded after its weights, by transformers: offline it ended in
+    transformers' OSError and its traceback, after the retries. Now: the Hub probed first (no
+    connection: said within seconds, nothing asked of transformers), and a download that fails for
+    want of a network is one line too, naming the tokenizer and the ways to work offline."""
+    from nearl import downloads
+
+    monkeypatch.setattr(downloads, "PROBE_TIMEOUT", 0.5, raising=False)
+    asked, tokenizer = _tokenizer_offline(monkeypatch, tmp_path, connects)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        tokenizer()
+    assert time.monotonic() - t0 < 3.0
+    message = str(e.value)
+    assert f"cannot get the tokenizer {PUBMEDBERT!r} of {BIOMEDCLIP!r}" in message, message
+    _says_how_to_work_offline(message)
+    assert asked == ([PUBMEDBERT] if connects else [])
 
 
 # ----------------------------------------------------------------------------- item 24

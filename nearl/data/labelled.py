@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
+from ..argtypes import CLASS_SUBSETS
 from ..errors import UserError
 from .records import LabelledRecord, Records
 from .skips import MALFORMED, SkipCounter, check_image_file, logger
@@ -176,9 +177,6 @@ def subset_by_labels(records: Iterable[LabelledRecord], labels: Iterable[int],
     keep = sorted(set(int(l) for l in labels))
     new = {old: i for i, old in enumerate(keep)}
     return [replace(r, label=new[r.label]) if relabel else r for r in records if r.label in new]
-
-
-CLASS_SUBSETS = ("all", "base", "novel")
 
 
 ONE_CLASS = "with one class every image is scored right whatever the model (accuracy 100%)"

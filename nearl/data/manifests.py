@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..argtypes import DATA_FORMATS
 from ..errors import UserError
 from .records import ImageTextRecord, Records
 from .skips import (EMPTY_CAPTION, MALFORMED, NO_IMAGE_PATH, NO_MATCH, SkipCounter,
@@ -22,7 +23,7 @@ __all__ = ["SkipCounter", "read_manifest", "read_roco", "read_medicat", "read_im
            "FORMATS"]
 
 PathLike = Union[str, Path]
-FORMATS = ("auto", "manifest", "roco", "medicat")
+FORMATS = DATA_FORMATS  # "auto" and READERS' names, kept light in argtypes for the --help texts
 SPLIT_NAMES = ("train", "validation", "val", "test")
 
 
@@ -231,6 +232,9 @@ def detect_format(path: PathLike) -> str:
     return "manifest"
 
 
+READERS = {"manifest": read_manifest, "roco": read_roco, "medicat": read_medicat}  # --format's readers
+
+
 def read_image_text(path: PathLike, *, format: str = "auto", **kw) -> List[ImageTextRecord]:
     """Read any supported image-text source; `format` is one of FORMATS, `kw` go to the reader."""
     if format not in FORMATS:
@@ -239,5 +243,4 @@ def read_image_text(path: PathLike, *, format: str = "auto", **kw) -> List[Image
         raise UserError(f"{path} does not exist (no such file or folder)")
     if format == "auto":
         format = detect_format(path)
-    reader = {"manifest": read_manifest, "roco": read_roco, "medicat": read_medicat}[format]
-    return reader(path, **kw)
+    return READERS[format](path, **kw)

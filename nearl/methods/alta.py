@@ -38,9 +38,8 @@ from ..errors import UserError
 from ..frozen import count
 from ..model import NEARLOutput, TowerResult
 from ..towers import Tower
-from .base import REDUCTION, MethodConfig, MethodModel
-from .multiview import VIEW_COLUMNS
-from .registry import MethodSpec, Option
+from .base import MethodConfig, MethodModel
+from .registry import MethodSpec
 
 # slot -> (view: 0 frontal / 1 lateral, time: 0 current / 1 prior); the order of multiview.VIEW_SLOTS
 SLOT_VIEW = (0, 1, 0, 1)
@@ -207,23 +206,13 @@ class ALTA(MethodModel):
         return rows
 
 
-def _check_options(args) -> None:
-    if getattr(args, "multiview", False) and getattr(args, "task", "retrieval") != "retrieval":
-        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' (got task {args.task!r})")
+def _check_options(config) -> None:
+    """config: the run's TrainConfig."""
+    if config.option("multiview") and config.task != "retrieval":
+        raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' (got task {config.task!r})")
 
 
-SPEC = MethodSpec(
+SPEC = MethodSpec(  # its options (--reduction, --multiview, --view-columns): nearl/method_options.py
     model_cls=ALTA, config_cls=ALTAConfig, check=_check_options,
     summary="ALTA adapters in every block of both towers",
-    options=(
-        REDUCTION,
-        Option(("--multiview",), dict(action="store_true",
-                                      help="studies with up to 4 views (manifest columns of --view-columns) and "
-                                           "learned view / time embeddings; evaluation uses the frontal image"),
-               "multiview", convert=bool, fixed=True),
-        Option(("--view-columns",), dict(default=",".join(VIEW_COLUMNS),
-                                         help="with --multiview: manifest columns of the frontal/current, "
-                                              "lateral/current, frontal/prior and lateral/prior views "
-                                              "(default %(default)s)")),
-    ),
 )

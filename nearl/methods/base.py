@@ -17,14 +17,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .. import argtypes as A
 from ..frozen import FrozenCLIPWrapper
 from ..model import NEARLOutput, TowerResult
-from .registry import Option
-
-# alta's and clip-adapter's bottleneck: both declare this one option, and the command line adds it once.
-REDUCTION = Option(("--reduction",), dict(type=A.positive_int, default=4, help="bottleneck d -> d/reduction"),
-                   "reduction", fixed=True)
 
 
 @dataclass
@@ -43,7 +37,8 @@ class MethodModel(FrozenCLIPWrapper):
     """A frozen open_clip CLIP model; subclasses add their learnable parts.
 
     Subclasses override `_image_features` / `_text_features` (unnormalised final features) and
-    `_breakdown` (rows of the parameter table); `tasks` lists the tasks the method applies to.
+    `_breakdown` (rows of the parameter table), and FrozenCLIPWrapper's hooks where they differ
+    (CoOp: class_prompt_tokens / prompt_tower); `tasks` lists the tasks the method applies to.
     """
 
     method = "?"
@@ -61,10 +56,10 @@ class MethodModel(FrozenCLIPWrapper):
 
     # ----------------------------------------------------------------- features
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image(images)
+        return self.backbone.encode_image(images, normalize=False)
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_text(tokens)
+        return self.backbone.encode_text(tokens, normalize=False)
 
     def image_tower(self, images: torch.Tensor) -> TowerResult:
         return TowerResult(self._image_features(images), None, None)
@@ -84,10 +79,7 @@ class MethodModel(FrozenCLIPWrapper):
                              f"{' and '.join(cls.tasks)} only")
 
     # ----------------------------------------------------------------- parameters
-    def decays(self, name: str, p: torch.Tensor) -> bool:
-        """AdamW weight decay for this learnable tensor? (matrices of the method's own modules)."""
-        return p.ndim >= 2 and not name.startswith("backbone.")
-
+    # decays: FrozenCLIPWrapper's (the matrices of the method's own modules) unless a method says otherwise
     def _breakdown(self) -> Dict[str, int]:
         return {}
 

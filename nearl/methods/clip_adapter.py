@@ -15,10 +15,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .. import argtypes as A
 from ..frozen import count
-from .base import REDUCTION, MethodConfig, MethodModel
-from .registry import MethodSpec, Option
+from .base import MethodConfig, MethodModel
+from .registry import MethodSpec
 
 
 @dataclass
@@ -55,19 +54,17 @@ class CLIPAdapter(MethodModel):
         self.text_adapter = FeatureAdapter(dim, config.reduction)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_adapter(self.backbone.encode_image(images), self.config.alpha)
+        return self.image_adapter(self.backbone.encode_image(images, normalize=False), self.config.alpha)
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text_adapter(self.backbone.encode_text(tokens), self.config.alpha)
+        return self.text_adapter(self.backbone.encode_text(tokens, normalize=False), self.config.alpha)
 
     def _breakdown(self) -> Dict[str, int]:
         return {"Image adapter": count(self.image_adapter.parameters()),
                 "Text adapter": count(self.text_adapter.parameters())}
 
 
-SPEC = MethodSpec(
-    model_cls=CLIPAdapter, config_cls=CLIPAdapterConfig, aliases=("clip_adapter", "clipadapter"),
+SPEC = MethodSpec(  # its aliases and options (--reduction, --alpha): nearl/method_options.py
+    model_cls=CLIPAdapter, config_cls=CLIPAdapterConfig,
     summary="residual bottleneck MLPs on the final features",
-    options=(REDUCTION,
-             Option(("--alpha",), dict(type=A.unit_interval, default=0.2, help="residual ratio"), "alpha")),
 )

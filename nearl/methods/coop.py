@@ -20,11 +20,10 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import argtypes as A
 from ..classify import prompt_name
 from ..model import TowerResult
 from .base import MethodConfig, MethodModel
-from .registry import MethodSpec, Option
+from .registry import MethodSpec
 
 logger = logging.getLogger("nearl.methods")
 
@@ -68,7 +67,7 @@ class CoOp(MethodModel):
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         # free text (not a class prompt) goes through the frozen text tower unchanged
-        return self.backbone.encode_text(tokens)
+        return self.backbone.encode_text(tokens, normalize=False)
 
     # ----------------------------------------------------------------- classification protocol
     def class_prompt_tokens(self, classnames: Sequence[str], templates=None) -> torch.Tensor:
@@ -105,8 +104,6 @@ class CoOp(MethodModel):
         return {f"Context vectors ({self.n_ctx} x {self._text.width})": self.ctx.numel()}
 
 
-SPEC = MethodSpec(
+SPEC = MethodSpec(  # its option (--n-ctx): nearl/method_options.py
     model_cls=CoOp, config_cls=CoOpConfig, summary="learned prompt context (M = 16)",
-    options=(Option(("--n-ctx",), dict(type=A.positive_int, default=16, help="learned context vectors M"), "n_ctx",
-                    fixed=True),),
 )

@@ -9,7 +9,6 @@ Classification only; the text tower is not used.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -17,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..method_options import DEFAULT_WEIGHT_DECAYS  # --probe-wd's default (parsed by method_options.weight_decays)
 from .base import MethodConfig, MethodModel
-from .registry import MethodSpec, Option
-
-DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+from .registry import MethodSpec
 
 
 @dataclass
@@ -54,7 +51,7 @@ class LinearProbe(MethodModel):
         self.head = nn.Linear(self.embed_dim, num_classes).to(device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.backbone.encode_image(images)
+        f = self.backbone.encode_image(images, normalize=False)
         return F.normalize(f.float(), dim=-1) if self.config.normalize else f.float()
 
     def classification_logits(self, image_features: torch.Tensor, classnames: Sequence[str], templates=None,
@@ -137,23 +134,10 @@ def fit_linear_probe(model: LinearProbe, train_x: torch.Tensor, train_y: torch.T
     return {"weight_decay": chosen, "searched": bool(have_val and len(grid) > 1)}
 
 
-def weight_decays(text) -> List[float]:
-    """--probe-wd: comma-separated L2 weights >= 0."""
-    text = str(text or "0.001")
-    try:
-        wds = [float(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise UserError(f"--probe-wd takes comma-separated numbers, got {text!r}") from None
-    if not wds or any(not math.isfinite(w) or w < 0 for w in wds):
-        raise UserError(f"--probe-wd takes weights >= 0, got {text!r}")
-    return wds
-
-
-SPEC = MethodSpec(
-    model_cls=LinearProbe, config_cls=LinearProbeConfig, aliases=("linear_probe", "linear"),
+SPEC = MethodSpec(  # its aliases and option (--probe-wd, `weight_decays`): nearl/method_options.py
+    model_cls=LinearProbe, config_cls=LinearProbeConfig,
     summary="logistic regression on frozen image features", trainer="features",
-    options=(Option(("--probe-wd",), dict(default=",".join(str(w) for w in DEFAULT_WEIGHT_DECAYS),
-                                          help="L2 weights searched on validation (default %(default)s)"),
-                    "weight_decays", convert=weight_decays),),
+    scores_unseen_classes=False,  # its head has one output per trained class
+    training_note="fitting, {steps} L-BFGS iterations per weight-decay candidate",
     config_from_data=lambda data: {"num_classes": len(data.classnames) if data and data.classnames else 0},
 )

@@ -26,11 +26,11 @@ from ..data.datasets import ImageTextDataset
 from ..data.images import BadImageError, load_image
 from ..data.manifests import read_manifest
 from ..data.records import ImageTextRecord
+from ..method_options import VIEW_COLUMNS  # alta's --view-columns default
 
 logger = logging.getLogger("nearl.data")
 
 VIEW_SLOTS = ("frontal/current", "lateral/current", "frontal/prior", "lateral/prior")
-VIEW_COLUMNS = ("image", "lateral", "prior", "prior_lateral")
 PathLike = Union[str, Path]
 
 

@@ -1,40 +1,31 @@
 """One registry for the adaptation methods.
 
 Each method's module declares a `MethodSpec` named SPEC: its model class (which carries the method's
-name and tasks), its config class, its command-line options and how its config comes from the
-command line and the data. `nearl/methods/__init__.py` registers them; training, evaluation,
+name and tasks), its config class and how its config comes from the command line and the data. Its
+aliases and command-line options are declared in nearl/method_options.py, which the command lines
+read without importing the methods (and torch). `nearl/methods/__init__.py` registers them; training, evaluation,
 comparison and checkpoint loading find methods here, and build and restore every method, NEARL-CLIP
-included, the same way.
+included, the same way. What callers treat differently from one method to another is a MethodSpec
+attribute: nothing outside nearl/methods/ tests a method's name (tests/test_method_interface.py).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..errors import UserError
+from ..method_options import (DECLARED, DEFAULT_METHOD, Option, add_method_options, canonical, fixed_on_resume,
+                              options)
 from ..model import SCHEMAS, create_backbone
 
-
-@dataclass(frozen=True)
-class Option:
-    """A command-line option of a method. `config`: the config field it sets (None for an option of
-    the data pipeline); `convert`: the parsed value -> the config value; `fixed`: it shapes the
-    model, so a resumed run keeps the checkpoint's value."""
-    flags: Tuple[str, ...]
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    config: Optional[str] = None
-    convert: Optional[Callable[[Any], Any]] = None
-    fixed: bool = False
-
-    @property
-    def dest(self) -> str:
-        return self.kwargs.get("dest") or self.flags[0].lstrip("-").replace("-", "_")
+__all__ = ["DEFAULT_METHOD", "MethodSpec", "Option", "add_method_options", "build_from_checkpoint", "build_method", "canonical",
+           "check_options", "check_task", "config_fields", "fixed_on_resume", "method_config", "method_of",
+           "methods_for", "names", "register", "spec"]
 
 
 @dataclass(frozen=True)
@@ -42,15 +33,27 @@ class MethodSpec:
     model_cls: type  # built as model_cls(backbone, config_cls(**config), model_name=..., fused=...)
     config_cls: type
     summary: str  # one line for listings
-    options: Tuple[Option, ...] = ()
-    aliases: Tuple[str, ...] = ()
     fused_kernels: bool = False  # --fused means something for it
     # the config fields the training data decides (linear-probe: the number of classes)
     config_from_data: Optional[Callable[[Any], Dict[str, Any]]] = None
     # "gradient": the shared training loop; "features": fitted on cached features, in one process
     trainer: str = "gradient"
+    # fitted to the frozen features of the training (and validation) images before its trainer runs
+    # (Tip-Adapter's cache): prepare(model, train_x, train_y, val_x, val_y, templates) -> a line to print
+    prepare: Optional[Callable[..., str]] = None
     # more checks of the parsed options than their types make (UserError); `check_options` runs it
-    check: Optional[Callable[[argparse.Namespace], None]] = None
+    check: Optional[Callable[[Any], None]] = None  # takes the run's TrainConfig
+    # What callers once decided by the method's name:
+    title: Optional[str] = None  # its name in results tables and labels (None: the method's name)
+    scores_unseen_classes: bool = True  # classify classes it was not trained on (linear-probe's head cannot)
+    # a fresh model of it is the frozen CLIP, so evaluating one without a checkpoint is a zero-shot evaluation
+    untrained_is_zero_shot: bool = False
+    named_in_messages: bool = True  # messages say "method <name>" (NEARL-CLIP, the default, goes unnamed)
+    training_note: str = "training {steps} steps"  # nearl.compare's line before each run ({steps}: --max-steps)
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
 
     @property
     def name(self) -> str:
@@ -60,34 +63,32 @@ class MethodSpec:
     def tasks(self) -> Tuple[str, ...]:
         return tuple(self.model_cls.tasks)
 
+    @property
+    def options(self) -> Tuple[Option, ...]:  # its command-line options (nearl/method_options.py)
+        return DECLARED[self.name].options
+
+    @property
+    def aliases(self) -> Tuple[str, ...]:
+        return DECLARED[self.name].aliases
+
     def config_fields(self) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.config_cls))
 
 
 _SPECS: Dict[str, MethodSpec] = {}
-_ALIASES: Dict[str, str] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _SPECS:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    if spec.name not in DECLARED:
+        raise ValueError(f"method {spec.name!r} has no entry in nearl/method_options.py (its aliases and options)")
     _SPECS[spec.name] = spec
-    for alias in spec.aliases:
-        _ALIASES[alias] = spec.name
     return spec
 
 
 def names() -> Tuple[str, ...]:
     return tuple(_SPECS)
-
-
-def canonical(name: str) -> str:
-    """'CLIP_Adapter' -> 'clip-adapter'; an unknown name raises a ValueError listing the known ones."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _SPECS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(_SPECS)}")
-    return key
 
 
 def spec(name: str) -> MethodSpec:
@@ -142,71 +143,36 @@ def build_from_checkpoint(ckpt, *, fused: bool = False, pretrained: Optional[str
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     source = ckpt.get("pretrained") if pretrained == "checkpoint" else pretrained
-    model = build_method(ckpt.get("method") or "nearl", model_name or ckpt["model_name"], source, fused=fused,
+    model = build_method(ckpt.get("method") or DEFAULT_METHOD, model_name or ckpt["model_name"], source, fused=fused,
                          seed=int(ckpt.get("backbone_seed", 0)), **ckpt.get("config", {}))
     model.load_trainable_state_dict(ckpt["model"])
     return model
 
 
 # ----------------------------------------------------------------------------- command lines
-def _options() -> Dict[str, Tuple[Option, List[str]]]:
-    """Every method option by dest, with the methods taking it (a flag two methods share, such as
-    --reduction, is declared by both and added once)."""
-    found: Dict[str, Tuple[Option, List[str]]] = {}
-    for s in _SPECS.values():
-        for opt in s.options:
-            if opt.dest in found:
-                first, users = found[opt.dest]
-                if (first.flags, first.kwargs.get("default")) != (opt.flags, opt.kwargs.get("default")):
-                    raise ValueError(f"methods {users + [s.name]} declare option {opt.dest!r} differently")
-                users.append(s.name)
-            else:
-                found[opt.dest] = (opt, [s.name])
-    return found
-
-
-def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One argument group per method, holding the options it declares first."""
-    groups: Dict[str, Any] = {}
-    for dest, (opt, users) in _options().items():
-        owner = users[0]
-        if owner not in groups:
-            title = ("NEARL-CLIP options" if owner == "nearl"
-                     else f"{owner} options (another method ignores their values and refuses their switches)")
-            groups[owner] = parser.add_argument_group(title)
-        kwargs = dict(opt.kwargs)
-        if len(users) > 1:
-            kwargs["help"] = f"{', '.join(users)}: {kwargs.get('help', '')}"
-        groups[owner].add_argument(*opt.flags, **kwargs)
-
-
-def fixed_on_resume() -> Tuple[str, ...]:
-    """The dests of the options that shape a model."""
-    return tuple(dest for dest, (opt, _) in _options().items() if opt.fixed)
-
-
-def check_options(name: str, args: argparse.Namespace) -> None:
+def check_options(name: str, config: Any) -> None:
     """A switch of another method turned on (a store_true option it declares, such as alta's
     --multiview) is a UserError naming its method, not silently ignored; then the method's own check."""
     s = spec(name)
     own = {opt.dest for opt in s.options}
-    for dest, (opt, users) in _options().items():
-        if dest not in own and opt.kwargs.get("action") == "store_true" and getattr(args, dest, False):
+    for dest, (opt, users) in options().items():
+        if dest not in own and opt.kwargs.get("action") == "store_true" and config.option(dest):
             raise UserError(f"{opt.flags[0]} is an option of method {' / '.join(repr(u) for u in users)} "
                             f"(got method {s.name!r})")
     if s.check is not None:
-        s.check(args)
+        s.check(config)
 
 
-def method_config(name: str, args: argparse.Namespace, data: Any = None) -> Dict[str, Any]:
-    """The config fields of method `name` from the command line and, where the method says so, the data."""
+def method_config(name: str, config: Any, data: Any = None) -> Dict[str, Any]:
+    """The config fields of method `name` from a run's TrainConfig (its `option(dest)`: the value given,
+    else the declared default) and, where the method says so, the data."""
     s = spec(name)
-    config = {}
+    fields = {}
     for opt in s.options:
         if opt.config is None:
             continue
-        value = getattr(args, opt.dest, opt.kwargs.get("default"))
-        config[opt.config] = opt.convert(value) if opt.convert is not None else value
+        value = config.option(opt.dest)
+        fields[opt.config] = opt.convert(value) if opt.convert is not None else value
     if s.config_from_data is not None:
-        config.update(s.config_from_data(data))
-    return config
+        fields.update(s.config_from_data(data))
+    return fields

@@ -24,5 +24,6 @@ class ZeroShot(MethodModel):
         super().__init__(backbone, config or ZeroShotConfig(), **kw)
 
 
-SPEC = MethodSpec(model_cls=ZeroShot, config_cls=ZeroShotConfig, aliases=("zero-shot", "zero_shot"),
-                  summary="the frozen CLIP with prompt templates, no training")
+SPEC = MethodSpec(model_cls=ZeroShot, config_cls=ZeroShotConfig,  # its aliases: nearl/method_options.py
+                  summary="the frozen CLIP with prompt templates, no training",
+                  untrained_is_zero_shot=True, training_note="no training")

@@ -22,6 +22,7 @@ from ..data.records import Unusable, unusable
 from ..errors import UserError
 from ..evaluation import VAL_SPLITS
 from ..methods.multiview import VIEW_COLUMNS, MultiViewDataset, read_multiview
+from .config import TrainConfig
 
 logger = logging.getLogger("nearl.data")
 
@@ -68,54 +69,55 @@ def _read_retrieval(path: str, fmt: str, root: Optional[str]):
     return read_image_text(path, format=fmt, **({"root": root} if root else {}))
 
 
-def _view_columns(args) -> List[str]:
-    cols = [c.strip() for c in str(getattr(args, "view_columns", None) or ",".join(VIEW_COLUMNS)).split(",")]
+def _view_columns(text: Optional[str]) -> List[str]:
+    cols = [c.strip() for c in str(text or ",".join(VIEW_COLUMNS)).split(",")]
     if len(cols) != len(VIEW_COLUMNS) or not all(cols):
         raise UserError(f"--view-columns needs {len(VIEW_COLUMNS)} comma-separated names, got {cols}")
     return cols
 
 
-def load_train_data(args) -> TrainData:
-    if args.task == "retrieval":
-        if args.k_shot:
+def load_train_data(config: TrainConfig) -> TrainData:
+    """The training (and validation) records a run's TrainConfig names (--data, --task, --k-shot, ...)."""
+    if config.task == "retrieval":
+        if config.k_shot:
             raise UserError("--k-shot applies to --task classification only")
-        if getattr(args, "classes", "all") != "all":
+        if config.classes != "all":
             raise UserError("--classes applies to --task classification only")
-        path = args.data or str(demo.demo_manifest())
-        if getattr(args, "multiview", False):
-            if args.format not in ("auto", "manifest"):
-                raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {args.format}")
-            records = read_multiview(path, root=args.root, columns=_view_columns(args))
+        path = config.data or str(demo.demo_manifest())
+        if config.option("multiview"):
+            if config.format not in ("auto", "manifest"):
+                raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {config.format}")
+            records = read_multiview(path, root=config.root, columns=_view_columns(config.option("view_columns")))
         else:
-            records = _read_retrieval(path, args.format, args.root)
+            records = _read_retrieval(path, config.format, config.root)
         train = [r for r in records if r.split in (None, "train")]
-        if args.val_data:
-            val = _read_retrieval(args.val_data, args.format, None)
+        if config.val_data:
+            val = _read_retrieval(config.val_data, config.format, None)
         else:
             val = [r for r in records if r.split in VAL_SPLITS]
         if not train:
             raise UserError(f"{path}: no training records (split 'train' or no split column)")
         dropped = [u for u in unusable(records) if u.split in (None, "train")]
         return TrainData("retrieval", train, val, None, path, unusable=dropped)
-    path = Path(args.data) if args.data else demo.demo_split_json()
-    splits, classnames = read_labelled_splits(path, args.root)
+    path = Path(config.data) if config.data else demo.demo_split_json()
+    splits, classnames = read_labelled_splits(path, config.root)
     train = splits.get("train", splits.get("all", []))  # a flat ImageFolder is all training data
-    if args.val_data:
-        vs, vnames = read_labelled_splits(Path(args.val_data), None)
+    if config.val_data:
+        vs, vnames = read_labelled_splits(Path(config.val_data), None)
         if vnames != classnames:
             raise UserError(f"--val-data classes {vnames} differ from the training classes {classnames}")
         val = vs.get("val") or vs.get("test") or vs.get("train") or vs.get("all", [])
     else:
         val = splits.get("val", [])
-    which = getattr(args, "classes", "all")
+    which = config.classes
     require_classes(classnames, str(path))
     dropped = unusable(train)
     (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
     classnames, dropped = names, [u for u in dropped if u.classname in names]
     if not train:
         raise UserError(f"{path}: no training records" + ("" if which == "all" else f" of the {which} classes"))
-    if args.k_shot:
-        train = k_shot(train, args.k_shot, args.seed)
+    if config.k_shot:
+        train = k_shot(train, config.k_shot, config.seed)
     present = [classnames[label] for label in sorted({r.label for r in train})]
     if len(present) < 2:
         raise UserError(f"{path}: training images of {len(present)} class ({present}) only, of the classes "

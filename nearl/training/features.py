@@ -1,6 +1,7 @@
 """Methods fitted on cached frozen features (MethodSpec.trainer "features": linear-probe): the
 features are encoded once, the head is fitted full-batch, validated and checkpointed in the one
-checkpoint schema."""
+checkpoint schema. Also the features a MethodSpec.prepare fits to before any trainer runs
+(Tip-Adapter's cache: prepare_on_features)."""
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ from ..methods.linear_probe import fit_linear_probe
 from ..nonfinite import NonFiniteError
 from ..plots import plot_curves
 from .data import TrainData
-from .options import saved_args
+from .config import TrainConfig
 from .tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
@@ -60,20 +61,20 @@ class _FitLog:
         self.t = time.perf_counter()
 
 
-def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
+def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainData, out: Path,
                     tracker: Optional[Tracker] = None) -> Dict[str, Any]:
     """linear-probe: cache the frozen image features once, fit the head full-batch (nearl/methods/
     linear_probe.py), validate and checkpoint like the main loop. A step is one L-BFGS iteration;
     --max-steps (default 100) is the budget of each candidate of the weight-decay search."""
     device = info.device
-    steps = int(args.max_steps or 100)
-    if args.resume:
+    steps = int(config.max_steps or 100)
+    if config.resume:
         print("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
     log = TrackedLog(out / "metrics.jsonl", tracker)  # mirrored to --report-to's trackers
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # --resume of this folder: the fit starts again (claim_out allowed it)
-    kw = dict(device=device, batch_size=args.eval_batch_size or args.batch_size, workers=args.workers,
-              precision=args.precision, progress=not args.no_progress)
+    kw = dict(device=device, batch_size=config.eval_batch_size or config.batch_size, workers=config.workers,
+              precision=config.precision, progress=not config.no_progress)
     model.eval()
     t0 = time.perf_counter()
     train_x, train_y = _cached_features(model, data.train, "train images", kw)
@@ -83,21 +84,21 @@ def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
     print(f"task classification: {len(data.train)} training / {len(data.val)} validation records from "
           f"{data.source}; features cached in {feature_s:.1f}s; L-BFGS, {steps} iterations per candidate "
           f"weight decay {list(model.config.weight_decays)}", flush=True)
-    random.seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    torch.manual_seed(args.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
     n = int(train_y.numel())
     progress = _FitLog(log, n)
     chosen = fit_linear_probe(model, train_x.to(device), train_y.to(device),
                               None if val_x is None else val_x.to(device),
-                              None if val_y is None else val_y.to(device), steps, seed=args.seed,
+                              None if val_y is None else val_y.to(device), steps, seed=config.seed,
                               on_step=progress.on_step, on_search=progress.on_search)
     print(f"linear-probe: weight decay {chosen['weight_decay']:g}"
           f"{' (chosen on validation)' if chosen['searched'] else ' (no validation data: not searched)'}", flush=True)
     results, best = None, None
     if data.val:
         results = evaluate_classification(model, data.val, data.classnames,
-                                          templates=args.templates or TEMPLATES, **kw)
+                                          templates=config.templates or TEMPLATES, **kw)
         best = headline("classification", results)
         log.write({"kind": "val", "step": steps, "epoch": 1, **results, "score": best})
         print(f"validation at step {steps}: accuracy={results['accuracy']:.2f}", flush=True)
@@ -105,13 +106,13 @@ def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
             raise NonFiniteError(f"linear-probe: {int(results['nonfinite_rows'])} validation logit rows hold NaN "
                                  "or inf: the head has diverged; nothing was saved")
     state = training_state(
-        model_name=model.model_name, pretrained=args.pretrained, backbone_seed=args.seed,
+        model_name=model.model_name, pretrained=config.pretrained, backbone_seed=config.seed,
         method=method_of(model), config=model.config.to_dict(), task="classification",
         classnames=data.classnames, templates=None,
         model={k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
         optimizer=None, scheduler=None, scaler=None, step=steps, epoch=1,
         batch_in_epoch=0, best=best, rng=rng_state(), data={"n": n},
-        args=saved_args(args), metrics=results or {}, train_images=training_images(data.train))
+        args=config.to_dict(), metrics=results or {}, train_images=training_images(data.train))
     save_checkpoint(state, out, LAST)
     if results is not None:
         save_checkpoint(state, out, BEST)
@@ -122,3 +123,20 @@ def fit_on_features(args, info: D.DistInfo, model, data: TrainData, out: Path,
     print(f"done: {steps} steps; checkpoints in {out}", flush=True)
     return {"step": steps, "epoch": 1, "best": best, "out": str(out), "method": method_of(model),
             "learnable_parameters": model.num_trainable_parameters(), "weight_decay": chosen["weight_decay"]}
+
+
+def prepare_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainData, prepare) -> None:
+    """MethodSpec.prepare (Tip-Adapter's cache model): the frozen features of the training and
+    validation images, without augmentation, handed to the method before its trainer runs. Every
+    rank computes the same (deterministic) features, so every rank holds the same model."""
+    kw = dict(device=info.device, batch_size=config.eval_batch_size or config.batch_size, workers=config.workers,
+              precision=config.precision, progress=not config.no_progress and info.is_main)
+    model.eval()
+    with torch.no_grad():
+        train_x, train_y = _cached_features(model, data.train, "train images (cache)", kw)
+        val_x, val_y = _cached_features(model, data.val, "val images (search)", kw) if data.val else (None, None)
+    move = (lambda t: None if t is None else t.to(info.device))
+    note = prepare(model, move(train_x), move(train_y), move(val_x), move(val_y),
+                   templates=config.templates or TEMPLATES)
+    if info.is_main:
+        print(note, flush=True)

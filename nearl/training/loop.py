@@ -22,17 +22,18 @@ from ..classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_pr
 from ..data.datasets import collate_skip_bad
 from ..data.loadable import report_skips
 from ..data.overlap import training_images
-from ..errors import Terminated, UserError
+from ..errors import UserError
 from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
 from ..logging_utils import format_metrics
 from ..losses import NEARLLoss
-from ..methods import canonical
+from ..methods import DEFAULT_METHOD, canonical, spec
+from ..metric_table import VALIDATION_SHOWN
 from ..nonfinite import NonFiniteError, check_finite_state
 from ..plots import plot_curves
 from ..resume import changed_settings, load_adapters, resume_optimizer
 from ..schedule import warmup_cosine
 from .data import TrainData, make_dataset, require_decodable
-from .options import saved_args
+from .config import TrainConfig
 from .stop import SigtermStop
 from .tracking import TrackedLog, Tracker
 
@@ -40,15 +41,13 @@ logger = logging.getLogger("nearl.train")
 
 
 def param_groups(model, weight_decay: float):
-    """AdamW groups: decay on weight matrices; none on gates, LayerNorms, biases and the query bank.
-    A method may say otherwise with `model.decays(name, p)` (e.g. ALTA: its adapter matrices only)."""
+    """AdamW groups: decay on the learnable tensors the model's `decays(name, p)` names (NEARL-CLIP:
+    weight matrices but the query bank's; ALTA: its adapter matrices only), none on the others."""
     decay, no_decay = [], []
-    rule = getattr(model, "decays", None)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decays = rule(name, p) if rule is not None else (p.ndim >= 2 and not name.startswith("queries."))
-        (decay if decays else no_decay).append(p)
+        (decay if model.decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -101,15 +100,16 @@ class GradientRun:
     """One training run of a model with learnable parameters (or none: zeroshot validates once).
     `run()` returns the summary. The state a checkpoint records lives on the instance: step, epoch,
     pos (micro-batches into the epoch), best, skipped (non-finite steps skipped). `stop` (stop.py):
-    SIGTERM during `run()` stops it at the next step boundary, saved."""
+    SIGTERM or a first Ctrl-C during `run()` stops it at the next step boundary, saved."""
 
-    def __init__(self, args, info: D.DistInfo, hooks: Hooks, model, data: TrainData, *, method: str,
+    def __init__(self, config: TrainConfig, info: D.DistInfo, hooks: Hooks, model, data: TrainData, *, method: str,
                  model_name: str, fused: bool, tracker: Optional[Tracker] = None, stop: Optional[SigtermStop] = None):
-        self.args, self.info, self.hooks, self.model, self.data = args, info, hooks, model, data
+        self.config, self.info, self.hooks, self.model, self.data = config, info, hooks, model, data
         self.method, self.model_name, self.fused = method, model_name, fused
         self.stop, self.stopping = stop or SigtermStop(), False  # stopping: every rank saw SIGTERM's flag
+        self.stopped_by = None  # the signal every rank stops for (SIGTERM or SIGINT), when stopping
         self.done_already: Optional[Dict[str, Any]] = None  # a resumed checkpoint at or past this run's end
-        self.device, self.out, self.main_rank = info.device, Path(args.out), info.is_main
+        self.device, self.out, self.main_rank = info.device, Path(config.out), info.is_main
         self.step = self.epoch = self.pos = self.skipped = 0
         self.best: Optional[float] = None
         # metrics.jsonl, mirrored to --report-to's trackers (tracking.py)
@@ -124,11 +124,11 @@ class GradientRun:
 
     # ----------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
-        args, info = self.args, self.info
-        self.dataset = make_dataset(self.data, self.model, args.seed, multiview=getattr(args, "multiview", False))
+        config, info = self.config, self.info
+        self.dataset = make_dataset(self.data, self.model, config.seed, multiview=config.option("multiview"))
         # a training or validation set with no decodable image stops here, naming files
-        require_decodable(self.data, self.dataset, getattr(args, "val_data", None))
-        per_rank = args.batch_size
+        require_decodable(self.data, self.dataset, config.val_data)
+        per_rank = config.batch_size
         if len(self.dataset) < per_rank * info.world_size:
             new = max(1, len(self.dataset) // info.world_size)
             say(info, f"warning: {len(self.dataset)} training samples < global batch {per_rank * info.world_size}; "
@@ -136,29 +136,29 @@ class GradientRun:
             per_rank = new
         self.per_rank = per_rank
         self.sampler = D.ShardedBatchSampler(len(self.dataset), per_rank, rank=info.rank, world_size=info.world_size,
-                                             seed=args.seed, shuffle=True, drop_last=True)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=args.workers,
+                                             seed=config.seed, shuffle=True, drop_last=True)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=config.workers,
                                  collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
                                  generator=torch.Generator())
         micro_per_epoch = self.sampler.batches_per_epoch()
-        self.steps_per_epoch = micro_per_epoch // args.accum_steps
+        self.steps_per_epoch = micro_per_epoch // config.accum_steps
         if self.steps_per_epoch < 1:
             raise UserError(f"{len(self.dataset)} samples make {micro_per_epoch} batches of {per_rank} x "
-                            f"{info.world_size} processes: fewer than --accum-steps {args.accum_steps}")
-        self.epochs = args.epochs or (math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 10)
+                            f"{info.world_size} processes: fewer than --accum-steps {config.accum_steps}")
+        self.epochs = config.epochs or (math.ceil(config.max_steps / self.steps_per_epoch) if config.max_steps else 10)
         self.total = self.epochs * self.steps_per_epoch
-        if args.max_steps:
-            self.total = min(self.total, args.max_steps)
-        self.warmup = args.warmup if args.warmup is not None else min(500, math.ceil(0.05 * self.total))
+        if config.max_steps:
+            self.total = min(self.total, config.max_steps)
+        self.warmup = config.warmup if config.warmup is not None else min(500, math.ceil(0.05 * self.total))
 
     def _prepare_objective(self) -> None:
-        args, info, model, cfg = self.args, self.info, self.model, self.model.config
+        config, info, model, cfg = self.config, self.info, self.model, self.model.config
         if self.data.task == "retrieval":
             self.module = model
             self.loss_fn = NEARLLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
             probe_loss = NEARLLoss.from_config(cfg)
         else:
-            prompts = class_prompt_tokens(model, self.data.classnames, args.templates or list(TEMPLATES))
+            prompts = class_prompt_tokens(model, self.data.classnames, config.templates or list(TEMPLATES))
             self.module = PromptClassifier(model, prompts.to(self.device), len(self.data.classnames)).to(self.device)
             self.loss_fn = ClassificationLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
             probe_loss = ClassificationLoss.from_config(cfg)
@@ -181,39 +181,39 @@ class GradientRun:
                 find_unused_parameters=bool(unused), broadcast_buffers=False)
 
     def _prepare_optimizer(self) -> None:
-        args = self.args
+        config = self.config
         self.optimizer = self.scheduler = None
         if self.params:
-            self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
-                                               betas=(args.beta1, args.beta2), eps=args.eps)
-            self.scheduler = warmup_cosine(self.optimizer, self.warmup, self.total, args.min_lr_ratio)
-        fp16 = args.precision == "fp16" and self.params
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                               betas=(config.beta1, config.beta2), eps=config.eps)
+            self.scheduler = warmup_cosine(self.optimizer, self.warmup, self.total, config.min_lr_ratio)
+        fp16 = config.precision == "fp16" and self.params
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
 
     def resume_or_seed(self) -> None:
         """Continue from --resume's checkpoint, or seed every generator from --seed."""
-        args, info = self.args, self.info
-        if not args.resume:
-            random.seed(args.seed)
-            np.random.seed(args.seed % 2**32)
-            torch.manual_seed(args.seed)
+        config, info = self.config, self.info
+        if not config.resume:
+            random.seed(config.seed)
+            np.random.seed(config.seed % 2**32)
+            torch.manual_seed(config.seed)
             return
-        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        ckpt = load_checkpoint(config.resume, map_location="cpu")
         if ckpt.get("task", "retrieval") != self.data.task:
             raise UserError(f"checkpoint task {ckpt.get('task')} != --task {self.data.task}")
-        if canonical(ckpt.get("method") or "nearl") != self.method:
+        if canonical(ckpt.get("method") or DEFAULT_METHOD) != self.method:
             raise UserError(f"checkpoint method {ckpt.get('method')} != --method {self.method}")
         if self.params and ckpt["step"] >= self.total:  # nothing to train: run() says so and writes nothing
             self.done_already = ckpt
             return
         load_adapters(self.model, ckpt, self.device)
         self.train_images = training_images(self.data.train, ckpt.get("train_images"))  # trained on both
-        changed = changed_settings(ckpt.get("args", {}), args)
+        changed = changed_settings(ckpt.get("args", {}), config.to_dict())
         if changed:
             say(info, "resume: settings given again take effect: " + ", ".join(changed))
         if self.optimizer is not None:
             for line in resume_optimizer(self.optimizer, self.scheduler, ckpt, self.warmup, self.total,
-                                         args.min_lr_ratio):
+                                         config.min_lr_ratio):
                 say(info, "resume: " + line)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -231,37 +231,37 @@ class GradientRun:
         say(info, f"resumed from {ckpt['path']}: step {self.step}, epoch {self.epoch}, batch {self.pos} of the epoch")
 
     def announce(self) -> None:
-        args, data, model = self.args, self.data, self.model
+        config, data, model = self.config, self.data, self.model
         if self.main_rank:
             model.print_parameter_breakdown()
-            if self.method != "nearl":
+            if spec(self.method).named_in_messages:
                 print(f"method {self.method}: {model.num_trainable_parameters():,} learnable parameters")
             print(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from "
                   f"{data.source}")
-            print(f"{self.info.world_size} process(es) x batch {self.per_rank} x accumulation {args.accum_steps} = "
-                  f"{self.per_rank * self.info.world_size * args.accum_steps} samples per step; "
+            print(f"{self.info.world_size} process(es) x batch {self.per_rank} x accumulation {config.accum_steps} = "
+                  f"{self.per_rank * self.info.world_size * config.accum_steps} samples per step; "
                   f"{self.steps_per_epoch} steps per epoch; {self.total} steps ({self.epochs} epochs at most), "
-                  f"warmup {self.warmup}; device {self.device}, precision {args.precision}"
+                  f"warmup {self.warmup}; device {self.device}, precision {config.precision}"
                   f"{', fused kernels' if self.fused else ''}"
-                  f"{', grad checkpointing' if getattr(model, 'grad_checkpointing', False) else ''}", flush=True)
+                  f"{', grad checkpointing' if model.grad_checkpointing else ''}", flush=True)
         if not data.val:
             say(self.info, "no validation records: no per-epoch evaluation and no best.pt "
                            "(give the manifest a 'val' split or use --val-data)")
 
     # ----------------------------------------------------------------- checkpoints
     def state(self, tag_epoch: int, tag_pos: int, metrics: Optional[dict] = None) -> Dict[str, Any]:
-        args, data = self.args, self.data
+        config, data = self.config, self.data
         return training_state(
-            model_name=self.model_name, pretrained=args.pretrained, backbone_seed=args.seed,
+            model_name=self.model_name, pretrained=config.pretrained, backbone_seed=config.seed,
             method=self.method, config=self.model.config.to_dict(), task=data.task, classnames=data.classnames,
-            templates=(args.templates or list(TEMPLATES)) if data.task == "classification" else None,
+            templates=(config.templates or list(TEMPLATES)) if data.task == "classification" else None,
             model={k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
             optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             step=self.step, epoch=tag_epoch, batch_in_epoch=tag_pos, best=self.best,
             rng=rng_state(), data={**self.sampler.state_dict(), "epoch": tag_epoch, "start": tag_pos},
-            args=saved_args(args), metrics=metrics or {}, train_images=self.train_images)
+            args=config.to_dict(), metrics=metrics or {}, train_images=self.train_images)
 
     def kept(self) -> str:
         """Where the last good checkpoint is, for the message that stops a diverged run."""
@@ -271,7 +271,7 @@ class GradientRun:
 
     def again(self) -> str:
         """How to go on after a diverged validation: from the last good checkpoint, if one was written."""
-        lower = f"a lower --lr (now {self.args.lr:g})"
+        lower = f"a lower --lr (now {self.config.lr:g})"
         if self.last_good is None:
             return f"Start again with {lower} and --overwrite"
         return f"Resume from it with {lower} (--resume {self.out} --lr ...), or start again with --overwrite"
@@ -306,8 +306,7 @@ class GradientRun:
             results = self._evaluate()
             score = headline(data.task, results)
             self.log.write({"kind": "val", "step": self.step, "epoch": self.epoch, **results, "score": score})
-            shown = {k: v for k, v in results.items() if k in ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy",
-                                                              "macro_f1", "macro_auc")}
+            shown = {k: v for k, v in results.items() if k in VALIDATION_SHOWN}
             print(f"validation at step {self.step}: {format_metrics(shown)}", flush=True)
             bad = int(results.get("nonfinite_rows", 0))
             if bad:  # the metrics counted them as misses; the model itself is broken
@@ -324,18 +323,18 @@ class GradientRun:
         return results
 
     def _evaluate(self) -> Dict[str, float]:
-        args, data = self.args, self.data
-        kw = dict(device=self.device, batch_size=args.eval_batch_size or self.per_rank, workers=args.workers,
-                  precision=args.precision, progress=not args.no_progress,
-                  source=getattr(args, "val_data", None) or data.source)
+        config, data = self.config, self.data
+        kw = dict(device=self.device, batch_size=config.eval_batch_size or self.per_rank, workers=config.workers,
+                  precision=config.precision, progress=not config.no_progress,
+                  source=config.val_data or data.source)
         if data.task == "retrieval":
             return evaluate_retrieval(self.model, data.val, **kw)
-        return evaluate_classification(self.model, data.val, data.classnames, templates=args.templates or TEMPLATES,
+        return evaluate_classification(self.model, data.val, data.classnames, templates=config.templates or TEMPLATES,
                                        **kw)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> Dict[str, Any]:
-        with self.stop.deferred():  # SIGTERM from here on: stop at the next step boundary, saved (stop.py)
+        with self.stop.deferred():  # SIGTERM, Ctrl-C from here on: stop at the next step boundary, saved (stop.py)
             return self._run()
 
     def _run(self) -> Dict[str, Any]:
@@ -367,10 +366,10 @@ class GradientRun:
     def nothing_to_do(self) -> Dict[str, Any]:
         """--resume of a checkpoint at or past the step this run ends at: said, and nothing written (the
         checkpoint, metrics.jsonl and curves stay as they were), exit status 0."""
-        ckpt, args = self.done_already, self.args
+        ckpt, config = self.done_already, self.config
         self.step, self.epoch, self.best = ckpt["step"], ckpt["epoch"], ckpt.get("best")
         self.skipped = int(ckpt.get("nonfinite_skipped", 0))
-        end = f"--max-steps {args.max_steps}" if args.max_steps and args.max_steps <= self.total else (
+        end = f"--max-steps {config.max_steps}" if config.max_steps and config.max_steps <= self.total else (
             f"{self.epochs} epochs of {self.steps_per_epoch} steps")
         say(self.info, f"nothing to do: {ckpt['path']} holds step {self.step}, and this run ends at step {self.total} "
                        f"({end}); nothing was trained or written. Give a larger --max-steps (or --epochs) to "
@@ -379,21 +378,22 @@ class GradientRun:
         return {**self.summary(), "nothing_to_do": True}
 
     def stop_here(self) -> None:
-        """SIGTERM reached a step boundary (stop.py): save this step, close the log, and say where it stopped."""
+        """SIGTERM or Ctrl-C reached a step boundary (stop.py): save this step, close the log, and say where
+        it stopped."""
         if self.saved_at != {"step": self.step, "best": self.best}:
             self.save(LAST, self.epoch, self.pos)
         self.plot()
         self.log.close()
-        raise Terminated(f"stopped by SIGTERM after step {self.step} of {self.total}: {self.out / LAST} holds it; "
-                         f"continue with python -m nearl.train --resume {self.out}")
+        raise self.stop.stopped(self.stopped_by, f"after step {self.step} of {self.total}: {self.out / LAST} holds "
+                                                 f"it; continue with python -m nearl.train --resume {self.out}")
 
     def run_epoch(self) -> None:
         """The rest of the current epoch (from micro-batch `pos`), then its validation and checkpoint."""
-        args, accum = self.args, self.args.accum_steps
+        config, accum = self.config, self.config.accum_steps
         self.sampler.set_epoch(self.epoch, start=self.pos)
         self.dataset.set_epoch(self.epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=self.pos // accum, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                   disable=args.no_progress or not self.main_rank, dynamic_ncols=True)
+                   disable=config.no_progress or not self.main_rank, dynamic_ncols=True)
         self.group: List[Dict[str, float]] = []
         self.micro, self.seen, self.t0 = 0, 0, time.perf_counter()
         for batch in self.loader:
@@ -409,7 +409,7 @@ class GradientRun:
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                             samples_s=f"{record['samples_per_s'] or 0:.1f}", lr=f"{record['lr']:.2e}")
             at_epoch_end = self.pos >= self.steps_per_epoch * accum
-            if args.save_every and self.step % args.save_every == 0 and not at_epoch_end and self.step < self.total:
+            if config.save_every and self.step % config.save_every == 0 and not at_epoch_end and self.step < self.total:
                 self.save(LAST, self.epoch, self.pos)
             self.hooks.on_step(self.step, record)
             if self.step >= self.total or self.stopping:
@@ -418,7 +418,7 @@ class GradientRun:
         report_skips(self.dataset, self.log, step=self.step, source=self.data.source)  # once per data set
         if self.pos >= self.steps_per_epoch * accum and not self.stopping:  # a full epoch (SIGTERM: run() saves)
             self.epoch, self.pos = self.epoch + 1, 0
-            if args.eval_every and self.epoch % args.eval_every == 0 and self.validate() is not None:
+            if config.eval_every and self.epoch % config.eval_every == 0 and self.validate() is not None:
                 self.plot()  # the curves are redrawn with each validation, and at the end
             self.save(LAST, self.epoch, self.pos)
 
@@ -436,12 +436,12 @@ class GradientRun:
         extra = tuple(t[:n].to(device, non_blocking=True) for t in batch[1:-1])
         sync = self.ddp.no_sync() if (self.ddp is not None and not last_micro) else nullcontext()
         with sync:
-            with autocast(device, self.args.precision):
+            with autocast(device, self.config.precision):
                 if self.data.task == "retrieval":
                     terms = self.loss_fn(self.forward(images, second, *extra))
                 else:
                     terms = self.loss_fn(self.forward(images), second)
-            loss = terms["loss"] / self.args.accum_steps
+            loss = terms["loss"] / self.config.accum_steps
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.group.append({k: float(v.detach()) for k, v in terms.items()})
         self.seen += n * info.world_size
@@ -449,10 +449,10 @@ class GradientRun:
     def optimizer_step(self) -> Dict[str, Any]:
         """The step of an accumulation group, unless its loss or gradients are not finite (then the
         parameters and the optimizer's moments stay as they were); its record, logged."""
-        args, scaler, optimizer = self.args, self.scaler, self.optimizer
+        config, scaler, optimizer = self.config, self.scaler, self.optimizer
         if scaler is not None:
             scaler.unscale_(optimizer)
-        clip = args.grad_clip if args.grad_clip and args.grad_clip > 0 else math.inf  # inf: the norm only
+        clip = config.grad_clip if config.grad_clip and config.grad_clip > 0 else math.inf  # inf: the norm only
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         bad_grad, mean = self._reduce_group(grad_norm)
         bad_loss = not all(math.isfinite(v) for v in mean.values())
@@ -486,24 +486,27 @@ class GradientRun:
 
     def _reduce_group(self, grad_norm: float):
         """(whether any rank's gradients were non-finite, the group's mean loss terms over all ranks);
-        `self.stopping` becomes whether any rank was sent SIGTERM before the run's last step (which
-        finishes the run as usual). One collective, so every rank takes the same decisions."""
+        `self.stopping` becomes whether any rank was sent SIGTERM or SIGINT before the run's last step
+        (which finishes the run as usual), `self.stopped_by` which (stop.py). One collective, so every
+        rank takes the same decisions."""
         group = self.group
         keys = sorted({k for g in group for k in g})
         mean = {k: sum(g[k] for g in group if k in g) / max(1, sum(k in g for g in group)) for k in keys}
-        flags = [float(not math.isfinite(grad_norm)), float(self.stop.requested)] + [mean[k] for k in keys]
+        signals = self.stop.flags()
+        flags = [float(not math.isfinite(grad_norm)), *signals] + [mean[k] for k in keys]
         reduced = D.all_reduce_mean(torch.tensor(flags, dtype=torch.float64), self.info).tolist()
-        self.stopping = reduced[1] > 0 and self.step + 1 < self.total  # self.step: the steps before this one
-        return reduced[0] > 0, dict(zip(keys, reduced[2:]))
+        self.stopped_by = self.stop.agreed(reduced[1:1 + len(signals)])
+        self.stopping = self.stopped_by is not None and self.step + 1 < self.total  # self.step: the steps before
+        return reduced[0] > 0, dict(zip(keys, reduced[1 + len(signals):]))
 
     def _stop_or_skip(self, bad_loss: bool, mean: Dict[str, float], grad_norm: float) -> None:
-        args, skipped = self.args, self.skipped
-        if skipped > args.skip_nonfinite:
+        config, skipped = self.config, self.skipped
+        if skipped > config.skip_nonfinite:
             what = f"loss is {mean.get('loss')}" if bad_loss else f"gradient norm is {grad_norm}"
-            earlier = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {args.skip_nonfinite})"
-                       if args.skip_nonfinite else "")
+            earlier = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {config.skip_nonfinite})"
+                       if config.skip_nonfinite else "")
             raise NonFiniteError(f"step {self.step}: the {what}{earlier}; training stopped without applying it. "
-                                 f"{self.kept()}. Lower --lr (now {args.lr:g}), check the data, or pass "
+                                 f"{self.kept()}. Lower --lr (now {config.lr:g}), check the data, or pass "
                                  f"--skip-nonfinite N to skip up to N such steps")
         say(self.info, f"step {self.step}: non-finite {'loss' if bad_loss else 'gradients'}: step skipped "
-                       f"({skipped} of at most {args.skip_nonfinite})")
+                       f"({skipped} of at most {config.skip_nonfinite})")
