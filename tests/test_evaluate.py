@@ -165,3 +165,20 @@ def test_copies_of_the_training_images_are_caught_through_checkpoints_and_adapte
     E.main(["--adapter", str(adapter), *held_out])
     assert (f"cannot check overlap with training data: {adapter / AF.CONFIG_FILE} predates the record"
             in capsys.readouterr().out)
+
+
+def test_a_file_is_hashed_once_a_process_until_it_changes(tmp_path, monkeypatch):
+    """nearl.compare hashes its training pool, then each run's fit and evaluation the same files: the
+    content key of an unchanged file is read once; a rewritten one is read again."""
+    from nearl.data import overlap
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x" * 100)
+    reads = []
+    real = overlap._hash_content
+    monkeypatch.setattr(overlap, "_hash_content", lambda path: reads.append(path) or real(path))
+    first = overlap.content_key(image)
+    assert overlap.content_keys([image, image]) == [first, first] and len(reads) == 1
+    image.write_bytes(b"y" * 101)  # another size: another key, read again
+    assert overlap.content_key(image) not in (first, None) and len(reads) == 2
+    assert overlap.content_key(tmp_path / "missing.png") is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -36,8 +36,25 @@ def _key(path) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
+# content keys already computed in this process, by (path, size, mtime): nearl.compare hashes its
+# training pool, then every run's fit hashes its training images and its evaluation the evaluated
+# ones, all the same files; a file changed since has another size or mtime
+_CONTENT_KEYS: Dict[Tuple[str, int, int], Optional[int]] = {}
+
+
 def content_key(path) -> Optional[int]:
     """The key of an image file's bytes (its size, first and last `EDGE` bytes), None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:  # unreadable: the loader skips it, and it is no evidence of overlap
+        return None
+    seen = (os.fspath(path), st.st_size, st.st_mtime_ns)
+    if seen not in _CONTENT_KEYS:
+        _CONTENT_KEYS[seen] = _hash_content(path)
+    return _CONTENT_KEYS[seen]
+
+
+def _hash_content(path) -> Optional[int]:
     h = hashlib.sha1()
     try:
         with open(path, "rb") as f:
