@@ -1,7 +1,6 @@
 """NEARL-CLIP: a frozen open_clip backbone adapted with USEformer queries and orthogonal cross-attention."""
-import importlib
-
 from ._checkout import map_uninstalled_folders
+from ._lazy import lazy_attributes
 
 map_uninstalled_folders()  # before ops imports nearl_kernels
 
@@ -11,20 +10,7 @@ map_uninstalled_folders()  # before ops imports nearl_kernels
 _SUBMODULES = ("ops", "reference")
 _LAZY = {"NEARLConfig": "config", "build": "model", "NEARLCLIP": "model", "NEARLOutput": "model",
          "NEARLLoss": "losses", "load": "adapter_files"}
-
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)  # the import binds it here too
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_SUBMODULES) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
 
 
 __all__ = ["ops", "reference", "build", "load", "NEARLCLIP", "NEARLConfig", "NEARLLoss", "NEARLOutput"]

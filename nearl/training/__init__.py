@@ -9,7 +9,7 @@
     features.py  methods fitted on cached features (linear-probe)
     tracking.py  --report-to: metrics.jsonl mirrored to TensorBoard / wandb
 """
-import importlib
+from .._lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): `nearl.training.options` (the parser) imports no torch, and
 # `python -m nearl.train --help` answers before the loop and the run are imported.
@@ -17,18 +17,7 @@ _LAZY = {"GradientRun": "loop", "Hooks": "loop", "param_groups": "loop", "unused
          "FIXED_ON_RESUME": "options", "build_parser": "options", "parse_args": "options",
          "parse_config": "options", "given_settings": "options", "check_flags": "options",
          "TrainConfig": "config", "fit": "run"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["FIXED_ON_RESUME", "GradientRun", "Hooks", "TrainConfig", "build_parser", "fit", "param_groups",
