@@ -54,10 +54,10 @@ class CLIPAdapter(MethodModel):
         self.text_adapter = FeatureAdapter(dim, config.reduction)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_adapter(self.backbone.encode_image(images, normalize=False), self.config.alpha)
+        return self.image_adapter(super()._image_features(images), self.config.alpha)
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text_adapter(self.backbone.encode_text(tokens, normalize=False), self.config.alpha)
+        return self.text_adapter(super()._text_features(tokens), self.config.alpha)
 
     def _breakdown(self) -> Dict[str, int]:
         return {"Image adapter": count(self.image_adapter.parameters()),

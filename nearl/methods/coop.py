@@ -65,10 +65,6 @@ class CoOp(MethodModel):
     def n_ctx(self) -> int:
         return int(self.ctx.shape[0])
 
-    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        # free text (not a class prompt) goes through the frozen text tower unchanged
-        return self.backbone.encode_text(tokens, normalize=False)
-
     # ----------------------------------------------------------------- classification protocol
     def class_prompt_tokens(self, classnames: Sequence[str], templates=None) -> torch.Tensor:
         """(C, context_length) ids of "X ... X <class>." (templates are not used: the context is learned)."""

@@ -51,7 +51,7 @@ class LinearProbe(MethodModel):
         self.head = nn.Linear(self.embed_dim, num_classes).to(device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.backbone.encode_image(images, normalize=False)
+        f = self._image_features(images)  # the frozen CLIP's (MethodModel)
         return F.normalize(f.float(), dim=-1) if self.config.normalize else f.float()
 
     def classification_logits(self, image_features: torch.Tensor, classnames: Sequence[str], templates=None,
