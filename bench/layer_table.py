@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,10 +46,16 @@ def _planned_bucket(shape_name: str, B: int, dtype: str, what: str) -> dict:
     if what == "measure":
         sm_count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     else:
-        from nearl_kernels import runtime
-        tiling = os.environ.get("NEARL_TILING", "").strip().lower() or "h100"
-        sm_count = int(os.environ.get("NEARL_SM_COUNT", "").strip() or runtime.TILINGS[tiling][0])
+        sm_count = _model_tiling()[0]
     return _bucket(shape, DTYPES[dtype], sm_count)
+
+
+def _model_tiling() -> Tuple[int, int]:
+    """(SM count, compute capability) of the GPU `bench.run --sass` models: NEARL_TILING's (an H100's
+    when it is unset), NEARL_SM_COUNT's SM count; a bad value is a ValueError naming the variable."""
+    from nearl_kernels import runtime
+    _, sm_count, cc = runtime.tiling(torch.device("cpu"))
+    return sm_count, cc
 
 
 def _model_times(payload: dict, provider: str) -> dict:
@@ -132,11 +138,7 @@ def _grid(args) -> List[tuple]:
 
 def _default_out(what: str) -> str:
     if what == "estimate":  # the model of the GPU NEARL_TILING names (bench.run --sass's default: h100)
-        from nearl_kernels import runtime
-        tiling = os.environ.get("NEARL_TILING", "").strip().lower() or "h100"
-        if tiling not in runtime.TILINGS:
-            raise ValueError(f"NEARL_TILING={tiling!r}: accepted values are {', '.join(sorted(runtime.TILINGS))}")
-        return str(layer_path.TABLES / f"model-sm{runtime.TILINGS[tiling][1]}.json")
+        return str(layer_path.TABLES / f"model-sm{_model_tiling()[1]}.json")
     return str(layer_path.TABLES / layer_path.device_file_name(torch.cuda.get_device_name()))
 
 
@@ -147,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("measure times the paths on a GPU, and there is none here; `estimate` runs on the CPU")
     try:
         grid = _grid(args)
+        if args.what == "estimate":
+            _model_tiling()  # a bad NEARL_TILING / NEARL_SM_COUNT is one line, whatever --out says
         out = args.out or _default_out(args.what)
     except ValueError as err:
         parser.error(str(err))

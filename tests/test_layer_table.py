@@ -70,6 +70,17 @@ def test_a_failed_sass_run_is_reported(monkeypatch):
     assert seen == [["bench.run", "--kernel", "layer", "--sass", "--shape", "vit-b16"]]
 
 
+def test_a_bad_tiling_is_one_line_with_or_without_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(layer_table, "sass_payload", lambda *args, **kw: pytest.fail("nothing may run"))
+    for env, value in (("NEARL_TILING", "b200"), ("NEARL_SM_COUNT", "many")):
+        monkeypatch.setenv(env, value)
+        for out in ([], ["--out", str(tmp_path / "t.json")]):
+            with pytest.raises(SystemExit) as exc:
+                layer_table.main(["estimate", "--shapes", "vit-b16", "--batches", "8", *out])
+            assert exc.value.code == 2 and f"{env}={value!r}" in capsys.readouterr().err
+        monkeypatch.delenv(env)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["estimate", "--dtypes", "bf17"], "--dtypes: unknown \\['bf17'\\]"),
     (["estimate", "--shapes", "vit-h14"], "unknown --shape 'vit-h14'"),
