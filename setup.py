@@ -11,7 +11,7 @@ setup(
     # folders in a checkout that was never installed.
     packages=find_packages(include=["nearl", "nearl.*"]) + ["nearl_kernels", "nearl_bench"],
     package_dir={"nearl_kernels": "kernels", "nearl_bench": "bench"},
-    package_data={"nearl": ["model_configs/*.json", "layer_paths/*.json"]},
+    package_data={"nearl": ["model/model_configs/*.json", "ops/layer_paths/*.json"]},
     # Supported range (README, "Supported versions"): CI runs the whole suite at both ends, the
     # newest pip resolves and the floors below (.ci/oldest.txt). triton < 3.7's interpreter
     # breaks on numpy >= 2.4; kernels/interpreter_shims.py mends it, and CI runs the kernel tests on that pair.
@@ -27,14 +27,15 @@ setup(
         "pydicom>=3.0",
         "scikit-image",
         "matplotlib",
-        "safetensors>=0.4",  # shareable adapter files (nearl/adapter_files.py)
-        "scikit-learn>=1.4.2",  # macro-F1 / macro-AUC (nearl/metrics.py); 1.4.2 is the first for numpy 2
+        "safetensors>=0.4",  # shareable adapter files (nearl/store/adapter_files.py)
+        "pyyaml",  # a run's config.yaml (nearl/training/config_file.py)
+        "scikit-learn>=1.4.2",  # macro-F1 / macro-AUC (nearl/evaluation/metrics.py); 1.4.2 is the first for numpy 2
     ],
     entry_points={"console_scripts": ["nearl-train=nearl.train:cli", "nearl-evaluate=nearl.evaluate:cli",
                                       "nearl-compare=nearl.compare:cli", "nearl-export=nearl.export:cli",
                                       "nearl-predict=nearl.predict:cli"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "tensorboard"],  # tensorboard: tests/test_tracking.py
+        "dev": ["pytest", "pytest-benchmark", "tensorboard"],  # tensorboard: tests/training/test_tracking.py
         "gpu": ["xformers"],
         # --report-to tensorboard / wandb (nearl/training/tracking.py)
         "tensorboard": ["tensorboard"],

@@ -20,10 +20,10 @@ and a crash cannot take the rest down); each writes DIR/<step>.json, and its raw
                   --providers reference,compile[,split],triton --cuda-graphs: each row eager and
                   replayed from a CUDA graph
   sweep           python -m bench.layer_table measure: both layer paths timed per bucket, the table
-                  nearl.layer_path reads; copied to nearl/layer_paths/<GPU name>.json to be committed
-  kernel-tests    pytest tests/test_oca_kernel.py tests/test_layer_kernel.py, sized to what is left:
+                  nearl.ops.layer_path reads; copied to nearl/ops/layer_paths/<GPU name>.json to be committed
+  kernel-tests    pytest tests/kernels/test_oca_kernel.py tests/kernels/test_layer_kernel.py, sized to what is left:
                   at ~2.5 s of compile a case, a fixed-order subset when they cannot all fit
-  model-tests     pytest tests/test_model_fused.py (needs open_clip)
+  model-tests     pytest tests/model/test_model_fused.py (needs open_clip)
   model           python -m bench.run --kernel model --grad-checkpointing (needs open_clip)
   memcheck, initcheck
                   compute-sanitizer --tool memcheck | initcheck python -m bench.memcheck_case
@@ -72,7 +72,7 @@ TAIL_CHARS = 4000
 DRY_KERNEL_TESTS = ("every_output_element_written or zero_c or kernel_limits or float64_goes or strided_inputs "
                     "or masked_tokens or B1-N1-d16 or B2-N1-d768 or 2-1-80-1 or 2-50-48")
 DRY_MODEL_TESTS = "fresh_fused_model"
-KERNEL_TEST_FILES = ("tests/test_oca_kernel.py", "tests/test_layer_kernel.py")
+KERNEL_TEST_FILES = ("tests/kernels/test_oca_kernel.py", "tests/kernels/test_layer_kernel.py")
 # Sizing the kernel tests: on a GPU their time is the Triton compile of each case's kernels (issue
 # 23: 158 specialisations at about 2-3 s each); pytest's start and collection come on top.
 PER_TEST_S = 2.5
@@ -137,7 +137,7 @@ def plan(dry_run: bool) -> List[Step]:
         Step("kernel-tests", "kernel tests (OCA, layer), sized to the time left", "pytest",
              ["pytest", *KERNEL_TEST_FILES], share=0.45, min_s=60, needs=("pytest",),
              dry_args=["-k", DRY_KERNEL_TESTS], sized=True),
-        Step("model-tests", "fused-model tests", "pytest", ["pytest", "tests/test_model_fused.py"],
+        Step("model-tests", "fused-model tests", "pytest", ["pytest", "tests/model/test_model_fused.py"],
              share=0.2, min_s=40, needs=("pytest", "open_clip"), dry_args=["-k", DRY_MODEL_TESTS]),
         Step("model", "bench.run --kernel model", "bench", ["bench.run", "--kernel", "model", "--dtype", "bf16",
                                                             "--grad-checkpointing"],
@@ -311,7 +311,7 @@ class Context:
     pytest_args: List[str]
     ncu: Optional[str] = None
     device: Optional[str] = None  # torch.cuda.get_device_name: the sweep's table is named after it
-    tables: Optional[Path] = None  # where the sweep's table is copied (default nearl/layer_paths/)
+    tables: Optional[Path] = None  # where the sweep's table is copied (default nearl/ops/layer_paths/)
 
 
 # what ncu prints where it cannot read the hardware counters (KINDS.md: gVisor; a driver that
@@ -429,10 +429,10 @@ def outcome(step: Step, rc: Optional[int], raw: Optional[Path], log: Path, ctx: 
 
 
 def sweep_outcome(table: Optional[dict], raw: Path, ctx: Context) -> Tuple[str, str, object]:
-    """The measured table, copied where nearl.layer_path looks for this GPU's (to be committed)."""
+    """The measured table, copied where nearl.ops.layer_path looks for this GPU's (to be committed)."""
     if not table or not table.get("entries"):
         return "failed", "bench.layer_table wrote no entry", {"table": str(raw)}
-    from nearl import layer_path
+    from nearl.ops import layer_path
 
     dest = (ctx.tables or layer_path.TABLES) / layer_path.device_file_name(ctx.device or "unknown GPU")
     dest.parent.mkdir(parents=True, exist_ok=True)

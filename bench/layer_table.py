@@ -1,15 +1,15 @@
-"""`python -m bench.layer_table`: the tables `nearl.layer_path` chooses the layer's path from.
+"""`python -m bench.layer_table`: the tables `nearl.ops.layer_path` chooses the layer's path from.
 
-    python -m bench.layer_table estimate          # CPU: the MODEL's table, nearl/layer_paths/model-sm90.json
+    python -m bench.layer_table estimate          # CPU: the MODEL's table, nearl/ops/layer_paths/model-sm90.json
     NEARL_TILING=a100 python -m bench.layer_table estimate    # ... and sm_80's, model-sm80.json
-    python -m bench.layer_table measure           # GPU: this GPU's table, nearl/layer_paths/<device name>.json
+    python -m bench.layer_table measure           # GPU: this GPU's table, nearl/ops/layer_paths/<device name>.json
 
 estimate: for each shape, batch and dtype, `python -m bench.run --kernel layer --sass` (the SASS of
 every launch at the GPU tiling and its latency / roofline MODEL, not a measurement) and the model's
 forward and backward times of the `triton` (fused) and `split` providers. The chooser reads the
 pessimistic set's times (the optimistic set's are kept beside them).
 measure: on the GPU, both paths timed forward and backward at each bucket (medians of CUDA-event
-times, L2 flushed), the fused one at the tiling the launchers pick. Buckets are nearl.layer_path's.
+times, L2 flushed), the fused one at the tiling the launchers pick. Buckets are nearl.ops.layer_path's.
 Both write one JSON file: device, versions, the command, and an entry per bucket.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from nearl import layer_path
+from nearl.ops import layer_path
 
 from .report import environment, write_json
 from .shapes import DTYPES, make_case, resolve_shape
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of bench.run shapes")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma list of batch sizes")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp16, fp32")
-    p.add_argument("--out", default=None, help="the table's file (default: nearl/layer_paths/<its name>)")
+    p.add_argument("--out", default=None, help="the table's file (default: nearl/ops/layer_paths/<its name>)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting entries after this long")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)

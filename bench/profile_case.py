@@ -4,7 +4,7 @@ launches and how long each takes. `python -m bench.gpu_check`'s `profile` step.
     python -m bench.profile_case --out profile.json
 
 The ops: `ops.oca` (impl="triton"), the layer's fused path and its split path
-(`bench.providers.layer_path_fn(orth, "fused" | "split")`, whatever `nearl.layer_path` would
+(`bench.providers.layer_path_fn(orth, "fused" | "split")`, whatever `nearl.ops.layer_path` would
 choose), each at ViT-B/16 (B 256, N 197, d 768) and text-B/16 (B 256, N 77, d 512, padding mask),
 bf16, orth "hard". Each is called twice first, outside the profiler (the Triton compile, cuBLAS's
 choices), then once inside it. Per op the JSON holds every CUDA kernel by name: calls and total

@@ -4,13 +4,13 @@
 - compile:   `torch.compile` of the reference function (default mode).
 - xformers:  the reference with its attention done by `xformers.ops.memory_efficient_attention`.
 - sdpa:      the reference with its attention done by `torch.nn.functional.scaled_dot_product_attention`.
-- split:     (layer only) the library's unfused path (`nearl.split_layer`): the fused OCA kernel, then
+- split:     (layer only) the library's unfused path (`nearl.ops.split_layer`): the fused OCA kernel, then
              `LN(x_out) @ [W_k | W_v]` as one matrix product (cuBLAS on a GPU) and the small query
              attention (M queries over N tokens, sdpa) and tail in PyTorch: what a careful engineer
-             writes without a fused layer, and what `impl="triton"` runs where `nearl.layer_path`
+             writes without a fused layer, and what `impl="triton"` runs where `nearl.ops.layer_path`
              finds it faster.
 - triton:    the fused kernels (`impl="triton"`; for the layer, its fused path whatever
-             `nearl.layer_path` would choose).
+             `nearl.ops.layer_path` would choose).
 
 OCA as attention: the N tokens are the queries, the M per-sample columns of A the keys and the rows
 of C the values: scores = LN(x) @ a = q k^T with q = LN(x) (B, N, d), k = a^T (B, M, d), v = c
@@ -29,7 +29,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from nearl import ops, reference
+from nearl import ops
+
+from nearl.ops import reference
 
 PROVIDERS = ("reference", "compile", "xformers", "sdpa", "split", "triton")
 
@@ -115,10 +117,10 @@ def layer_via(attend: Callable, x, q, params, mask=None, *, orth: str = "hard"):
 
 
 def layer_path_fn(orth: str, path: str) -> Callable:
-    """The layer on the kernels down one path, whatever `nearl.layer_path` would choose: "fused"
-    (provider `triton`) or "split" (provider `split`: the library's `nearl.split_layer`)."""
-    from nearl.fused_layer import nearl_layer as kernels_layer
-    from nearl.validation import check_layer_args
+    """The layer on the kernels down one path, whatever `nearl.ops.layer_path` would choose: "fused"
+    (provider `triton`) or "split" (provider `split`: the library's `nearl.ops.split_layer`)."""
+    from nearl.ops.fused_layer import nearl_layer as kernels_layer
+    from nearl.ops.validation import check_layer_args
 
     def fn(x, q, params, mask):
         # the benchmark's masks hold a valid position by construction, as the model's do: no row check

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from nearl import reference
+from nearl.ops import reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -86,7 +86,7 @@ def text_mask(B: int, N: int, generator: torch.Generator) -> torch.Tensor:
 def layer_params(shape: Shape, generator: torch.Generator) -> Dict[str, torch.Tensor]:
     """The `params` mapping of ops.nearl_layer with realistic random values.
 
-    Initialisation scales follow nearl/modules.py, except W_up (zero at init there): here it is
+    Initialisation scales follow nearl/model/modules.py, except W_up (zero at init there): here it is
     random, so the OCA really adds an update and the kernels do their full work; the LayerNorm
     affines and biases are perturbed away from 1 / 0 for the same reason.
     """

@@ -5,7 +5,7 @@ over the tokens) runs in the Triton kernels of `layer_kernels.py` (forward: one 
 passes over each tile of x) and `layer_bwd_kernels.py` (backward: a rows and a columns kernel).
 What is per-sample and M-sized in one dimension (the OCA factors A and C, the absorbed keys, the
 queries' LayerNorm and heads, the output projection and the MLP) stays in plain torch, formed by
-`nearl.fused_layer`, and autograd differentiates it.
+`nearl.ops.fused_layer`, and autograd differentiates it.
 
 This module is the kernels' side of that seam: launch configurations, launchers, the autograd
 Function and custom ops over the token part (`layer_tokens`), and the layouts its operands take
@@ -37,7 +37,7 @@ MAX_FUSED_M = 16
 
 class SmallProducts(NamedTuple):
     """Per-sample terms the kernels' algebra needs besides the tokens' products, formed without
-    gradient (`small_products`, or from the weights: `nearl.fused_layer.layer_operands`)."""
+    gradient (`small_products`, or from the weights: `nearl.ops.fused_layer.layer_operands`)."""
     cc_kabs: torch.Tensor     # Cc KABS (B, M, HM)
     cc_wv: torch.Tensor       # Cc W_v (B, M, D)
     cc_cc: torch.Tensor       # Cc Cc^T (B, M, M)

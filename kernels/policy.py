@@ -1,5 +1,5 @@
 """What every kernel shares: the math's epsilons, the orth-mode codes, the size limits and the
-dot-precision policy. Plain Python (no Triton import): `nearl.reference` and the launchers read it
+dot-precision policy. Plain Python (no Triton import): `nearl.ops.reference` and the launchers read it
 too; `tiles.py` holds the Triton constants made from it."""
 import torch
 

@@ -45,11 +45,6 @@ MAX_QUERIES = 1024  # NEARL-CLIP's query bank (SPEC's M is 16)
 # --classes: all, or CoOp's base-to-novel halves of the class list (nearl.data.labelled reads them)
 CLASS_SUBSETS = ("all", "base", "novel")
 
-# --format: the image-text readers (nearl.data.manifests.READERS, whose package imports torch), or
-# "auto" to detect one; tests/test_one_place.py keeps the two equal
-DATA_FORMATS = ("auto", "manifest", "roco", "medicat")
-
-
 def seed(text: str) -> int:
     """A generator seed: an integer in [0, 2**63 - 1]."""
     value = non_negative_int(text)

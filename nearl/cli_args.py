@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
-from .errors import UserError
-from .writes import check_writable
+from nearl.errors import UserError
+from nearl.logging_utils import reporter
+from nearl.writes import check_writable
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +39,13 @@ def resolve_device(name: Optional[str], flag: str = "--device") -> torch.device:
     return device
 
 
-def use_fused(asked: bool, device: torch.device, say: Callable[[str], None] = print) -> bool:
+def use_fused(asked: bool, device: torch.device, say: Optional[Callable[[str], None]] = None) -> bool:
     """Whether the Triton kernels run: --fused `asked` on a CUDA `device`. Asked without one, the
-    reference PyTorch path runs and `say` tells the user so (training passes its main-rank print)."""
+    reference PyTorch path runs and `say` tells the user so (default: the report logger; training
+    passes its main-rank `say`)."""
     if asked and device.type != "cuda":
-        say("--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs.")
+        (say or reporter("device").info)("--fused: the Triton kernels need a CUDA GPU; none here, so the reference "
+                                         "PyTorch path runs.")
         return False
     return bool(asked)
 
@@ -57,11 +60,14 @@ def check_backbone(model_name: str, pretrained: Optional[str]) -> None:
     """--model names an open_clip architecture and --pretrained a tag of it or an existing file
     (open_clip would say so only in a long traceback); hf-hub: / local-dir: sources name their own
     architecture and are left to open_clip. Raises UserError otherwise."""
+    import importlib
+
     import open_clip
 
-    from .model import SCHEMAS
+    from nearl.towers.sources import parse
 
-    if model_name.startswith(SCHEMAS) or (pretrained is not None and pretrained.startswith(SCHEMAS)):
+    importlib.import_module("nearl.model.nearl_clip")  # adds our configs (NEARL-Tiny) to open_clip's
+    if parse(model_name).is_schema or parse(pretrained).is_schema:
         return
     known = open_clip.list_models()
     if model_name not in known:

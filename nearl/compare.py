@@ -1,5 +1,5 @@
 """The `python -m nearl.compare` (`nearl-compare`) command line over `nearl.comparison.compare`; its
-options and their description are in nearl/comparison_options.py (`python -m nearl.compare --help`).
+options and their description are in nearl/comparison/options.py (`python -m nearl.compare --help`).
 
     python -m nearl.compare --max-steps 2 --seeds 0,1 --out runs/cmp          # embedded demo set, CPU
 """
@@ -8,16 +8,16 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .comparison_options import build_parser, parse_config  # noqa: F401 (no torch: the stack comes after the parse)
-from .errors import run_cli
-from .logging_utils import setup_logging
+from nearl.comparison.options import build_parser, parse_config  # noqa: F401 (no torch: the stack comes after the parse)
+from nearl.errors import run_cli
+from nearl.logging_utils import setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
     setup_logging()
     config = parse_config(argv)  # the CompareConfig the flags give
-    from .comparison import compare
+    from nearl.comparison.run import compare
 
     return compare(config)
 

@@ -22,21 +22,21 @@ import logging
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .argtypes import Parser
-from .cli_args import add_model_source
-from .errors import run_cli
-from .evaluation_config import EvalConfig, eval_flag_fields
-from .training.config import argparse_kwargs, option_string
+from nearl.argtypes import Parser
+from nearl.cli_args import add_model_source
+from nearl.errors import run_cli
+from nearl.evaluation.config import EvalConfig, eval_flag_fields
+from nearl.training.config import argparse_kwargs, option_strings
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: the model's source (cli_args.add_model_source), then one flag per other EvalConfig
-    field (nearl/evaluation_config.py holds their defaults and help)."""
+    field (nearl/evaluation/config.py holds their defaults and help)."""
     p = Parser(prog="python -m nearl.evaluate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source(p)
     for f in eval_flag_fields():
-        p.add_argument(option_string(f), **argparse_kwargs(f))
+        p.add_argument(*option_strings(f), **argparse_kwargs(f))
     return p
 
 
@@ -48,7 +48,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> EvalConfig:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
     config = parse_config(argv)
-    from .evaluation import evaluate  # torch, the backbones and the data readers: after the parse
+    from nearl.evaluation.run import evaluate  # torch, the backbones and the data readers: after the parse
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("nearl").setLevel(logging.INFO)

@@ -1,14 +1,17 @@
-"""metrics.jsonl: one JSON object per line ({"kind": "train" | "val" | ..., "step": ..., ...})."""
+"""metrics.jsonl: one JSON object per line ({"kind": "train" | "val" | ..., "step": ..., ...}); the
+report logger, through which the library tells its user what it does (`reporter`, below); the
+command lines' logging setup."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from .writes import append_line, atomic_write
+from nearl.writes import append_line, atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -107,3 +110,60 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     main_rank = os.environ.get("RANK", "0") == "0"
     logging.getLogger("nearl").setLevel(logging.INFO if main_rank else logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- the report logger
+REPORT = "nearl.report"
+
+
+class _CurrentStdout(logging.Handler):
+    """The bare message and a newline on the current sys.stdout, flushed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stdout
+        if stream is None:  # pythonw: print writes nowhere either
+            return
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _report_logger() -> logging.Logger:
+    """`nearl.report` with its handler, once (a reloaded module adds no second one); a level set before
+    is kept."""
+    logger = logging.getLogger(REPORT)
+    if not any(type(h).__name__ == _CurrentStdout.__name__ for h in logger.handlers):
+        logger.addHandler(_CurrentStdout())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+_report_logger()
+
+
+def reporter(area: str) -> logging.Logger:
+    """The report logger of one area of the library, `nearl.report.<area>`.
+
+    Library code logs, the command lines print (issue 25, item 1). The lines a training run, an
+    evaluation, an export or a comparison shows its user (what was built, progress, validation, results
+    tables, "wrote ...") are logged through `nearl.report` and its children, one per area
+    (`reporter("train")` is `nearl.report.train`). Its handler writes each message bare, as `print` did,
+    to the `sys.stdout` of the moment (so redirected output, pytest's capsys and a notebook's cell all
+    see it), and the logger does not propagate: a root handler (logging.basicConfig, the command lines'
+    "LEVEL name: message" lines on stderr) neither repeats nor reformats them. It is at INFO on its own,
+    so a notebook calling `nearl.training.fit(TrainConfig(...))` sees the lines without configuring
+    logging. Lines that qualify the numbers (training images evaluated, a random backbone, an untrained
+    model) are WARNINGs, the rest INFO. To silence them:
+
+        logging.getLogger("nearl.report").setLevel(logging.WARNING)      # all but the warnings
+        logging.getLogger("nearl.report.train").setLevel(logging.ERROR)  # one area
+
+    and to have them elsewhere, add a handler to `nearl.report` (or set its `propagate`).
+    """
+    return logging.getLogger(f"{REPORT}.{area}")

@@ -1,4 +1,4 @@
-"""Predict with a trained adapter, a checkpoint or the zero-shot CLIP (`nearl.prediction` is the library).
+"""Predict with a trained adapter, a checkpoint or the zero-shot CLIP (`nearl.evaluation.prediction` is the library).
 
     python -m nearl.predict --adapter adapters/cxr --images scans/ --classes "pneumonia,normal"
     python -m nearl.predict --checkpoint runs/roco --images a.png b.dcm --texts "a chest x-ray" "a CT slice"
@@ -7,7 +7,7 @@
 --images takes files and folders (searched recursively for image files, DICOM included); an image
 that cannot be read is reported and skipped. --classes prints, per image, the softmax over the
 classes of the model's logits (prompt ensembling with --templates, else the templates the model
-was trained with, else nearl.classify.TEMPLATES); without --classes, an adapter or checkpoint
+was trained with, else nearl.model.classify.TEMPLATES); without --classes, an adapter or checkpoint
 trained for classification scores its own classes. --texts / --texts-file rank the texts for each
 image. --out DIR writes DIR/predictions.csv and DIR/predictions.json. An image whose outputs hold
 NaN or inf (a diverged model) gets no prediction (null in the JSON), and the command exits with status 2.
@@ -18,10 +18,10 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .argtypes import Parser, non_negative_int, positive_int, seed
-from .cli_args import add_model_source, check_out_dir, resolve_device, use_fused
-from .errors import UserError, run_cli
-from .logging_utils import setup_logging
+from nearl.argtypes import Parser, non_negative_int, positive_int, seed
+from nearl.cli_args import add_model_source, check_out_dir, resolve_device, use_fused
+from nearl.errors import UserError, run_cli
+from nearl.logging_utils import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", nargs="+", help="texts to rank for each image")
     p.add_argument("--texts-file", help="texts to rank, one a line")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: the model's, else "
-                   "nearl.classify.TEMPLATES)")
+                   "nearl.model.classify.TEMPLATES)")
     p.add_argument("--top-k", type=positive_int, default=5, help="texts (or classes, when many) shown per image")
     p.add_argument("--out", help="folder for predictions.csv and predictions.json")
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -50,11 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line; returns the report. User mistakes raise UserError (see cli())."""
     args = build_parser().parse_args(argv)
     # torch, the backbones and the image readers: imported after the parse (--help needs none of them)
-    from .adapter_files import adapter_to_evaluate
-    from .classify import TEMPLATES
-    from .evaluation import check_templates, model_to_evaluate
-    from .nonfinite import NonFiniteError
-    from .prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
+    from nearl.store.adapter_files import adapter_to_evaluate
+    from nearl.model.classify import TEMPLATES
+    from nearl.evaluation.run import check_templates, model_to_evaluate
+    from nearl.store.nonfinite import NonFiniteError
+    from nearl.evaluation.prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
                              split_classes, write_predictions)
 
     setup_logging()

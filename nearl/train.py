@@ -9,16 +9,20 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .errors import run_cli
-from .logging_utils import setup_logging
-from .training.options import parse_config  # no torch: the run's stack is imported after the parse
+from nearl.errors import run_cli
+from nearl.logging_utils import setup_logging
+from nearl.training import config_file
+from nearl.training.options import parse_command  # no torch: the run's stack is imported after the parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train from a command line; user mistakes raise UserError (see `cli` for the one-line report)."""
     setup_logging()
-    config = parse_config(argv)  # the TrainConfig the flags (and, with --resume, the checkpoint) give
-    from .training import fit
+    config, show = parse_command(argv)  # the TrainConfig the flags (--config's file, --resume's checkpoint) give
+    if show:  # --print-config: the settings as a config file, nothing run
+        print(config_file.as_yaml(config.to_dict()), end="")
+        return {}
+    from nearl.training import fit
 
     return fit(config)
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterator, Optional, Union
 
-from .errors import UserError
+from nearl.errors import UserError
 
 PathLike = Union[str, os.PathLike]
 Content = Union[bytes, str, Callable[[BinaryIO], None]]

@@ -1,6 +1,11 @@
 import os
+import sys
 
 import torch
+
+# The shared helpers (factories, precision_bar, tiny_*) live here; the tests, in folders that mirror
+# the package's wings, import them by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Without a GPU the Triton kernels are tested on the CPU interpreter; it must be on before triton
 # decorates any kernel, so set it here, before the test modules import nearl_kernels.

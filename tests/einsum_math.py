@@ -1,6 +1,6 @@
 """An independent float64 statement of SPEC 3.1, written with einsum and explicit loops.
 
-It shares no code with nearl/reference.py, so a mistake in one is caught by the other.
+It shares no code with nearl/ops/reference.py, so a mistake in one is caught by the other.
 """
 import math
 

@@ -1,7 +1,7 @@
 """Random inputs for the ops, shared by the reference, kernel and model tests."""
 import torch
 
-from nearl.validation import LAYER_PARAM_SHAPES
+from nearl.ops.validation import LAYER_PARAM_SHAPES
 
 
 def oca_inputs(B, N, d, M, dtype=torch.float32, seed=0, device="cpu"):

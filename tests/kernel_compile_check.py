@@ -1,5 +1,5 @@
 """Compile the OCA kernels for GPU targets without a GPU (run in a subprocess by
-tests/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are interpreter objects).
+tests/kernels/test_kernel_compile.py, because under TRITON_INTERPRET=1 the kernels are interpreter objects).
 
 The launchers in kernels/oca.py and kernels/layer.py run for real on small CPU tensors with
 `nearl_kernels.runtime.instrumented(hook=...)`,
@@ -141,7 +141,7 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                     K.oca_fwd(x, a, c, gate, orth)
                     K.oca_bwd(torch.empty_like(x), torch.empty(batch, N) if orth == "soft" else None, x, a, c, gate, orth)
                     continue
-                low = policy.operand_dtype(xd)  # A, KABS and W_v as nearl.fused_layer.layer_operands holds them
+                low = policy.operand_dtype(xd)  # A, KABS and W_v as nearl.ops.fused_layer.layer_operands holds them
                 a, c, cbar = torch.empty(batch, d, M, dtype=low), torch.empty(batch, M, d), torch.empty(batch, M)
                 kabs = torch.empty(batch, H * M, d, dtype=low).transpose(1, 2)  # as absorbed_keys makes it
                 w_v, gate = torch.empty(d, D, dtype=low), torch.empty(())

@@ -6,7 +6,7 @@ for every output and gradient Y, errors norm-relative against float64 on the sam
 is the same math in plain PyTorch at the input precision, as autocast runs it: every matmul's
 operands in the input dtype and its result rounded to it (float32 accumulation); LayerNorm, softmax,
 the projection's dot products and the elementwise math in float32 (`peer_layer`). The reference
-path under autocast runs float32 throughout (nearl/reference.py turns autocast off), so a kernel
+path under autocast runs float32 throughout (nearl/ops/reference.py turns autocast off), so a kernel
 under this bar is never worse than it either as long as it meets the float32 bar in float32.
 """
 import math
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from einsum_math import layer64
-from nearl import reference
+from nearl.ops import reference
 
 
 def tf32(t):

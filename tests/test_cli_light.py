@@ -3,7 +3,7 @@
 `--help` of nearl.train / evaluate / predict / export / compare, and `import nearl`, import none of
 torch, open_clip, transformers, triton: those cost seconds, and a mistyped flag should not wait for
 them. The guard is which modules a fresh interpreter has loaded (wall-clock times are too noisy to
-assert). The names the parsers offer without importing their registries (nearl/method_options.py,
+assert). The names the parsers offer without importing their registries (nearl/methods/options.py,
 argtypes.CLASS_SUBSETS, protocols.PROTOCOLS) are checked against the registries here.
 """
 import json
@@ -87,7 +87,7 @@ def test_import_nearl_is_light_and_its_names_still_load():
 
 
 def test_the_light_method_names_are_the_registry():
-    from nearl import method_options as MO
+    from nearl.methods import options as MO
     from nearl import methods as MT
     from nearl.methods import registry
 
@@ -101,7 +101,8 @@ def test_the_light_method_names_are_the_registry():
 
 
 def test_the_light_choices_are_their_modules():
-    from nearl import argtypes, protocols
+    from nearl import argtypes
+    from nearl.comparison import protocols
     from nearl.data import labelled
 
     assert argtypes.CLASS_SUBSETS == labelled.CLASS_SUBSETS == ("all", "base", "novel")

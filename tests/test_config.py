@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from nearl import checkpoint as C
+from nearl.store import checkpoint as C
 from nearl import training as T
-from nearl.method_options import options as method_options
+from nearl.methods.options import options as method_options
 from nearl.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # The command lines and their parsers may hold Namespaces; the library below them may not.
 FRONT_ENDS = {"nearl/train.py", "nearl/evaluate.py", "nearl/predict.py", "nearl/export.py", "nearl/compare.py",
-              "nearl/training/options.py", "nearl/comparison_options.py", "nearl/argtypes.py",
-              "nearl/cli_args.py", "nearl/method_options.py"}
+              "nearl/training/options.py", "nearl/comparison/options.py", "nearl/argtypes.py",
+              "nearl/cli_args.py", "nearl/methods/options.py"}
 
 
 def test_fit_runs_from_a_notebook_without_argparse(tmp_path, monkeypatch):
@@ -43,8 +43,8 @@ def test_fit_runs_from_a_notebook_without_argparse(tmp_path, monkeypatch):
     assert config.model == "NEARL-Tiny" and config.resume_notes == []  # the caller's config is not touched
     with pytest.raises(TypeError, match="fit takes a TrainConfig"):
         fit(argparse.Namespace(**ckpt["args"]))
-    from nearl.evaluation import evaluate
-    from nearl.evaluation_config import EvalConfig
+    from nearl.evaluation.run import evaluate
+    from nearl.evaluation.config import EvalConfig
 
     report = evaluate(EvalConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "eval"), workers=0,
                                  no_progress=True, device="cpu"))
@@ -53,9 +53,10 @@ def test_fit_runs_from_a_notebook_without_argparse(tmp_path, monkeypatch):
 
 
 def test_evaluate_and_compare_configs_are_their_command_lines():
-    from nearl import comparison_options, evaluate
-    from nearl.comparison_config import CompareConfig
-    from nearl.evaluation_config import EvalConfig
+    from nearl.comparison import options as comparison_options
+    from nearl import evaluate
+    from nearl.comparison.config import CompareConfig
+    from nearl.evaluation.config import EvalConfig
 
     assert evaluate.parse_config([]) == EvalConfig() and comparison_options.parse_config([]) == CompareConfig()
     given = evaluate.parse_config(["--checkpoint", "r", "--batch-size", "3", "--classes", "base"])
@@ -65,8 +66,10 @@ def test_evaluate_and_compare_configs_are_their_command_lines():
 
 
 def test_the_command_line_and_the_dataclass_agree():
-    """Every flag is a field with the parser's default; the methods' options fill method_options."""
+    """Every flag is a field with the parser's default; the methods' options fill method_options. Only
+    --config and --print-config, which say what to do with the settings, are no setting."""
     flags = {a.dest for a in T.build_parser()._actions if a.option_strings and a.dest != "help"}
+    flags -= {"config", "print_config"}
     own = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_options", "resume_notes"}
     assert flags == own | set(method_options())
     parsed = T.parse_config([])
@@ -128,7 +131,7 @@ def test_the_walk_finds_what_the_library_held_before():
 
 
 def _old_train_argv(args, method: str, seed: int, out: Path, model_name: str) -> list:
-    """What nearl.comparison serialised for each run before CompareConfig (kept here as the reference)."""
+    """What nearl.comparison.run serialised for each run before CompareConfig (kept here as the reference)."""
     argv = ["--method", method, "--seed", seed, "--max-steps", args.max_steps, "--task", args.task,
             "--model", model_name, "--batch-size", args.batch_size, "--lr", args.lr,
             "--weight-decay", args.weight_decay, "--precision", args.precision, "--workers", args.workers,
@@ -159,8 +162,8 @@ def _old_train_argv(args, method: str, seed: int, out: Path, model_name: str) ->
 ])
 def test_compare_derives_each_runs_config_as_its_argv_did(argv, tmp_path):
     """Each run's TrainConfig, derived with replace, is what re-parsing the serialised argv gave."""
-    from nearl import comparison as CMPL
-    from nearl.protocols import plan
+    from nearl.comparison import run as CMPL
+    from nearl.comparison.protocols import plan
 
     config = CMPL.parse_config(argv + ["--out", str(tmp_path)])
     methods = CMPL.check_protocol(config, CMPL._methods(config), chosen_by_user=False)
@@ -172,8 +175,8 @@ def test_compare_derives_each_runs_config_as_its_argv_did(argv, tmp_path):
 
 def test_compare_checks_the_values_it_passes_on(capsys, tmp_path):
     """--lr 0 passes nearl.compare's parser; the run refuses it as nearl.train's --lr does."""
-    from nearl import comparison as CMPL
-    from nearl.protocols import plan
+    from nearl.comparison import run as CMPL
+    from nearl.comparison.protocols import plan
 
     config = CMPL.parse_config(["--lr", "0", "--out", str(tmp_path)])
     run = plan(config, ["nearl"], [0], tmp_path)[0]

@@ -17,16 +17,16 @@ from typing import Optional
 import pytest
 import torch
 
-from nearl import checkpoint as C
+from nearl.store import checkpoint as C
 from nearl import evaluate as E
 from nearl import export as X
 from nearl import predict as P
-from nearl import run_dir as R
+from nearl.training import run_dir as R
 from nearl import train as TR
 from nearl import training as T
 from nearl.errors import UserError, run_cli
-from nearl.model import create_backbone
-from test_train import _one_thread, FAST, make_image_folder, make_manifest, run, TINY_RUN, one_error_line, one_step_run
+from nearl.model.nearl_clip import create_backbone
+from train_helpers import _one_thread, FAST, make_image_folder, make_manifest, run, TINY_RUN, one_error_line, one_step_run
 
 TINY = TINY_RUN
 
@@ -114,7 +114,7 @@ def test_numbers_past_what_a_run_can_use(argv, message, capsys):
 
 
 def test_seeds_of_the_other_command_lines_are_bounded(capsys):
-    from nearl import comparison as CMP
+    from nearl.comparison import run as CMP
     for parser in (E.build_parser(), P.build_parser()):
         with pytest.raises(SystemExit):
             parser.parse_args(["--seed", str(2 ** 70)])
@@ -228,7 +228,7 @@ def test_evaluate_checks_its_data_before_any_download(monkeypatch, tmp_path, cap
 def test_a_hub_that_resolves_but_does_not_answer_is_said_within_seconds(monkeypatch, how):
     """Behind a firewall that drops packets the host resolves, and huggingface_hub retried each file for
     minutes: a connection to the Hub is tried first, for a few seconds, before any download."""
-    from nearl import downloads
+    from nearl.towers import downloads
 
     offline = _Offline(monkeypatch, resolves=True, connects=False)
     monkeypatch.setattr(downloads, "PROBE_TIMEOUT", 0.5, raising=False)
@@ -278,13 +278,13 @@ PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
 def _tokenizer_offline(monkeypatch, tmp_path, connects: bool):
     """BiomedCLIP's weights and open_clip config in the cache (the model was built), its tokenizer
     (PubMedBERT's, loaded by transformers.AutoTokenizer) not: (what AutoTokenizer was asked, the
-    model's tokenizer() as nearl/frozen.py gives it)."""
+    model's tokenizer() as nearl/model/frozen.py gives it)."""
     import huggingface_hub
     import open_clip.pretrained
     import transformers
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from nearl.frozen import FrozenCLIPWrapper
+    from nearl.model.frozen import FrozenCLIPWrapper
 
     config = tmp_path / "open_clip_config.json"
     config.write_text(json.dumps({"model_cfg": {"embed_dim": 512, "text_cfg": {
@@ -315,7 +315,7 @@ def test_a_tokenizer_that_cannot_be_downloaded_is_one_line(monkeypatch, tmp_path
     transformers' OSError and its traceback, after the retries. Now: the Hub probed first (no
     connection: said within seconds, nothing asked of transformers), and a download that fails for
     want of a network is one line too, naming the tokenizer and the ways to work offline."""
-    from nearl import downloads
+    from nearl.towers import downloads
 
     monkeypatch.setattr(downloads, "PROBE_TIMEOUT", 0.5, raising=False)
     asked, tokenizer = _tokenizer_offline(monkeypatch, tmp_path, connects)
@@ -357,7 +357,7 @@ def test_a_garbage_lock_is_taken_over_not_called_another_hosts(tmp_path):
 
 
 def test_a_diverged_validation_without_a_checkpoint_does_not_say_resume(tmp_path, monkeypatch):
-    from nearl.nonfinite import NonFiniteError
+    from nearl.store.nonfinite import NonFiniteError
     from nearl.training import loop
 
     def diverged(model, records, **kw):

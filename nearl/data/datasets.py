@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .images import BadImageError, load_image
-from .records import ImageTextRecord, LabelledRecord
-from .skips import IMAGE_FAILURES
+from nearl.data.images import BadImageError, load_image
+from nearl.data.records import ImageTextRecord, LabelledRecord
+from nearl.data.skips import IMAGE_FAILURES
 
 logger = logging.getLogger("nearl.data")
 

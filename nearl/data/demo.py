@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageOps
 
-from .images import array_to_rgb, load_image
+from nearl.data.images import array_to_rgb, load_image
 
 logger = logging.getLogger("nearl.data")
 

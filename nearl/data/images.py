@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .skips import (CORRUPT_DICOM, EMPTY_IMAGE, MISSING_IMAGE, NO_DICOM_DECODER, NOT_AN_IMAGE,
+from nearl.data.skips import (CORRUPT_DICOM, EMPTY_IMAGE, MISSING_IMAGE, NO_DICOM_DECODER, NOT_AN_IMAGE,
                     TRUNCATED_IMAGE, UNDECODABLE_IMAGE)
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -7,13 +7,15 @@ import random
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..argtypes import CLASS_SUBSETS
-from ..errors import UserError
-from .records import LabelledRecord, Records
-from .skips import MALFORMED, SkipCounter, check_image_file, logger
-from .textfiles import read_json
+from nearl.argtypes import CLASS_SUBSETS
+from nearl.errors import UserError
+from nearl.data.label_csv import is_label_table, read_label_csv
+from nearl.data.records import LabelledRecord, Records
+from nearl.data.skips import MALFORMED, SkipCounter, check_image_file, logger
+from nearl.data.tabular import Columns
+from nearl.data.textfiles import read_json
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
@@ -92,7 +94,8 @@ def read_coop_split(json_path: PathLike, *, root: PathLike
 
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
-NOT_A_SOURCE = "classification data must be an ImageFolder directory or a CoOp split .json, got {path}"
+NOT_A_SOURCE = ("classification data must be an ImageFolder directory or a CoOp split .json, or a label CSV "
+                "(.csv, .tsv, .jsonl: an image and a label column), got {path}")
 
 
 def not_a_source(path: Path) -> UserError:
@@ -108,13 +111,19 @@ def split_folders(root: Path) -> Dict[str, Path]:
     return {s: root / s for s in SPLIT_FOLDERS if (root / s).is_dir()}
 
 
-def read_labelled_splits(path: PathLike, root: Union[PathLike, None] = None
+def read_labelled_splits(path: PathLike, root: Union[PathLike, None] = None, columns: Optional[Columns] = None
                          ) -> Tuple[Dict[str, List[LabelledRecord]], List[str]]:
     """The one reading of a classification source: ({split: records}, classnames) of a CoOp split
-    .json (its images under `root`, default the file's folder), of an ImageFolder with split folders
+    .json (its images under `root`, default the file's folder), of a label CSV (nearl/data/label_csv.py:
+    `columns` name its columns; its images under `root` too), of an ImageFolder with split folders
     (the same classes in each; validation/ is split "val"), or of a flat ImageFolder, whose records
-    are split "all"."""
+    are split "all". Column flags (`columns` given) for a source that has no columns are refused."""
     path = Path(path)
+    if is_label_table(path, columns):
+        return read_label_csv(path, root=root, columns=columns or Columns())
+    if columns is not None and columns.given() and path.exists():
+        raise UserError(f"{', '.join(columns.given())}: name a label CSV's columns; {path} is not a .csv, .tsv "
+                        "or .jsonl file")
     if path.suffix.lower() == ".json":
         return read_coop_split(path, root=Path(root) if root else path.parent)
     if not path.is_dir():

@@ -14,9 +14,9 @@ import logging
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import UserError
-from .datasets import SkipsBadImages
-from .skips import NAMED, format_counts
+from nearl.errors import UserError
+from nearl.data.datasets import SkipsBadImages
+from nearl.data.skips import NAMED, format_counts
 
 logger = logging.getLogger("nearl.data")
 # Summaries this process has logged: a validation set is rebuilt for every evaluation, and its

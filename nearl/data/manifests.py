@@ -10,20 +10,18 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..argtypes import DATA_FORMATS
-from ..errors import UserError
-from .records import ImageTextRecord, Records
-from .skips import (EMPTY_CAPTION, MALFORMED, NO_IMAGE_PATH, NO_MATCH, SkipCounter,
+from nearl.errors import UserError
+from nearl.data.records import ImageTextRecord, Records
+from nearl.data.skips import (EMPTY_CAPTION, MALFORMED, NO_IMAGE_PATH, NO_MATCH, SkipCounter,
                     check_image_file, logger)
-from .textfiles import open_text
-from .tabular import (JSONL_SUFFIXES, captions_from, clean_text, csv_header, first_existing,
+from nearl.data.textfiles import open_text
+from nearl.data.tabular import (JSONL_SUFFIXES, captions_from, clean_text, csv_header, first_existing,
                       first_json_record, read_rows, resolve, table_kind)
 
 __all__ = ["SkipCounter", "read_manifest", "read_roco", "read_medicat", "read_image_text",
            "FORMATS"]
 
 PathLike = Union[str, Path]
-FORMATS = DATA_FORMATS  # "auto" and READERS' names, kept light in argtypes for the --help texts
 SPLIT_NAMES = ("train", "validation", "val", "test")
 
 
@@ -41,8 +39,9 @@ def _add_record(records: List[ImageTextRecord], counter: SkipCounter, image: Opt
 
 def read_manifest(path: PathLike, *, root: Optional[PathLike] = None, image_column: str = "image",
                   caption_columns: Sequence[str] = ("caption",), split_column: str = "split",
-                  split: Optional[str] = None) -> List[ImageTextRecord]:
-    """Read a CSV (.csv), TSV (.tsv) or JSON-lines (.jsonl/.json-lines/.ndjson) manifest.
+                  split: Optional[str] = None, delimiter: Optional[str] = None) -> List[ImageTextRecord]:
+    """Read a CSV (.csv), TSV (.tsv) or JSON-lines (.jsonl/.json-lines/.ndjson) manifest (`delimiter`:
+    a CSV's separator, instead of the one its suffix implies).
 
     Each caption column may hold one caption, a JSON list of captions (in a string for CSV, a real
     list for JSONL); all non-empty ones become the record's captions, in column order. Relative
@@ -55,8 +54,8 @@ def read_manifest(path: PathLike, *, root: Optional[PathLike] = None, image_colu
         caption_columns = (caption_columns,)
     root = Path(root) if root is not None else path.parent
     counter = SkipCounter(path, images=root)
-    rows, columns = read_rows(path, counter)
-    if table_kind(path) == "csv":  # a CSV header is explicit: a wrong column name is a user error
+    rows, columns = read_rows(path, counter, delimiter)
+    if table_kind(path, delimiter) == "csv":  # a CSV header is explicit: a wrong column name is a user error
         missing = [c for c in (image_column, *caption_columns) if c not in columns]
         if missing:
             raise UserError(f"{path}: missing column(s) {missing}; columns are {columns}")
@@ -233,6 +232,7 @@ def detect_format(path: PathLike) -> str:
 
 
 READERS = {"manifest": read_manifest, "roco": read_roco, "medicat": read_medicat}  # --format's readers
+FORMATS = ("auto", *READERS)  # --format's choices (the --help texts read them here: this module imports no torch)
 
 
 def read_image_text(path: PathLike, *, format: str = "auto", **kw) -> List[ImageTextRecord]:

@@ -1,12 +1,12 @@
 """The images a model was trained on, kept in its checkpoint (`train_images`) so that an evaluation
-which scores some of them can say so (nearl.evaluation.check_training_overlap).
+which scores some of them can say so (nearl.evaluation.run.check_training_overlap).
 
 An image is kept twice, as int64 keys (8 bytes each: 1 MB for 65,000 images):
 - `keys`: the first 8 bytes of the sha256 of its real path (symbolic links and `..` resolved): the
   same file reached by another path is the same key;
 - `content`: the first 8 bytes of the sha1 of its size, first and last bytes (`content_key`): a copy of it
   elsewhere, or the same data set unpacked again, is the same key. Exported adapters carry these
-  alone (train_images.json, nearl.adapter_files): they say nothing about this machine's paths.
+  alone (train_images.json, nearl.store.adapter_files): they say nothing about this machine's paths.
 A record written before `content` existed (`keys` alone) is checked by path only; one written before
 any record (`train_images` None) not at all: the evaluation says so. Two different images share a
 key with odds of about n² / 2⁶⁴.
@@ -69,13 +69,13 @@ def _hash_content(path) -> Optional[int]:
     return int.from_bytes(h.digest()[:8], "little", signed=True)
 
 
-def content_keys(paths: List[Any], what: str = "images") -> List[Optional[int]]:
+def content_keys(paths: List[Any], what: str = "images", progress: bool = True) -> List[Optional[int]]:
     """`content_key` of each path, in order: hashed by a few threads (the reads wait on the disk, and
-    hashlib lets go of the GIL), with a progress bar for a large set."""
+    hashlib lets go of the GIL), with a progress bar for a large set (`progress`: --no-progress off)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         keys = pool.map(content_key, paths, chunksize=64)
         return list(tqdm(keys, total=len(paths), desc=f"hashing {what}", unit="img",
-                         disable=True if len(paths) < PROGRESS_FROM else None))
+                         disable=True if not progress or len(paths) < PROGRESS_FROM else None))
 
 
 def _sorted_keys(keys: Iterable[Optional[int]]) -> torch.Tensor:
@@ -95,10 +95,11 @@ def _writes_checkpoints() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def training_images(records: Iterable[Any], earlier: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def training_images(records: Iterable[Any], earlier: Optional[Dict[str, Any]] = None,
+                    progress: bool = True) -> Dict[str, Any]:
     """A checkpoint's `train_images` entry for these training records, joined with an `earlier` one (a
     resumed run trained on both; an earlier record without `content` adds its paths only). Only the
-    process that saves checkpoints hashes the images' bytes (`_writes_checkpoints`)."""
+    process that saves checkpoints hashes the images' bytes (`_writes_checkpoints`; `progress`: its bar)."""
     paths = sorted({os.path.realpath(r.image) for r in records})
     keys = _sorted_keys(map(_key, paths))
     if earlier and earlier.get("algorithm") == ALGORITHM:
@@ -106,7 +107,7 @@ def training_images(records: Iterable[Any], earlier: Optional[Dict[str, Any]] = 
     record = {"algorithm": ALGORITHM, "count": int(keys.numel()), "keys": keys}
     if not _writes_checkpoints():
         return record
-    content = _sorted_keys(content_keys(paths, "training images"))
+    content = _sorted_keys(content_keys(paths, "training images", progress))
     if has_content(earlier):
         content = torch.unique(torch.cat([content, earlier["content"].to(torch.int64)]))
     return {**record, "content_algorithm": CONTENT_ALGORITHM, "content": content}
@@ -118,9 +119,9 @@ def has_content(recorded: Optional[Dict[str, Any]]) -> bool:
                 and recorded.get("content") is not None)
 
 
-def trained_on(records: Iterable[Any], recorded: Optional[Dict[str, Any]]) -> int:
+def trained_on(records: Iterable[Any], recorded: Optional[Dict[str, Any]], progress: bool = True) -> int:
     """How many of the records' images are among a `train_images` entry's, by path or by content (0
-    without one). Content is hashed only when the entry holds content keys."""
+    without one). Content is hashed only when the entry holds content keys (`progress`: its bar)."""
     records = list(records)
     if not recorded or not records:
         return 0
@@ -129,7 +130,7 @@ def trained_on(records: Iterable[Any], recorded: Optional[Dict[str, Any]]) -> in
         keys = torch.tensor([_key(r.image) for r in records], dtype=torch.int64)
         hit |= torch.isin(keys, recorded["keys"].to(torch.int64))
     if has_content(recorded):
-        found = content_keys([r.image for r in records], "evaluated images")
+        found = content_keys([r.image for r in records], "evaluated images", progress)
         keys = torch.tensor([0 if k is None else k for k in found], dtype=torch.int64)
         readable = torch.tensor([k is not None for k in found], dtype=torch.bool)
         hit |= readable & torch.isin(keys, recorded["content"].to(torch.int64))

@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional, Union
 
-from ..errors import UserError
-from .records import Unusable
+from nearl.errors import UserError
+from nearl.data.records import Unusable
 
 logger = logging.getLogger("nearl.data")
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import UserError
-from .skips import MALFORMED, SkipCounter
-from .textfiles import open_text
+from nearl.errors import UserError
+from nearl.data.skips import MALFORMED, SkipCounter
+from nearl.data.textfiles import open_text
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
@@ -17,28 +18,30 @@ JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
 Row = Tuple[int, dict]  # (1-based line number, fields)
 
 
-def table_kind(path: Path) -> str:
+def table_kind(path: Path, delimiter: Optional[str] = None) -> str:
+    """"csv" (CSV / TSV: by suffix, or any other file with a `delimiter` given) or "jsonl"."""
     suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        return "csv"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
+    if suffix in CSV_SUFFIXES or delimiter is not None:
+        return "csv"
     raise UserError(
         f"{path}: unknown manifest format {suffix!r}; expected one of "
         f"{sorted(CSV_SUFFIXES) + list(JSONL_SUFFIXES)}"
     )
 
 
-def read_rows(path: Path, counter: SkipCounter) -> Tuple[List[Row], List[str]]:
+def read_rows(path: Path, counter: SkipCounter, delimiter: Optional[str] = None) -> Tuple[List[Row], List[str]]:
     """All rows of a CSV/TSV/JSONL file plus its column names (JSONL: union of keys, in order seen).
+    `delimiter` (--separator): a CSV's, instead of the one its suffix implies.
 
     Unparseable JSON lines are counted as skipped ("malformed line") rather than aborting the read.
     """
     path = Path(path)
-    kind = table_kind(path)
+    kind = table_kind(path, delimiter)
     if kind == "csv":
         with open_text(path, "manifest", newline="") as f:
-            reader = csv.DictReader(f, delimiter=CSV_SUFFIXES[path.suffix.lower()])
+            reader = csv.DictReader(f, delimiter=delimiter or CSV_SUFFIXES.get(path.suffix.lower(), ","))
             try:
                 columns = list(reader.fieldnames or [])
                 # DictReader puts surplus cells under the key None; they belong to no column.
@@ -62,6 +65,47 @@ def read_rows(path: Path, counter: SkipCounter) -> Tuple[List[Row], List[str]]:
             columns.update(dict.fromkeys(obj))
             rows.append((lineno, obj))
     return rows, list(columns)
+
+
+SEPARATOR_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The column flags of a table (--image-column, --caption-column, --label-column, --separator;
+    open_clip's --csv-img-key, --csv-caption-key, --csv-separator); None: not given (the default
+    name: image, caption, label; the separator the file's suffix implies)."""
+
+    image: Optional[str] = None
+    caption: Optional[str] = None
+    label: Optional[str] = None
+    separator: Optional[str] = None
+    label_columns: Optional[str] = None  # --task multilabel: "A,B,C", a 0/1 column per class
+    label_separator: Optional[str] = None  # --task multilabel: the separator of one delimited label field
+
+    @classmethod
+    def of(cls, config) -> Optional["Columns"]:
+        """The column flags of a TrainConfig or EvalConfig; None when none is given."""
+        columns = cls(config.image_column, config.caption_column, config.label_column, config.separator,
+                      config.label_columns, config.label_separator)
+        return columns if columns.given() else None
+
+    def given(self) -> List[str]:
+        """The flags given, by name (for the messages that refuse them)."""
+        names = ("--image-column", "--caption-column", "--label-column", "--separator", "--label-columns",
+                 "--label-separator")
+        values = (self.image, self.caption, self.label, self.separator, self.label_columns, self.label_separator)
+        return [n for n, v in zip(names, values) if v is not None]
+
+    def delimiter(self) -> Optional[str]:
+        """The separator as one character (\\t, tab, comma, semicolon, pipe name one), or None."""
+        if self.separator is None:
+            return None
+        value = SEPARATOR_NAMES.get(self.separator.lower(), self.separator)
+        if len(value) != 1:
+            raise UserError(f"--separator must be one character (or \\t, tab, comma, semicolon, pipe), "
+                            f"got {self.separator!r}")
+        return value
 
 
 def first_json_record(path: Path) -> Optional[dict]:

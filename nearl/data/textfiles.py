@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TextIO, Union
 
-from ..errors import UserError
+from nearl.errors import UserError
 
 PathLike = Union[str, Path]
 ENCODING = "utf-8-sig"  # -sig: tolerate the byte-order mark Excel writes

@@ -5,12 +5,12 @@
 Every method returns an nn.Module with NEARLCLIP's interface (see nearl/methods/base.py), so
 training, evaluation and the checkpoints treat them alike; the hooks a method may override
 (class_prompt_tokens, prompt_tower, classification_logits, decays, num_views) are declared with
-their defaults on nearl.frozen.FrozenCLIPWrapper, which NEARLCLIP and MethodModel derive from. Each
+their defaults on nearl.model.frozen.FrozenCLIPWrapper, which NEARLCLIP and MethodModel derive from. Each
 method's module declares a `MethodSpec` named SPEC (registry.py): its model and config classes,
 tasks, and what callers treat differently (its title, whether it scores unseen classes, ...). Its aliases and
-command-line options are declared, without torch, in nearl/method_options.py (so --help lists them
-without importing the methods). A new method is a new module here, named in METHOD_MODULES, and
-its entry in nearl/method_options.py.
+command-line options are declared, without torch, in options.py (so --help lists them without
+importing the methods). A new method is a new module here and its entry in options.py (DECLARED,
+whose order is that of listings); the registry imports it on first use.
 
     nearl         NEARL-CLIP itself (nearl.build)                       retrieval, classification
     alta          ALTA adapters in every block of both towers          retrieval, classification
@@ -25,24 +25,18 @@ its entry in nearl/method_options.py.
 A random backbone (pretrained=None) is drawn under torch.manual_seed(seed) before anything else,
 so every method built with one seed wraps the very same backbone weights.
 """
-from __future__ import annotations
+from nearl._lazy import lazy_attributes
+from nearl.methods.options import DECLARED, DEFAULT_METHOD
 
-import importlib
-from typing import Tuple
+# Loaded on first use (PEP 562): `nearl.methods.options` serves the command lines' --help without
+# torch, which the methods and their registry import.
+_REGISTRY = ("MethodSpec", "Option", "add_method_options", "build_from_checkpoint", "build_method", "canonical",
+             "check_options", "check_task", "config_fields", "fixed_on_resume", "method_config", "method_of",
+             "methods_for", "names", "register", "spec")
+_LAZY = {**{name: "registry" for name in _REGISTRY}, "MethodConfig": "base", "MethodModel": "base"}
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
-from .base import MethodConfig, MethodModel
-from .registry import (DEFAULT_METHOD, MethodSpec, Option, add_method_options, build_from_checkpoint, build_method,
-                       canonical, check_options, check_task, config_fields, fixed_on_resume, method_config,
-                       method_of, methods_for, names, register, spec)
+METHODS = tuple(DECLARED)  # every method's name, in listing order (the registry's names(), by test)
+METHOD_MODULES = tuple(name.replace("-", "_") for name in DECLARED)
 
-# The order of listings and of nearl.compare's table.
-METHOD_MODULES = ("nearl", "alta", "clip_adapter", "coop", "linear_probe", "zeroshot", "tip_adapter", "tip_adapter_f",
-                  "clip_lora")
-for _name in METHOD_MODULES:
-    register(importlib.import_module(f".{_name}", __name__).SPEC)
-
-METHODS: Tuple[str, ...] = names()
-
-__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_MODULES", "MethodConfig", "MethodModel", "MethodSpec", "Option",
-           "add_method_options", "build_from_checkpoint", "build_method", "canonical", "check_options", "check_task", "config_fields",
-           "fixed_on_resume", "method_config", "method_of", "methods_for", "spec"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_MODULES", *sorted(_LAZY)]

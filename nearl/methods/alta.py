@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from ..frozen import count
-from ..model import NEARLOutput, TowerResult
-from ..towers import Tower
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.errors import UserError
+from nearl.model.frozen import count
+from nearl.model.nearl_clip import NEARLOutput, TowerResult
+from nearl.towers import Tower
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 # slot -> (view: 0 frontal / 1 lateral, time: 0 current / 1 prior); the order of multiview.VIEW_SLOTS
 SLOT_VIEW = (0, 1, 0, 1)
@@ -212,7 +212,7 @@ def _check_options(config) -> None:
         raise UserError(f"--multiview is an option of method 'alta' with task 'retrieval' (got task {config.task!r})")
 
 
-SPEC = MethodSpec(  # its options (--reduction, --multiview, --view-columns): nearl/method_options.py
+SPEC = MethodSpec(  # its options (--reduction, --multiview, --view-columns): nearl/methods/options.py
     model_cls=ALTA, config_cls=ALTAConfig, check=_check_options,
     summary="ALTA adapters in every block of both towers",
 )

@@ -17,8 +17,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..frozen import FrozenCLIPWrapper
-from ..model import NEARLOutput, TowerResult
+from nearl.model.frozen import FrozenCLIPWrapper
+from nearl.model.nearl_clip import NEARLOutput, TowerResult
 
 
 @dataclass
@@ -42,7 +42,8 @@ class MethodModel(FrozenCLIPWrapper):
     """
 
     method = "?"
-    tasks = ("retrieval", "classification")
+    tasks = ("retrieval", "classification", "multilabel")
+    refusals: Dict[str, str] = {}  # {task it does not apply to: why}, said when refused
 
     def __init__(self, backbone: nn.Module, config: MethodConfig, *, model_name: str = "", fused: bool = False):
         super().__init__(backbone, model_name=model_name)
@@ -75,7 +76,8 @@ class MethodModel(FrozenCLIPWrapper):
     @classmethod
     def check_task(cls, task: str) -> None:
         if task not in cls.tasks:
-            raise ValueError(f"method {cls.method!r} does not apply to task {task!r}: it supports "
+            why = f" ({cls.refusals[task]})" if task in cls.refusals else ""
+            raise ValueError(f"method {cls.method!r} does not apply to task {task!r}{why}: it supports "
                              f"{' and '.join(cls.tasks)} only")
 
     # ----------------------------------------------------------------- parameters

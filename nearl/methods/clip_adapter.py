@@ -15,9 +15,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..frozen import count
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.model.frozen import count
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 
 @dataclass
@@ -64,7 +64,7 @@ class CLIPAdapter(MethodModel):
                 "Text adapter": count(self.text_adapter.parameters())}
 
 
-SPEC = MethodSpec(  # its aliases and options (--reduction, --alpha): nearl/method_options.py
+SPEC = MethodSpec(  # its aliases and options (--reduction, --alpha): nearl/methods/options.py
     model_cls=CLIPAdapter, config_cls=CLIPAdapterConfig,
     summary="residual bottleneck MLPs on the final features",
 )

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..frozen import count
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.model.frozen import count
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 # The tower types whose attention layers are found and wrapped here (nearl/towers/).
 SUPPORTED_TOWERS = ("OpenClipVision", "OpenClipText", "TimmVision")
@@ -173,7 +173,7 @@ class CLIPLoRA(MethodModel):
                 f"Text LoRA (q, k, v; rank {self.config.rank})": count(self.lora["text"].parameters())}
 
 
-SPEC = MethodSpec(  # its aliases and options (--lora-rank, --lora-alpha, --lora-dropout): nearl/method_options.py
+SPEC = MethodSpec(  # its aliases and options (--lora-rank, --lora-alpha, --lora-dropout): nearl/methods/options.py
     model_cls=CLIPLoRA, config_cls=CLIPLoRAConfig,
     summary="LoRA on q, k, v of every attention layer of both towers",
     title="CLIP-LoRA",

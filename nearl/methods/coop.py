@@ -20,10 +20,10 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..classify import prompt_name
-from ..model import TowerResult
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.model.classify import prompt_name
+from nearl.model.nearl_clip import TowerResult
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 logger = logging.getLogger("nearl.methods")
 
@@ -43,6 +43,8 @@ class CoOpConfig(MethodConfig):
 class CoOp(MethodModel):
     method = "coop"
     tasks = ("classification",)
+    refusals = {"multilabel": "its learned context makes one prompt a class: there is no negative prompt to score "
+                              "a finding's absence against"}
 
     def __init__(self, backbone: nn.Module, config: Optional[CoOpConfig] = None, **kw):
         config = config or CoOpConfig()
@@ -100,6 +102,6 @@ class CoOp(MethodModel):
         return {f"Context vectors ({self.n_ctx} x {self._text.width})": self.ctx.numel()}
 
 
-SPEC = MethodSpec(  # its option (--n-ctx): nearl/method_options.py
+SPEC = MethodSpec(  # its option (--n-ctx): nearl/methods/options.py
     model_cls=CoOp, config_cls=CoOpConfig, summary="learned prompt context (M = 16)",
 )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..method_options import DEFAULT_WEIGHT_DECAYS  # --probe-wd's default (parsed by method_options.weight_decays)
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.methods.options import DEFAULT_WEIGHT_DECAYS  # --probe-wd's default (parsed by options.weight_decays)
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LinearProbeConfig(MethodConfig):
 class LinearProbe(MethodModel):
     method = "linear-probe"
     tasks = ("classification",)
+    refusals = {"multilabel": "its head is fitted as a softmax over single labels, not per-class sigmoids"}
 
     def __init__(self, backbone: nn.Module, config: Optional[LinearProbeConfig] = None, **kw):
         config = config or LinearProbeConfig()
@@ -134,7 +135,7 @@ def fit_linear_probe(model: LinearProbe, train_x: torch.Tensor, train_y: torch.T
     return {"weight_decay": chosen, "searched": bool(have_val and len(grid) > 1)}
 
 
-SPEC = MethodSpec(  # its aliases and option (--probe-wd, `weight_decays`): nearl/method_options.py
+SPEC = MethodSpec(  # its aliases and option (--probe-wd, `weight_decays`): nearl/methods/options.py
     model_cls=LinearProbe, config_cls=LinearProbeConfig,
     summary="logistic regression on frozen image features", trainer="features",
     scores_unseen_classes=False,  # its head has one output per trained class

@@ -22,11 +22,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..data.datasets import ImageTextDataset
-from ..data.images import BadImageError, load_image
-from ..data.manifests import read_manifest
-from ..data.records import ImageTextRecord
-from ..method_options import VIEW_COLUMNS  # alta's --view-columns default
+from nearl.data.datasets import ImageTextDataset
+from nearl.data.images import BadImageError, load_image
+from nearl.data.manifests import read_manifest
+from nearl.data.records import ImageTextRecord
+from nearl.methods.options import VIEW_COLUMNS  # alta's --view-columns default
 
 logger = logging.getLogger("nearl.data")
 

@@ -1,11 +1,11 @@
-"""NEARL-CLIP itself as a method: the model of nearl/model.py with its NEARLConfig and options."""
+"""NEARL-CLIP itself as a method: the model of nearl/model/nearl_clip.py with its NEARLConfig and options."""
 from __future__ import annotations
 
-from ..config import NEARLConfig
-from ..model import NEARLCLIP
-from .registry import MethodSpec
+from nearl.model.config import NEARLConfig
+from nearl.model.nearl_clip import NEARLCLIP
+from nearl.methods.registry import MethodSpec
 
-# its aliases and options: nearl/method_options.py (DECLARED["nearl"])
+# its aliases and options: nearl/methods/options.py (DECLARED["nearl"])
 SPEC = MethodSpec(
     model_cls=NEARLCLIP, config_cls=NEARLConfig, fused_kernels=True,
     summary="NEARL-CLIP: USEformer queries + orthogonal cross-attention in every adapted block",

@@ -2,30 +2,34 @@
 
 Each method's module declares a `MethodSpec` named SPEC: its model class (which carries the method's
 name and tasks), its config class and how its config comes from the command line and the data. Its
-aliases and command-line options are declared in nearl/method_options.py, which the command lines
-read without importing the methods (and torch). `nearl/methods/__init__.py` registers them; training, evaluation,
+aliases and command-line options are declared in nearl/methods/options.py, which the command lines
+read without importing the methods (and torch). Every method DECLARED there is imported from its
+module (the name with "_" for "-") and registered here on first use; training, evaluation,
 comparison and checkpoint loading find methods here, and build and restore every method, NEARL-CLIP
 included, the same way. What callers treat differently from one method to another is a MethodSpec
-attribute: nothing outside nearl/methods/ tests a method's name (tests/test_method_interface.py).
+attribute: nothing outside nearl/methods/ tests a method's name (tests/methods/test_method_interface.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
-from ..errors import UserError
-from ..method_options import (DECLARED, DEFAULT_METHOD, Option, add_method_options, canonical, fixed_on_resume,
+from nearl.store.checkpoint import load_checkpoint
+from nearl.errors import UserError
+from nearl.methods.options import (DECLARED, DEFAULT_METHOD, Option, add_method_options, canonical, fixed_on_resume,
                               options)
-from ..model import SCHEMAS, create_backbone
+from nearl.model.frozen import BackboneSource
+from nearl.model.nearl_clip import create_backbone
+from nearl.towers.sources import backbone_name
 
 __all__ = ["DEFAULT_METHOD", "MethodSpec", "Option", "add_method_options", "build_from_checkpoint", "build_method", "canonical",
            "check_options", "check_task", "config_fields", "fixed_on_resume", "method_config", "method_of",
-           "methods_for", "names", "register", "spec"]
+           "methods_for", "module_of", "names", "register", "spec"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class MethodSpec:
         return tuple(self.model_cls.tasks)
 
     @property
-    def options(self) -> Tuple[Option, ...]:  # its command-line options (nearl/method_options.py)
+    def options(self) -> Tuple[Option, ...]:  # its command-line options (nearl/methods/options.py)
         return DECLARED[self.name].options
 
     @property
@@ -82,29 +86,45 @@ def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _SPECS:
         raise ValueError(f"method {spec.name!r} is registered twice")
     if spec.name not in DECLARED:
-        raise ValueError(f"method {spec.name!r} has no entry in nearl/method_options.py (its aliases and options)")
+        raise ValueError(f"method {spec.name!r} has no entry in nearl/methods/options.py (its aliases and options)")
     _SPECS[spec.name] = spec
     return spec
 
 
+def module_of(name: str) -> str:
+    """The module that defines method `name` (its SPEC): nearl/methods/<name, "_" for "-">.py."""
+    return "nearl.methods." + name.replace("-", "_")
+
+
+def _specs() -> Dict[str, MethodSpec]:
+    """Every method, registered on first use in DECLARED's order (listings, nearl.compare's table), so
+    importing one method's module never imports the others."""
+    if not _SPECS:
+        for name in DECLARED:
+            register(importlib.import_module(module_of(name)).SPEC)
+    return _SPECS
+
+
 def names() -> Tuple[str, ...]:
-    return tuple(_SPECS)
+    return tuple(_specs())
 
 
 def spec(name: str) -> MethodSpec:
-    return _SPECS[canonical(name)]
+    return _specs()[canonical(name)]
 
 
 def check_task(method: str, task: str) -> None:
     """A clear error when a method does not apply to a task (coop / linear-probe on retrieval)."""
     s = spec(method)
     if task not in s.tasks:
-        raise ValueError(f"method {s.name!r} does not apply to task {task!r}: it supports "
+        reasons = getattr(s.model_cls, "refusals", {})  # MethodModel.refusals: why, where a method says
+        why = f" ({reasons[task]})" if task in reasons else ""
+        raise ValueError(f"method {s.name!r} does not apply to task {task!r}{why}: it supports "
                          f"{' and '.join(s.tasks)} only")
 
 
 def methods_for(task: str) -> Tuple[str, ...]:
-    return tuple(name for name, s in _SPECS.items() if task in s.tasks)
+    return tuple(name for name, s in _specs().items() if task in s.tasks)
 
 
 def method_of(model: nn.Module) -> str:
@@ -131,8 +151,10 @@ def build_method(name: str, model_name: str, pretrained: Optional[str] = None, *
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         backbone = create_backbone(model_name, pretrained)
-        shown = pretrained if pretrained is not None and pretrained.startswith(SCHEMAS) else model_name
-        return s.model_cls(backbone, s.config_cls(**cfg), model_name=shown, fused=fused)
+        model = s.model_cls(backbone, s.config_cls(**cfg), model_name=backbone_name(model_name, pretrained),
+                            fused=fused)
+    model.backbone_source = BackboneSource(model_name, pretrained, int(seed))  # what save_pretrained records
+    return model
 
 
 def build_from_checkpoint(ckpt, *, fused: bool = False, pretrained: Optional[str] = "checkpoint",

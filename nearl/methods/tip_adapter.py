@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 # The paper's search grid (its code's search_scale [7, 3], search_step [200, 20]): beta, alpha.
 BETAS = tuple(0.1 + i * (7 - 0.1) / 200 for i in range(200))
@@ -52,6 +52,7 @@ class TipAdapterConfig(MethodConfig):
 class TipAdapter(MethodModel):
     method = "tip-adapter"
     tasks = ("classification",)
+    refusals = {"multilabel": "its cache holds one label per image (one-hot values), not a multi-hot vector"}
     learn_keys = False  # Tip-Adapter-F: the keys are a learnable linear layer
 
     def __init__(self, backbone: nn.Module, config: Optional[TipAdapterConfig] = None, **kw):
@@ -134,7 +135,7 @@ def search_alpha_beta(model: TipAdapter, val_x: torch.Tensor, val_y: torch.Tenso
 
 def build_cache(model: TipAdapter, train_x, train_y, val_x, val_y, templates) -> str:
     """MethodSpec.prepare: the cache from the training features; alpha and beta searched on validation."""
-    from ..classify import zero_shot_classifier
+    from nearl.model.classify import zero_shot_classifier
     cfg = model.config
     model.set_cache(train_x, train_y)
     head = f"{model.method}: cache of {cfg.cache_size} training images, {len(cfg.classnames)} classes; "
@@ -152,7 +153,7 @@ def classnames_from_data(data) -> Dict[str, List[str]]:
     return {"classnames": list(data.classnames)} if data is not None and data.classnames else {}
 
 
-SPEC = MethodSpec(  # its aliases and options (--tip-alpha, --tip-beta, --no-tip-search): nearl/method_options.py
+SPEC = MethodSpec(  # its aliases and options (--tip-alpha, --tip-beta, --no-tip-search): nearl/methods/options.py
     model_cls=TipAdapter, config_cls=TipAdapterConfig,
     summary="training-free cache model of the few-shot features (+ zero-shot)",
     title="Tip-Adapter", prepare=build_cache, config_from_data=classnames_from_data,

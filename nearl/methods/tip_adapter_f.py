@@ -11,8 +11,8 @@ as in the paper's code. Classification only; it scores its training classes only
 """
 from __future__ import annotations
 
-from .registry import MethodSpec
-from .tip_adapter import TipAdapter, TipAdapterConfig, build_cache, classnames_from_data
+from nearl.methods.registry import MethodSpec
+from nearl.methods.tip_adapter import TipAdapter, TipAdapterConfig, build_cache, classnames_from_data
 
 
 class TipAdapterF(TipAdapter):
@@ -20,7 +20,7 @@ class TipAdapterF(TipAdapter):
     learn_keys = True
 
 
-SPEC = MethodSpec(  # its aliases and options (shared with tip-adapter): nearl/method_options.py
+SPEC = MethodSpec(  # its aliases and options (shared with tip-adapter): nearl/methods/options.py
     model_cls=TipAdapterF, config_cls=TipAdapterConfig,
     summary="Tip-Adapter with its cache keys fine-tuned",
     title="Tip-Adapter-F", prepare=build_cache, config_from_data=classnames_from_data,

@@ -1,5 +1,5 @@
 """Zero-shot: the frozen CLIP, no learnable parameter; classification by prompt templates
-(nearl.classify.TEMPLATES or --templates), retrieval by cosine similarity. Nothing is trained:
+(nearl.model.classify.TEMPLATES or --templates), retrieval by cosine similarity. Nothing is trained:
 `python -m nearl.train --method zeroshot` only validates and writes a checkpoint that names it."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Optional
 
 from torch import nn
 
-from .base import MethodConfig, MethodModel
-from .registry import MethodSpec
+from nearl.methods.base import MethodConfig, MethodModel
+from nearl.methods.registry import MethodSpec
 
 
 @dataclass
@@ -24,6 +24,6 @@ class ZeroShot(MethodModel):
         super().__init__(backbone, config or ZeroShotConfig(), **kw)
 
 
-SPEC = MethodSpec(model_cls=ZeroShot, config_cls=ZeroShotConfig,  # its aliases: nearl/method_options.py
+SPEC = MethodSpec(model_cls=ZeroShot, config_cls=ZeroShotConfig,  # its aliases: nearl/methods/options.py
                   summary="the frozen CLIP with prompt templates, no training",
                   untrained_is_zero_shot=True, training_note="no training")

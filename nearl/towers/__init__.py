@@ -8,8 +8,9 @@ Tower types, one module each: `open_clip_vision.py` (open_clip's VisionTransform
 VisionTransformerRelPos), the three on `timm_base.py`, `open_clip_text.py` (its CLIP text
 transformer, inline or TextTransformer), `open_clip_coca_text.py` (CoCa's, with a class token
 appended), `hf_text.py` (its HFTextEncoder around a BERT-style encoder, as in BiomedCLIP), and
-`hf_clip_vision.py` / `hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, on
-`hf_clip_base.py`; nearl/transformers_backbone.py builds the backbone).
+`hf_clip_vision.py` / `hf_clip_text.py` (a transformers CLIPModel's or SiglipModel's towers, and the
+CLIP-like types', on `hf_clip_base.py`; nearl/towers/transformers_backbone.py builds the backbone) and
+`hf_bert_text.py` (the BERT-style text tower of a transformers ChineseCLIP, AltCLIP or BLIP model).
 A new type is a new module with a `Tower` subclass, listed in TOWER_TYPES.
 """
 from __future__ import annotations
@@ -18,19 +19,20 @@ from typing import Dict
 
 from torch import nn
 
-from .base import PreNormParts, Tower
-from .hf_clip_text import HFCLIPText
-from .hf_clip_vision import HFCLIPVision
-from .hf_text import HFText
-from .open_clip_coca_text import CoCaText
-from .open_clip_text import OpenClipText
-from .open_clip_vision import OpenClipVision
-from .timm_eva import TimmEva
-from .timm_relpos import TimmRelPos
-from .timm_vision import TimmVision
+from nearl.towers.base import PreNormParts, Tower
+from nearl.towers.hf_bert_text import HFBertText
+from nearl.towers.hf_clip_text import HFCLIPText
+from nearl.towers.hf_clip_vision import HFCLIPVision
+from nearl.towers.hf_text import HFText
+from nearl.towers.open_clip_coca_text import CoCaText
+from nearl.towers.open_clip_text import OpenClipText
+from nearl.towers.open_clip_vision import OpenClipVision
+from nearl.towers.timm_eva import TimmEva
+from nearl.towers.timm_relpos import TimmRelPos
+from nearl.towers.timm_vision import TimmVision
 
 TOWER_TYPES = {"vision": (OpenClipVision, TimmVision, TimmEva, TimmRelPos, HFCLIPVision),
-               "text": (OpenClipText, CoCaText, HFText, HFCLIPText)}
+               "text": (OpenClipText, CoCaText, HFText, HFCLIPText, HFBertText)}
 
 
 def tower_of(backbone: nn.Module, kind: str) -> Tower:
@@ -52,5 +54,5 @@ def towers_of(backbone: nn.Module) -> Dict[str, Tower]:
     return {kind: tower_of(backbone, kind) for kind in TOWER_TYPES}
 
 
-__all__ = ["CoCaText", "HFCLIPText", "HFCLIPVision", "HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText",
+__all__ = ["CoCaText", "HFBertText", "HFCLIPText", "HFCLIPVision", "HFText", "PreNormParts", "TOWER_TYPES", "Tower", "OpenClipText",
            "OpenClipVision", "TimmEva", "TimmRelPos", "TimmVision", "tower_of", "towers_of"]

@@ -1,5 +1,5 @@
-"""What the image and text towers of a Hugging Face transformers CLIPModel / SiglipModel share
-(nearl/transformers_backbone.py): finding the model, the encoder's pre-norm layers stepped with the
+"""What the image and text towers of a Hugging Face transformers CLIPModel / SiglipModel (and the
+CLIP-like types of transformers_backbone.MODEL_TYPES) share: finding the model, the encoder's pre-norm layers stepped with the
 model's own arguments (hf_layers.py), ALTA's additions inside them. hf_clip_vision.py and
 hf_clip_text.py add each tower's stem, pooling and projection."""
 from __future__ import annotations
@@ -9,15 +9,16 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from .base import Tower
-from .hf_layers import call_layer, check_prenorm_layers, prenorm_adapted_layer
+from nearl.towers.base import Tower
+from nearl.towers.hf_layers import call_layer, check_prenorm_layers, prenorm_adapted_layer
+from nearl.towers.transformers_backbone import MODEL_TYPES, SIGLIP_TYPES
 
 
 def hf_clip_model(backbone: nn.Module) -> Optional[nn.Module]:
-    """The transformers CLIPModel / SiglipModel a TransformersCLIP backbone holds, else None."""
+    """The transformers model (of MODEL_TYPES) a TransformersCLIP backbone holds, else None."""
     hf = getattr(backbone, "hf", None)
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    return hf if model_type in ("clip", "siglip") else None
+    return hf if model_type in MODEL_TYPES else None
 
 
 class HFCLIPTower(Tower):
@@ -30,7 +31,8 @@ class HFCLIPTower(Tower):
         self.backbone = backbone
         self.hf = hf_clip_model(backbone)
         self.model = getattr(self.hf, self.tower_attr)
-        self.siglip = self.hf.config.model_type == "siglip"
+        self.model_type = self.hf.config.model_type
+        self.siglip = self.model_type in SIGLIP_TYPES
         self._blocks = list(self.model.encoder.layers)
 
     @classmethod

@@ -1,5 +1,5 @@
-"""The text tower of a Hugging Face transformers CLIPModel or SiglipModel
-(nearl/transformers_backbone.py), stepped as its own forward runs it: token and position
+"""The text tower of a Hugging Face transformers CLIPModel or SiglipModel, and of MetaCLIP 2, OWL-ViT,
+OWLv2 (CLIP's) and SigLIP 2 (SigLIP's) (nearl/towers/transformers_backbone.py), stepped as its own forward runs it: token and position
 embeddings, the encoder's layers (CLIP's under its causal mask, SigLIP's bidirectional over the
 padded text), final_layer_norm, then CLIP's pooling at the end-of-text token and text_projection,
 or SigLIP's last token and head."""
@@ -10,19 +10,26 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .hf_clip_base import HFCLIPTower
-from .hf_layers import first_layer_inputs, spliced_embeddings
+from nearl.towers.hf_clip_base import HFCLIPTower
+from nearl.towers.hf_layers import first_layer_inputs, spliced_embeddings
+from nearl.towers.transformers_backbone import BERT_TEXT_TYPES
+
+ARGMAX_TYPES = ("owlvit", "owlv2")  # pooled at the highest token id (the end token in their vocabularies)
 
 
 class HFCLIPText(HFCLIPTower):
     kind = "text"
-    type_name = "transformers CLIPModel / SiglipModel text tower"
+    type_name = "transformers CLIPModel / SiglipModel (or CLIP-like) text tower"
     takes_context = True
     tower_attr = "text_model"
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
         self.eos_id = self.model.config.eos_token_id
+
+    @classmethod
+    def accepts(cls, backbone: nn.Module) -> bool:
+        return super().accepts(backbone) and backbone.hf.config.model_type not in BERT_TEXT_TYPES
 
     @property
     def context_length(self) -> int:
@@ -43,9 +50,11 @@ class HFCLIPText(HFCLIPTower):
 
     def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the position CLIP's text tower pools: the highest id for configs from before
-        transformers' eos_token_id fix (eos_token_id = 2), else the first end-of-text token."""
+        transformers' eos_token_id fix (eos_token_id = 2) and for OWL-ViT / OWLv2, else the first
+        end-of-text token (MetaCLIP 2 always)."""
         ids = tokens.to(torch.int)
-        return ids.argmax(dim=-1) if self.eos_id == 2 else (ids == self.eos_id).int().argmax(dim=-1)
+        highest = self.model_type in ARGMAX_TYPES or (self.model_type == "clip" and self.eos_id == 2)
+        return ids.argmax(dim=-1) if highest else (ids == self.eos_id).int().argmax(dim=-1)
 
     def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         x = self.model.final_layer_norm(x)

@@ -13,8 +13,8 @@ from typing import Any, List, Tuple
 import torch
 from torch import nn
 
-from .base import Tower
-from .hf_layers import call_layer, first_layer_inputs, spliced_embeddings
+from nearl.towers.base import Tower
+from nearl.towers.hf_layers import call_layer, first_layer_inputs, spliced_embeddings
 
 try:  # transformers is needed only for these towers
     from open_clip.hf_model import ClsPooler, HFTextEncoder
@@ -89,9 +89,9 @@ class HFText(Tower):
         version's layer signature works."""
         layer, seen = self._blocks[k], {}
 
-        def on_attention(module, args, output):
-            seen["h"] = after_attention(output[0])
-            return (seen["h"], *output[1:])
+        def on_attention(module, args, output):  # a tuple, or (some 5.x layer classes) the tensor
+            seen["h"] = after_attention(output[0] if isinstance(output, tuple) else output)
+            return (seen["h"], *output[1:]) if isinstance(output, tuple) else seen["h"]
 
         def on_dense(module, args, output):
             return output + beside_mlp(seen["h"])

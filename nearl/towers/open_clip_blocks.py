@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 
-from .base import PreNormParts
+from nearl.towers.base import PreNormParts
 
 
 def run_block(block, x: torch.Tensor, batch_first: bool, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from .open_clip_text import OpenClipText
+from nearl.towers.open_clip_text import OpenClipText
 
 
 class CoCaText(OpenClipText):

@@ -8,8 +8,8 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .base import PreNormParts, Tower
-from .open_clip_blocks import prenorm_parts, run_block
+from nearl.towers.base import PreNormParts, Tower
+from nearl.towers.open_clip_blocks import prenorm_parts, run_block
 
 
 class OpenClipVision(Tower):

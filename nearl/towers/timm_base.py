@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Tower
+from nearl.towers.base import Tower
 
 try:  # timm comes with open_clip; without it there is simply no tower of these types
     from open_clip.timm_model import TimmModel

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import PreNormParts
-from .timm_base import TimmTrunkTower
+from nearl.towers.base import PreNormParts
+from nearl.towers.timm_base import TimmTrunkTower
 
 try:  # timm comes with open_clip; without it there is simply no tower of this type
     from timm.models.eva import Eva, EvaBlock

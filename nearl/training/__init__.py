@@ -9,7 +9,7 @@
     features.py  methods fitted on cached features (linear-probe)
     tracking.py  --report-to: metrics.jsonl mirrored to TensorBoard / wandb
 """
-from .._lazy import lazy_attributes
+from nearl._lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): `nearl.training.options` (the parser) imports no torch, and
 # `python -m nearl.train --help` answers before the loop and the run are imported.

@@ -6,7 +6,7 @@
 Each field is one `python -m nearl.train` flag (`--max-steps` is `max_steps`) with its default; its
 metadata holds the help text, the --help group and the argparse keywords, so the parser
 (nearl/training/options.py) is built from these fields and the two cannot drift. The methods' own
-options (nearl/method_options.py) live in `method_options`, by dest; one not given takes its declared
+options (nearl/methods/options.py) live in `method_options`, by dest; one not given takes its declared
 default. Checkpoints record `to_dict()` (flat, the methods' options at the top level, as the
 argparse Namespace was recorded), and `from_dict` reads that back, old checkpoints included.
 Imports no torch: --help answers at once."""
@@ -19,9 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .. import argtypes as A
-from ..method_options import DEFAULT_METHOD, METHODS, canonical, options as method_option_table
-from .tracking import parse_report_to
+from nearl import argtypes as A
+from nearl.data.manifests import FORMATS
+from nearl.errors import UserError
+from nearl.evaluation import metric_table as MT
+from nearl.methods.options import DEFAULT_METHOD, METHODS, canonical, options as method_option_table
+from nearl.training.tracking import parse_report_to
+
+AUTO = "auto"  # --resume auto
+
 
 def _method(text: str) -> str:
     try:
@@ -37,9 +43,18 @@ def _report_to(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def flag(default: Any, group: str, help: Optional[str] = None, **cli: Any) -> Any:
-    """A field that is a command-line flag: its default, --help group, help and argparse keywords."""
-    meta = {"help": help, "group": group, "cli": cli}
+def _fraction(text: str) -> float:
+    """--val-fraction / --test-fraction: a fraction in (0, 1)."""
+    value = A.unit_interval(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value:g}")
+    return value
+
+
+def flag(default: Any, group: str, help: Optional[str] = None, aliases: tuple = (), **cli: Any) -> Any:
+    """A field that is a command-line flag: its default, --help group, help, other names (`aliases`,
+    e.g. open_clip's "--csv-img-key") and argparse keywords."""
+    meta = {"help": help, "group": group, "cli": cli, "aliases": tuple(aliases)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,7 +67,7 @@ class TrainConfig:
     method: str = flag(DEFAULT_METHOD, "model", "adaptation method: " + ", ".join(METHODS)
                        + f" (default {DEFAULT_METHOD}; see nearl/methods/)", type=_method)
     model: Optional[str] = flag(None, "model", "open_clip architecture, or transformers:<repo id or folder> for a "
-                                "transformers CLIPModel / SiglipModel (default: ViT-B-16 with a GPU, NEARL-Tiny "
+                                "transformers CLIP-family model (default: ViT-B-16 with a GPU, NEARL-Tiny "
                                 "on CPU)")
     pretrained: Optional[str] = flag(None, "model", "backbone weights: open_clip tag (openai, laion2b_s34b_b88k), a "
                                      "checkpoint file, hf-hub:org/repo, local-dir:path or transformers:<repo id or "
@@ -62,13 +77,32 @@ class TrainConfig:
                                     "each again (less memory, about one more forward of the blocks). Free to change "
                                     "on --resume", action=argparse.BooleanOptionalAction)
     # data
-    task: str = flag("retrieval", "data", choices=("retrieval", "classification"))
+    task: str = flag("retrieval", "data", choices=("retrieval", "classification", "multilabel"))
     data: Optional[str] = flag(None, "data", "retrieval: a manifest (CSV/TSV/JSONL), ROCO folder/CSV or MedICaT "
-                               "JSONL; classification: an ImageFolder dir (with train/ val/ sub-dirs, or flat) or a "
-                               "CoOp split .json. Default: the embedded demo set")
+                               "JSONL; classification: an ImageFolder dir (with train/ val/ sub-dirs, or flat), a "
+                               "CoOp split .json or a label CSV (image, label, optional split columns). Default: the "
+                               "embedded demo set")
     val_data: Optional[str] = flag(None, "data", "a separate validation source (same kinds as --data)")
-    format: str = flag("auto", "data", f"retrieval source format: {'|'.join(A.DATA_FORMATS)}")
-    root: Optional[str] = flag(None, "data", "image root for a manifest or CoOp JSON (default: the file's folder)")
+    format: str = flag("auto", "data", f"retrieval source format: {'|'.join(FORMATS)}")
+    root: Optional[str] = flag(None, "data", "image root for a manifest, label CSV or CoOp JSON (default: the file's "
+                               "folder)")
+    image_column: Optional[str] = flag(None, "data", "a manifest's or label CSV's image column (default image)",
+                                       aliases=("--csv-img-key",))
+    caption_column: Optional[str] = flag(None, "data", "a manifest's caption column (default caption)",
+                                         aliases=("--csv-caption-key",))
+    label_column: Optional[str] = flag(None, "data", "a label CSV's class-name column (default label)")
+    label_columns: Optional[str] = flag(None, "data", "multilabel: the finding columns, comma-separated (cells 1 "
+                                        "positive; 0, empty or -1 negative)")
+    label_separator: Optional[str] = flag(None, "data", "multilabel: --label-column holds several findings split by "
+                                          "this (e.g. '|'; 'No Finding' is none)")
+    separator: Optional[str] = flag(None, "data", "a CSV's separator: one character, or \\t / tab (default: comma "
+                                    "for .csv, tab for .tsv)", aliases=("--csv-separator",))
+    val_fraction: Optional[float] = flag(None, "data", "hold out this fraction of a source without splits (a flat "
+                                         "ImageFolder, a manifest or label CSV without a split column) for "
+                                         "validation: seeded by --seed, stratified by class; the lists go to "
+                                         "--out/splits.json, which nearl.evaluate reuses", type=_fraction)
+    test_fraction: Optional[float] = flag(None, "data", "likewise, a test split (nearl.evaluate --checkpoint RUN "
+                                          "with the same --data evaluates on it)", type=_fraction)
     k_shot: Optional[int] = flag(None, "data", "classification: k training images per class", type=A.positive_int)
     classes: str = flag("all", "data", "classification: train on the base classes (the first half, CoOp's "
                         "base-to-novel protocol), the novel ones, or all (default)", choices=A.CLASS_SUBSETS)
@@ -105,14 +139,22 @@ class TrainConfig:
     resume: Optional[str] = flag(None, "run", "a run directory (its last.pt) or checkpoint file to continue from; "
                                  "arguments not given again are taken from the checkpoint, those given again take "
                                  "effect (the model's shape excepted: --model, --num-queries, ... stay the "
-                                 "checkpoint's)")
+                                 "checkpoint's). 'auto': continue the run in --out if it has a checkpoint, else "
+                                 "start one there (a requeued job runs the same command)")
     overwrite: bool = flag(False, "run", "start a new run in an --out that holds one, deleting its last.pt, "
-                           "last.prev.pt, best.pt, metrics.jsonl and curves.png first", action="store_true")
+                           "last.prev.pt, best.pt, metrics.jsonl, curves.png and config.yaml first", action="store_true")
     force_unlock: bool = flag(False, "run", "take over --out's train.lock even though it was written on another "
                               "host (whether that run still lives cannot be checked from here)", action="store_true")
     save_every: int = flag(0, "run", "also checkpoint every N steps (0: per epoch)", type=A.non_negative_int)
-    eval_every: int = flag(1, "run", "validate every N epochs (0: only at the end)", type=A.non_negative_int)
+    eval_every: Optional[int] = flag(None, "run", "validate every N epochs (0: only at the end). Default: every "
+                                     "epoch, or in a run of more than 20 epochs (few-shot) every ceil(epochs / 20), "
+                                     "last.pt saved as often", type=A.non_negative_int)
     eval_batch_size: Optional[int] = flag(None, "run", "default: --batch-size", type=A.positive_int)
+    monitor: Optional[str] = flag(None, "run", "the validation metric best.pt is chosen by, in its direction ("
+                                  + ", ".join(m.name for m in MT.METRICS if not m.higher_is_better)
+                                  + ": lower is better); default: the task's main metric. "
+                                  + "; ".join(f"{task}: {', '.join(MT.names(task))}" for task in MT.TASKS),
+                                  metavar="METRIC")
     workers: int = flag(2, "run", "DataLoader worker processes", type=A.non_negative_int)
     device: Optional[str] = flag(None, "run", "cpu | cuda | cuda:N (default: cuda when available)", type=A.device)
     no_progress: bool = flag(False, "run", "no tqdm bars", action="store_true")
@@ -123,7 +165,7 @@ class TrainConfig:
                                           type=_report_to, action="extend", metavar="TRACKERS")
     wandb_project: str = flag("nearl-clip", "run", "wandb project (default %(default)s); the run is named after the "
                               "--out folder")
-    # not flags: the methods' options by dest (nearl/method_options.py), and the lines a resume prints
+    # not flags: the methods' options by dest (nearl/methods/options.py), and the lines a resume prints
     method_options: Dict[str, Any] = field(default_factory=dict)
     resume_notes: List[str] = field(default_factory=list)
 
@@ -132,6 +174,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig.method_options: no method declares {unknown}; "
                              f"known: {sorted(method_option_table())}")
+        if self.monitor is not None and self.monitor not in MT.names(self.task):
+            raise UserError(f"--monitor {self.monitor}: not a {self.task} metric; choose one of "
+                            f"{', '.join(MT.names(self.task))}")
+
+    def monitored(self) -> str:
+        """The validation metric best.pt is chosen by: --monitor, else the task's main metric."""
+        return self.monitor or MT.MAIN_METRIC[self.task]
 
     def option(self, dest: str) -> Any:
         """A method option's value: the one given, else its declared default."""
@@ -182,6 +231,11 @@ def argparse_kwargs(f: dataclasses.Field) -> Dict[str, Any]:
 
 def option_string(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
+
+
+def option_strings(f: dataclasses.Field) -> List[str]:
+    """A flag field's names on the command line: its own (first: argparse's dest), then its aliases."""
+    return [option_string(f), *f.metadata.get("aliases", ())]
 
 
 def flag_fields() -> List[dataclasses.Field]:

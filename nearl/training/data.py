@@ -12,17 +12,20 @@ from typing import List, Optional
 import torch
 from torch.utils.data import Dataset
 
-from .. import distributed as D
-from ..data import demo
-from ..data.datasets import ImageTextDataset, LabelledDataset
-from ..data.labelled import k_shot, read_labelled_splits, require_classes, select_classes
-from ..data.loadable import require_loadable
-from ..data.manifests import read_image_text
-from ..data.records import Unusable, unusable
-from ..errors import UserError
-from ..evaluation import VAL_SPLITS
-from ..methods.multiview import VIEW_COLUMNS, MultiViewDataset, read_multiview
-from .config import TrainConfig
+from nearl.training import distributed as D
+from nearl.data import selection as S
+from nearl.data.datasets import ImageTextDataset, LabelledDataset
+from nearl.data.labelled import k_shot, require_classes, select_classes
+from nearl.data.loadable import require_loadable
+from nearl.data.multilabel import MultiLabelDataset
+from nearl.data.records import Unusable
+from nearl.data.splitting import SPLITS_FILE, HeldOut, read_split_file, split_file_text
+from nearl.data.tabular import Columns
+from nearl.errors import UserError
+from nearl.methods.multiview import VIEW_COLUMNS, MultiViewDataset, read_multiview
+from nearl.training.config import TrainConfig
+from nearl.training.options import resume_dir
+from nearl.writes import atomic_write
 
 logger = logging.getLogger("nearl.data")
 
@@ -63,10 +66,16 @@ class TrainData:
     classnames: Optional[List[str]]
     source: str
     unusable: List[Unusable] = field(default_factory=list)  # training images the reader dropped (missing, empty)
+    split_file: Optional[dict] = None  # the held-out lists (--val-fraction / --test-fraction), for --out/splits.json
 
 
-def _read_retrieval(path: str, fmt: str, root: Optional[str]):
-    return read_image_text(path, format=fmt, **({"root": root} if root else {}))
+def _multiview_reader(config: TrainConfig):
+    """--multiview's reader of the training data: a manifest's, with the view columns."""
+    def read(path):
+        if config.format not in ("auto", "manifest"):
+            raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {config.format}")
+        return read_multiview(path, root=config.root, columns=_view_columns(config.option("view_columns")))
+    return read
 
 
 def _view_columns(text: Optional[str]) -> List[str]:
@@ -76,42 +85,69 @@ def _view_columns(text: Optional[str]) -> List[str]:
     return cols
 
 
+def held_out(config: TrainConfig) -> Optional[HeldOut]:
+    """The held-out split a run makes (--val-fraction / --test-fraction, seeded by --seed), or on --resume the
+    resumed run's lists (its splits.json), applied again whatever the fractions; None: the source's splits."""
+    fractions = config.val_fraction or config.test_fraction
+    if config.resume:
+        saved = resume_dir(config.resume) / SPLITS_FILE
+        if saved.is_file():
+            return HeldOut(document=read_split_file(saved), file=str(saved))
+        if fractions:
+            raise UserError(f"--val-fraction / --test-fraction: the run resumed ({config.resume}) has no "
+                            f"{SPLITS_FILE}: it trained on all of its data, so images held out now would be ones it "
+                            "trained on. "
+                            "Start a new run (another --out) to hold out a split")
+    if not fractions:
+        return None
+    if config.val_fraction and config.val_data:
+        raise UserError("--val-fraction and --val-data both name the validation data: give one")
+    return HeldOut(config.val_fraction or 0.0, config.test_fraction or 0.0, config.seed)
+
+
+def save_split_file(data: TrainData, out) -> None:
+    """--out/splits.json: the held-out lists the run trains on (made, or a resumed run's); a stale one (of
+    a run --overwrite replaced, or one that stopped before its first checkpoint) is removed."""
+    path = Path(out) / SPLITS_FILE
+    if data.split_file is not None:
+        atomic_write(path, split_file_text(data.split_file))
+        logger.info("held-out split lists: %s", path)
+    elif path.is_file():
+        path.unlink()
+        logger.info("removed %s: this run holds out no split of its data", path)
+
+
 def load_train_data(config: TrainConfig) -> TrainData:
     """The training (and validation) records a run's TrainConfig names (--data, --task, --k-shot, ...)."""
+    kw = dict(root=config.root, fallback=S.TRAINING, columns=Columns.of(config), held_out=held_out(config))
     if config.task == "retrieval":
         if config.k_shot:
             raise UserError("--k-shot applies to --task classification only")
         if config.classes != "all":
             raise UserError("--classes applies to --task classification only")
-        path = config.data or str(demo.demo_manifest())
-        if config.option("multiview"):
-            if config.format not in ("auto", "manifest"):
-                raise UserError(f"--multiview reads a manifest (CSV/TSV/JSONL), not --format {config.format}")
-            records = read_multiview(path, root=config.root, columns=_view_columns(config.option("view_columns")))
-        else:
-            records = _read_retrieval(path, config.format, config.root)
-        train = [r for r in records if r.split in (None, "train")]
-        if config.val_data:
-            val = _read_retrieval(config.val_data, config.format, None)
-        else:
-            val = [r for r in records if r.split in VAL_SPLITS]
-        if not train:
-            raise UserError(f"{path}: no training records (split 'train' or no split column)")
-        dropped = [u for u in unusable(records) if u.split in (None, "train")]
-        return TrainData("retrieval", train, val, None, path, unusable=dropped)
-    path = Path(config.data) if config.data else demo.demo_split_json()
-    splits, classnames = read_labelled_splits(path, config.root)
-    train = splits.get("train", splits.get("all", []))  # a flat ImageFolder is all training data
+        read = _multiview_reader(config) if config.option("multiview") else None
+        train, val = S.select_splits("retrieval", config.data, ("train", "val"), fmt=config.format, read=read, **kw)
+        if config.val_data:  # every record of it, read by --format (never as multi-view studies)
+            [val] = S.select_splits("retrieval", config.val_data, ("val",), fmt=config.format, fallback=S.VAL_DATA,
+                                    columns=kw["columns"])
+        if not train.records:
+            raise UserError(f"{train.source}: no training records (split 'train' or no split column)")
+        return TrainData("retrieval", train.records, val.records, None, train.source, unusable=train.unusable,
+                         split_file=train.split_file)
+    if config.task == "multilabel":
+        return _multilabel_train_data(config, kw)
+    # a flat ImageFolder is all training data (unless --val-fraction / --test-fraction hold some out)
+    chosen, val = S.select_splits("classification", config.data, ("train", "val"), **kw)
+    path, train, classnames, val = chosen.source, chosen.records, chosen.classnames, val.records
     if config.val_data:
-        vs, vnames = read_labelled_splits(Path(config.val_data), None)
-        if vnames != classnames:
-            raise UserError(f"--val-data classes {vnames} differ from the training classes {classnames}")
-        val = vs.get("val") or vs.get("test") or vs.get("train") or vs.get("all", [])
-    else:
-        val = splits.get("val", [])
+        [other] = S.select_splits("classification", config.val_data, ("val",), fallback=S.VAL_DATA,
+                                  columns=kw["columns"])
+        if other.classnames != classnames:
+            raise UserError(f"--val-data classes {other.classnames} differ from the training classes {classnames}")
+        val = other.records
     which = config.classes
     require_classes(classnames, str(path))
-    dropped = unusable(train)
+    dropped = chosen.unusable
     (train, names), (val, _) = (select_classes(rs, classnames, which) for rs in (train, val))
     classnames, dropped = names, [u for u in dropped if u.classname in names]
     if not train:
@@ -127,7 +163,26 @@ def load_train_data(config: TrainConfig) -> TrainData:
         logger.warning("%s: no training image for %d of the %d classes (%s): the model never sees them in "
                        "training, though validation and evaluation score them", path, len(unseen), len(classnames),
                        unseen)
-    return TrainData("classification", train, val, classnames, str(path), unusable=dropped)
+    return TrainData("classification", train, val, classnames, str(path), unusable=dropped,
+                     split_file=chosen.split_file)
+
+
+def _multilabel_train_data(config: TrainConfig, kw: dict) -> TrainData:
+    """The records of a multi-label CSV (nearl/data/multilabel.py): its train and val splits (or --val-data's)."""
+    if config.k_shot or config.classes != "all":
+        raise UserError("--k-shot and --classes apply to --task classification only (not multilabel)")
+    if config.data is None:
+        raise UserError("--task multilabel needs --data: a multi-label CSV (no demo set is multi-label)")
+    chosen, val = S.select_splits("multilabel", config.data, ("train", "val"), **kw)
+    if config.val_data:
+        [val] = S.select_splits("multilabel", config.val_data, ("val",), fallback=S.VAL_DATA, columns=kw["columns"])
+        if val.classnames != chosen.classnames:
+            raise UserError(f"--val-data classes {val.classnames} differ from the training classes "
+                            f"{chosen.classnames}")
+    if not chosen.records:
+        raise UserError(f"{chosen.source}: no training records (split 'train' or no split column)")
+    return TrainData("multilabel", chosen.records, val.records, chosen.classnames, chosen.source,
+                     unusable=chosen.unusable, split_file=chosen.split_file)
 
 
 def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> Dataset:
@@ -137,6 +192,8 @@ def make_dataset(data: TrainData, model, seed: int, multiview: bool = False) -> 
                                 num_views=model.num_views)
     elif data.task == "retrieval":
         base = ImageTextDataset(data.train, transform, model.tokenizer(), train=True, seed=seed)
+    elif data.task == "multilabel":
+        base = MultiLabelDataset(data.train, transform)
     else:
         base = LabelledDataset(data.train, transform)
     base.dropped = dict(Counter(u.reason for u in data.unusable))  # reported with the undecodable ones

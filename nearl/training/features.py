@@ -14,22 +14,23 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .. import distributed as D
-from ..checkpoint import BEST, LAST, rng_state, save_checkpoint, training_state
-from ..classify import TEMPLATES
-from ..data.datasets import LabelledDataset
-from ..data.overlap import training_images
-from ..evaluation import encode_images, evaluate_classification, headline
-from ..logging_utils import MetricsLog
-from ..methods import method_of
-from ..methods.linear_probe import fit_linear_probe
-from ..nonfinite import NonFiniteError
-from ..plots import plot_curves
-from .data import TrainData
-from .config import TrainConfig
-from .tracking import TrackedLog, Tracker
+from nearl.training import distributed as D
+from nearl.store.checkpoint import BEST, LAST, rng_state, save_checkpoint, training_state
+from nearl.model.classify import TEMPLATES
+from nearl.data.datasets import LabelledDataset
+from nearl.data.overlap import training_images
+from nearl.evaluation.run import encode_images, evaluate_classification, headline
+from nearl.logging_utils import MetricsLog, reporter
+from nearl.methods import method_of
+from nearl.methods.linear_probe import fit_linear_probe
+from nearl.store.nonfinite import NonFiniteError
+from nearl.training.plots import plot_curves
+from nearl.training.data import TrainData
+from nearl.training.config import TrainConfig
+from nearl.training.tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
+to_user = reporter("train")  # the lines the user reads (nearl.logging_utils.reporter)
 
 
 def _cached_features(model, records, desc: str, kw: Dict[str, Any]):
@@ -57,7 +58,7 @@ class _FitLog:
 
     def on_search(self, rec: Dict[str, float]) -> None:
         self.log.write({"kind": "search", "step": 0, **rec})
-        print(f"linear-probe: weight decay {rec['weight_decay']:g}: val accuracy {rec['val_accuracy']:.2f}", flush=True)
+        to_user.info(f"linear-probe: weight decay {rec['weight_decay']:g}: val accuracy {rec['val_accuracy']:.2f}")
         self.t = time.perf_counter()
 
 
@@ -69,7 +70,7 @@ def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainDat
     device = info.device
     steps = int(config.max_steps or 100)
     if config.resume:
-        print("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
+        to_user.info("linear-probe: nothing to resume (the fit takes seconds on cached features); fitting again")
     log = TrackedLog(out / "metrics.jsonl", tracker)  # mirrored to --report-to's trackers
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # --resume of this folder: the fit starts again (claim_out allowed it)
@@ -81,9 +82,9 @@ def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainDat
     val_x, val_y = _cached_features(model, data.val, "val images", kw) if data.val else (None, None)
     feature_s = time.perf_counter() - t0
     model.print_parameter_breakdown()
-    print(f"task classification: {len(data.train)} training / {len(data.val)} validation records from "
-          f"{data.source}; features cached in {feature_s:.1f}s; L-BFGS, {steps} iterations per candidate "
-          f"weight decay {list(model.config.weight_decays)}", flush=True)
+    to_user.info(f"task classification: {len(data.train)} training / {len(data.val)} validation records from "
+                 f"{data.source}; features cached in {feature_s:.1f}s; L-BFGS, {steps} iterations per candidate "
+                 f"weight decay {list(model.config.weight_decays)}")
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)
@@ -93,15 +94,15 @@ def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainDat
                               None if val_x is None else val_x.to(device),
                               None if val_y is None else val_y.to(device), steps, seed=config.seed,
                               on_step=progress.on_step, on_search=progress.on_search)
-    print(f"linear-probe: weight decay {chosen['weight_decay']:g}"
-          f"{' (chosen on validation)' if chosen['searched'] else ' (no validation data: not searched)'}", flush=True)
+    to_user.info(f"linear-probe: weight decay {chosen['weight_decay']:g}"
+                 f"{' (chosen on validation)' if chosen['searched'] else ' (no validation data: not searched)'}")
     results, best = None, None
     if data.val:
         results = evaluate_classification(model, data.val, data.classnames,
                                           templates=config.templates or TEMPLATES, **kw)
-        best = headline("classification", results)
+        best = headline("classification", results, config.monitored())  # one validation: it is best.pt
         log.write({"kind": "val", "step": steps, "epoch": 1, **results, "score": best})
-        print(f"validation at step {steps}: accuracy={results['accuracy']:.2f}", flush=True)
+        to_user.info(f"validation at step {steps}: accuracy={results['accuracy']:.2f}")
         if results.get("nonfinite_rows"):
             raise NonFiniteError(f"linear-probe: {int(results['nonfinite_rows'])} validation logit rows hold NaN "
                                  "or inf: the head has diverged; nothing was saved")
@@ -112,7 +113,8 @@ def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainDat
         model={k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
         optimizer=None, scheduler=None, scaler=None, step=steps, epoch=1,
         batch_in_epoch=0, best=best, rng=rng_state(), data={"n": n},
-        args=config.to_dict(), metrics=results or {}, train_images=training_images(data.train))
+        args=config.to_dict(), metrics=results or {},
+        train_images=training_images(data.train, progress=not config.no_progress))
     save_checkpoint(state, out, LAST)
     if results is not None:
         save_checkpoint(state, out, BEST)
@@ -120,7 +122,7 @@ def fit_on_features(config: TrainConfig, info: D.DistInfo, model, data: TrainDat
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     except Exception as e:  # a plot must never kill a run
         logger.warning("could not draw curves.png: %s", e)
-    print(f"done: {steps} steps; checkpoints in {out}", flush=True)
+    to_user.info(f"done: {steps} steps; checkpoints in {out}")
     return {"step": steps, "epoch": 1, "best": best, "out": str(out), "method": method_of(model),
             "learnable_parameters": model.num_trainable_parameters(), "weight_decay": chosen["weight_decay"]}
 
@@ -139,4 +141,4 @@ def prepare_on_features(config: TrainConfig, info: D.DistInfo, model, data: Trai
     note = prepare(model, move(train_x), move(train_y), move(val_x), move(val_y),
                    templates=config.templates or TEMPLATES)
     if info.is_main:
-        print(note, flush=True)
+        to_user.info(note)

@@ -16,28 +16,32 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import distributed as D
-from ..checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_state
-from ..classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
-from ..data.datasets import collate_skip_bad
-from ..data.loadable import report_skips
-from ..data.overlap import training_images
-from ..errors import UserError
-from ..evaluation import autocast, evaluate_classification, evaluate_retrieval, headline
-from ..logging_utils import format_metrics
-from ..losses import NEARLLoss
-from ..methods import DEFAULT_METHOD, canonical, spec
-from ..metric_table import VALIDATION_SHOWN
-from ..nonfinite import NonFiniteError, check_finite_state
-from ..plots import plot_curves
-from ..resume import changed_settings, load_adapters, resume_optimizer
-from ..schedule import warmup_cosine
-from .data import TrainData, make_dataset, require_decodable
-from .config import TrainConfig
-from .stop import SigtermStop
-from .tracking import TrackedLog, Tracker
+from nearl.training import config_file, distributed as D
+from nearl.store.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_state
+from nearl.model.classify import TEMPLATES, ClassificationLoss, PromptClassifier, class_prompt_tokens
+from nearl.data.datasets import collate_skip_bad
+from nearl.data.loadable import report_skips
+from nearl.data.overlap import training_images
+from nearl.errors import UserError
+from nearl.evaluation.run import autocast, evaluate_classification, evaluate_retrieval, headline
+from nearl.evaluation.multilabel import evaluate_multilabel
+from nearl.model.multilabel import objective as multilabel_objective
+from nearl.logging_utils import format_metrics, reporter
+from nearl.model.losses import NEARLLoss
+from nearl.methods import DEFAULT_METHOD, canonical, spec
+from nearl.evaluation.metric_table import MAIN_METRIC, VALIDATION_SHOWN, better
+from nearl.store.nonfinite import NonFiniteError, check_finite_state
+from nearl.training.plots import plot_curves
+from nearl.training.resume import changed_settings, load_adapters, resume_optimizer
+from nearl.training.schedule import warmup_cosine
+from nearl.training.data import TrainData, make_dataset, require_decodable
+from nearl.training.config import TrainConfig
+from nearl.training.stop import SigtermStop
+from nearl.training.tracking import TrackedLog, Tracker
 
 logger = logging.getLogger("nearl.train")
+to_user = reporter("train")  # the lines the user reads (nearl.logging_utils.reporter)
+AUTO_VALIDATIONS = 20  # about how often a run of many short epochs validates without --eval-every
 
 
 def param_groups(model, weight_decay: float):
@@ -63,7 +67,10 @@ def unused_parameters(module, model, loss_fn, task: str, device, image_size: int
     if task == "retrieval":
         terms = loss_fn(module(images, tokenizer(["a", "b"]).to(device)))
     else:
-        terms = loss_fn(module(images), torch.zeros(2, dtype=torch.long, device=device))
+        out = module(images)
+        labels = (torch.zeros_like(out.logits) if task == "multilabel"  # multi-hot targets
+                  else torch.zeros(2, dtype=torch.long, device=device))
+        terms = loss_fn(out, labels)
     terms["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for p in model.parameters():
@@ -91,9 +98,10 @@ class Hooks:
         pass
 
 
-def say(info: D.DistInfo, *msg) -> None:
+def say(info: D.DistInfo, *msg, level: int = logging.INFO) -> None:
+    """A line for the user from the main rank only (the report logger, on stdout)."""
     if info.is_main:
-        print(*msg, flush=True)
+        to_user.log(level, " ".join(str(m) for m in msg))
 
 
 class GradientRun:
@@ -120,7 +128,9 @@ class GradientRun:
         self.last_good = None  # the step out/last.pt holds, for the message that stops a diverged run
         self.saved_at: Dict[str, Any] = {"step": None, "best": None}
         self.last_eval_step = -1
-        self.train_images = training_images(data.train)  # what evaluation must not score unawares
+        self.bar = None  # the run's progress bar, while the steps run
+        # what evaluation must not score unawares
+        self.train_images = training_images(data.train, progress=not config.no_progress)
 
     # ----------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
@@ -132,7 +142,7 @@ class GradientRun:
         if len(self.dataset) < per_rank * info.world_size:
             new = max(1, len(self.dataset) // info.world_size)
             say(info, f"warning: {len(self.dataset)} training samples < global batch {per_rank * info.world_size}; "
-                      f"using --batch-size {new} per process")
+                      f"using --batch-size {new} per process", level=logging.WARNING)
             per_rank = new
         self.per_rank = per_rank
         self.sampler = D.ShardedBatchSampler(len(self.dataset), per_rank, rank=info.rank, world_size=info.world_size,
@@ -157,6 +167,10 @@ class GradientRun:
             self.module = model
             self.loss_fn = NEARLLoss.from_config(cfg, rank=info.rank, world_size=info.world_size)
             probe_loss = NEARLLoss.from_config(cfg)
+        elif self.data.task == "multilabel":  # positive vs negative prompts (nearl/model/multilabel.py)
+            self.module, self.loss_fn, probe_loss = multilabel_objective(
+                model, self.data.classnames, config.templates or list(TEMPLATES), self.device, cfg, info.rank,
+                info.world_size)
         else:
             prompts = class_prompt_tokens(model, self.data.classnames, config.templates or list(TEMPLATES))
             self.module = PromptClassifier(model, prompts.to(self.device), len(self.data.classnames)).to(self.device)
@@ -207,7 +221,8 @@ class GradientRun:
             self.done_already = ckpt
             return
         load_adapters(self.model, ckpt, self.device)
-        self.train_images = training_images(self.data.train, ckpt.get("train_images"))  # trained on both
+        self.train_images = training_images(self.data.train, ckpt.get("train_images"),  # trained on both
+                                            progress=not self.config.no_progress)
         changed = changed_settings(ckpt.get("args", {}), config.to_dict())
         if changed:
             say(info, "resume: settings given again take effect: " + ", ".join(changed))
@@ -219,11 +234,15 @@ class GradientRun:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.pos = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.best, self.skipped = ckpt.get("best"), int(ckpt.get("nonfinite_skipped", 0))
+        chosen_by = ckpt.get("args", {}).get("monitor") or MAIN_METRIC[self.data.task]
+        if chosen_by != config.monitored():  # its best is a score of another metric: the next validation wins
+            say(info, f"resume: best.pt was chosen by {chosen_by}; from now on by {config.monitored()} (--monitor)")
+            self.best = None
         saved, s = ckpt.get("data", {}), self.sampler
         if saved and (saved.get("n"), saved.get("batch_size"), saved.get("world_size")) != (
                 s.n, s.batch_size, s.world_size):
             say(info, f"warning: data layout changed since the checkpoint ({saved}); the data order "
-                      "will not match an uninterrupted run")
+                      "will not match an uninterrupted run", level=logging.WARNING)
         set_rng_state(ckpt["rng"])
         self.log.truncate_after(self.step)
         if (self.out / LAST).exists():
@@ -235,15 +254,15 @@ class GradientRun:
         if self.main_rank:
             model.print_parameter_breakdown()
             if spec(self.method).named_in_messages:
-                print(f"method {self.method}: {model.num_trainable_parameters():,} learnable parameters")
-            print(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from "
-                  f"{data.source}")
-            print(f"{self.info.world_size} process(es) x batch {self.per_rank} x accumulation {config.accum_steps} = "
-                  f"{self.per_rank * self.info.world_size * config.accum_steps} samples per step; "
-                  f"{self.steps_per_epoch} steps per epoch; {self.total} steps ({self.epochs} epochs at most), "
-                  f"warmup {self.warmup}; device {self.device}, precision {config.precision}"
-                  f"{', fused kernels' if self.fused else ''}"
-                  f"{', grad checkpointing' if model.grad_checkpointing else ''}", flush=True)
+                to_user.info(f"method {self.method}: {model.num_trainable_parameters():,} learnable parameters")
+            to_user.info(f"task {data.task}: {len(data.train)} training / {len(data.val)} validation records from "
+                         f"{data.source}")
+            to_user.info(f"{self.info.world_size} process(es) x batch {self.per_rank} x accumulation "
+                         f"{config.accum_steps} = {self.per_rank * self.info.world_size * config.accum_steps} samples "
+                         f"per step; {self.steps_per_epoch} steps per epoch; {self.total} steps ({self.epochs} epochs "
+                         f"at most), warmup {self.warmup}; device {self.device}, precision {config.precision}"
+                         f"{', fused kernels' if self.fused else ''}"
+                         f"{', grad checkpointing' if model.grad_checkpointing else ''}")
         if not data.val:
             say(self.info, "no validation records: no per-epoch evaluation and no best.pt "
                            "(give the manifest a 'val' split or use --val-data)")
@@ -254,7 +273,7 @@ class GradientRun:
         return training_state(
             model_name=self.model_name, pretrained=config.pretrained, backbone_seed=config.seed,
             method=self.method, config=self.model.config.to_dict(), task=data.task, classnames=data.classnames,
-            templates=(config.templates or list(TEMPLATES)) if data.task == "classification" else None,
+            templates=(config.templates or list(TEMPLATES)) if data.task != "retrieval" else None,
             model={k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
             optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -304,19 +323,20 @@ class GradientRun:
         results, broken = None, None
         if self.main_rank:
             results = self._evaluate()
-            score = headline(data.task, results)
+            monitor = self.config.monitored()  # --monitor, else the task's main metric
+            score = headline(data.task, results, monitor)
             self.log.write({"kind": "val", "step": self.step, "epoch": self.epoch, **results, "score": score})
-            shown = {k: v for k, v in results.items() if k in VALIDATION_SHOWN}
-            print(f"validation at step {self.step}: {format_metrics(shown)}", flush=True)
+            shown = {k: v for k, v in results.items() if k in VALIDATION_SHOWN or k == monitor}
+            to_user.info(f"validation at step {self.step}: {format_metrics(shown)}")
             bad = int(results.get("nonfinite_rows", 0))
             if bad:  # the metrics counted them as misses; the model itself is broken
                 broken = (f"validation at step {self.step}: the model's outputs hold NaN or inf for {bad} inputs: "
                           f"it has diverged, so training stopped and it was not saved. {self.kept()}. {self.again()}")
-            elif math.isfinite(score) and (self.best is None or score > self.best):
+            elif math.isfinite(score) and better(monitor, score, self.best):
                 self.best = score
                 state = {**self.state(self.epoch, self.pos, results), "nonfinite_skipped": self.skipped}
                 save_checkpoint(state, self.out, BEST)
-                print(f"new best {score:.2f}: {self.out / BEST}", flush=True)
+                to_user.info(f"new best {monitor + ' ' if self.config.monitor else ''}{score:.2f}: {self.out / BEST}")
         self.best, broken = D.broadcast_object((self.best, broken), self.info)  # every rank takes the same decisions
         if broken:
             raise NonFiniteError(broken)
@@ -325,10 +345,15 @@ class GradientRun:
     def _evaluate(self) -> Dict[str, float]:
         config, data = self.config, self.data
         kw = dict(device=self.device, batch_size=config.eval_batch_size or self.per_rank, workers=config.workers,
-                  precision=config.precision, progress=not config.no_progress,
+                  precision=config.precision, progress=False,  # the run's one bar says it validates
                   source=config.val_data or data.source)
+        if self.bar is not None and not self.bar.disable:  # closed after the last step: disabled
+            self.bar.set_postfix_str(f"validating {len(data.val)} records")
         if data.task == "retrieval":
             return evaluate_retrieval(self.model, data.val, **kw)
+        if data.task == "multilabel":
+            return evaluate_multilabel(self.model, data.val, data.classnames,
+                                       templates=config.templates or TEMPLATES, **kw)
         return evaluate_classification(self.model, data.val, data.classnames, templates=config.templates or TEMPLATES,
                                        **kw)
 
@@ -341,10 +366,18 @@ class GradientRun:
         self.resume_or_seed()
         if self.done_already is not None:
             return self.nothing_to_do()
+        if self.main_rank:  # what runs, as a file `--config` runs again (after nothing_to_do, which writes nothing)
+            config_file.write(self.config.to_dict(), self.out)
         self.announce()
         self.module.train()
-        while self.step < self.total and self.epoch < self.epochs and not self.stopping:
-            self.run_epoch()
+        # One bar for the run (a notebook shows one widget): steps, ETA, and the step's loss and lr.
+        self.bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                        disable=self.config.no_progress or not self.main_rank)
+        try:
+            while self.step < self.total and self.epoch < self.epochs and not self.stopping:
+                self.run_epoch()
+        finally:
+            self.bar.close()
         if self.stopping:
             self.stop_here()
         final = self.validate()
@@ -353,9 +386,9 @@ class GradientRun:
         self.plot()
         out, skipped = self.out, self.skipped
         if self.main_rank:
-            print(f"done: {self.step} steps{f' ({skipped} skipped as non-finite)' if skipped else ''}; checkpoints in "
-                  f"{out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
-                  f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}", flush=True)
+            to_user.info(f"done: {self.step} steps{f' ({skipped} skipped as non-finite)' if skipped else ''}; "
+                         f"checkpoints in {out} ({LAST}{', ' + BEST if (out / BEST).exists() else ''}), "
+                         f"metrics in {out / 'metrics.jsonl'}, curves in {out / 'curves.png'}")
         self.log.close()
         return self.summary()
 
@@ -392,8 +425,6 @@ class GradientRun:
         config, accum = self.config, self.config.accum_steps
         self.sampler.set_epoch(self.epoch, start=self.pos)
         self.dataset.set_epoch(self.epoch)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.pos // accum, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                   disable=config.no_progress or not self.main_rank, dynamic_ncols=True)
         self.group: List[Dict[str, float]] = []
         self.micro, self.seen, self.t0 = 0, 0, time.perf_counter()
         for batch in self.loader:
@@ -405,22 +436,31 @@ class GradientRun:
             if self.micro < accum:
                 continue
             record = self.optimizer_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                            samples_s=f"{record['samples_per_s'] or 0:.1f}", lr=f"{record['lr']:.2e}")
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=f"{self.epoch + 1}/{self.epochs}", loss=f"{record.get('loss', float('nan')):.4f}",
+                                 lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s'] or 0:.1f}")
             at_epoch_end = self.pos >= self.steps_per_epoch * accum
             if config.save_every and self.step % config.save_every == 0 and not at_epoch_end and self.step < self.total:
                 self.save(LAST, self.epoch, self.pos)
             self.hooks.on_step(self.step, record)
             if self.step >= self.total or self.stopping:
                 break
-        bar.close()
         report_skips(self.dataset, self.log, step=self.step, source=self.data.source)  # once per data set
         if self.pos >= self.steps_per_epoch * accum and not self.stopping:  # a full epoch (SIGTERM: run() saves)
             self.epoch, self.pos = self.epoch + 1, 0
-            if config.eval_every and self.epoch % config.eval_every == 0 and self.validate() is not None:
+            every = self.epochs_between_validations()
+            if every and self.epoch % every == 0 and self.validate() is not None:
                 self.plot()  # the curves are redrawn with each validation, and at the end
-            self.save(LAST, self.epoch, self.pos)
+            if config.eval_every is not None or self.epoch % max(every, 1) == 0:
+                self.save(LAST, self.epoch, self.pos)  # the end of the run saves too (run())
+
+    def epochs_between_validations(self) -> int:
+        """--eval-every, else every epoch, or every ceil(epochs / AUTO_VALIDATIONS) epochs in a run of more
+        epochs (few-shot: epochs of one or a few steps), where last.pt is saved as often: a long run of
+        short epochs validates and fsyncs about AUTO_VALIDATIONS times, not once a step."""
+        if self.config.eval_every is not None:
+            return self.config.eval_every
+        return max(1, math.ceil(self.epochs / AUTO_VALIDATIONS))
 
     def micro_batch(self, batch, last_micro: bool) -> None:
         """Forward and backward of one micro-batch, its loss terms kept for the step's record."""

@@ -1,16 +1,17 @@
 """The options of a training run: the parser, and the arguments a resumed run takes from its
 checkpoint. `nearl.train` is the command line over them; `parse_args([...])` gives what `fit` takes.
-Imports no torch (the methods' options come from nearl/method_options.py): --help answers at once."""
+Imports no torch (the methods' options come from nearl/methods/options.py): --help answers at once."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .. import argtypes as A
-from ..method_options import add_method_options, fixed_on_resume
-from .config import TrainConfig, argparse_kwargs, flag_fields, option_string
+from nearl import argtypes as A
+from nearl.methods.options import add_method_options, fixed_on_resume
+from nearl.training import config_file
+from nearl.training.config import AUTO, TrainConfig, argparse_kwargs, flag_fields, option_string, option_strings
 
 DESCRIPTION = """Train NEARL-CLIP's adapters on a frozen CLIP backbone (SPEC 3.2).
 
@@ -29,10 +30,11 @@ trains nothing (it validates and writes a checkpoint naming itself).
 
 Retrieval: the symmetric CLIP loss (gathered across ranks with gradient) + lambda_q * query
 alignment. Classification: cross-entropy over logit_scale * cos(image, class prompts), the prompts
-going through the adapted text tower every step, + lambda_q * query alignment (nearl/classify.py).
+going through the adapted text tower every step, + lambda_q * query alignment (nearl/model/classify.py).
 
 Outputs in --out: metrics.jsonl (one line per optimizer step and per validation), curves.png,
-last.pt / last.prev.pt (resume points), best.pt (best validation mean recall or accuracy).
+last.pt / last.prev.pt (resume points), best.pt (best validation score: the task's main metric or
+--monitor), config.yaml (the settings; --config runs them again).
 Checkpoints hold the learnable parameters only (about 1.4M numbers for ViT-B-16), never the backbone.
 
 One run per folder: a folder holding a run is refused unless --resume continues it or --overwrite
@@ -68,10 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     for f in flag_fields():
         group = f.metadata["group"]
         if group not in groups:
-            if list(groups) == ["model"]:  # each method's own options, after the model group (nearl/method_options.py)
+            if list(groups) == ["model"]:  # each method's own options, after the model group (nearl/methods/options.py)
                 add_method_options(p)
             groups[group] = p.add_argument_group(group)
-        groups[group].add_argument(option_string(f), **argparse_kwargs(f))
+        groups[group].add_argument(*option_strings(f), **argparse_kwargs(f))
+    # what to do with the settings, not settings themselves (TrainConfig has no field for them)
+    groups["run"].add_argument("--config", metavar="FILE", help="read the settings from a YAML file, such as the "
+                               "config.yaml every run writes in its folder; flags given on the command line win")
+    groups["run"].add_argument("--print-config", action="store_true", help="print the settings this command line "
+                               "resolves to, as a config file, and exit without training")
     return p
 
 
@@ -97,21 +104,48 @@ def resume_dir(resume) -> Path:
     return res if res.is_dir() else res.parent
 
 
+def auto_resume(out: str) -> Optional[str]:
+    """--resume auto: the run in `out` when it has a checkpoint to continue from, else None (a new run;
+    a folder holding a run without one is refused when the run claims it, under its lock)."""
+    from nearl.store.checkpoint import LAST, PREVIOUS  # torch: after the parse, as --resume's own load
+
+    folder = Path(out)
+    return str(folder) if any((folder / name).is_file() for name in (LAST, PREVIOUS)) else None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The arguments; with --resume, those not given again come from the checkpoint, and those
-    fixing the model's shape (FIXED_ON_RESUME) keep the checkpoint's value, with a note in
-    `args.resume_notes` (printed by the run)."""
+    """The arguments; --config's file fills in those not given; with --resume, those given in neither
+    come from the checkpoint, and those fixing the model's shape (FIXED_ON_RESUME) keep the checkpoint's
+    value, with a note in `args.resume_notes` (printed by the run)."""
+    return _parse(argv)[0]
+
+
+def parse_command(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, bool]:
+    """(the TrainConfig a command line gives, whether it asked for --print-config)."""
+    args, show = _parse(argv)
+    return TrainConfig.from_namespace(args), show
+
+
+def _parse(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, bool]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    path, show = args.__dict__.pop("config"), args.__dict__.pop("print_config")
     args.resume_notes = []
+    given = _explicit(parser, argv) - {"config", "print_config"}
+    if path is not None:
+        for k, v in config_file.checked(config_file.read(path), parser._actions, path).items():
+            if k not in given:
+                setattr(args, k, v)
+                given.add(k)
+    if args.resume == AUTO:
+        args.resume = auto_resume(args.out)
     if args.resume:
-        from ..checkpoint import load_checkpoint  # torch: after the parse (--help and a bad flag need none)
-        from ..resume import check_resumable, show as _show
+        from nearl.store.checkpoint import load_checkpoint  # torch: after the parse (--help and a bad flag need none)
+        from nearl.training.resume import check_resumable, show as _show
 
         ckpt = load_checkpoint(args.resume)
         check_resumable(ckpt)  # NaN weights: refused before any work
-        given = _explicit(parser, argv)
         if "out" not in given:
             args.out = str(resume_dir(args.resume))
             given.add("out")
@@ -127,12 +161,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if kept:
             args.resume_notes.append(f"warning: --resume keeps the model the checkpoint holds; ignored: "
                                      f"{', '.join(kept)}. Start a new run (another --out) to change them")
-    return args
+    return args, show
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """What `fit` takes from a command line (`parse_args`, with a resume's restored settings)."""
-    return TrainConfig.from_namespace(parse_args(argv))
+    return parse_command(argv)[0]
 
 
 def given_settings(argv: Sequence[str]) -> Dict[str, Any]:

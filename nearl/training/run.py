@@ -10,20 +10,21 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import distributed as D
-from ..cli_args import check_backbone, use_fused, user_errors
-from ..errors import UserError
-from ..evaluation import check_templates, default_model_name
-from ..methods import (DEFAULT_METHOD, build_method, canonical, check_options, check_task, method_config,
+from nearl.training import config_file, distributed as D
+from nearl.cli_args import check_backbone, use_fused, user_errors
+from nearl.errors import UserError
+from nearl.evaluation.run import check_templates, default_model_name
+from nearl.methods import (DEFAULT_METHOD, build_method, canonical, check_options, check_task, method_config,
                        spec as method_spec)
-from ..run_dir import RunLock, prepare as prepare_run_dir
-from .data import load_train_data, require_decodable
-from .features import fit_on_features, prepare_on_features
-from .loop import GradientRun, Hooks, say
-from .config import TrainConfig
-from .options import resume_dir
-from .stop import SigtermStop
-from .tracking import check_installed, open_trackers, requested
+from nearl.training.run_dir import RunLock, prepare as prepare_run_dir
+from nearl.training.data import load_train_data, require_decodable, save_split_file
+from nearl.training.features import fit_on_features, prepare_on_features
+from nearl.training.loop import GradientRun, Hooks, say
+from nearl.training.config import TrainConfig
+from nearl.training.options import resume_dir
+from nearl.training.stop import SigtermStop
+from nearl.training.tracking import check_installed, open_trackers, requested
+from nearl.towers.downloads import pretrained_example
 
 
 def fit(config: TrainConfig, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
@@ -48,7 +49,7 @@ def fit(config: TrainConfig, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
 
 @contextmanager
 def claim_out(config: TrainConfig, info: D.DistInfo):
-    """Hold --out for this run (nearl/run_dir.py): rank 0 takes the lock and checks that the folder may
+    """Hold --out for this run (nearl/training/run_dir.py): rank 0 takes the lock and checks that the folder may
     take this run; every rank learns the verdict, so none is left waiting for a rank that gave up."""
     out = Path(config.out)
     lock, error, notes = None, None, []
@@ -90,6 +91,8 @@ def _run(config: TrainConfig, info: D.DistInfo, hooks: Hooks, stop: SigtermStop)
     trackers = requested(config.report_to)
     check_installed(trackers)  # a missing package stops here, before the data and the model
     data = load_train_data(config)
+    if info.is_main:  # the held-out split lists (--val-fraction / --test-fraction) that nearl.evaluate reuses
+        save_split_file(data, config.out)
     with user_errors("model settings: "):
         model = build_method(method, model_name, config.pretrained, fused=fused, seed=config.seed,
                              **method_config(method, config, data))
@@ -102,6 +105,8 @@ def _run(config: TrainConfig, info: D.DistInfo, hooks: Hooks, stop: SigtermStop)
                        wandb_project=config.wandb_project or "nearl-clip") as tracker:
         if method_spec(method).trainer == "features":
             require_decodable(data, data.train, config.val_data)
+            if info.is_main:  # what runs, as a file `--config` runs again (the gradient loop writes its own)
+                config_file.write(config.to_dict(), Path(config.out))
             return fit_on_features(config, info, model, data, Path(config.out), tracker=tracker)
         return GradientRun(config, info, hooks, model, data, method=method, model_name=model_name, fused=fused,
                            tracker=tracker, stop=stop).run()
@@ -119,9 +124,9 @@ def _resolve(config: TrainConfig, info: D.DistInfo):
                else "GPU found" if torch.cuda.is_available() else "no GPU: a CPU-sized backbone")
         say(info, f"--model not given: using {model_name} ({why})")
     if config.pretrained is None:
-        example = model_name if model_name.startswith("transformers:") else "openai"
         say(info, f"NOTE: no --pretrained: the {model_name} backbone is RANDOM (seed {config.seed}), not CLIP. "
-                  f"The run exercises the pipeline; pass --pretrained (e.g. {example}) for a real model.")
+                  f"The run exercises the pipeline; pass --pretrained ({pretrained_example(model_name)}) for a "
+                  "real model.")
     with user_errors("--method: "):
         method = canonical(config.method or DEFAULT_METHOD)
         config.method = method

@@ -32,7 +32,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence
 
-from ..errors import Terminated
+from nearl.errors import Terminated
 
 _DEFERRING = [0]  # how many SigtermStop are deferring in this process (a forked child sees the count)
 STOPPING = (signal.SIGTERM, signal.SIGINT)  # the signals the loop stops for, in their flags' order

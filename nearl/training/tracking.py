@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
-from ..errors import UserError
-from ..logging_utils import MetricsLog, PathLike, json_safe
+from nearl.errors import UserError
+from nearl.logging_utils import MetricsLog, PathLike, json_safe
 
 # --report-to name -> (module imported, what to install)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

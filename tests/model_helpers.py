@@ -1,0 +1,72 @@
+"""Shared by the model tests: adapters moved off their init, a tiny batch, and the fused model checked
+against the reference path (features, queries and every learnable gradient)."""
+import torch
+
+import nearl
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: the interpreter (conftest.py)
+
+
+def perturb_adapters(model):
+    """Adapters off their init (W_up != 0), so OCA really acts; draws from the global generator."""
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def assert_is_the_frozen_backbone(model, images, tokens):
+    """Both towers of `model` compute exactly what its frozen backbone computes."""
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), model.backbone.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), model.backbone.encode_text(tokens))
+
+
+def adapted_first_block(tower, tokens, attention):
+    """Block 0 of `tower` on `tokens`, as (its input x, the output of its `attention` module, the block
+    with ALTA's additions after_attention = h + 1 and beside_mlp = 0.5 h), once identity additions
+    are checked to give the plain block exactly."""
+    with torch.no_grad():
+        x, mask = tower.stem(tokens)
+        seen = {}
+        hook = attention.register_forward_hook(lambda m, a, out: seen.update(a=out[0]))
+        plain = tower.block(0, x, mask)
+        hook.remove()
+        assert torch.equal(tower.adapted_block(0, x, mask, lambda h: h, lambda h: 0 * h), plain)
+        got = tower.adapted_block(0, x, mask, lambda h: h + 1.0, lambda h: 0.5 * h)
+    return x, seen["a"], got
+
+
+def trained_like(orth="hard"):
+    """A tiny model whose adapters are no longer at init (W_up != 0), so OCA really acts."""
+    torch.manual_seed(0)
+    return perturb_adapters(nearl.build("NEARL-Tiny", orth=orth)).to(DEV)
+
+
+def batch(model):
+    g = torch.Generator().manual_seed(1)
+    tokens = model.tokenizer()(["chest x-ray", "axial ct of the abdomen with contrast"])
+    return torch.randn(2, 3, 32, 32, generator=g).to(DEV), tokens.to(DEV)
+
+
+def features_and_grads(model, images, tokens, fused, autocast=None):
+    model.fused = fused
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(DEV, dtype=autocast, enabled=autocast is not None):
+        out = model(images, tokens)
+        loss = nearl.NEARLLoss.from_config(model.config)(out)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+def assert_fused_matches_reference(model, images, tokens):
+    """Features, queries and every learnable gradient: fused (interpreter) against reference."""
+    ref_out, ref_grads = features_and_grads(model, images, tokens, fused=False)
+    out, grads = features_and_grads(model, images, tokens, fused=True)
+    for name in ("image_features", "text_features", "image_queries", "text_queries"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref_out, name), rtol=1e-4, atol=1e-5)
+    assert set(grads) == set(ref_grads)
+    for n, g in grads.items():
+        scale = ref_grads[n].norm()
+        assert (g - ref_grads[n]).norm() <= 1e-3 * scale + 1e-7, n
