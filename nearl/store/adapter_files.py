@@ -409,25 +409,6 @@ def model_card(record: Dict[str, Any], *, license: Optional[str] = None, repo_id
     return card(record, license=license, repo_id=repo_id)
 
 
-def card_backbone(bb: Dict[str, Any]) -> List[str]:
-    """The model card's lines on the backbone: its name and weights, and how to give a local one."""
-    source = bb["pretrained"]
-    weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
-    if bb.get("pretrained_local"):
-        weights += " (a local copy, not included: `nearl.load(folder, pretrained=<its path>)`)"
-    name = f"`{bb['model_name']}`"
-    if bb.get("model_local") and _model_name_used(source):
-        name += " (a local folder, not included: `nearl.load(folder, model=<its path>)`)"
-    lines = [f"- backbone: {name}, weights {weights}",
-             f"- backbone fingerprint ({bb['fingerprint']['algorithm']}): `{bb['fingerprint']['weights']}`"]
-    for role, entry in (bb.get("local_sources") or {}).items():
-        if entry.get("config_name_or_path"):
-            lines.append(f"- the {role} folder's config names `{entry['config_name_or_path']}` (the weights may "
-                         "differ: the fingerprint tells)")
-        lines += [f"- {role} weights file `{f}`, sha256 `{d}`" for f, d in sorted((entry.get("files") or {}).items())]
-    return lines
-
-
 # ----------------------------------------------------------------------------- reading
 def _folder(directory: PathLike) -> Path:
     if isinstance(directory, str) and parse(directory).kind == "hf-hub":  # a Hub repository, downloaded

@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional
 
 from nearl.evaluation.metric_table import MAIN_METRIC, VALIDATION_SHOWN
 from nearl.logging_utils import read_metrics
+from nearl.store.adapter_files import CONFIG_FILE, _model_name_used
 from nearl.towers.sources import HF_HUB, names_local_path, parse
 
-CONFIG_FILE = "adapter_config.json"
 PLACEHOLDER_REPO = "owner/name"
 SHOWN_CLASSES = 4  # class names the predict example names at most
 
@@ -215,11 +215,28 @@ def _limitation_lines(record: Dict[str, Any], license: Optional[str]) -> List[st
     return lines + ["The backbone's license and the training data's terms apply to its use as well.", ""]
 
 
+def card_backbone(bb: Dict[str, Any]) -> List[str]:
+    """The model card's lines on the backbone: its name and weights, and how to give a local one."""
+    source = bb["pretrained"]
+    weights = f"`{source}`" if source else f"random (seed {bb['seed']}): this adapter only checks a pipeline"
+    if bb.get("pretrained_local"):
+        weights += " (a local copy, not included: `nearl.load(folder, pretrained=<its path>)`)"
+    name = f"`{bb['model_name']}`"
+    if bb.get("model_local") and _model_name_used(source):
+        name += " (a local folder, not included: `nearl.load(folder, model=<its path>)`)"
+    lines = [f"- backbone: {name}, weights {weights}",
+             f"- backbone fingerprint ({bb['fingerprint']['algorithm']}): `{bb['fingerprint']['weights']}`"]
+    for role, entry in (bb.get("local_sources") or {}).items():
+        if entry.get("config_name_or_path"):
+            lines.append(f"- the {role} folder's config names `{entry['config_name_or_path']}` (the weights may "
+                         "differ: the fingerprint tells)")
+        lines += [f"- {role} weights file `{f}`, sha256 `{d}`" for f, d in sorted((entry.get("files") or {}).items())]
+    return lines
+
+
 def model_card(record: Dict[str, Any], *, license: Optional[str] = None, repo_id: Optional[str] = None) -> str:
     """README.md for the Hub from an adapter_config.json's record (see the module docstring); repo_id:
     the Hub repository it is pushed to, which its examples name (else a placeholder)."""
-    from nearl.store.adapter_files import card_backbone
-
     bb, method = record["backbone"], record["method"]
     body = [f"# {method} adapter for {bb['model_name']}", "",
             f"Learnable weights of a `{method}` model (NEARL-CLIP project) trained for {record['task']}, "
