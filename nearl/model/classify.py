@@ -149,13 +149,21 @@ class ClassificationLoss(nn.Module):
     def from_config(cls, config, rank: int = 0, world_size: int = 1) -> "ClassificationLoss":
         return cls(config.lambda_q, config.lambda_orth, config.q_temperature, rank, world_size)
 
+    TERM = "cross_entropy"  # the task term's name in the step's record (metrics.jsonl)
+
+    def task_term(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+    def alignment(self, image_queries: torch.Tensor, class_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return query_alignment(image_queries, class_q, labels, self.q_temperature)
+
     def forward(self, out: ClassifierOutput, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        terms = {"cross_entropy": F.cross_entropy(out.logits.float(), labels)}
-        total = terms["cross_entropy"]
+        terms = {self.TERM: self.task_term(out.logits, labels)}
+        total = terms[self.TERM]
         if self.lambda_q and out.image_queries is not None and out.class_queries is not None:
             qv = _gather_with_grad(out.image_queries, self.world_size)
             y = _gather(labels, self.world_size)
-            terms["query_alignment"] = query_alignment(qv, out.class_queries, y, self.q_temperature)
+            terms["query_alignment"] = self.alignment(qv, out.class_queries, y)
             total = total + self.lambda_q * terms["query_alignment"]
         return finish_terms(terms, total, out.orth_penalty, self.lambda_orth)
 

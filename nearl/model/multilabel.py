@@ -17,15 +17,14 @@ for models with queries, plus the soft orthogonality penalty as classification's
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nearl.model.classify import (TEMPLATES, ClassificationLoss, ClassifierOutput, _gather, _gather_with_grad,
-                                  class_embeddings, class_queries, classification_logits)
-from nearl.model.losses import finish_terms
+from nearl.model.classify import (TEMPLATES, ClassificationLoss, ClassifierOutput, class_embeddings, class_queries,
+                                  classification_logits)
 
 NEGATIVE_TEMPLATES = (
     "a medical image with no {}.",
@@ -89,16 +88,13 @@ class MultiLabelLoss(ClassificationLoss):
     """Binary cross-entropy with logits (mean over images and classes) + lambda_q * multi-positive query
     alignment (+ lambda_orth * the orthogonality penalty with orth="soft")."""
 
-    def forward(self, out: ClassifierOutput, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        targets = targets.float()
-        terms = {"binary_cross_entropy": F.binary_cross_entropy_with_logits(out.logits.float(), targets)}
-        total = terms["binary_cross_entropy"]
-        if self.lambda_q and out.image_queries is not None and out.class_queries is not None:
-            qv = _gather_with_grad(out.image_queries, self.world_size)
-            y = _gather(targets, self.world_size)
-            terms["query_alignment"] = multilabel_query_alignment(qv, out.class_queries, y, self.q_temperature)
-            total = total + self.lambda_q * terms["query_alignment"]
-        return finish_terms(terms, total, out.orth_penalty, self.lambda_orth)
+    TERM = "binary_cross_entropy"
+
+    def task_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+    def alignment(self, image_queries: torch.Tensor, class_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return multilabel_query_alignment(image_queries, class_q, targets, self.q_temperature)
 
 
 @torch.no_grad()
