@@ -5,13 +5,12 @@ matrix (confusion_matrix.png) and the reliability diagram (reliability.png), mat
 writes through nearl.training.plots.save_figure."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from nearl.evaluation.metric_table import ECE_BINS, lower_is_better
 from nearl.evaluation.metrics import THRESHOLD
-from nearl.logging_utils import markdown_table
+from nearl.logging_utils import json_safe, markdown_table
 from nearl.training.plots import save_figure
 
 FIGURES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png"}
@@ -41,10 +40,6 @@ def ci_row(scores: Dict[str, Any], ci95: Dict[str, List[Optional[float]]]) -> Di
     return {k: shown(ci95[k]) for k in scores if k in ci95}
 
 
-def _number(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def markdown(report: Dict[str, Any]) -> str:
     """The notes, the per-class table and the confusion matrix, after the results table."""
     lower = [k for k in report["metrics"] if lower_is_better(k)]
@@ -53,8 +48,8 @@ def markdown(report: Dict[str, Any]) -> str:
     if report.get("bootstrap"):
         b = report["bootstrap"]
         notes.append(f"95% CI: {b['method']}, {b['resamples']} resamples (seed {b['seed']}).")
-    per_class = {name: {"AUROC": _number(c["auroc"]), "sensitivity": _number(c["sensitivity"]),
-                        "specificity": _number(c["specificity"]), "support": c["support"]}
+    per_class = {name: {"AUROC": json_safe(c["auroc"]), "sensitivity": json_safe(c["sensitivity"]),
+                        "specificity": json_safe(c["specificity"]), "support": c["support"]}
                  for name, c in report["per_class"].items()}
     matrix = report["confusion_matrix"]
     title = "confusion matrix (rows: true class, columns: predicted class)"

@@ -3,15 +3,12 @@ precision and F1 at probability 0.5 of the positive-vs-negative prompt scoring (
 and the per-class table of results.json / results.md."""
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Sequence
-
-import torch
 
 from nearl.data.multilabel import UNCERTAIN_RULE, MultiLabelDataset
 from nearl.evaluation import metrics as M
-from nearl.evaluation.run import autocast, encode_images
-from nearl.logging_utils import markdown_table
+from nearl.evaluation.run import scored_images
+from nearl.logging_utils import json_safe, markdown_table
 from nearl.model.classify import TEMPLATES
 from nearl.model.multilabel import SCORING, multilabel_logits
 
@@ -22,33 +19,22 @@ def evaluate_multilabel(model, records: Sequence, classnames: Sequence[str], *, 
                         ) -> Dict[str, Any]:
     """metrics.multilabel_metrics of the per-class logits z_c (macro_auroc, macro_ap, macro_f1_at_50), with
     "details" (results.json's per-class block) when asked."""
-    was_training = model.training
-    model.eval()
-    try:
-        ds = MultiLabelDataset(records, model.image_transform(False))
-        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
-                                          precision=precision, progress=progress, source=source)
-        with autocast(torch.device(device), precision):
-            logits = multilabel_logits(model, image_feats, classnames, templates, device=device)
-        targets = ds.labels()[kept]
-        out: Dict[str, Any] = M.multilabel_metrics(logits, targets)
-        out["n_images"], out["n_skipped"], out["n_classes"] = int(kept.numel()), ds.bad_count, len(classnames)
-        if details:
-            out["details"] = {**M.multilabel_details(logits, targets, classnames), "scoring": SCORING,
-                              "threshold": M.MULTILABEL_THRESHOLD, "uncertain": UNCERTAIN_RULE}
-        return out
-    finally:
-        model.train(was_training)
-
-
-def _number(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
+    ds = MultiLabelDataset(records, model.image_transform(False))
+    kept, targets, logits = scored_images(
+        model, ds, lambda feats: multilabel_logits(model, feats, classnames, templates, device=device),
+        device=device, batch_size=batch_size, workers=workers, precision=precision, progress=progress, source=source)
+    out: Dict[str, Any] = M.multilabel_metrics(logits, targets)
+    out["n_images"], out["n_skipped"], out["n_classes"] = int(kept.numel()), ds.bad_count, len(classnames)
+    if details:
+        out["details"] = {**M.multilabel_details(logits, targets, classnames), "scoring": SCORING,
+                          "threshold": M.MULTILABEL_THRESHOLD, "uncertain": UNCERTAIN_RULE}
+    return out
 
 
 def markdown(report: Dict[str, Any]) -> str:
     """The scoring note and the per-class table after the results table."""
-    rows = {name: {"AUROC": _number(c["auroc"]), "AP": _number(c["average_precision"]),
-                   "F1@0.5": _number(c["f1_at_50"]), "positives": c["positives"], "negatives": c["negatives"]}
+    rows = {name: {"AUROC": json_safe(c["auroc"]), "AP": json_safe(c["average_precision"]),
+                   "F1@0.5": json_safe(c["f1_at_50"]), "positives": c["positives"], "negatives": c["negatives"]}
             for name, c in report["per_class"].items()}
     notes = f"Scoring: {report['scoring']}. F1: {report['threshold']}."
     return notes + "\n\n" + markdown_table(rows, title="per class")

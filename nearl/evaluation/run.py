@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -156,21 +156,30 @@ def evaluate_classification(model, records: Sequence[LabelledRecord], classnames
     asks for none of it), also "details": per class, the confusion matrix and the reliability bins
     (metrics.classification_details) and, with `bootstrap` resamples drawn from `seed`, "ci95"
     (metrics.bootstrap_ci), all from the logits computed once."""
+    ds = LabelledDataset(records, model.image_transform(False))
+    kept, labels, logits = scored_images(
+        model, ds, lambda feats: classification_logits(model, feats, classnames, templates, device=device),
+        device=device, batch_size=batch_size, workers=workers, precision=precision, progress=progress, source=source)
+    out = M.classification_metrics(logits, labels)
+    out["n_images"], out["n_skipped"], out["n_classes"] = int(kept.numel()), ds.bad_count, len(classnames)
+    if details:
+        out["details"] = M.classification_details(logits, labels, classnames)
+        if bootstrap:
+            out["details"]["ci95"] = M.bootstrap_ci(logits, labels, resamples=bootstrap, seed=seed)
+    return out
+
+
+def scored_images(model, dataset, score: Callable[[torch.Tensor], torch.Tensor], *, device, batch_size: int,
+                  workers: int, precision: str, progress: bool, source: Optional[str]):
+    """(the rows of `dataset`'s decodable images, their labels, score(their image features) under
+    autocast), in eval mode: classification's logits and multi-label's per-class z_c alike."""
     was_training = _eval_mode(model)
     try:
-        ds = LabelledDataset(records, model.image_transform(False))
-        kept, image_feats = encode_images(model, ds, device=device, batch_size=batch_size, workers=workers,
+        kept, image_feats = encode_images(model, dataset, device=device, batch_size=batch_size, workers=workers,
                                           precision=precision, progress=progress, source=source)
         with autocast(torch.device(device), precision):
-            logits = classification_logits(model, image_feats, classnames, templates, device=device)
-        labels = ds.labels()[kept]
-        out = M.classification_metrics(logits, labels)
-        out["n_images"], out["n_skipped"], out["n_classes"] = int(kept.numel()), ds.bad_count, len(classnames)
-        if details:
-            out["details"] = M.classification_details(logits, labels, classnames)
-            if bootstrap:
-                out["details"]["ci95"] = M.bootstrap_ci(logits, labels, resamples=bootstrap, seed=seed)
-        return out
+            scores = score(image_feats)
+        return kept, dataset.labels()[kept], scores
     finally:
         model.train(was_training)
 
@@ -315,12 +324,12 @@ def evaluate(config: EvalConfig) -> Dict[str, Any]:
     check_templates(config.templates)
     check_out_dir(config.out)
     fused = use_fused(config.fused, device)
-    task, recorded = _task(config)  # the data are read before any backbone weights are downloaded
+    task, recorded, adapter = _task(config)  # the data are read before any backbone weights are downloaded
     held = run_held_out(Path(recorded["path"]).parent, config.data) if recorded else None  # the run's splits.json
     records, classnames, split, src = load_eval_data(task, config.data, fmt=config.format, root=config.root,
                                                      split=config.split, classes=config.classes,
                                                      columns=Columns.of(config), held_out=held)
-    chosen = _chosen_model(config, task, recorded, fused)
+    chosen = _chosen_model(config, task, recorded, adapter, fused)
     model, method, task, source, label, ckpt = (chosen.model, chosen.method, chosen.task, chosen.source,
                                                 chosen.label, chosen.checkpoint)
     model.to(device).eval()
@@ -358,11 +367,11 @@ def evaluate(config: EvalConfig) -> Dict[str, Any]:
     return report
 
 
-def _chosen_model(config: EvalConfig, task: str, recorded, fused: bool) -> ModelToEvaluate:
+def _chosen_model(config: EvalConfig, task: str, recorded, adapter: Optional[Path], fused: bool) -> ModelToEvaluate:
     from nearl.store.adapter_files import adapter_to_evaluate  # it imports this module
 
-    if config.adapter:  # an adapter folder: its own backbone (fingerprint checked), method and task
-        return adapter_to_evaluate(config.adapter, method=config.method, model_name=config.model,
+    if adapter is not None:  # an adapter folder: its own backbone (fingerprint checked), method and task
+        return adapter_to_evaluate(adapter, method=config.method, model_name=config.model,
                                    pretrained=config.pretrained, task=task, fused=fused)
     return model_to_evaluate(recorded, method=config.method, model_name=config.model,
                              pretrained=config.pretrained, task=task, seed=config.seed, fused=fused)
@@ -394,11 +403,13 @@ def _show_and_write(report: Dict[str, Any], label: str, seen: int, out: Optional
 
 
 def _task(config: EvalConfig):
-    """(the task evaluated, the checkpoint loaded or None), from the config, the checkpoint or the
-    adapter's config: known without building the model, so the data are checked first."""
+    """(the task evaluated, the checkpoint loaded or None, the adapter's folder on this machine or None),
+    from the config, the checkpoint or the adapter's config: known without building the model, so the
+    data are checked first. An hf-hub: adapter is downloaded here, once."""
     from nearl.store.adapter_files import read_adapter_config  # it imports this module
 
     if config.adapter:
-        return config.task or read_adapter_config(config.adapter)[1]["task"], None
+        folder, record = read_adapter_config(config.adapter)
+        return config.task or record["task"], None, folder
     ckpt = load_checkpoint(config.checkpoint) if config.checkpoint else None
-    return config.task or (ckpt.get("task") or "retrieval" if ckpt else "retrieval"), ckpt
+    return config.task or (ckpt.get("task") or "retrieval" if ckpt else "retrieval"), ckpt, None
