@@ -188,11 +188,22 @@ def layer_config(B: int, N: int, d: int, M: int, HM: int, D: int, dtype: torch.d
                        attn_stages=policy.PIPELINE_STAGES if wide else 1)
 
 
+def fused_takes_width(d: int) -> bool:
+    """True when the fused layer kernels take token width `d`: a multiple of 16 up to MAX_D. The split
+    path's OCA kernels take any d up to MAX_D (a ConvNeXt's, a ModifiedResNet's last stage)."""
+    return d % 16 == 0 and d <= MAX_D
+
+
+def width_error(x: torch.Tensor) -> str:
+    return f"x: the fused layer needs d a multiple of 16 up to {MAX_D}, got x of shape {tuple(x.shape)}"
+
+
 def check_kernel_limits(x: torch.Tensor, q: torch.Tensor) -> None:
-    """ValueError naming the argument when x (B, N, d) or q (.., M, D) is past the kernels' limits."""
+    """ValueError naming the argument when x (B, N, d) or q (.., M, D) is past every kernel's limits
+    (a d the fused layer does not take goes through the split path: `fused_takes_width`)."""
     d, M = x.shape[2], q.shape[-2]
-    if d % 16 or d > MAX_D:
-        raise ValueError(f"x: the fused layer needs d a multiple of 16 up to {MAX_D}, got x of shape {tuple(x.shape)}")
+    if d > MAX_D:
+        raise ValueError(width_error(x))
     if M > MAX_M:
         raise ValueError(f"q: the fused layer supports at most {MAX_M} queries, got M={M} (q of shape {tuple(q.shape)})")
 

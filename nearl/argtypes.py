@@ -44,6 +44,7 @@ MAX_QUERIES = 1024  # NEARL-CLIP's query bank (SPEC's M is 16)
 
 # --classes: all, or CoOp's base-to-novel halves of the class list (nearl.data.labelled reads them)
 CLASS_SUBSETS = ("all", "base", "novel")
+UNCERTAIN_LABELS = ("zeros", "ones")  # --uncertain-labels: how a label column's -1 (uncertain) is read
 
 def seed(text: str) -> int:
     """A generator seed: an integer in [0, 2**63 - 1]."""

@@ -8,7 +8,10 @@
 that cannot be read is reported and skipped. --classes prints, per image, the softmax over the
 classes of the model's logits (prompt ensembling with --templates, else the templates the model
 was trained with, else nearl.model.classify.TEMPLATES); without --classes, an adapter or checkpoint
-trained for classification scores its own classes. --texts / --texts-file rank the texts for each
+trained for classification scores its own classes. --multilabel scores each class on its own (multi-label,
+as `nearl.evaluate --task multilabel`): per image and class the probability sigmoid(z_c) of its positive
+against its negative prompts, and 1 where it is at least 0.5 (else 0); an adapter or checkpoint trained with
+--task multilabel predicts this way by default. --texts / --texts-file rank the texts for each
 image. --out DIR writes DIR/predictions.csv and DIR/predictions.json. An image whose outputs hold
 NaN or inf (a diverged model) gets no prediction (null in the JSON), and the command exits with status 2.
 """
@@ -19,7 +22,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from nearl.argtypes import Parser, non_negative_int, positive_int, seed
-from nearl.cli_args import add_model_source, check_out_dir, resolve_device, use_fused
+from nearl.cli_args import add_model_source, check_out_dir, resolve_device, use_fused, user_errors
 from nearl.errors import UserError, run_cli
 from nearl.logging_utils import setup_logging
 
@@ -30,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source(p)
     p.add_argument("--images", nargs="+", required=True, help="image files and folders (searched recursively)")
     p.add_argument("--classes", nargs="+", help='class names, comma-separated: "pneumonia,normal"')
+    p.add_argument("--multilabel", action="store_true", help="each class on its own: its probability and 0/1 at "
+                   "0.5 (default for a model trained with --task multilabel)")
     p.add_argument("--texts", nargs="+", help="texts to rank for each image")
     p.add_argument("--texts-file", help="texts to rank, one a line")
     p.add_argument("--templates", nargs="+", help="prompt templates with '{}' (default: the model's, else "
@@ -53,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from nearl.store.adapter_files import adapter_to_evaluate
     from nearl.model.classify import TEMPLATES
     from nearl.evaluation.run import check_templates, model_to_evaluate
+    from nearl.methods import check_task
     from nearl.store.nonfinite import NonFiniteError
     from nearl.evaluation.prediction import (find_images, format_table, predict_classes, rank_texts, read_texts, resolve_classes,
                              split_classes, write_predictions)
@@ -64,24 +70,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     texts = read_texts(args.texts, args.texts_file)
     if texts is not None and args.classes is not None:
         raise UserError("give --classes (classification) or --texts / --texts-file (retrieval), not both")
+    if texts is not None and args.multilabel:
+        raise UserError("--multilabel scores --classes (or the model's own), not --texts / --texts-file")
     classes = split_classes(args.classes) if args.classes is not None else None
     if texts is None and classes is None and not (args.adapter or args.checkpoint):
         raise UserError("give --classes (classification) or --texts / --texts-file (retrieval)")
     images = find_images(args.images)
     fused = use_fused(args.fused, device)
-    task = "retrieval" if texts is not None else "classification"
+    task = "retrieval" if texts is not None else "multilabel" if args.multilabel else None
+    if task is None and not (args.adapter or args.checkpoint):
+        task = "classification"
     common = dict(method=args.method, model_name=args.model, pretrained=args.pretrained, task=task, fused=fused)
     chosen = (adapter_to_evaluate(args.adapter, **common) if args.adapter else
               model_to_evaluate(args.checkpoint, seed=args.seed, **common))
+    if task is None:  # classes to score: multi-label for a model trained so, else one of them
+        task = "multilabel" if chosen.task == "multilabel" else "classification"
+        with user_errors():
+            check_task(chosen.method, task)
     model, record = chosen.model.to(device).eval(), chosen.checkpoint or {}
     kw = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
               progress=not args.no_progress)
     meta = {"method": chosen.method, "model": model.model_name, "pretrained": chosen.source,
             "adapter": args.adapter, "checkpoint": record.get("path")}
-    if task == "classification":
-        classes = resolve_classes(classes, record.get("classnames"), chosen.method)
+    if task != "retrieval":
+        classes = resolve_classes(classes, record.get("classnames"), chosen.method, multilabel=task == "multilabel")
         meta["templates"] = list(args.templates or record.get("templates") or TEMPLATES)
-        pred = predict_classes(model, images, classes, templates=meta["templates"], **kw)
+        pred = predict_classes(model, images, classes, templates=meta["templates"], multilabel=task == "multilabel",
+                               **kw)
     else:
         pred = rank_texts(model, images, texts, **kw)
     print(format_table(pred, top_k=args.top_k))

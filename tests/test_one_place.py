@@ -25,12 +25,13 @@ VALIDATION = ("mean_recall", "i2t_R@1", "t2i_R@1", "accuracy", "macro_f1", "macr
 COMPARED = {"retrieval": ("mean_recall", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
             "classification": ("accuracy", "macro_f1", "macro_auc", "balanced_accuracy", "ece"),
             # issue 26 item 1: multi-label, per-class AUROC its main metric
-            "multilabel": ("macro_auroc", "macro_ap", "macro_f1_at_50")}
+            # issue 26 item 1: the calibration error of the per-class probabilities joins both lists
+            "multilabel": ("macro_auroc", "macro_ap", "macro_f1_at_50", "label_ece")}
 MAIN = {"retrieval": "mean_recall", "classification": "accuracy", "multilabel": "macro_auroc"}
 COMPUTED = {"retrieval": ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"),
             "classification": ("accuracy", "macro_f1", "macro_auc", "balanced_accuracy", "macro_sensitivity",
                                "macro_specificity", "ece"),
-            "multilabel": ("macro_auroc", "macro_ap", "macro_f1_at_50")}
+            "multilabel": ("macro_auroc", "macro_ap", "macro_f1_at_50", "label_ece")}
 FALLBACK = "--fused: the Triton kernels need a CUDA GPU; none here, so the reference PyTorch path runs."
 
 

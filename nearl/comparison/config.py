@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
-from nearl.argtypes import non_negative_int, positive_int, steps
+from nearl.argtypes import UNCERTAIN_LABELS, non_negative_int, positive_int, steps
 from nearl.methods.options import METHODS
 from nearl.comparison.protocols import PROTOCOLS
 from nearl.training.config import flag
@@ -47,6 +47,8 @@ class CompareConfig:
     label_column: Optional[str] = _flag(None, "as nearl.train's (a label CSV's class-name column)")
     label_columns: Optional[str] = _flag(None, "multilabel: the finding columns, comma-separated")
     label_separator: Optional[str] = _flag(None, "multilabel: --label-column holds several findings split by this")
+    uncertain_labels: str = _flag("zeros", "multilabel: a --label-columns cell -1 is a negative (zeros) or a "
+                                  "positive (ones)", choices=UNCERTAIN_LABELS)
     k_shot: Optional[int] = _flag(None, type=positive_int)
     templates: Optional[List[str]] = _flag(None, nargs="+")
     split: str = _flag("test", "evaluated split (default test; falls back to val)")

@@ -95,7 +95,8 @@ def eval_sets(config) -> Dict[str, tuple]:
     from nearl.data.tabular import Columns
 
     columns = Columns(label=config.label_column, label_columns=config.label_columns,
-                      label_separator=config.label_separator)  # a multi-label CSV's (--task multilabel)
+                      label_separator=config.label_separator,
+                      uncertain=config.uncertain_labels)  # a multi-label CSV's (--task multilabel)
     kw = dict(fmt=config.format, root=config.root, split=config.split, columns=columns if columns.given() else None)
     data = config.test_data or config.data
     if config.protocol == "base2novel":

@@ -71,8 +71,9 @@ def markdown(report: Dict[str, Any]) -> str:
                      "novel accuracies (as CoCoOp's tables), ± the spread of the per-seed HM")
     lower = [k for k in shown if lower_is_better(k)]
     if lower:
-        lines.append(f"- (↓): lower is better ({', '.join(lower)}: expected calibration error of the top softmax "
-                     "probability, docs/evaluation.md); every other metric: higher is better.")
+        lines.append(f"- (↓): lower is better ({', '.join(lower)}: expected calibration error, of the top softmax "
+                     "probability for classification, of every per-class probability for multilabel; "
+                     "docs/evaluation.md); every other metric: higher is better.")
     lines += ["- s / train step: median wall time of one optimizer step, data loading included (first step left "
               "out); for linear-probe one L-BFGS iteration on cached features (feature extraction excluded).",
               "- peak memory: torch.cuda.max_memory_allocated over training and evaluation of a run"

@@ -80,6 +80,7 @@ def train_config(config: CompareConfig, run: Run, model_name: str) -> TrainConfi
         workers=config.workers, eval_every=0, out=str(run.folder), format=config.format,
         pretrained=config.pretrained, data=config.data, val_data=config.val_data, root=config.root,
         label_column=config.label_column, label_columns=config.label_columns, label_separator=config.label_separator,
+        uncertain_labels=config.uncertain_labels,
         k_shot=config.k_shot, warmup=config.warmup, device=config.device, eval_batch_size=config.eval_batch_size,
         templates=list(config.templates) if config.templates else None, fused=bool(config.fused),
         overwrite=bool(config.overwrite), no_progress=bool(config.no_progress))
@@ -194,7 +195,8 @@ def run_one(config: CompareConfig, run: Run, model_name: str, device: torch.devi
             results[name] = EV.evaluate_retrieval(model, records, **kw)
         elif config.task == "multilabel":  # per-class AUROC (nearl/evaluation/multilabel.py)
             results[name] = evaluate_multilabel(model, records, classnames, details=True,  # per-class AUROC too
-                                                templates=config.templates or EV.TEMPLATES, **kw)
+                                                templates=config.templates or EV.TEMPLATES,
+                                                uncertain=config.uncertain_labels, **kw)
         else:
             results[name] = EV.evaluate_classification(model, records, classnames,
                                                        templates=config.templates or EV.TEMPLATES, **kw)

@@ -3,7 +3,8 @@ each image, and an optional split column, in one of two layouts.
 
 - Several label columns (CheXpert style), named by --label-columns A,B,C: the classes are those columns, in
   that order. A cell 1 (or 1.0) is a positive, 0, 0.0 or empty a negative, and CheXpert's -1 ("uncertain")
-  is read as a negative (the "U-zeros" rule). Any other value is a UserError naming the file, line and column.
+  is read as a negative (the "U-zeros" rule), or with --uncertain-labels ones as a positive ("U-ones"). Any
+  other value is a UserError naming the file, line and column.
 
       image,Atelectasis,Effusion,split
       scans/0001.png,1,,train
@@ -41,7 +42,8 @@ from nearl.errors import UserError
 PathLike = Union[str, Path]
 NO_FINDING = "no finding"  # the delimited layout's value for "no positive class" (compared case-insensitively)
 POSITIVE, NEGATIVE, UNCERTAIN = ("1", "1.0"), ("0", "0.0", ""), ("-1", "-1.0")
-UNCERTAIN_RULE = "U-zeros: an uncertain (-1) cell is a negative"
+UNCERTAIN_RULES = {"zeros": "U-zeros: an uncertain (-1) cell is a negative",  # --uncertain-labels (Columns)
+                   "ones": "U-ones: an uncertain (-1) cell is a positive"}
 
 
 @dataclass
@@ -62,8 +64,9 @@ def label_columns(text: Optional[str]) -> List[str]:
 def read_multilabel_csv(path: PathLike, *, root: Optional[PathLike] = None, columns: Optional[Columns] = None
                         ) -> Tuple[Dict[str, List[MultiLabelRecord]], List[str]]:
     """({split: records}, classnames) of a multi-label CSV in either layout (the module's docstring); image
-    paths relative to `root` (default the file's folder). A missing column (named with the columns found),
-    a cell that is not 0/1/-1/empty, or no layout named is a UserError."""
+    paths relative to `root` (default the file's folder); columns.uncertain reads -1 cells (UNCERTAIN_RULES).
+    A missing column (named with the columns found), a cell that is not 0/1/-1/empty, no layout named, or
+    --uncertain-labels ones without label columns is a UserError."""
     path, columns = Path(path), columns or Columns()
     if not path.is_file():
         raise UserError(f"{path}: --task multilabel reads a label CSV / TSV / JSONL file; no such file")
@@ -71,6 +74,9 @@ def read_multilabel_csv(path: PathLike, *, root: Optional[PathLike] = None, colu
     if bool(named) == bool(columns.label_separator):
         raise UserError(f"{path}: --task multilabel needs one layout: --label-columns A,B,... (a 0/1 column per "
                         "class) or --label-column NAME --label-separator '|' (one delimited field)")
+    if columns.uncertain != "zeros" and not named:
+        raise UserError(f"{path}: --uncertain-labels {columns.uncertain} reads the -1 cells of --label-columns; "
+                        "a delimited label field (--label-separator) has no uncertain cells")
     root = Path(root) if root is not None else path.parent
     image_column = columns.image or "image"
     counter = SkipCounter(path, images=root)
@@ -82,7 +88,7 @@ def read_multilabel_csv(path: PathLike, *, root: Optional[PathLike] = None, colu
                         f"{', '.join(found) or 'none'}); name them with --image-column and "
                         f"{'--label-columns' if named else '--label-column'}")
     if named:
-        cells, classnames = _column_cells(rows, named, path), list(named)
+        cells, classnames = _column_cells(rows, named, path, int(columns.uncertain == "ones")), list(named)
     else:
         cells, classnames = _delimited_cells(rows, columns.label or "label", columns.label_separator)
     has_split = SPLIT_COLUMN in found
@@ -104,8 +110,8 @@ def read_multilabel_csv(path: PathLike, *, root: Optional[PathLike] = None, colu
     return {s: Records(rs, [u for u in counter.unusable if u.split == s]) for s, rs in splits.items()}, classnames
 
 
-def _column_cells(rows, named: Sequence[str], path: Path):
-    """(line, row, multi-hot) of the several-columns layout."""
+def _column_cells(rows, named: Sequence[str], path: Path, uncertain: int = 0):
+    """(line, row, multi-hot) of the several-columns layout; a -1 cell is `uncertain` (0 or 1)."""
     out = []
     for line, row in rows:
         targets = []
@@ -113,11 +119,13 @@ def _column_cells(rows, named: Sequence[str], path: Path):
             cell = clean_text(row.get(column))
             if cell in POSITIVE:
                 targets.append(1)
-            elif cell in NEGATIVE or cell in UNCERTAIN:
+            elif cell in NEGATIVE:
                 targets.append(0)
+            elif cell in UNCERTAIN:
+                targets.append(uncertain)
             else:
                 raise UserError(f"{path}: line {line}: column {column!r} holds {cell!r}; a finding column takes 1 "
-                                "(positive), 0 or empty (negative), or -1 (uncertain, read as negative)")
+                                "(positive), 0 or empty (negative), or -1 (uncertain: --uncertain-labels)")
         out.append((line, row, tuple(targets)))
     return out
 

@@ -79,9 +79,10 @@ def select_splits(task: str, data: Optional[PathLike], splits: Sequence[str], *,
     read and named as given (a str or a Path); a labelled one as a Path."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    if task != "multilabel" and columns is not None and (columns.label_columns or columns.label_separator):
-        raise UserError(f"--label-columns / --label-separator name a multi-label CSV's findings (--task multilabel), "
-                        f"not for --task {task}")
+    if task != "multilabel" and columns is not None and (columns.label_columns or columns.label_separator
+                                                         or columns.uncertain != "zeros"):
+        raise UserError(f"--label-columns / --label-separator / --uncertain-labels name a multi-label CSV's findings "
+                        f"(--task multilabel), not for --task {task}")
     if task == "retrieval":
         path = data if data else demo.demo_manifest()
         records = _read_image_text(path, fmt, root, read, columns)

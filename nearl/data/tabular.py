@@ -82,19 +82,21 @@ class Columns:
     separator: Optional[str] = None
     label_columns: Optional[str] = None  # --task multilabel: "A,B,C", a 0/1 column per class
     label_separator: Optional[str] = None  # --task multilabel: the separator of one delimited label field
+    uncertain: str = "zeros"  # --uncertain-labels: a label column's -1 read as 0 ("zeros") or 1 ("ones")
 
     @classmethod
     def of(cls, config) -> Optional["Columns"]:
         """The column flags of a TrainConfig or EvalConfig; None when none is given."""
         columns = cls(config.image_column, config.caption_column, config.label_column, config.separator,
-                      config.label_columns, config.label_separator)
+                      config.label_columns, config.label_separator, config.uncertain_labels or "zeros")
         return columns if columns.given() else None
 
     def given(self) -> List[str]:
-        """The flags given, by name (for the messages that refuse them)."""
+        """The flags given, by name (for the messages that refuse them); --uncertain-labels where not zeros."""
         names = ("--image-column", "--caption-column", "--label-column", "--separator", "--label-columns",
-                 "--label-separator")
-        values = (self.image, self.caption, self.label, self.separator, self.label_columns, self.label_separator)
+                 "--label-separator", "--uncertain-labels")
+        values = (self.image, self.caption, self.label, self.separator, self.label_columns, self.label_separator,
+                  None if self.uncertain == "zeros" else self.uncertain)
         return [n for n, v in zip(names, values) if v is not None]
 
     def delimiter(self) -> Optional[str]:

@@ -18,36 +18,42 @@ CI_LEVEL = 95  # the bootstrap intervals' level, in percent (results.json's "ci9
 MATRIX_TABLE_MAX = 20  # classes up to which results.md shows the confusion matrix as a table
 
 
-def report_block(details: Dict[str, Any], resamples: int, seed: int) -> Dict[str, Any]:
-    """The keys results.json holds beside "metrics" for classification, from evaluate_classification's
-    "details": the threshold stated, the bootstrap's settings and intervals, per class, the confusion
-    matrix and the reliability bins."""
-    block: Dict[str, Any] = {"threshold": THRESHOLD, "ece_bins": ECE_BINS}
+def report_block(details: Dict[str, Any], resamples: int, seed: int, threshold: str = THRESHOLD) -> Dict[str, Any]:
+    """The keys results.json holds beside "metrics", from evaluate_classification's (or evaluate_multilabel's)
+    "details": the decision rule stated (`threshold`), the bootstrap's settings and intervals, per class, the
+    confusion matrix and the reliability bins (and whatever else the details hold)."""
+    block: Dict[str, Any] = {"threshold": threshold, "ece_bins": ECE_BINS}
     if details.get("ci95"):
         block["ci95"] = details["ci95"]
         block["bootstrap"] = {"resamples": resamples, "seed": seed, "level": CI_LEVEL,
                               "method": "percentile; the images resampled with replacement"}
-    for key in ("per_class", "confusion_matrix", "reliability"):
-        block[key] = details[key]
+    block.update({k: v for k, v in details.items() if k != "ci95"})
     return block
+
+
+def bootstrap_note(report: Dict[str, Any]) -> List[str]:
+    """results.md's line on the intervals, when there are any."""
+    b = report.get("bootstrap")
+    return [f"95% CI: {b['method']}, {b['resamples']} resamples (seed {b['seed']})."] if b else []
+
+
+def interval_text(interval: List[Optional[float]]) -> str:
+    """"[low, high]" of an interval, "n/a" where it is undefined."""
+    low, high = interval
+    return "n/a" if low is None else f"[{low:.2f}, {high:.2f}]"
 
 
 def ci_row(scores: Dict[str, Any], ci95: Dict[str, List[Optional[float]]]) -> Dict[str, str]:
     """The results table's "95% CI" row: "[low, high]" under each metric that has an interval."""
-    def shown(interval):
-        low, high = interval
-        return "n/a" if low is None else f"[{low:.2f}, {high:.2f}]"
-    return {k: shown(ci95[k]) for k in scores if k in ci95}
+    return {k: interval_text(ci95[k]) for k in scores if k in ci95}
 
 
 def markdown(report: Dict[str, Any]) -> str:
     """The notes, the per-class table and the confusion matrix, after the results table."""
     lower = [k for k in report["metrics"] if lower_is_better(k)]
     notes = [f"Sensitivity and specificity: {report['threshold']}. ECE: {report['ece_bins']} equal-width bins "
-             f"of the top softmax probability" + (f"; lower is better: {', '.join(lower)}." if lower else ".")]
-    if report.get("bootstrap"):
-        b = report["bootstrap"]
-        notes.append(f"95% CI: {b['method']}, {b['resamples']} resamples (seed {b['seed']}).")
+             f"of the top softmax probability" + (f"; lower is better: {', '.join(lower)}." if lower else "."),
+             *bootstrap_note(report)]
     per_class = {name: {"AUROC": json_safe(c["auroc"]), "sensitivity": json_safe(c["sensitivity"]),
                         "specificity": json_safe(c["specificity"]), "support": c["support"]}
                  for name, c in report["per_class"].items()}
@@ -103,20 +109,22 @@ def confusion_matrix_png(matrix: Dict[str, Any], path: Path, title: str = "") ->
     return save_figure(fig, path)
 
 
-def reliability_png(bins: Dict[str, Any], path: Path, ece: float, title: str = "") -> Path:
+def reliability_png(bins: Dict[str, Any], path: Path, ece: float, title: str = "",
+                    confidence: str = "top softmax probability", outcome: str = "bin accuracy") -> Path:
     """Accuracy against mean confidence per confidence bin (bars over the bins that hold images), the
-    diagonal of perfect calibration, and the ECE in the title."""
+    diagonal of perfect calibration, and the ECE in the title; `confidence` and `outcome` name the axes
+    (multi-label: each class's probability against the fraction of positive targets)."""
     plt = _pyplot()
     edges = bins["edges"]
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     filled = [i for i, c in enumerate(bins["count"]) if c]
     ax.bar([edges[i] for i in filled], [bins["fraction_correct"][i] for i in filled],
            width=[edges[i + 1] - edges[i] for i in filled], align="edge", edgecolor="black", linewidth=0.6,
-           color="tab:blue", alpha=0.8, label="fraction correct")
+           color="tab:blue", alpha=0.8, label=outcome)
     ax.plot([bins["mean_confidence"][i] for i in filled], [bins["fraction_correct"][i] for i in filled], "o", color="tab:red",
             markersize=4, label="mean confidence")
     ax.plot([0, 100], [0, 100], ls="--", color="grey", lw=1.0, label="perfect calibration")
-    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="confidence (top softmax probability, %)", ylabel="accuracy (%)",
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel=f"confidence ({confidence}, %)", ylabel=f"{outcome} (%)",
            title=f"{title + ': ' if title else ''}ECE {ece:.2f}%, {bins['bins']} bins")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
-from nearl.argtypes import CLASS_SUBSETS, non_negative_int, positive_int, seed
+from nearl.argtypes import CLASS_SUBSETS, UNCERTAIN_LABELS, non_negative_int, positive_int, seed
 from nearl.data.manifests import FORMATS
 from nearl.training.config import flag
 
@@ -49,6 +49,9 @@ class EvalConfig:
     label_column: Optional[str] = _flag(None, "a label CSV's class-name column (default label)")
     label_columns: Optional[str] = _flag(None, "multilabel: the finding columns, comma-separated")
     label_separator: Optional[str] = _flag(None, "multilabel: --label-column holds several findings split by this")
+    uncertain_labels: Optional[str] = _flag(None, "multilabel: a --label-columns cell -1 (uncertain) is a negative "
+                                            "(zeros) or a positive (ones); default: the checkpoint's rule, else zeros",
+                                            ("--uncertain",), choices=UNCERTAIN_LABELS)
     separator: Optional[str] = _flag(None, "a CSV's separator: one character, or \\t / tab (default: comma for "
                                      ".csv, tab for .tsv)", ("--csv-separator",))
     split: str = _flag("test", "split to evaluate (default test; falls back to val). With --checkpoint of a run "
@@ -58,7 +61,7 @@ class EvalConfig:
                          "base-to-novel protocol), the novel ones, or all", choices=CLASS_SUBSETS)
     templates: Optional[List[str]] = _flag(None, "prompt templates with '{}' (default: nearl.model.classify.TEMPLATES)",
                                            nargs="+")
-    bootstrap: int = _flag(1000, "classification: resamples of the images (with replacement, drawn from --seed) for "
+    bootstrap: int = _flag(1000, "classification and multilabel: resamples of the images (with replacement, drawn from --seed) for "
                            "the 95%% confidence intervals of the metrics (default %(default)s; 0: none)",
                            type=non_negative_int, metavar="N")
     allow_train_data: bool = _flag(False, "score images the checkpoint was trained on (refused by default: the "
@@ -70,8 +73,8 @@ class EvalConfig:
     precision: str = _flag("fp32", choices=("fp32", "bf16", "fp16"))
     seed: int = _flag(0, "builds a random backbone reproducibly (zero-shot) and draws the --bootstrap resamples",
                       type=seed)
-    out: Optional[str] = _flag(None, "directory for results.json and results.md (classification: also "
-                               "confusion_matrix.png and reliability.png)")
+    out: Optional[str] = _flag(None, "directory for results.json and results.md (classification and multilabel: "
+                               "also confusion_matrix.png and reliability.png)")
     no_progress: bool = _flag(False, action="store_true")
 
     @classmethod

@@ -3,8 +3,8 @@ which metric is a task's main one, and where each is shown. nearl/evaluation/met
 checks it computes exactly these); the validation line (training/loop.py), the curves (plots.py),
 the comparison table (comparison/report.py), best.pt's score (evaluation.run.headline) and the
 metrics `nearl.train --monitor` may choose from take their lists from here. Every metric is a percent;
-higher is better except where `higher_is_better` is False (ece), and whatever compares two scores asks
-`better`. Imports nothing: the light modules (plots, the comparison report, the configs) read it."""
+higher is better except where `higher_is_better` is False (the calibration errors ece and label_ece), and
+whatever compares two scores asks `better`. Imports nothing: the light modules (plots, the comparison report, the configs) read it."""
 from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -51,6 +51,8 @@ METRICS: Tuple[Metric, ...] = (
     Metric("macro_auroc", "multilabel", main=True, validation=True, comparison=True, chance=lambda c: 50.0),
     Metric("macro_ap", "multilabel", validation=True, comparison=True),  # mean average precision
     Metric("macro_f1_at_50", "multilabel", comparison=True),  # mean F1 at probability 0.5
+    # expected calibration error of every (image, class) probability against its 0/1 target, ECE_BINS bins
+    Metric("label_ece", "multilabel", comparison=True, higher_is_better=False),
 )
 ECE_BINS = 15  # the bins of the expected calibration error and of the reliability plot
 

@@ -1,5 +1,6 @@
 """Evaluation metrics: image-text retrieval Recall@k and classification accuracy / F1 / AUC / balanced
-accuracy / sensitivity / specificity / calibration error, per class too, with bootstrap intervals.
+accuracy / sensitivity / specificity / calibration error, per class too, with bootstrap intervals; multi-label
+per-class AUROC / AP / F1, 2x2 counts and calibration error, with the same bootstrap.
 
 Every metric is reported in percent (0-100), like the papers this project compares against.
 Ties count against the query (a tied wrong item ranks above the right one), so a collapsed model
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -277,7 +278,15 @@ def bootstrap_ci(logits: torch.Tensor, labels: torch.Tensor, resamples: int = 10
     a metric is undefined (macro_auc with one class drawn) is left out of that metric's interval; [None,
     None] when it is undefined on every draw."""
     y, probs, pred, bad = _classification_inputs(logits, labels)
-    n = len(y)
+    return percentile_intervals(lambda w: bootstrap_scores(w, y, probs, pred, bad), len(y), resamples, seed, level)
+
+
+def percentile_intervals(score: Callable[[np.ndarray], Dict[str, np.ndarray]], n: int, resamples: int,
+                         seed: int = 0, level: float = 95.0) -> Dict[str, Any]:
+    """The bootstrap of bootstrap_ci and multilabel_bootstrap_ci: `resamples` draws of the n images with
+    replacement (default_rng(seed)), scored in chunks by score((B, n) multiplicities) -> {name: (B,) or
+    (B, K) scores}; per name the percentile interval [low, high] of its finite scores ([None, None] where
+    none is), a list of them for a (B, K) score (one a column)."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
@@ -285,14 +294,17 @@ def bootstrap_ci(logits: torch.Tensor, labels: torch.Tensor, resamples: int = 10
     parts = []
     for start in range(0, resamples, chunk):
         draws = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        parts.append(bootstrap_scores(resample_weights(draws, n), y, probs, pred, bad))
+        parts.append(score(resample_weights(draws, n)))
     tail = (100.0 - level) / 2
-    out: Dict[str, List[Optional[float]]] = {}
+
+    def interval(values: np.ndarray) -> List[Optional[float]]:
+        values = values[np.isfinite(values)]
+        return ([float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
+                if len(values) else [None, None])
+    out: Dict[str, Any] = {}
     for name in parts[0]:
         values = np.concatenate([p[name] for p in parts])
-        values = values[np.isfinite(values)]
-        out[name] = ([float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
-                     if len(values) else [None, None])
+        out[name] = interval(values) if values.ndim == 1 else [interval(column) for column in values.T]
     return out
 
 
@@ -338,10 +350,14 @@ def _weighted_auc(w: np.ndarray, y: np.ndarray, probs: np.ndarray, bad: np.ndarr
     """(B, classes present) one-vs-rest AUC in percent of B weighted resamples (NaN where a draw holds no
     positive or no negative of the class): the weighted Mann-Whitney statistic, ties counting one half,
     which is what roc_auc_score computes."""
-    present = np.unique(y)
-    positive, scores = _auc_inputs(y, probs, bad, present)
-    out = np.full((w.shape[0], len(present)), np.nan)
-    for j in range(len(present)):
+    return weighted_auc_columns(w, *_auc_inputs(y, probs, bad, np.unique(y)))
+
+
+def weighted_auc_columns(w: np.ndarray, positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(B, K) AUC in percent of each of the K columns of (n, K) 0/1 `positive` and `scores` under B weighted
+    resamples (w: (B, n)); NaN where a draw holds no positive or no negative of the column."""
+    out = np.full((w.shape[0], positive.shape[1]), np.nan)
+    for j in range(positive.shape[1]):
         order = np.argsort(scores[:, j], kind="stable")
         ranked = scores[order, j]
         starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # groups of tied scores
@@ -398,7 +414,9 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str,
     """macro_auroc (the main metric: the mean of scikit-learn's roc_auc_score over the classes that have both
     positives and negatives), macro_ap (mean average precision over the classes with positives) and
     macro_f1_at_50 (mean F1 of each class at probability 0.5), all percent, of (n, C) per-class logits
-    (probability sigmoid(logit)) against (n, C) 0/1 targets; "auroc_classes" counts the classes averaged."""
+    (probability sigmoid(logit)) against (n, C) 0/1 targets; "auroc_classes" counts the classes averaged.
+    label_ece: the expected calibration error (ECE_BINS bins, as classification's ece) of every (image, class)
+    probability, flattened, against its 0/1 target (lower is better)."""
     y, probs, bad = _multilabel_inputs(logits, targets)
     auroc, ap, f1 = _per_class_multilabel(y, probs)
     with warnings.catch_warnings():
@@ -406,6 +424,7 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str,
         out = {"macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
                "macro_ap": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
                "macro_f1_at_50": float(np.mean(f1)),
+               "label_ece": expected_calibration_error(*_label_calibration(y, probs)),
                "auroc_classes": float(np.isfinite(auroc).sum())}
     if not np.isfinite(auroc).any():
         logger.warning("macro_auroc is undefined: no class has both positives and negatives among the %d images",
@@ -416,14 +435,86 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str,
     return out
 
 
-def multilabel_details(logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str]) -> Dict[str, Any]:
-    """"per_class": {class: {"auroc", "average_precision", "f1_at_50" (percent, NaN where undefined),
-    "positives", "negatives"}} of multilabel_metrics' scores."""
+def _label_calibration(y: np.ndarray, probs: np.ndarray):
+    """(probability, 0/1 target) of every (image, class) pair, flattened: what label_ece bins. A non-finite
+    row's probabilities (-1 / 2 from _multilabel_inputs) clip to 1 - target: sure and wrong."""
+    return np.clip(probs, 0.0, 1.0).ravel(), y.ravel().astype(float)
+
+
+def multilabel_confusion(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(C, 2, 2) [[tn, fp], [fn, tp]] of each class at probability 0.5 (scikit-learn's
+    multilabel_confusion_matrix)."""
+    return multilabel_confusion_matrix(y, (probs >= 0.5).astype(int))
+
+
+def multilabel_details(logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str],
+                       n_bins: int = ECE_BINS) -> Dict[str, Any]:
+    """"per_class": {class: {"auroc", "average_precision", "f1_at_50", "sensitivity", "specificity" (percent
+    at probability 0.5; NaN where undefined), "positives", "negatives"}}; "confusion_matrix": each class's
+    2x2 counts at 0.5 ({"classes", "counts": {class: {"tn", "fp", "fn", "tp"}}}); "reliability": label_ece's
+    bins of the flattened (image, class) probabilities against the 0/1 targets (`reliability`; its
+    "fraction_correct" is the fraction of positive targets)."""
     y, probs, _ = _multilabel_inputs(logits, targets)
     if len(classnames) != y.shape[1]:
         raise ValueError(f"{len(classnames)} class names for {y.shape[1]} columns of logits")
     auroc, ap, f1 = _per_class_multilabel(y, probs)
-    return {"per_class": {str(name): {"auroc": float(auroc[c]), "average_precision": float(ap[c]),
-                                      "f1_at_50": float(f1[c]), "positives": int(y[:, c].sum()),
-                                      "negatives": int(len(y) - y[:, c].sum())}
-                          for c, name in enumerate(classnames)}}
+    mcm = multilabel_confusion(y, probs)
+    tn, fp, fn, tp = mcm[:, 0, 0], mcm[:, 0, 1], mcm[:, 1, 0], mcm[:, 1, 1]
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    names = [str(name) for name in classnames]
+    per_class = {name: {"auroc": float(auroc[c]), "average_precision": float(ap[c]), "f1_at_50": float(f1[c]),
+                        "sensitivity": float(sensitivity[c]), "specificity": float(specificity[c]),
+                        "positives": int(y[:, c].sum()), "negatives": int(len(y) - y[:, c].sum())}
+                 for c, name in enumerate(names)}
+    counts = {name: {"tn": int(tn[c]), "fp": int(fp[c]), "fn": int(fn[c]), "tp": int(tp[c])}
+              for c, name in enumerate(names)}
+    return {"per_class": per_class,
+            "confusion_matrix": {"classes": names, "threshold": 0.5, "counts": counts},
+            "reliability": reliability(*_label_calibration(y, probs), n_bins=n_bins)}
+
+
+def multilabel_bootstrap_ci(logits: torch.Tensor, targets: torch.Tensor, resamples: int = 1000, seed: int = 0,
+                            level: float = 95.0) -> Dict[str, Any]:
+    """bootstrap_ci's intervals (the same draws of the images) of multilabel_metrics' scalar metrics, plus
+    "per_class_auroc": an interval per class, in the classes' order."""
+    y, probs, _ = _multilabel_inputs(logits, targets)
+    return percentile_intervals(lambda w: multilabel_bootstrap_scores(w, y, probs), len(y), resamples, seed, level)
+
+
+def multilabel_bootstrap_scores(weights: np.ndarray, y: np.ndarray, probs: np.ndarray) -> Dict[str, np.ndarray]:
+    """multilabel_metrics' scalar metrics (and the (B, C) per-class AUROC) of B resamples at once, given by the
+    (B, n) multiplicities of the images: weighted counts, rank AUC and average precision, so that no
+    resample is scored alone (a test checks them against scikit-learn on resampled rows)."""
+    w = weights.astype(np.float64)
+    total = w.sum(axis=1)
+    called = probs >= 0.5
+    tp, fp, positives = w @ (y * called), w @ ((1 - y) * called), w @ y
+    fn = positives - tp
+    f1 = np.nan_to_num(_ratio(2 * tp, 2 * tp + fp + fn), nan=0.0)  # no positive called or present: 0
+    auroc = weighted_auc_columns(w, y, probs)
+    confidence, outcome = _label_calibration(y, probs)
+    n, n_classes = y.shape
+    gaps = np.zeros((n, ECE_BINS))  # per image, the sum over its classes of (target - probability), by bin
+    np.add.at(gaps, (np.repeat(np.arange(n), n_classes), _bin_ids(confidence, ECE_BINS)), outcome - confidence)
+    with warnings.catch_warnings():  # a draw on which a metric is undefined: NaN, left out of its interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"macro_auroc": np.nanmean(auroc, axis=1), "macro_ap": np.nanmean(_weighted_ap(w, y, probs), axis=1),
+                "macro_f1_at_50": f1.mean(axis=1),
+                "label_ece": 100.0 * np.abs(w @ gaps).sum(axis=1) / (total * n_classes),
+                "per_class_auroc": auroc}
+
+
+def _weighted_ap(w: np.ndarray, y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(B, C) average precision in percent under B weighted resamples (NaN without a positive): the sum over
+    the distinct scores, highest first, of the recall gained times the precision there (average_precision_score,
+    tied scores one step)."""
+    out = np.full((w.shape[0], y.shape[1]), np.nan)
+    for c in range(y.shape[1]):
+        order = np.argsort(-probs[:, c], kind="stable")
+        ranked = probs[order, c]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        pos = np.add.reduceat(w[:, order] * y[order, c], starts, axis=1)
+        seen = np.cumsum(np.add.reduceat(w[:, order], starts, axis=1), axis=1)
+        precision = np.nan_to_num(_ratio(np.cumsum(pos, axis=1), seen))
+        out[:, c] = _ratio((pos * precision).sum(axis=1) / 100.0, pos.sum(axis=1))
+    return out

@@ -5,8 +5,11 @@ Images are read as training and evaluation read them (nearl.data.images.load_ima
 gray), with the backbone's own preprocessing; one that cannot be read is reported and skipped.
 Classification uses evaluation's classifier (prompt-ensembled class embeddings through the adapted
 text tower, or the model's own head for linear-probe): probabilities are the softmax of
-logit_scale * cos(image, class). Retrieval ranks the given texts for each image by cosine
-similarity; its probabilities are the softmax over the texts of logit_scale * cos.
+logit_scale * cos(image, class). Multi-label (an adapter or checkpoint trained with --task multilabel, or
+--multilabel) scores each class on its own, as evaluation's multi-label scoring does (nearl/model/multilabel.py):
+its probability is sigmoid(z_c), positive against negative prompts, and it is called present at 0.5. Retrieval
+ranks the given texts for each image by cosine similarity; its probabilities are the softmax over the texts of
+logit_scale * cos.
 
 An image whose outputs hold NaN or inf (a diverged model) gets no label and no ranking: the table says
 so, the CSV leaves its cells empty and the JSON writes null (never a bare NaN, which JSON parsers
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nearl.model.classify import TEMPLATES, classification_logits
+from nearl.model.multilabel import multilabel_logits
 from nearl.cli_args import user_errors
 from nearl.data.datasets import LabelledDataset
 from nearl.data.images import is_dicom
@@ -40,15 +44,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 CSV_FILE, JSON_FILE = "predictions.csv", "predictions.json"
 TABLE_CLASSES = 6  # more classes than this: the table shows the top ones per image, not a column each
 NONFINITE = "no prediction: the model's outputs hold NaN or inf"
+PRESENT_AT = 0.5  # multi-label: a class is called present where its probability is at least this
 
 
 @dataclass
 class Predictions:
-    task: str  # "classification" or "retrieval"
+    task: str  # "classification", "multilabel" or "retrieval"
     images: List[str]  # the images predicted, in the order found
     labels: List[str]  # the class names, or the texts ranked
-    probabilities: torch.Tensor  # (images, labels): softmax over the labels
-    scores: torch.Tensor  # (images, labels): logits (classification) or cosine similarities (retrieval)
+    probabilities: torch.Tensor  # (images, labels): softmax over the labels (multilabel: sigmoid of each logit)
+    scores: torch.Tensor  # (images, labels): logits (classification, multilabel) or cosine similarities
     skipped: List[Tuple[str, str]]  # (image, why) of those that could not be read
 
     def ranking(self, i: int) -> List[int]:
@@ -58,6 +63,10 @@ class Predictions:
     def finite(self, i: int) -> bool:
         """Whether image i's scores and probabilities are all finite (else it gets no label)."""
         return bool(torch.isfinite(self.scores[i]).all() and torch.isfinite(self.probabilities[i]).all())
+
+    def present(self, i: int) -> List[int]:
+        """Multi-label: the class indices of image i called present (probability at least PRESENT_AT)."""
+        return [j for j, p in enumerate(self.probabilities[i].tolist()) if p >= PRESENT_AT]
 
     @property
     def nonfinite(self) -> List[str]:
@@ -125,16 +134,18 @@ def read_texts(texts: Optional[Sequence[str]], texts_file: Optional[str]) -> Opt
     return found
 
 
-def resolve_classes(given: Optional[List[str]], recorded: Optional[Sequence[str]], method: str) -> List[str]:
+def resolve_classes(given: Optional[List[str]], recorded: Optional[Sequence[str]], method: str,
+                    multilabel: bool = False) -> List[str]:
     """The classes to score: those given, else those the model was trained on. A method that does not
     score unseen classes (linear-probe's head, Tip-Adapter's cache) scores its trained classes only, in
-    their order. One class is a UserError: its softmax is 1 whatever the image."""
+    their order. One class is a UserError (its softmax is 1 whatever the image) unless `multilabel` (each
+    class is scored on its own)."""
     if given is None:
         if not recorded:
             raise UserError("give --classes (classification) or --texts / --texts-file (retrieval): the model "
                             "records no class names")
         given = list(recorded)
-    if len(given) < 2:
+    if len(given) < 2 and not multilabel:
         raise UserError(f"--classes {','.join(given)}: one class, whose probability is 1 whatever the image; "
                         "give at least two classes to choose between")
     if not spec(method).scores_unseen_classes and recorded and list(given) != list(recorded):
@@ -156,17 +167,21 @@ def _encode(model, images: Sequence[Path], **kw) -> Tuple[List[str], torch.Tenso
 @torch.no_grad()
 def predict_classes(model, images: Sequence[Path], classnames: Sequence[str], *,
                     templates: Sequence[str] = TEMPLATES, device="cpu", batch_size: int = 64, workers: int = 0,
-                    precision: str = "fp32", progress: bool = True) -> Predictions:
-    """Class probabilities of each image: softmax of evaluation's classification logits."""
+                    precision: str = "fp32", progress: bool = True, multilabel: bool = False) -> Predictions:
+    """Class probabilities of each image: softmax of evaluation's classification logits or, `multilabel`,
+    sigmoid of each class's multi-label logit z_c (nearl.model.multilabel.multilabel_logits)."""
+    score = multilabel_logits if multilabel else classification_logits
     was_training = model.training
     model.eval()
     try:
         kept, features, skipped = _encode(model, images, device=device, batch_size=batch_size, workers=workers,
                                           precision=precision, progress=progress)
         with autocast(torch.device(device), precision), user_errors("--classes: "):
-            logits = classification_logits(model, features, list(classnames), templates, device=device).float()
+            logits = score(model, features, list(classnames), templates, device=device).float()
     finally:
         model.train(was_training)
+    if multilabel:
+        return Predictions("multilabel", kept, list(classnames), torch.sigmoid(logits), logits, skipped)
     return Predictions("classification", kept, list(classnames), logits.softmax(dim=-1), logits, skipped)
 
 
@@ -200,6 +215,8 @@ def format_table(pred: Predictions, top_k: int = 5) -> str:
     """A Markdown table: per image the prediction and the class probabilities (the top ones when there
     are many classes), or the top_k texts with their probability and cosine similarity."""
     p = pred.probabilities
+    if pred.task == "multilabel":
+        return _multilabel_table(pred, top_k)
     if pred.task == "retrieval":
         lines = ["| image | rank | text | probability | similarity |", "|---|---|---|---|---|"]
         for i, image in enumerate(pred.images):
@@ -226,15 +243,49 @@ def format_table(pred: Predictions, top_k: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _multilabel_table(pred: Predictions, top_k: int) -> str:
+    """format_table's multi-label table: per image the classes called present and each class's probability
+    (the top_k, when there are many classes)."""
+    wide = len(pred.labels) <= TABLE_CLASSES
+    extra = [f"p({_cell(c)})" for c in pred.labels] if wide else [f"top {min(top_k, len(pred.labels))}"]
+    lines = ["| " + " | ".join(["image", f"present (p >= {PRESENT_AT})", *extra]) + " |",
+             "|" + "---|" * (2 + len(extra))]
+    for i, image in enumerate(pred.images):
+        if not pred.finite(i):
+            lines.append(f"| {_cell(image)} | {NONFINITE} |" + " |" * len(extra))
+            continue
+        p = pred.probabilities[i]
+        cells = ([f"{p[j]:.4f}" for j in range(len(pred.labels))] if wide else
+                 [", ".join(f"{_cell(pred.labels[j])} {p[j]:.3f}" for j in pred.ranking(i)[:top_k])])
+        present = ", ".join(_cell(pred.labels[j]) for j in pred.present(i)) or "none"
+        lines.append(f"| {_cell(image)} | {present} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _multilabel_columns(pred: Predictions, i: int) -> Dict[str, Any]:
+    """The CSV's cells of image i in multi-label mode: the classes called present (';'-joined), then per class
+    p(<class>) and <class> (1: called present at PRESENT_AT, else 0)."""
+    probs, present = pred.probabilities[i].tolist(), set(pred.present(i))
+    cells: Dict[str, Any] = {"present": ";".join(pred.labels[j] for j in sorted(present))}
+    for j, c in enumerate(pred.labels):
+        cells[f"p({c})"], cells[c] = probs[j], int(j in present)
+    return cells
+
+
 def prediction_rows(pred: Predictions) -> List[Dict[str, Any]]:
     """The CSV's rows. Classification: image, prediction, probability, then p(<class>) for every class.
-    Retrieval: one row per image and text, image, rank, text, text_index, probability, similarity."""
+    Multi-label: image, present, then p(<class>) and <class> (0/1 at PRESENT_AT) for every class. Retrieval:
+    one row per image and text, image, rank, text, text_index, probability, similarity."""
     rows = []
-    empty = (["prediction", "probability", *(f"p({c})" for c in pred.labels)] if pred.task == "classification"
-             else ["rank", "text", "text_index", "probability", "similarity"])
+    empty = {"classification": ["prediction", "probability", *(f"p({c})" for c in pred.labels)],
+             "multilabel": list(_multilabel_columns(pred, 0)) if pred.images else [],
+             "retrieval": ["rank", "text", "text_index", "probability", "similarity"]}[pred.task]
     for i, image in enumerate(pred.images):
         if not pred.finite(i):  # no label: every cell but the image's left empty
             rows.append({"image": image, **{key: None for key in empty}})
+            continue
+        if pred.task == "multilabel":
+            rows.append({"image": image, **_multilabel_columns(pred, i)})
             continue
         order = pred.ranking(i)
         probs = pred.probabilities[i].tolist()
@@ -254,8 +305,14 @@ def predictions_json(pred: Predictions, meta: Optional[Dict[str, Any]] = None) -
     for i, image in enumerate(pred.images):
         order, probs, scores = pred.ranking(i), pred.probabilities[i].tolist(), pred.scores[i].tolist()
         if not pred.finite(i):
-            empty = ("prediction", "probabilities") if pred.task == "classification" else ("ranking",)
+            empty = {"classification": ("prediction", "probabilities"), "retrieval": ("ranking",),
+                     "multilabel": ("present", "probabilities", "labels")}[pred.task]
             entries.append({"image": image, **dict.fromkeys(empty), "error": NONFINITE})
+        elif pred.task == "multilabel":  # each class on its own: its probability and its 0/1 at PRESENT_AT
+            present = set(pred.present(i))
+            entries.append({"image": image, "present": [pred.labels[j] for j in sorted(present)],
+                            "probabilities": {c: probs[j] for j, c in enumerate(pred.labels)},
+                            "labels": {c: int(j in present) for j, c in enumerate(pred.labels)}})
         elif pred.task == "classification":
             entries.append({"image": image, "prediction": pred.labels[order[0]],
                             "probabilities": {c: probs[j] for j, c in enumerate(pred.labels)}})
@@ -263,8 +320,9 @@ def predictions_json(pred: Predictions, meta: Optional[Dict[str, Any]] = None) -
             entries.append({"image": image, "ranking": [
                 {"rank": rank, "text": pred.labels[j], "text_index": j, "probability": probs[j],
                  "similarity": scores[j]} for rank, j in enumerate(order, 1)]})
-    key = "classes" if pred.task == "classification" else "texts"
-    return {"task": pred.task, **(meta or {}), key: pred.labels, "n_images": len(pred.images),
+    key = "texts" if pred.task == "retrieval" else "classes"
+    rule = {"threshold": PRESENT_AT} if pred.task == "multilabel" else {}
+    return {"task": pred.task, **(meta or {}), key: pred.labels, **rule, "n_images": len(pred.images),
             "n_nonfinite": len(pred.nonfinite), "predictions": entries,
             "skipped": [{"image": image, "reason": why} for image, why in pred.skipped]}
 

@@ -3,6 +3,7 @@ the encoders they run on, the evaluation data a source holds, and a whole evalua
 EvalConfig (`evaluate`; `nearl.evaluate` is its command line)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -325,6 +326,7 @@ def evaluate(config: EvalConfig) -> Dict[str, Any]:
     check_out_dir(config.out)
     fused = use_fused(config.fused, device)
     task, recorded, adapter = _task(config)  # the data are read before any backbone weights are downloaded
+    config = _with_uncertain_rule(config, task, recorded)
     held = run_held_out(Path(recorded["path"]).parent, config.data) if recorded else None  # the run's splits.json
     records, classnames, split, src = load_eval_data(task, config.data, fmt=config.format, root=config.root,
                                                      split=config.split, classes=config.classes,
@@ -344,8 +346,13 @@ def evaluate(config: EvalConfig) -> Dict[str, Any]:
         results = evaluate_retrieval(model, records, **kw)
     elif task == "multilabel":  # per-class AUROC of positive vs negative prompts (nearl/evaluation/multilabel.py)
         from nearl.evaluation.multilabel import evaluate_multilabel
+        trained = ((ckpt or {}).get("args") or {}).get("uncertain_labels")
+        if trained and trained != config.uncertain_labels:  # only when given on the command line
+            to_user.warning(f"note: {ckpt['path']} was trained with --uncertain-labels {trained}; these targets read "
+                            f"-1 cells as --uncertain-labels {config.uncertain_labels}")
         results = evaluate_multilabel(model, records, classnames, templates=config.templates or TEMPLATES,
-                                      details=True, **kw)
+                                      details=True, bootstrap=config.bootstrap, seed=config.seed,
+                                      uncertain=config.uncertain_labels, **kw)
     else:
         if ckpt is not None and ckpt.get("classnames") and list(ckpt["classnames"]) != list(classnames):
             to_user.warning(f"note: the checkpoint was trained on classes {ckpt['classnames']}; evaluating on "
@@ -359,10 +366,8 @@ def evaluate(config: EvalConfig) -> Dict[str, Any]:
               "pretrained": source, "learnable_parameters": model.num_trainable_parameters(),
               "checkpoint": ckpt["path"] if ckpt else None, "fused": fused, "metrics": results,
               "train_images_evaluated": seen}
-    if details is not None and task == "multilabel":  # per class: AUROC, AP, F1; the scoring stated
-        report.update(details)
-    elif details is not None:  # classification: per class, the confusion matrix, calibration, the intervals
-        report.update(CR.report_block(details, config.bootstrap, config.seed))
+    if details is not None:  # per class, the confusion matrix, calibration, the intervals, the rules stated
+        report.update(_report_parts(task).report_block(details, config.bootstrap, config.seed))
     _show_and_write(report, label, seen, config.out)
     return report
 
@@ -386,20 +391,36 @@ def _show_and_write(report: Dict[str, Any], label: str, seen: int, out: Optional
     rows = {label: scores, **({"95% CI": CR.ci_row(scores, report["ci95"])} if report.get("ci95") else {})}
     table = markdown_table(rows, title=f"{report['task']} on {report['data']} ({report['split']}{shown}, "
                                        f"{results.get('n_images')} images{trained})")
-    if "per_class" in report and "confusion_matrix" not in report:  # multi-label
-        from nearl.evaluation.multilabel import markdown as multilabel_markdown
-        table += "\n" + multilabel_markdown(report)
-    elif "per_class" in report:
-        table += "\n" + CR.markdown(report)
+    parts = _report_parts(report["task"]) if "per_class" in report else None
+    if parts is not None:
+        table += "\n" + parts.markdown(report)
     to_user.info(table)
     if out:
         out = Path(out)
-        if "confusion_matrix" in report:  # the figures first: results.json names them
-            report["figures"] = CR.write_figures(report, out, label)
+        if parts is not None:  # the figures first: results.json names them
+            report["figures"] = parts.write_figures(report, out, label)
         document = json.dumps(json_safe(report), indent=2, default=str, allow_nan=False)  # NaN: null
         atomic_write_all({out / "results.json": document + "\n", out / "results.md": table})
         written = [str(out / "results.json"), str(out / "results.md"), *report.get("figures", {}).values()]
         to_user.info(f"wrote {', '.join(written[:-1])} and {written[-1]}")
+
+
+def _report_parts(task: str):
+    """The module that makes `task`'s report block, notes, tables and figures: class_report for
+    classification, nearl.evaluation.multilabel (which reuses class_report's pieces) for multilabel."""
+    if task == "multilabel":
+        from nearl.evaluation import multilabel  # it imports this module
+        return multilabel
+    return CR
+
+
+def _with_uncertain_rule(config: EvalConfig, task: str, recorded: Optional[dict]) -> EvalConfig:
+    """--uncertain-labels not given: the checkpoint's rule for a multi-label evaluation, else zeros (for other
+    tasks it stays unset, so it is not taken for a multi-label flag given by mistake)."""
+    if config.uncertain_labels is not None or task != "multilabel":
+        return config
+    trained = ((recorded or {}).get("args") or {}).get("uncertain_labels")
+    return dataclasses.replace(config, uncertain_labels=trained or "zeros")
 
 
 def _task(config: EvalConfig):

@@ -16,6 +16,7 @@ whose order is that of listings); the registry imports it on first use.
     alta          ALTA adapters in every block of both towers          retrieval, classification
     clip-adapter  residual bottleneck MLPs on the final features       retrieval, classification
     coop          learned prompt context (M = 16)                      classification
+    biomedcoop    coop + LLM class descriptions' consistency and KD    classification
     linear-probe  logistic regression on frozen image features         classification
     zeroshot      the frozen CLIP with prompt templates, no training   retrieval, classification
     tip-adapter   training-free cache model of the few-shot features   classification

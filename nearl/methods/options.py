@@ -115,6 +115,40 @@ LORA_OPTIONS = (
                                      help="dropout on the LoRA branch's input while training"), "dropout"),
 )
 
+# coop's and biomedcoop's: both declare it, each with its own default when it is not given (CoOp's
+# paper 16; BiomedCoOp's code 4, the words of "a photo of a").
+N_CTX_DEFAULTS = {"coop": 16, "biomedcoop": 4}
+
+
+def n_ctx_option(method: str) -> Option:
+    default = N_CTX_DEFAULTS[method]
+    return Option(("--n-ctx",), dict(type=A.positive_int, default=None,
+                                     help="learned context vectors M (default: coop 16, biomedcoop 4)"),
+                  "n_ctx", convert=lambda n: default if n is None else n, fixed=True)
+
+
+# BiomedCoOp's defaults are those of its code (nearl/methods/biomedcoop.py says where each comes from).
+BIOMEDCOOP_OPTIONS = (
+    n_ctx_option("biomedcoop"),
+    Option(("--ctx-init",), dict(default="a photo of a",
+                                 help="words the context vectors start from, one token each, as many as "
+                                      "--n-ctx (else random, std 0.02; '' for random)"), "ctx_init"),
+    Option(("--class-descriptions",), dict(default=None, metavar="FILE",
+                                           help="JSON {class: [description, ...]}: the LLM-written prompts of "
+                                                "each class (default: --templates filled with the class)")),
+    Option(("--n-prompts",), dict(type=A.positive_int, default=50,
+                                  help="the first N descriptions of each class are used"), "n_prompts"),
+    Option(("--sccm-lambda",), dict(type=A.non_negative_float, default=1.0,
+                                    help="weight of the semantic consistency term (MSE to the mean "
+                                         "description feature)"), "sccm_lambda"),
+    Option(("--kdsp-lambda",), dict(type=A.non_negative_float, default=1.0,
+                                    help="weight of the distillation term (KL from the zero-shot logits of "
+                                         "the kept descriptions)"), "kdsp_lambda"),
+    Option(("--prune-tau",), dict(type=A.positive_float, default=1.5,
+                                  help="descriptions whose standardised score is more than tau from the mean "
+                                       "are left out of the distillation"), "tau"),
+)
+
 # Every method by name, in the order of listings and of nearl.compare's table; each is the module
 # nearl/methods/<name, "_" for "-">.py, which the registry imports on first use.
 DECLARED: Dict[str, Declared] = {
@@ -122,8 +156,8 @@ DECLARED: Dict[str, Declared] = {
     "alta": Declared((), ALTA_OPTIONS),
     "clip-adapter": Declared(("clip_adapter", "clipadapter"), (
         REDUCTION, Option(("--alpha",), dict(type=A.unit_interval, default=0.2, help="residual ratio"), "alpha"))),
-    "coop": Declared((), (Option(("--n-ctx",), dict(type=A.positive_int, default=16, help="learned context vectors M"),
-                                 "n_ctx", fixed=True),)),
+    "coop": Declared((), (n_ctx_option("coop"),)),
+    "biomedcoop": Declared(("biomed-coop", "biomed_coop"), BIOMEDCOOP_OPTIONS),
     "linear-probe": Declared(("linear_probe", "linear"), (
         Option(("--probe-wd",), dict(default=",".join(str(w) for w in DEFAULT_WEIGHT_DECAYS),
                                      help="L2 weights searched on validation (default %(default)s)"),

@@ -45,6 +45,10 @@ class MethodSpec:
     # fitted to the frozen features of the training (and validation) images before its trainer runs
     # (Tip-Adapter's cache): prepare(model, train_x, train_y, val_x, val_y, templates) -> a line to print
     prepare: Optional[Callable[..., str]] = None
+    # the classification training objective, where it is not PromptClassifier + ClassificationLoss
+    # (BiomedCoOp: its teacher prompts' terms): objective(model, classnames, templates, device, config
+    # (the run's TrainConfig), rank, world_size) -> (module, loss, the loss of one unsharded probe step)
+    objective: Optional[Callable[..., Tuple[nn.Module, nn.Module, nn.Module]]] = None
     # more checks of the parsed options than their types make (UserError); `check_options` runs it
     check: Optional[Callable[[Any], None]] = None  # takes the run's TrainConfig
     # What callers once decided by the method's name:

@@ -104,6 +104,8 @@ def _path(x, q, params, heads: int, path: Optional[str]) -> str:
         if path == "fused" and not L.fused_supported(hm, D, x.dtype, x.device, M):
             raise ValueError(f"path='fused': the fused kernels cannot take {hm} query rows of width {D} in "
                              f"{x.dtype} on {x.device}; use path='split' or None")
+        if path == "fused" and not L.fused_takes_width(x.shape[2]):
+            raise ValueError(L.width_error(x) + "; use path='split' or None")
         return path
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, q, *params.values()) if torch.is_tensor(t))
     return layer_path.decide(tuple(x.shape), x.dtype, x.device, hm, D, M, grad)

@@ -2,8 +2,9 @@
 
 Speed is the goal, not the word "fused". The first rule that applies decides:
   1. NEARL_LAYER_PATH=fused|split (unset or "auto": the rules below). "fused" where the fused
-     kernels cannot take the query bank still runs split, and the log says why.
-  2. A query bank the fused kernels cannot take (`nearl_kernels.layer.fused_supported`): split.
+     kernels cannot take the query bank or the width still runs split, and the log says why.
+  2. A query bank the fused kernels cannot take (`nearl_kernels.layer.fused_supported`), or a token
+     width d they cannot (`fused_takes_width`: a multiple of 16; the OCA kernels take any): split.
   3. No GPU (the Triton interpreter): fused, the kernels under test.
   4. The measured table of this GPU, `nearl/ops/layer_paths/<device name>.json` (written by
      `python -m bench.gpu_check`'s sweep, timed on that GPU): its entry for the shape's bucket.
@@ -139,6 +140,9 @@ def choose(shape: Tuple[int, int, int], dtype: torch.dtype, device: torch.device
     if not L.fused_supported(hm, D, dtype, device, M):
         why = f"the fused kernels take at most {L.MAX_FUSED_HM} query rows of width {L.MAX_FUSED_D}, at most " \
               f"{L.MAX_FUSED_M} per head (here {hm} of {D}, {M} per head) in {dtype} on this GPU"
+        return "split", (f"{ENV}=fused, but " if forced == "fused" else "") + why
+    if not L.fused_takes_width(shape[2]):
+        why = f"the fused kernels take d a multiple of 16 (here d = {shape[2]}); the split path's kernels take any"
         return "split", (f"{ENV}=fused, but " if forced == "fused" else "") + why
     if forced:
         return forced, f"{ENV}={forced}"

@@ -110,6 +110,11 @@ class Tower:
         at .. at + n - 1 (CoOp's learned context; towers with `takes_context` only)."""
         raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot take learned context tokens (coop)")
 
+    def word_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, width): the tokens' own embeddings, what `context_stem` replaces (BiomedCoOp starts
+        its context from a phrase's; towers with `takes_context` only)."""
+        raise ValueError(f"the {self.kind} tower ({self.type_name}) cannot take learned context tokens (coop)")
+
     def output_dim(self) -> int:
         """Width of the tower's output features. Vision towers: found by running one zero image
         through stem, blocks and head; a tower that knows it without that says so itself."""

@@ -48,6 +48,9 @@ class HFCLIPText(HFCLIPTower):
         with spliced_embeddings(self.model.embeddings.token_embedding, context, at):
             return self.stem(tokens)
 
+    def word_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings.token_embedding(tokens)
+
     def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the position CLIP's text tower pools: the highest id for configs from before
         transformers' eos_token_id fix (eos_token_id = 2) and for OWL-ViT / OWLv2, else the first

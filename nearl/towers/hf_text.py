@@ -73,6 +73,9 @@ class HFText(Tower):
         with spliced_embeddings(self.model.embeddings.word_embeddings, context, at):
             return self.stem(tokens)
 
+    def word_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings.word_embeddings(tokens)
+
     def block(self, k: int, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
         return call_layer(self._blocks[k], x, attn_mask)
 

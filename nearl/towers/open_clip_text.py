@@ -67,6 +67,9 @@ class OpenClipText(Tower):
         ctx = (context.to(x.dtype) + pos).unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :at], ctx, x[:, at + n:]], dim=1), attn_mask
 
+    def word_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.src.token_embedding(tokens)
+
     def stem(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if isinstance(self.src, TextTransformer):
             return self.src._embeds(tokens)

@@ -26,7 +26,11 @@ class TimmTrunkTower(Tower):
         super().__init__(backbone)
         self.visual = backbone.visual
         self.trunk = self.visual.trunk
-        self._blocks = list(self.trunk.blocks)
+        self._blocks = self.find_blocks()
+
+    def find_blocks(self) -> List[nn.Module]:
+        """The blocks the tower steps (timm_stages.py: the last stage's)."""
+        return list(self.trunk.blocks)
 
     @classmethod
     def accepts(cls, backbone: nn.Module) -> bool:

@@ -92,9 +92,12 @@ class TrainConfig:
                                          aliases=("--csv-caption-key",))
     label_column: Optional[str] = flag(None, "data", "a label CSV's class-name column (default label)")
     label_columns: Optional[str] = flag(None, "data", "multilabel: the finding columns, comma-separated (cells 1 "
-                                        "positive; 0, empty or -1 negative)")
+                                        "positive; 0 or empty negative; -1 as --uncertain-labels says)")
     label_separator: Optional[str] = flag(None, "data", "multilabel: --label-column holds several findings split by "
                                           "this (e.g. '|'; 'No Finding' is none)")
+    uncertain_labels: str = flag("zeros", "data", "multilabel: a --label-columns cell -1 (CheXpert's uncertain) is "
+                                 "a negative (zeros, U-zeros) or a positive (ones, U-ones); default %(default)s",
+                                 aliases=("--uncertain",), choices=A.UNCERTAIN_LABELS)
     separator: Optional[str] = flag(None, "data", "a CSV's separator: one character, or \\t / tab (default: comma "
                                     "for .csv, tab for .tsv)", aliases=("--csv-separator",))
     val_fraction: Optional[float] = flag(None, "data", "hold out this fraction of a source without splits (a flat "

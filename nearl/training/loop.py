@@ -171,6 +171,10 @@ class GradientRun:
             self.module, self.loss_fn, probe_loss = multilabel_objective(
                 model, self.data.classnames, config.templates or list(TEMPLATES), self.device, cfg, info.rank,
                 info.world_size)
+        elif spec(self.method).objective is not None:  # BiomedCoOp: terms from its teacher prompts too
+            self.module, self.loss_fn, probe_loss = spec(self.method).objective(
+                model, self.data.classnames, config.templates or list(TEMPLATES), self.device, config, info.rank,
+                info.world_size)
         else:
             prompts = class_prompt_tokens(model, self.data.classnames, config.templates or list(TEMPLATES))
             self.module = PromptClassifier(model, prompts.to(self.device), len(self.data.classnames)).to(self.device)

@@ -10,7 +10,7 @@ from nearl.evaluation.metric_table import VALIDATION_SHOWN, chance_level
 from nearl.writes import atomic_write
 
 PathLike = Union[str, os.PathLike]
-LOSS_TERMS = ("loss", "contrastive", "cross_entropy", "query_alignment", "orth")
+LOSS_TERMS = ("loss", "contrastive", "cross_entropy", "query_alignment", "orth", "sccm", "kdsp")  # sccm, kdsp: biomedcoop
 VAL_KEYS = VALIDATION_SHOWN  # the validation metrics drawn (nearl/evaluation/metric_table.py)
 
 

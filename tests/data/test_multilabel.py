@@ -93,3 +93,37 @@ def test_multilabel_flags_are_refused_for_other_tasks(tmp_path):
     for task in ("classification", "retrieval"):
         with pytest.raises(UserError, match="--task multilabel"):
             S.select_splits(task, str(path), ("train",), fallback=S.TRAINING, columns=COLUMNS)
+
+
+def test_uncertain_labels_ones_reads_minus_one_as_positive(tmp_path):
+    """--uncertain-labels ones (U-ones): a -1 cell is a positive; the default (zeros) reads it as a negative."""
+    path = chexpert_csv(tmp_path)
+    zeros, _ = read_multilabel_csv(path, columns=COLUMNS)
+    ones, _ = read_multilabel_csv(path, columns=Columns(label_columns=",".join(FINDINGS), uncertain="ones"))
+    # the rows: ["1", "", "-1"], ["0", "1", "1"], ["", "0", "1"], ["1", "1", "0"]: only the first holds a -1
+    assert [r.targets for r in zeros["train"][:4]] == [(1, 0, 0), (0, 1, 1), (0, 0, 1), (1, 1, 0)]
+    assert [r.targets for r in ones["train"][:4]] == [(1, 0, 1), (0, 1, 1), (0, 0, 1), (1, 1, 0)]
+
+
+def test_uncertain_labels_ones_needs_label_columns(tmp_path):
+    with pytest.raises(UserError, match=r"--uncertain-labels ones reads the -1 cells of --label-columns"):
+        read_multilabel_csv(nih_csv(tmp_path / "nih"), columns=Columns(label="labels", label_separator="|",
+                                                                        uncertain="ones"))
+    path = chexpert_csv(tmp_path / "chexpert")
+    with pytest.raises(UserError, match="--uncertain-labels name a multi-label CSV's findings"):
+        S.select_splits("classification", str(path), ("train",), fallback=S.TRAINING,
+                        columns=Columns(uncertain="ones"))
+
+
+def test_uncertain_labels_is_a_config_field_of_train_and_evaluate():
+    from nearl import evaluate as E
+    from nearl.comparison.options import parse_config as compare_config
+    from nearl.evaluation.config import EvalConfig
+    from nearl.training import parse_config
+
+    config = parse_config(["--task", "multilabel", "--label-columns", "A,B", "--uncertain-labels", "ones"])
+    assert config.uncertain_labels == "ones" and Columns.of(config).uncertain == "ones"
+    assert parse_config(["--uncertain", "ones"]).uncertain_labels == "ones"  # the short name
+    assert parse_config([]).uncertain_labels == EvalConfig().uncertain_labels == "zeros"
+    assert E.parse_config(["--uncertain-labels", "ones"]).uncertain_labels == "ones"
+    assert compare_config(["--uncertain-labels", "ones"]).uncertain_labels == "ones"

@@ -92,7 +92,7 @@ def test_train_then_evaluate_writes_per_class_auroc(tmp_path):
 def test_methods_that_cannot_score_multilabel_are_refused():
     for method in ("nearl", "zeroshot", "clip-adapter", "clip-lora", "alta"):
         check_task(method, "multilabel")
-    for method in ("coop", "linear-probe", "tip-adapter", "tip-adapter-f"):
+    for method in ("coop", "biomedcoop", "linear-probe", "tip-adapter", "tip-adapter-f"):
         with pytest.raises(ValueError, match=r"does not apply to task 'multilabel' \(.+\): it supports"):
             check_task(method, "multilabel")
 
@@ -105,9 +105,11 @@ def test_compare_nearl_and_zeroshot(tmp_path):
               "--bench-batch", "2", "--bench-iters", "1", "--out", str(out), *FAST])
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["task"] == "multilabel" and saved["main_metric"] == "macro_auroc"
+    assert saved["shown"][0] == "macro_auroc" and "label_ece" in saved["shown"]  # calibration beside AUROC
+    assert "label_ece (↓)" in (out / "comparison.md").read_text()
     assert list(saved["methods"]) == ["nearl", "zeroshot"]
     for v in saved["methods"].values():
-        assert "macro_auroc" in v["metrics"]
+        assert "macro_auroc" in v["metrics"] and "label_ece" in v["metrics"]
         run_results = v["runs"][0]["results"]["test"]
         assert "macro_auroc" in run_results
         assert set(run_results["details"]["per_class"]) == set(FINDINGS)  # per-class AUROC, AP, F1

@@ -21,6 +21,7 @@ from nearl import methods as MT
 from nearl import predict as P
 from nearl.evaluation import prediction as PR
 from nearl.model.classify import TEMPLATES, classification_logits
+from nearl.model.multilabel import multilabel_logits
 from nearl.data.images import load_image
 from nearl.errors import UserError, run_cli
 from train_helpers import FAST as TRAIN_FAST
@@ -117,6 +118,46 @@ def test_zero_shot_and_checkpoint(tmp_path, capsys):
          "--eval-every", 0, "--out", tmp_path / "run", *TRAIN_FAST])
     report = P.main(["--checkpoint", str(tmp_path / "run"), "--images", str(scans / "red.png"), *FAST])
     assert report["predictions"].labels == ["green", "red"] and report["checkpoint"].endswith("last.pt")
+
+
+# ----------------------------------------------------------------------------- multi-label
+def test_multilabel_probabilities_are_the_sigmoid_of_the_multilabel_logits(tmp_path, capsys):
+    scans = make_images(tmp_path)
+    out = tmp_path / "out"
+    findings = ["effusion", "edema", "nodule"]
+    report = P.main(["--model", "NEARL-Tiny", "--images", str(scans), "--classes", ",".join(findings),
+                     "--multilabel", "--out", str(out), *FAST])
+    pred = report["predictions"]
+    assert report["task"] == pred.task == "multilabel" and pred.labels == findings
+    frozen = MT.build_method("nearl", "NEARL-Tiny", None, seed=0)
+    transform = frozen.image_transform(False)
+    with torch.no_grad():
+        features = frozen.encode_image(torch.stack([transform(load_image(p)) for p in pred.images]))
+    logits = multilabel_logits(frozen, features, findings)
+    assert torch.allclose(pred.probabilities, torch.sigmoid(logits), atol=1e-6)
+    called = (torch.sigmoid(logits) >= 0.5).int()
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert list(rows[0]) == ["image", "present", "p(effusion)", "effusion", "p(edema)", "edema", "p(nodule)", "nodule"]
+    for i, row in enumerate(rows):
+        assert [float(row[f"p({c})"]) for c in findings] == pytest.approx(torch.sigmoid(logits[i]).tolist(), abs=1e-6)
+        assert [int(row[c]) for c in findings] == called[i].tolist()
+    saved = json.loads((out / "predictions.json").read_text())
+    assert saved["task"] == "multilabel" and saved["classes"] == findings and saved["threshold"] == 0.5
+    first = saved["predictions"][0]
+    assert first["probabilities"]["edema"] == pytest.approx(float(torch.sigmoid(logits[0, 1])))
+    assert first["labels"] == dict(zip(findings, called[0].tolist()))
+    assert first["present"] == [c for c, k in zip(findings, called[0].tolist()) if k]
+    assert "| image | present (p >= 0.5) | p(effusion) | p(edema) | p(nodule) |" in capsys.readouterr().out
+
+
+def test_an_adapter_trained_on_multilabel_predicts_multilabel_by_default(tmp_path):
+    model = MT.build_method("nearl", "NEARL-Tiny", None, seed=0)
+    folder = AF.save_adapter(model, tmp_path / "ml", model_name="NEARL-Tiny", pretrained=None, task="multilabel",
+                             classnames=["effusion"], templates=None)
+    scans = make_images(tmp_path)
+    pred = P.main(["--adapter", str(folder), "--images", str(scans / "red.png"), *FAST])["predictions"]
+    assert pred.task == "multilabel" and pred.labels == ["effusion"]  # one finding: scored on its own
+    assert 0.0 < float(pred.probabilities[0, 0]) < 1.0
 
 
 # ----------------------------------------------------------------------------- retrieval

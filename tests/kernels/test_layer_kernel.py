@@ -8,6 +8,7 @@ import nearl_kernels.runtime
 import precision_bar
 from factories import layer_inputs, padding_mask
 from nearl import ops
+from nearl.ops import fused_layer
 
 # On a GPU the kernels run for real; without one conftest.py turned the interpreter on.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,8 +194,8 @@ def test_masked_tokens_get_their_oca_update_but_never_reach_q_out():
 
 def test_kernel_limits_raise_value_errors():
     x, q, params = layer_inputs(1, 5, 72, 3, D=32, r=8, device=DEV)  # 72 is not a multiple of 16
-    with pytest.raises(ValueError, match=r"x: the fused layer needs d a multiple of 16.*\(1, 5, 72\)"):
-        ops.nearl_layer(x, q, params, impl="triton")
+    with pytest.raises(ValueError, match=r"x: the fused layer needs d a multiple of 16.*\(1, 5, 72\).*path='split'"):
+        fused_layer.nearl_layer(x, q, params, path="fused")  # asked for; without, the split path takes it
     x, q, params = layer_inputs(1, 5, 32, 65, D=32, r=8, device=DEV)
     with pytest.raises(ValueError, match="at most 64 queries, got M=65"):
         ops.nearl_layer(x, q, params, impl="triton")

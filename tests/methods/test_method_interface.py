@@ -132,6 +132,7 @@ def test_what_callers_decide_about_a_method_is_in_its_spec():
         "alta": ("alta", True, False, True, steps),
         "clip-adapter": ("clip-adapter", True, False, True, steps),
         "coop": ("coop", True, False, True, steps),
+        "biomedcoop": ("BiomedCoOp", True, False, True, steps),
         "linear-probe": ("linear-probe", False, False, True,
                          "fitting, 5 L-BFGS iterations per weight-decay candidate"),
         "zeroshot": ("zeroshot", True, True, True, "no training"),

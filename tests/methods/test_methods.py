@@ -187,6 +187,7 @@ def _frozen_snapshot(model):
     ("alta", "retrieval", 3e-3),
     ("clip-adapter", "retrieval", 5e-2),
     ("coop", "classification", 1e-2),
+    ("biomedcoop", "classification", 1e-2),
 ])
 def test_method_trains_loss_falls_and_checkpoint_rebuilds(tmp_path, data, method, task, lr):
     out = tmp_path / method
@@ -302,8 +303,8 @@ def test_the_registry_holds_every_method_once_with_its_options():
     resumed run keeps."""
     from nearl import training as T
     from nearl.model.nearl_clip import NEARLCLIP
-    assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "linear-probe", "zeroshot", "tip-adapter",
-                          "tip-adapter-f", "clip-lora")
+    assert MT.METHODS == ("nearl", "alta", "clip-adapter", "coop", "biomedcoop", "linear-probe", "zeroshot",
+                          "tip-adapter", "tip-adapter-f", "clip-lora")
     for name in MT.METHODS:
         assert MT.spec(name).name == name and MT.spec(name).model_cls.method == name
     assert MT.spec("nearl").model_cls is NEARLCLIP and MT.method_of(MT.build_method("nearl", "NEARL-Tiny")) == "nearl"
@@ -313,6 +314,9 @@ def test_the_registry_holds_every_method_once_with_its_options():
                                       "heads", "rank", "vision_layers", "text_layers", "reduction", "n_ctx",
                                       "multiview", "lora_rank"}
     assert MT.method_config("coop", T.parse_config(["--method", "coop", "--n-ctx", "3"])) == {"n_ctx": 3}
+    # --n-ctx is shared; not given, each method takes its own default
+    assert MT.method_config("coop", T.parse_config(["--method", "coop"])) == {"n_ctx": 16}
+    assert MT.method_config("biomedcoop", T.parse_config(["--method", "biomedcoop"]))["n_ctx"] == 4
     with pytest.raises(ValueError, match="registered twice"):
         MT.register(MT.spec("coop"))
 

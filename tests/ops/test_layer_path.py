@@ -63,6 +63,19 @@ def test_a_query_bank_too_large_is_split_even_when_fused_is_asked(monkeypatch):
     assert path == "split" and why.startswith("NEARL_LAYER_PATH=fused, but") and "256 of 128" in why
 
 
+@pytest.mark.parametrize("forced", [None, "fused"])
+def test_a_width_the_fused_kernels_do_not_take_is_split(monkeypatch, forced):
+    """d not a multiple of 16 (a tiny ConvNeXt's last stage; tests/towers/test_towers_conv.py runs it in
+    a model): the split path, whose OCA kernels take any d, even where fused is asked for."""
+    if forced:
+        monkeypatch.setenv(layer_path.ENV, forced)
+    path, why = layer_path.choose((2, 9, 40), torch.float32, torch.device("cpu"), 64, 128, 16, grad=True)
+    assert path == "split" and "d = 40" in why and why.startswith("NEARL_LAYER_PATH=fused, but") == bool(forced)
+    x, q, params = layer_inputs(2, 9, 40, 3, D=32, r=8, device=DEV)
+    torch.testing.assert_close(ops.nearl_layer(x, q, params, impl="triton"),
+                               ops.nearl_layer(x, q, params, impl="reference"), rtol=1e-4, atol=1e-5)
+
+
 def test_without_a_gpu_the_fused_kernels_run():
     assert layer_path.choose((2, 5, 16), torch.float32, torch.device("cpu"), 64, 128, 16, grad=False)[0] == "fused"
 

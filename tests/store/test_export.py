@@ -116,8 +116,8 @@ def test_evaluate_with_adapter_equals_checkpoint(trained, capsys):
         E.main(["--adapter", str(adapter), "--method", "alta", *common])
 
 
-@pytest.mark.parametrize("method", ["alta", "clip-adapter", "coop", "linear-probe", "zeroshot", "tip-adapter",
-                                    "tip-adapter-f", "clip-lora"])
+@pytest.mark.parametrize("method", ["alta", "clip-adapter", "coop", "biomedcoop", "linear-probe", "zeroshot",
+                                    "tip-adapter", "tip-adapter-f", "clip-lora"])
 def test_every_method_round_trips(tmp_path, method):
     """save_adapter on a model whose learnable tensors were changed (as training would); ALTA trains
     backbone LayerNorms, which the fingerprint must leave out."""

@@ -9,7 +9,7 @@ from nearl import methods as MT
 from nearl.store.checkpoint import load_checkpoint
 from nearl.towers import HFText, TimmVision
 from model_helpers import (adapted_first_block, assert_fused_matches_reference, assert_is_the_frozen_backbone,
-                              perturb_adapters)
+                              assert_padding_is_hidden, perturb_adapters)
 from train_helpers import FAST, make_image_folder, make_manifest, run, train_losses
 import tiny_biomed
 import tiny_roberta
@@ -36,20 +36,6 @@ def test_a_fresh_model_is_the_frozen_biomedclip_bit_for_bit(name):
     assert_is_the_frozen_backbone(model, images, tokens)
     tokens_out = model(images.requires_grad_(), tokens).text_features
     assert torch.equal(tokens_out, model.backbone.encode_text(tokens))
-
-
-def assert_padding_is_hidden(tower, tokens, pad_id):
-    """The padding really is masked: other tokens at the padded positions, stepped under the
-    tokens' own mask, change nothing the head pools, while the valid mask of those tokens differs."""
-    other = tokens.clone()
-    other[tokens == pad_id] = 7
-    assert not torch.equal(tower.valid_mask(other), tower.valid_mask(tokens))
-    with torch.no_grad():
-        (x, mask), (x2, _) = tower.stem(tokens), tower.stem(other)
-        assert not torch.equal(x, x2)
-        for k in range(tower.depth):
-            x, x2 = tower.block(k, x, mask), tower.block(k, x2, mask)
-        assert torch.equal(tower.head(x2, tokens), tower.head(x, tokens))
 
 
 def test_the_text_tower_steps_as_bert_with_its_padding_mask(name):
