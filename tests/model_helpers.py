@@ -87,3 +87,27 @@ def assert_fused_matches_reference(model, images, tokens, floor: float = 0.0):
     for n, g in grads.items():
         scale = ref_grads[n].norm()
         assert (g - ref_grads[n]).norm() <= 1e-3 * scale + 1e-7 + floor * largest, n
+
+
+def assert_every_parameter_learns_and_backbone_stays(model, images, tokens):
+    """Two AdamW steps of the NEARL loss: every learnable parameter gets a finite, nonzero gradient (W_up
+    starts at 0, so the second step reaches what is behind it), no frozen one gets any, and the backbone's
+    state (BatchNorm statistics included) is unchanged."""
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    loss_fn = nearl.NEARLLoss.from_config(model.config)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    touched = {n: False for n, p in model.named_parameters() if p.requires_grad}
+    assert touched and not any(n.startswith("backbone.") for n in touched)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(images, tokens))["loss"].backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is None or torch.isfinite(p.grad).all(), n
+                touched[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+            else:
+                assert p.grad is None, n
+        opt.step()
+    assert [n for n, ok in touched.items() if not ok] == []
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

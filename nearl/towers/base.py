@@ -21,6 +21,12 @@ class PreNormParts(NamedTuple):
     mlp: Callable[[torch.Tensor], torch.Tensor]
 
 
+def visual_found(backbone: nn.Module) -> str:
+    """What an image tower type's `found` says of `backbone.visual` when it is not its own."""
+    visual = getattr(backbone, "visual", None)
+    return f"an image tower of type {type(visual).__name__}" if visual is not None else "no `visual` image tower"
+
+
 class Tower:
     """One tower of a CLIP-style backbone. `kind` is "vision" or "text"."""
 

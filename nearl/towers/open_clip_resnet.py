@@ -10,6 +10,7 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
+from nearl.towers.base import visual_found
 from nearl.towers.feature_map_base import FeatureMapTower
 
 
@@ -28,8 +29,7 @@ class OpenClipResNet(FeatureMapTower):
 
     @classmethod
     def found(cls, backbone: nn.Module) -> str:
-        visual = getattr(backbone, "visual", None)
-        return f"an image tower of type {type(visual).__name__}" if visual is not None else "no `visual` image tower"
+        return visual_found(backbone)
 
     @property
     def image_size(self) -> Tuple[int, int]:

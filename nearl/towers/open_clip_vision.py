@@ -8,7 +8,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from nearl.towers.base import PreNormParts, Tower
+from nearl.towers.base import PreNormParts, Tower, visual_found
 from nearl.towers.open_clip_blocks import prenorm_parts, run_block
 
 
@@ -27,8 +27,7 @@ class OpenClipVision(Tower):
 
     @classmethod
     def found(cls, backbone: nn.Module) -> str:
-        visual = getattr(backbone, "visual", None)
-        return f"an image tower of type {type(visual).__name__}" if visual is not None else "no `visual` image tower"
+        return visual_found(backbone)
 
     @property
     def width(self) -> int:

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from nearl.towers.base import Tower
+from nearl.towers.base import Tower, visual_found
 
 try:  # timm comes with open_clip; without it there is simply no tower of these types
     from open_clip.timm_model import TimmModel
@@ -48,7 +48,7 @@ class TimmTrunkTower(Tower):
             if cls.trunk_class is None or not isinstance(visual.trunk, cls.trunk_class):
                 return f"a TimmModel around timm's {type(visual.trunk).__name__}, which is not a VisionTransformer"
             return "a TimmModel with attention pooling over a feature map"
-        return f"an image tower of type {type(visual).__name__}" if visual is not None else "no `visual` image tower"
+        return visual_found(backbone)
 
     @property
     def width(self) -> int:
