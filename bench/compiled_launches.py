@@ -55,6 +55,7 @@ except ImportError:  # older triton: the same rules, written out
 import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels onto kernels/)
 from nearl_kernels import layer_bwd_kernels as LKB  # noqa: E402
 from nearl_kernels import layer_kernels as LK  # noqa: E402
+from nearl_kernels import layer_norm_fork as LNF  # noqa: E402
 from nearl_kernels import oca as K  # noqa: E402
 from nearl_kernels import runtime  # noqa: E402
 
@@ -63,7 +64,7 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 an
 KERNELS = {k.__name__: k for k in (K._oca_fwd_kernel, K._oca_bwd_rows_kernel, K._oca_bwd_cols_kernel,
                                    LK.layer_fwd_kernel, LK.layer_attn_kernel, LKB.layer_bwd_dout_kernel,
                                    LKB.layer_bwd_rows_kernel,
-                                   LKB.layer_bwd_cols_kernel)}
+                                   LKB.layer_bwd_cols_kernel, LNF._ln_fork_bwd_kernel)}
 
 # (kernel name, signature, constexprs, specialisation attributes, options): picklable, one compile
 Spec = Tuple[str, Dict[str, str], Dict[str, object], Dict[int, str], Dict[str, int]]

@@ -36,7 +36,7 @@ def oca64(x, a, c, gate, orth="hard"):
     return x + gate * delta
 
 
-def layer64(x, q, p, mask=None, orth="hard", heads=4):
+def layer64(x, q, p, mask=None, orth="hard", heads=4, xout_hook=None):
     B, N, d = x.shape
     x = x.double()
     q = q.double()
@@ -51,6 +51,8 @@ def layer64(x, q, p, mask=None, orth="hard", heads=4):
     c = torch.einsum("bmr,rd->bmd", vq, p["w_up"])
     res = oca64(x, a, c, p["gate"], orth)
     xout = res[0] if orth == "soft" else res
+    if xout_hook is not None:  # sees the gradient reaching x_out from both its uses
+        xout.register_hook(xout_hook)
     xa = ln64(xout)
     qn = ln64(q, p["ln_q_weight"], p["ln_q_bias"])
     dh = D // heads

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 import nearl  # noqa: E402,F401  (in an uninstalled checkout, maps nearl_kernels and nearl_bench onto the folders)
 from nearl_bench import compiled_launches as CL  # noqa: E402  (capture and compile, shared with bench.run --sass)
 from nearl_kernels import layer as L  # noqa: E402
+from nearl_kernels import layer_norm_fork as LNF  # noqa: E402
 from nearl_kernels import oca as K  # noqa: E402
 from nearl_kernels import policy  # noqa: E402
 from nearl_kernels import runtime  # noqa: E402
@@ -72,6 +73,11 @@ LAYER_COVER = [  # (d, M, D, heads, x dtype, orth, masked): the fused layer's la
     (768, 8, 128, 4, torch.bfloat16, "hard", False),   # M % 16 != 0: A's masked loads (64-token tiles)
     (768, 64, 128, 4, torch.bfloat16, "hard", True),   # H*M = 256: the split path (OCA kernels only)
 ]
+
+# (d, x dtype) of the split path's LayerNorm-fork backward: both tower widths, and the widest rows
+# (one a program, up to 16 warps)
+FORK_CASES = [(768, torch.bfloat16), (512, torch.float32), (80, torch.float16), (2048, torch.bfloat16),
+              (8192, torch.float32)]
 
 COVER = [  # (d, M, x dtype, a/c/gate dtype, orth)
     (768, 16, torch.bfloat16, torch.float32, "hard"),   # ViT-B/16 vision, tf32x3
@@ -134,6 +140,9 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                 K.oca_fwd(x, a, c, gate, orth)
                 dcos2 = torch.empty(batch, N) if orth == "soft" else None
                 K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
+            for d, xd in FORK_CASES:  # the split path's join of x_out's two gradients
+                x = torch.empty(batch, N, d, dtype=xd)
+                LNF.ln_fork_bwd(torch.empty_like(x), x, torch.empty_like(x))
             for d, M, D, H, xd, orth, masked in layer_cases:
                 x = torch.empty(batch, N, d, dtype=xd)
                 if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: OCA kernels, then torch

@@ -122,3 +122,17 @@ def ulp_sensitivity(x, q, params, mask, orth, upstream, name="gate", trials=3):
                             torch.nextafter(x, torch.full_like(x, -math.inf)))
         changes.append(err(run_layer("float64", moved, q, params, mask, orth, upstream)[1][name], want[name]))
     return sorted(changes)[len(changes) // 2]
+
+
+def rounding_sensitivity(x, q, params, mask, orth, upstream, name="gate"):
+    """How much the float64 gradient `name` moves when the gradient reaching x_out (from both its
+    uses: the layer's output and LN(x_out)) is rounded once, correctly, to x's dtype. A path whose
+    x_out is a tensor of x's dtype hands that gradient on in that dtype (the OCA backward kernels
+    take it so); the peer keeps x_out in float32 and does not. For the gate's gradient, a sum with
+    heavy cancellation, this one rounding can weigh more than the one-ulp moves of x."""
+    _, want = run_layer("float64", x, q, params, mask, orth, upstream)
+
+    def rounded(x_, q_, p_, mask_, orth_):
+        return layer64(x_, q_, p_, mask=mask_, orth=orth_, heads=p_["heads"],
+                       xout_hook=lambda g: g.to(x.dtype).to(g.dtype))
+    return err(run_layer(rounded, x, q, params, mask, orth, upstream)[1][name], want[name])

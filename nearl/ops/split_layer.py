@@ -1,9 +1,10 @@
 """The NEARL layer unfused ("split"): the OCA kernels for x_out, then the query update in torch.
 
 What a careful engineer writes without a fused layer, and on the GPU often the faster path
-(`nearl.ops.layer_path` chooses): one LayerNorm of x_out, one product with the concatenated key and
-value weights (cuBLAS), scaled_dot_product_attention of the M queries over the N tokens (a flash
-kernel), then the (B, M, D)-sized tail (`query_math`). The token-sized work runs in x's dtype:
+(`nearl.ops.layer_path` chooses): one LayerNorm of x_out (`oca_norm`, whose backward joins x_out's
+two gradients in one kernel), one product with the concatenated key and value weights (cuBLAS),
+scaled_dot_product_attention of the M queries over the N tokens (a flash kernel), then the
+(B, M, D)-sized tail (`query_math`). The token-sized work runs in x's dtype:
 for bfloat16 / float16 x, 16-bit operands with float32 accumulation and LayerNorm statistics, as
 SPEC section 7 allows; for float32 x, float32 operands whose products follow
 `torch.get_float32_matmul_precision()`, as torch.matmul's do.
@@ -16,8 +17,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from nearl_kernels.oca import oca
-from nearl_kernels.policy import LN_EPS
+from nearl_kernels.oca_norm import oca_norm
 
 from nearl.ops import query_math
 
@@ -32,9 +32,7 @@ def split_layer(x: torch.Tensor, qf: torch.Tensor, p: Mapping[str, torch.Tensor]
     dh = D // heads
     dt = x.dtype
     a, c = query_math.oca_factors(qf, p["w_down"], p["w_up"], p["w_ok"], p["w_ov"])
-    res = oca(x, a, c, p["gate"], orth=orth)
-    x_out, cos2 = res if orth == "soft" else (res, None)
-    xa = F.layer_norm(x_out, (d,), eps=LN_EPS)  # x's dtype out, float32 statistics
+    x_out, xa, cos2 = oca_norm(x, a, c, p["gate"], orth=orth)  # xa = LN(x_out): x's dtype, float32 statistics
     kv = xa @ torch.cat([p["w_k"], p["w_v"]], dim=1).to(dt)  # (B, N, 2D): one product for keys and values
     if mask is not None:  # padding reaches nothing, whatever it holds: a NaN key or value would (0 * NaN)
         kv = kv.masked_fill(~mask[..., None], 0.0)
