@@ -18,6 +18,17 @@ except ImportError:  # pragma: no cover
     TimmModel = None
 
 
+def stepped_trunks() -> List[str]:
+    """The names of the timm trunk classes the tower types step, sorted (from the subclasses loaded)."""
+    found, todo = set(), list(TimmTrunkTower.__subclasses__())
+    while todo:
+        sub = todo.pop()
+        todo += sub.__subclasses__()
+        if sub.trunk_class is not None:
+            found.add(sub.trunk_class.__name__)
+    return sorted(found)
+
+
 class TimmTrunkTower(Tower):
     kind = "vision"
     trunk_class: Optional[type] = None  # the timm class a subclass steps (None: timm is missing)
@@ -46,7 +57,8 @@ class TimmTrunkTower(Tower):
         visual = getattr(backbone, "visual", None)
         if TimmModel is not None and isinstance(visual, TimmModel):
             if cls.trunk_class is None or not isinstance(visual.trunk, cls.trunk_class):
-                return f"a TimmModel around timm's {type(visual.trunk).__name__}, which is not a VisionTransformer"
+                return (f"a TimmModel around timm's {type(visual.trunk).__name__}, a trunk no tower type steps "
+                        f"(they step {', '.join(stepped_trunks())})")
             return "a TimmModel with attention pooling over a feature map"
         return visual_found(backbone)
 

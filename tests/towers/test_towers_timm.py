@@ -86,5 +86,6 @@ def test_every_method_trains_and_restores_on_the_timm_tower(tmp_path, data, meth
 def test_a_timm_trunk_that_is_not_a_vit_is_named():
     backbone = nearl.build(NAME).backbone
     backbone.visual.trunk = torch.nn.Sequential()
-    with pytest.raises(ValueError, match="TimmModel around timm's Sequential, which is not a VisionTransformer"):
+    with pytest.raises(ValueError, match="TimmModel around timm's Sequential, a trunk no tower type steps "
+                                         r"\(they step ConvNeXt, .*VisionTransformer"):
         tower_of(backbone, "vision")
