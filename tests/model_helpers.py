@@ -110,4 +110,7 @@ def assert_every_parameter_learns_and_backbone_stays(model, images, tokens):
         opt.step()
     assert [n for n, ok in touched.items() if not ok] == []
     after = model.backbone.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    # NaN equals NaN here: open_clip leaves some unused random-init tensors as torch.empty's memory
+    # (CoCa's text_decoder.text_projection), NaN on some draws, and that is no change
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True, msg=k)
