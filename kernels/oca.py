@@ -733,6 +733,13 @@ def _backward(ctx, dout, dcos2):
 _oca_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def refuse_float64(*tensors: torch.Tensor) -> None:
+    """The OCA kernels' dtype check (`oca`, `oca_norm`): float64 goes to the reference instead."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise ValueError("the fused OCA kernels run float32, bfloat16 and float16; float64 inputs go to the "
+                         "reference (nearl.ops.oca routes them there)")
+
+
 def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *, orth: str = "hard"):
     """Fused OCA: x + gate * orth(softmax(LN(x) @ a, dim=-1) @ c, x).
 
@@ -743,9 +750,7 @@ def oca(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor, *
     Arguments are assumed validated by `nearl.ops.oca`; only the kernel's own limits (d, M) are
     checked here, with a ValueError.
     """
-    if any(t.dtype == torch.float64 for t in (x, a, c, gate)):
-        raise ValueError("the fused OCA kernels run float32, bfloat16 and float16; float64 inputs go to the "
-                         "reference (nearl.ops.oca routes them there)")
+    refuse_float64(x, a, c, gate)
     _check_sizes(x, a)
     if torch.compiler.is_compiling():
         # traced: the custom op, opaque to dynamo, with its fake (shape) and autograd rules

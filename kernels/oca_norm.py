@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from . import policy
 from .layer_norm_fork import ln_fork_bwd
-from .oca import oca, oca_bwd, oca_fwd
+from .oca import oca, oca_bwd, oca_fwd, refuse_float64
 
 
 def _norm(x_out: torch.Tensor) -> torch.Tensor:
@@ -36,9 +36,8 @@ class _OcaNormFunction(torch.autograd.Function):
         out, cos2 = oca_fwd(x, a, c, gate, orth)
         ctx.save_for_backward(x, a, c, gate, out)
         ctx.orth = orth
-        if cos2 is None:
-            return out, _norm(out)
-        return out, _norm(out), cos2
+        xa = _norm(out)
+        return (out, xa) if cos2 is None else (out, xa, cos2)
 
     @staticmethod
     @once_differentiable  # double backward raises (docs/python.md, "Double backward")
@@ -55,8 +54,7 @@ def oca_norm(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tens
 
     x_out is `oca`'s (same limits: d <= 8192, M <= 64); LN has no affine parameters. float64
     inputs are refused, as `oca` refuses them."""
-    if any(t.dtype == torch.float64 for t in (x, a, c, gate)):
-        raise ValueError("oca_norm runs float32, bfloat16 and float16 inputs; float64 goes to the reference")
+    refuse_float64(x, a, c, gate)
     if torch.compiler.is_compiling():
         res = oca(x, a, c, gate, orth=orth)
         out, cos2 = res if orth == "soft" else (res, None)

@@ -81,17 +81,15 @@ def oca_inputs(B, N, d, M, dtype, seed=0):
     return x, a, c, gate
 
 
-def two_nodes(x, a, c, gate, *, orth):
+def two_nodes(x, a, c, gate, *, orth, op=oca):
     """What oca_norm replaces: the OCA op and torch's LayerNorm as two autograd nodes."""
-    res = oca(x, a, c, gate, orth=orth)
+    res = op(x, a, c, gate, orth=orth)
     out, cos2 = res if orth == "soft" else (res, None)
     return out, F.layer_norm(out, out.shape[-1:], eps=LN_EPS), cos2
 
 
 def float64_nodes(x, a, c, gate, *, orth):
-    res = reference.oca(*(t.double() for t in (x, a, c, gate)), orth=orth)
-    out, cos2 = res if orth == "soft" else (res, None)
-    return out, F.layer_norm(out, out.shape[-1:], eps=LN_EPS), cos2
+    return two_nodes(*(t.double() for t in (x, a, c, gate)), orth=orth, op=reference.oca)
 
 
 def grads(fn, inputs, orth, seed=5):
