@@ -14,7 +14,10 @@ Layers, from the bottom up:
      Delta = P @ C, the projection (hard: <Delta, x> = rowsum(P * xC) is known before the pass;
      soft: |Delta|^2 accumulated in it) and out = x + gate * update, written chunk by chunk,
      backwards from the chunk the first pass ended on, so that every re-read comes as soon after
-     the first read as it can (L1/L2). Requested: two reads of x, one write of out.
+     the first read as it can (L1/L2). Requested: two reads of x, one write of out. With NORM
+     (`oca_norm_fwd`, the split layer's start) the same pass also writes LN(out): its statistics
+     follow from pass 1's sums and C C^T before out exists (`_out_stats`), which saves the
+     LayerNorm's own read of out and its statistics pass.
    - `_oca_bwd_rows_kernel`, grid (token tiles, B): recomputes the forward's row quantities from
      x (saved tensors are the inputs only: no (B, N, M) or (B, N, d) intermediate is kept by the
      forward) in one pass (`_one_pass`, with dout), reduces every row-level backward quantity to M-sized products (see
@@ -30,7 +33,7 @@ Layers, from the bottom up:
    without spilling. The split costs one more read of x and dout (backward HBM traffic: x and
    dout read twice, dx written once, about 5 passes over (B, N, d) instead of the minimum 3) and
    a small (B, N, M) scratch.
-2. Plain-Python launchers `oca_fwd` / `oca_bwd`; every block size, warp count and split count
+2. Plain-Python launchers `oca_fwd` / `oca_norm_fwd` / `oca_bwd`; every block size, warp count and split count
    comes from `_oca_config`, the dot precision from `_precision`.
 3. `_OcaFunction`, a thin `torch.autograd.Function`.
 4. `oca(...)`, the public entry point. Under `torch.compile` it calls the torch custom ops
@@ -47,10 +50,11 @@ tl.load/tl.store, bitcasts): the kernels target triton 3.6 to 3.8 (README, "Supp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
@@ -73,8 +77,9 @@ _COS2_EPS = tl.constexpr(policy.COS2_EPS)
 
 @triton.jit
 def _chunk_terms(x, shift, k0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
-                 DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x,
-                 ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, BLOCK_DC: tl.constexpr, PREC: tl.constexpr):
+                 DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, gram,
+                 ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, GRAM: tl.constexpr, BLOCK_DC: tl.constexpr,
+                 PREC: tl.constexpr):
     """`_one_pass`'s sums and products, updated with the chunk x (BLOCK_N x BLOCK_DC) at column k0."""
     offs_d = k0 + tl.arange(0, BLOCK_DC)
     mask_d = offs_d < D
@@ -84,26 +89,30 @@ def _chunk_terms(x, shift, k0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_c
     a = load_tile(A + b * s_ab, s_ad, s_am, offs_d, offs_m, mask_d, mask_m)
     xa = _mm(xs, a, xa, PREC)
     cola += tl.sum(a, axis=0)
-    if ORTH != ORTH_NONE or WITH_DOUT:
+    if ORTH != ORTH_NONE or WITH_DOUT or GRAM:
         c = load_tile(C + b * s_cb, s_cm, s_cd, offs_m, offs_d, mask_m, mask_d)
-        if ORTH != ORTH_NONE:
+        if ORTH != ORTH_NONE or GRAM:
             xc = _mm(xs, tl.trans(c), xc, PREC)
             csum += tl.sum(c, axis=1)
+        if GRAM:
+            gram = _mm(c, tl.trans(c), gram, PREC)
         if WITH_DOUT:
             do = load_tile(DOUT + b * s_gb, s_gn, s_gd, offs_n, offs_d, mask_n, mask_d)
             oc = _mm(do, tl.trans(c), oc, PREC)
             if ORTH == ORTH_HARD:
                 do_x += tl.sum(do * x, axis=1)
-    return s1, s2, xa, xc, oc, cola, csum, do_x
+    return s1, s2, xa, xc, oc, cola, csum, do_x, gram
 
 
 @triton.jit
 def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
               DOUT, s_gb, s_gn, s_gd, offs_m, mask_m,
-              ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
-              BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+              ORTH: tl.constexpr, WITH_DOUT: tl.constexpr, GRAM: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_DC: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
     """Everything a token's OCA needs from its row, in one pass over the columns:
-    (mean, rstd, <x, x>, S = LN(x) @ A, x @ C^T, and with WITH_DOUT dout @ C^T, <dout, x>, 1^T A).
+    (mean, rstd, <x, x>, S = LN(x) @ A, x @ C^T, and with WITH_DOUT dout @ C^T, <dout, x>, 1^T A),
+    then what the statistics of out = alpha x + g Delta take (`_out_stats`): the shift s, the sums
+    of (x - s) and its squares, (x - s) @ C^T, C 1 and, with GRAM, C C^T.
 
     The products use x minus its first chunk's mean (a shift within about a standard deviation
     of the row mean), and LN(x) A = rstd ((x - s) A - (mean - s) 1^T A): no pass for the statistics
@@ -120,18 +129,20 @@ def _one_pass(X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C,
     cola = tl.zeros((BLOCK_M,), dtype=tl.float32)
     csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     do_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s1, s2, xa, xc, oc, cola, csum, do_x = _chunk_terms(
+    gram = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    s1, s2, xa, xc, oc, cola, csum, do_x, gram = _chunk_terms(
         x0, shift, 0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd, DOUT, s_gb, s_gn, s_gd,
-        offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, ORTH, WITH_DOUT, BLOCK_DC, PREC)
+        offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, gram, ORTH, WITH_DOUT, GRAM, BLOCK_DC, PREC)
     for k0 in range(BLOCK_DC, D, BLOCK_DC):
         x = load_tile(X + b * s_xb, s_xn, s_xd, offs_n, k0 + offs_0, mask_n, k0 + offs_0 < D)
-        s1, s2, xa, xc, oc, cola, csum, do_x = _chunk_terms(
+        s1, s2, xa, xc, oc, cola, csum, do_x, gram = _chunk_terms(
             x, shift, k0, b, offs_n, mask_n, D, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd, DOUT, s_gb, s_gn, s_gd,
-            offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, ORTH, WITH_DOUT, BLOCK_DC, PREC)
+            offs_m, mask_m, s1, s2, xa, xc, oc, cola, csum, do_x, gram, ORTH, WITH_DOUT, GRAM, BLOCK_DC, PREC)
     mean, dm, _, rstd, xx = shifted_row_stats(s1, s2, shift, D, _LN_EPS)
     s = rstd[:, None] * (xa - dm[:, None] * cola[None, :])
+    xcs = xc  # (x - s) C^T
     xc = xc + shift[:, None] * csum[None, :]  # x C^T
-    return mean, rstd, xx, s, xc, oc, do_x, cola
+    return mean, rstd, xx, s, xc, oc, do_x, cola, shift, s1, s2, xcs, csum, gram
 
 
 @triton.jit
@@ -166,26 +177,49 @@ def _mm(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
+def _out_stats(p, alpha, g, shift, s1, s2, xcs, csum, gram, D, PREC: tl.constexpr):
+    """LayerNorm's (mean, rstd) of each row of out = alpha x + g Delta, Delta = P C, from pass 1's
+    sums, before out exists. Around alpha s, with s pass 1's shift, y = out - alpha s =
+    alpha (x - s) + g Delta has
+        sum y   = alpha sum(x - s) + g P (C 1),
+        sum y^2 = alpha^2 sum (x - s)^2 + 2 alpha g P ((x - s) C^T) + g^2 P G P^T,  G = C C^T,
+    whose terms do not cancel unless g Delta undoes x (`shifted_row_stats` says why the shift)."""
+    pg = _mm(p, gram, tl.zeros(p.shape, dtype=tl.float32), PREC)
+    sy = alpha * s1 + g * tl.sum(p * csum[None, :], axis=1)
+    sy2 = alpha * alpha * s2 + 2.0 * alpha * g * tl.sum(p * xcs, axis=1) + g * g * tl.sum(p * pg, axis=1)
+    mean, _, _, rstd, _ = shifted_row_stats(sy, sy2, alpha * shift, D, _LN_EPS)
+    return mean, rstd
+
+
+@triton.jit
+def _oca_fwd_kernel(X, A, C, G, OUT, XA, COS2,
                     N, D, M,
                     s_xb, s_xn, s_xd, s_ab, s_ad, s_am, s_cb, s_cm, s_cd, s_ob, s_on, s_od,
-                    ORTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+                    ORTH: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
                     BLOCK_M: tl.constexpr, PREC: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
                     STAGES: tl.constexpr):
+    """out = x + gate * orth(Delta, x) and, with NORM, XA = LN(out) (no affine; XA has out's
+    strides), written in the same output pass from statistics known before it (`_out_stats`)."""
     b = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     # pass 1: statistics, scores S = LN(x) @ A and, for the projection, x @ C^T
-    mean, rstd, xx, s, xc, oc, do_x, cola = _one_pass(
+    mean, rstd, xx, s, xc, oc, do_x, cola, shift, s1, s2, xcs, csum, gram = _one_pass(
         X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
-        X, s_xb, s_xn, s_xd, offs_m, mask_m, ORTH, False, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
+        X, s_xb, s_xn, s_xd, offs_m, mask_m, ORTH, False, NORM, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
     p = _softmax_rows(s, mask_m)
     dot = tl.sum(p * xc, axis=1)  # <Delta, x>
     k = dot / (xx + _ORTH_EPS)  # hard: Delta - k x
     g = tl.load(G).to(tl.float32)
     dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if NORM:
+        if ORTH == ORTH_HARD:
+            alpha = 1.0 - g * k
+        else:
+            alpha = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+        mean_o, rstd_o = _out_stats(p, alpha, g, shift, s1, s2, xcs, csum, gram, D, PREC)
     # pass 2: Delta = P @ C, the projection and the residual, chunk by chunk, backwards: from the
     # chunk pass 1 ended on towards the ones it read longest ago, so that each re-read comes as
     # soon after the first read as it can (L1/L2; forwards, every chunk would come a tile later)
@@ -203,8 +237,12 @@ def _oca_fwd_kernel(X, A, C, G, OUT, COS2,
             out = x + g * delta
         if ORTH == ORTH_SOFT:
             dd += tl.sum(delta * delta, axis=1)
-        tl.store(OUT + b * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od,
-                 cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=mask_n[:, None] & mask_d[None, :])
+        offs_o = b * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od
+        mask_o = mask_n[:, None] & mask_d[None, :]
+        tl.store(OUT + offs_o, cast_out(out, OUT.dtype.element_ty, ROUND_BY_HAND), mask=mask_o)
+        if NORM:
+            xa = (out - mean_o[:, None]) * rstd_o[:, None]
+            tl.store(XA + offs_o, cast_out(xa, XA.dtype.element_ty, ROUND_BY_HAND), mask=mask_o)
     if ORTH == ORTH_SOFT:  # soft: cos^2(Delta, x) per token
         tl.store(COS2 + b * N + offs_n, dot * dot / (dd * xx + _COS2_EPS), mask=mask_n)
 
@@ -282,9 +320,9 @@ def _oca_bwd_rows_kernel(X, A, C, G, GRAM, DOUT, DCOS2, P_S, DS_S, ROWS, DG_PART
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    mean, rstd, xx, s, xc, oc, do_x, cola = _one_pass(
+    mean, rstd, xx, s, xc, oc, do_x, cola, _, _, _, _, _, _ = _one_pass(
         X, b, offs_n, mask_n, D, s_xb, s_xn, s_xd, A, s_ab, s_ad, s_am, C, s_cb, s_cm, s_cd,
-        DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, ORTH, True, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
+        DOUT, s_gb, s_gn, s_gd, offs_m, mask_m, ORTH, True, False, BLOCK_N, BLOCK_DC, BLOCK_M, PREC)
     p = _softmax_rows(s, mask_m)
     g = tl.load(G).to(tl.float32)
     dot = tl.sum(p * xc, axis=1)
@@ -420,6 +458,8 @@ class OcaConfig:
     cols_prec: Optional[str] = None  # the column kernel's dot precision, where not the op's
     cols_stages: int = 1  # the column kernel's pipeline stages
     max_registers: int = runtime.MAX_REGISTERS  # per thread, every kernel (ptxas's ceiling)
+    fwd_norm: bool = True  # `oca_norm_fwd` writes LN(out) in the forward's output pass (else torch's, after)
+    norm_block_dc: Optional[int] = None  # that forward's column chunk, where not BLOCK_DC
 
 
 def _pow2(n: int) -> int:
@@ -486,16 +526,21 @@ def _oca_config(B: int, N: int, d: int, M: int, prec: str, interpret: bool,
     if M > MAX_M:
         raise ValueError(f"M={M} > {MAX_M} is not supported by the fused OCA kernel")
     BM = max(16, _pow2(M))
+    # LN(out) in the forward's output pass (`oca_norm_fwd`) adds C C^T, P C C^T and a second store:
+    # at BLOCK_M 16 every configuration compiles without a spill (the compile check, triton 3.6 and
+    # 3.8; 16-column chunks at 16 warps, `_sixteen_warps_config`); with 32 or 64 it spilled 8-196
+    # bytes (tf32x3 at 32 on sm_90, 64 on sm_80; triton 3.8), so there torch's LayerNorm follows.
+    norm = BM == 16
     if interpret:
         bn = min(256, max(16, _pow2(N)))
         bd = max(16, _pow2(d))
-        return OcaConfig(BM, bd, bd, bn, 4, bn, 4, bn, bd, 4, 1, 1)
+        return OcaConfig(BM, bd, bd, bn, 4, bn, 4, bn, bd, 4, 1, 1, fwd_norm=norm)
     # tf32x3 triples the dot operands held in registers; the heavy cases get smaller tiles.
     # Before sm_90 (no warpgroup MMA) every warp keeps its own copy of a dot's second operand in
     # registers, so BLOCK_M = 64 needs smaller tiles there too.
     if cc >= 90 and prec == "tf32" and BM == 16:
         return _sixteen_warps_config(B, N, d, n_sm, orth)
-    return _register_bound_config(B, N, d, BM, prec, n_sm, cc)
+    return replace(_register_bound_config(B, N, d, BM, prec, n_sm, cc), fwd_norm=norm)
 
 
 def _register_bound_config(B: int, N: int, d: int, BM: int, prec: str, n_sm: int, cc: int) -> OcaConfig:
@@ -546,7 +591,10 @@ def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaCo
     as launched / capped at 112, the compile check's headroom, no spill): forward, 32-column
     chunks, 127 / 112 at ViT-B/16 and 128 / 112 at the text shape; rows kernel 113 / 110 with
     16-column chunks at ViT-B/16 (32 spilled 52 bytes at 112) and 115 / 104 with 32 at the text
-    shape; column kernel 113 / 111 with 2 stages (3 spilled 8 bytes at 112). With orth="soft"
+    shape; column kernel 113 / 111 with 2 stages (3 spilled 8 bytes at 112). The forward that also
+    writes LN(out) (`oca_norm_fwd`) takes 16-column chunks: with 32, triton 3.6 spilled 4-16 bytes
+    at 112 at ViT-B/16 and 8 as launched (44-48 at 112) at the text shape's 8 warps (3.8 fitted);
+    with 16, 128 / 110-112 and no spill on both, and the MODEL's time is the same (memory-bound). With orth="soft"
     (whose cos^2 terms the column kernel also holds) 256 columns spilled 8-12 bytes whatever the
     stages (triton 3.6 and 3.8): 128 columns. Smaller tiles (small batches) take fewer warps, and
     16-column rows chunks (16 tokens at 4 warps spilled 16 bytes with 32)."""
@@ -559,7 +607,7 @@ def _sixteen_warps_config(B: int, N: int, d: int, n_sm: int, orth: str) -> OcaCo
                      fwd_block_n=tokens, fwd_warps=warps(tokens, 256), rows_block_n=tokens,
                      rows_warps=warps(tokens, 128), cols_block_n=16, cols_block_d=cols_bd,
                      cols_warps=warps(cols_bd, 128), cols_splits=splits, num_stages=policy.PIPELINE_STAGES,
-                     cols_stages=2, max_registers=policy.OCCUPANCY_REGISTERS)
+                     cols_stages=2, max_registers=policy.OCCUPANCY_REGISTERS, norm_block_dc=_chunk(d, 16))
 
 
 def _precision(x: torch.Tensor, M: int = 16, cc: int = 90) -> str:
@@ -591,19 +639,37 @@ def oca_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tenso
             orth: str = "hard") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward launch. x (B, N, d), a (B, d, M), c (B, M, d), gate () -> out (B, N, d) in x's
     dtype and, for orth="soft", cos2 (B, N) float32 (else None). Inputs may be strided views."""
+    out, _, cos2 = _launch_fwd(x, a, c, gate, orth, norm=False)
+    return out, cos2
+
+
+def oca_norm_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tensor,
+                 orth: str = "hard") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`oca_fwd` that also gives LN(out) (no affine) in x's dtype: (out, LN(out), cos2 or None).
+    Written in the same output pass, from the statistics of out before its rounding to x's dtype
+    (at BLOCK_M 16, M <= 16; else torch's LayerNorm of the rounded out, `_oca_config` says why)."""
+    return _launch_fwd(x, a, c, gate, orth, norm=True)
+
+
+def _launch_fwd(x, a, c, gate, orth: str, norm: bool):
     B, N, d, M = _check_sizes(x, a)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
     prec = _precision(x, M, cc)
     cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
+    in_pass = norm and cfg.fwd_norm
     out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
+    xa = runtime.empty((B, N, d), dtype=x.dtype, device=x.device) if in_pass else out  # out's strides
     cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
     runtime.launch(_oca_fwd_kernel, (triton.cdiv(N, cfg.fwd_block_n), B),
-            x, a, c, gate, out, cos2, N, d, M,
+            x, a, c, gate, out, xa, cos2, N, d, M,
             *x.stride(), *a.stride(), *c.stride(), *out.stride(),
-            ORTH=ORTH_CODES[orth], BLOCK_N=cfg.fwd_block_n, BLOCK_DC=cfg.BLOCK_DC,
+            ORTH=ORTH_CODES[orth], NORM=in_pass, BLOCK_N=cfg.fwd_block_n,
+            BLOCK_DC=(cfg.norm_block_dc or cfg.BLOCK_DC) if in_pass else cfg.BLOCK_DC,
             BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), STAGES=cfg.num_stages,
             num_warps=cfg.fwd_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers)
-    return out, (cos2 if orth == "soft" else None)
+    if norm and not in_pass:
+        xa = F.layer_norm(out, (d,), eps=policy.LN_EPS)
+    return out, (xa if norm else None), (cos2 if orth == "soft" else None)
 
 
 def oca_bwd(dout: torch.Tensor, dcos2: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor,

@@ -9,9 +9,12 @@ node receives both gradients and joins them in one kernel (`layer_norm_fork.ln_f
 passes) before the OCA backward kernels. x_out is a fresh tensor, not a view of anything, so a
 caller may still modify it in place.
 
-The forward is `oca_fwd` (kernels/oca.py) then torch's `F.layer_norm` (x's dtype out, float32
-statistics). Under `torch.compile` the op is `oca` (its custom op) and `F.layer_norm`: inductor fuses
-LayerNorm's backward with the add itself.
+The forward is one kernel (`oca_norm_fwd`, kernels/oca.py): the OCA forward's output pass writes
+LN(x_out) beside x_out, with float32 statistics of x_out before its rounding to x's dtype, known
+before the pass from the row sums the first pass already makes. That saves torch's LayerNorm (a read
+of x_out and a write, plus its statistics) at M <= 16; with more queries the kernel's registers would
+spill, and torch's `F.layer_norm` follows the kernel. Under `torch.compile` the op is `oca` (its
+custom op) and `F.layer_norm`: inductor fuses them and LayerNorm's backward with the add itself.
 """
 from __future__ import annotations
 
@@ -23,20 +26,19 @@ from torch.autograd.function import once_differentiable
 
 from . import policy
 from .layer_norm_fork import ln_fork_bwd
-from .oca import oca, oca_bwd, oca_fwd, refuse_float64
+from .oca import oca, oca_bwd, oca_norm_fwd, refuse_float64
 
 
-def _norm(x_out: torch.Tensor) -> torch.Tensor:
+def _norm(x_out: torch.Tensor) -> torch.Tensor:  # the compiled branch's LayerNorm
     return F.layer_norm(x_out, x_out.shape[-1:], eps=policy.LN_EPS)
 
 
 class _OcaNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, c, gate, orth):
-        out, cos2 = oca_fwd(x, a, c, gate, orth)
+        out, xa, cos2 = oca_norm_fwd(x, a, c, gate, orth)
         ctx.save_for_backward(x, a, c, gate, out)
         ctx.orth = orth
-        xa = _norm(out)
         return (out, xa) if cos2 is None else (out, xa, cos2)
 
     @staticmethod

@@ -137,17 +137,21 @@ def capture(cases, cc=90, B=8, N=197, layer_cases=LAYER_COVER):
                 a = torch.empty(batch, d, M, dtype=pd)
                 c = torch.empty(batch, M, d, dtype=pd)
                 gate = torch.empty((), dtype=pd)
-                K.oca_fwd(x, a, c, gate, orth)
                 dcos2 = torch.empty(batch, N) if orth == "soft" else None
+                K.oca_fwd(x, a, c, gate, orth)
                 K.oca_bwd(torch.empty_like(x), dcos2, x, a, c, gate, orth)
+                # the split layer's: x_out and LN(x_out), with A the (d, B, M) view oca_factors makes
+                a_s = torch.empty(d, batch, M, dtype=pd).permute(1, 0, 2)
+                K.oca_norm_fwd(x, a_s, c, gate, orth)
+                K.oca_bwd(torch.empty_like(x), dcos2, x, a_s, c, gate, orth)
             for d, xd in FORK_CASES:  # the split path's join of x_out's two gradients
                 x = torch.empty(batch, N, d, dtype=xd)
                 LNF.ln_fork_bwd(torch.empty_like(x), x, torch.empty_like(x))
             for d, M, D, H, xd, orth, masked in layer_cases:
                 x = torch.empty(batch, N, d, dtype=xd)
                 if not L.fused_supported(H * M, D, xd, x.device, M):  # the split path: OCA kernels, then torch
-                    a, c, gate = torch.empty(batch, d, M), torch.empty(batch, M, d), torch.empty(())
-                    K.oca_fwd(x, a, c, gate, orth)
+                    a, c, gate = torch.empty(d, batch, M).permute(1, 0, 2), torch.empty(batch, M, d), torch.empty(())
+                    K.oca_norm_fwd(x, a, c, gate, orth)
                     K.oca_bwd(torch.empty_like(x), torch.empty(batch, N) if orth == "soft" else None, x, a, c, gate, orth)
                     continue
                 low = policy.operand_dtype(xd)  # A, KABS and W_v as nearl.ops.fused_layer.layer_operands holds them

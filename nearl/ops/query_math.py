@@ -13,9 +13,16 @@ from nearl_kernels.policy import LN_EPS  # torch only, no Triton
 
 
 def oca_factors(q, w_down, w_up, w_ok, w_ov):
-    """The per-sample OCA matrices of SPEC 3.1: A = W_down Kq^T / sqrt(r) (B, d, M), C = Vq W_up (B, M, d)."""
+    """The per-sample OCA matrices of SPEC 3.1: A = W_down Kq^T / sqrt(r) (B, d, M), C = Vq W_up (B, M, d).
+
+    A is one (d, r) x (r, B*M) product, scaled on the weight, viewed as (B, d, M) with each row's M
+    entries contiguous, as the kernels read them (a batched W_down Kq^T, then / sqrt(r), would read
+    W_down once a sample, copy the transposed Kq and rescale A: more batch-sized work). The kernels
+    read A through its strides."""
     r = w_down.shape[1]
-    a = (w_down @ (q @ w_ok).transpose(-1, -2)) / math.sqrt(r)
+    kq = q @ w_ok
+    a = (w_down / math.sqrt(r)) @ kq.reshape(-1, r).t()  # (d, B*M)
+    a = a.view(w_down.shape[0], *kq.shape[:-1]).movedim(0, -2)
     c = (q @ w_ov) @ w_up
     return a, c
 

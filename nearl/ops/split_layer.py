@@ -1,9 +1,9 @@
 """The NEARL layer unfused ("split"): the OCA kernels for x_out, then the query update in torch.
 
 What a careful engineer writes without a fused layer, and on the GPU often the faster path
-(`nearl.ops.layer_path` chooses): one LayerNorm of x_out (`oca_norm`, whose backward joins x_out's
-two gradients in one kernel), one product with the concatenated key and value weights (cuBLAS),
-scaled_dot_product_attention of the M queries over the N tokens (a flash kernel), then the
+(`nearl.ops.layer_path` chooses): x_out and its LayerNorm from one kernel (`oca_norm`, whose
+backward joins x_out's two gradients in one kernel), one product with the concatenated key and
+value weights (cuBLAS), scaled_dot_product_attention of the M queries over the N tokens (a flash kernel), then the
 (B, M, D)-sized tail (`query_math`). The token-sized work runs in x's dtype:
 for bfloat16 / float16 x, 16-bit operands with float32 accumulation and LayerNorm statistics, as
 SPEC section 7 allows; for float32 x, float32 operands whose products follow

@@ -6,7 +6,7 @@ in a subprocess because under TRITON_INTERPRET=1 (set by conftest.py without a G
 are interpreter objects. Default: the covering set (every value of every constexpr, both dot
 precisions, every orth mode, the heaviest tiles); NEARL_COMPILE_ALL=1 compiles every
 configuration the launchers can choose (over 1,200 compiles with both caps, about 18 minutes on 2
-cores with triton 3.8; the default set is 264, two to five minutes), each at a small batch (a
+cores with triton 3.8; the default set is 642, about five minutes), each at a small batch (a
 sample's work split over programs) and at one that fills the GPU (one split).
 
 A launch fails the test when it does not compile, when its shared memory exceeds the target's
