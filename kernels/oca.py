@@ -651,6 +651,12 @@ def oca_norm_fwd(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.
     return _launch_fwd(x, a, c, gate, orth, norm=True)
 
 
+def layer_norm_rows(t: torch.Tensor) -> torch.Tensor:
+    """Torch's LayerNorm over the last axis, no affine, the kernels' eps: LN(out) where the output
+    pass does not form it (BLOCK_M > 16, and `oca_norm` under torch.compile)."""
+    return F.layer_norm(t, t.shape[-1:], eps=policy.LN_EPS)
+
+
 def _launch_fwd(x, a, c, gate, orth: str, norm: bool):
     B, N, d, M = _check_sizes(x, a)
     gpu_tiles, n_sm, cc = runtime.tiling(x.device)
@@ -658,7 +664,8 @@ def _launch_fwd(x, a, c, gate, orth: str, norm: bool):
     cfg = _oca_config(B, N, d, M, prec, not gpu_tiles, n_sm, cc, orth)
     in_pass = norm and cfg.fwd_norm
     out = runtime.empty((B, N, d), dtype=x.dtype, device=x.device)
-    xa = runtime.empty((B, N, d), dtype=x.dtype, device=x.device) if in_pass else out  # out's strides
+    # XA is read through out's strides; without NORM the kernel never touches it (out stands in)
+    xa = runtime.empty((B, N, d), dtype=x.dtype, device=x.device) if in_pass else out
     cos2 = runtime.empty((B, N), dtype=torch.float32, device=x.device) if orth == "soft" else out
     runtime.launch(_oca_fwd_kernel, (triton.cdiv(N, cfg.fwd_block_n), B),
             x, a, c, gate, out, xa, cos2, N, d, M,
@@ -668,7 +675,7 @@ def _launch_fwd(x, a, c, gate, orth: str, norm: bool):
             BLOCK_M=cfg.BLOCK_M, PREC=prec, ROUND_BY_HAND=interpreting(), STAGES=cfg.num_stages,
             num_warps=cfg.fwd_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers)
     if norm and not in_pass:
-        xa = F.layer_norm(out, (d,), eps=policy.LN_EPS)
+        xa = layer_norm_rows(out)
     return out, (xa if norm else None), (cos2 if orth == "soft" else None)
 
 

@@ -21,16 +21,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import policy
 from .layer_norm_fork import ln_fork_bwd
-from .oca import oca, oca_bwd, oca_norm_fwd, refuse_float64
-
-
-def _norm(x_out: torch.Tensor) -> torch.Tensor:  # the compiled branch's LayerNorm
-    return F.layer_norm(x_out, x_out.shape[-1:], eps=policy.LN_EPS)
+from .oca import layer_norm_rows, oca, oca_bwd, oca_norm_fwd, refuse_float64
 
 
 class _OcaNormFunction(torch.autograd.Function):
@@ -60,7 +54,7 @@ def oca_norm(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, gate: torch.Tens
     if torch.compiler.is_compiling():
         res = oca(x, a, c, gate, orth=orth)
         out, cos2 = res if orth == "soft" else (res, None)
-        return out, _norm(out), cos2
+        return out, layer_norm_rows(out), cos2
     res = _OcaNormFunction.apply(x, a, c, gate, orth)
     return res if orth == "soft" else (*res, None)
 
